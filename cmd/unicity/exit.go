@@ -1,0 +1,61 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+)
+
+// Exit codes of the contract (shared/design.md), sysexits-style. Scripts and the systemd unit
+// (RestartPreventExitStatus=78) depend on them; change them only with a changelog line.
+const (
+	exitOK          = 0
+	exitFailure     = 1
+	exitUsage       = 2
+	exitUnavailable = 69 // network, DNS, TLS to the endpoint
+	exitTempFail    = 75 // throttled, timed out, retry later
+	exitRefused     = 77 // enrollment missing or disabled, certificate rejected
+	exitConfig      = 78 // bad config, no TPM, key/cert mismatch, expired certificate
+)
+
+// exitError carries an exit code chosen by a command for an error no package classifies.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+func usageErrorf(format string, a ...any) error {
+	return &exitError{code: exitUsage, err: fmt.Errorf(format, a...)}
+}
+
+func configErrorf(format string, a ...any) error {
+	return &exitError{code: exitConfig, err: fmt.Errorf(format, a...)}
+}
+
+// exitCode maps an error to the contract's exit code. Packages mark what callers branch on
+// with sentinels and typed errors; this is the one place that turns them into numbers.
+func exitCode(err error) int {
+	var ee *exitError
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return exitOK
+	case errors.As(err, &ee):
+		return ee.code
+	default:
+		return exitFailure
+	}
+}
+
+// report prints err as one line on stderr (usage errors have printed their help already)
+// and returns the exit code.
+func report(err error, stderr io.Writer) int {
+	code := exitCode(err)
+	if code != exitOK {
+		fmt.Fprintf(stderr, "unicity: %v\n", err)
+	}
+	return code
+}
