@@ -1,0 +1,421 @@
+package device
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/url"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// DefaultConfigPath is where the service and every command look for the configuration
+// unless --config says otherwise.
+const DefaultConfigPath = "/etc/unicity/config.toml"
+
+// ErrConfigNotExist reports that the configuration file is missing, as distinct from present
+// but invalid: an installer can tell "not configured yet" from "configured wrongly".
+var ErrConfigNotExist = errors.New("configuration file does not exist")
+
+// ConfigError is a configuration problem located as precisely as the file allows: the file,
+// the line (0 when unknown) and the dotted key (empty when the file as a whole is at fault).
+type ConfigError struct {
+	File string
+	Line int
+	Key  string
+	Err  error
+}
+
+func (e *ConfigError) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		fmt.Fprintf(&b, ":%d", e.Line)
+	}
+	if e.Key != "" {
+		fmt.Fprintf(&b, ": %s", e.Key)
+	}
+	fmt.Fprintf(&b, ": %v", e.Err)
+	return b.String()
+}
+
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+// Config is the agent's configuration file (shared/design.md "Configuration"). Field names
+// follow the TOML keys; defaults are those of DefaultConfig.
+type Config struct {
+	Provisioning Provisioning `toml:"provisioning"`
+	Attestation  Attestation  `toml:"attestation"`
+	TPM          TPMConfig    `toml:"tpm"`
+	Hub          HubConfig    `toml:"hub"`
+	TLS          TLSConfig    `toml:"tls"`
+	State        StateConfig  `toml:"state"`
+	Runtime      Runtime      `toml:"runtime"`
+	API          APIConfig    `toml:"api"`
+	Agent        Policy       `toml:"agent"`
+
+	// Path is the file the configuration was read from, for messages.
+	Path string `toml:"-"`
+}
+
+// Provisioning is the [provisioning] table: where and how to reach DPS.
+type Provisioning struct {
+	GlobalEndpoint string `toml:"global_endpoint"`
+	IDScope        string `toml:"id_scope"`
+	RegistrationID string `toml:"registration_id"`
+	Transport      string `toml:"transport"`
+	Payload        string `toml:"payload"`
+	Proxy          string `toml:"proxy"`
+}
+
+// Attestation is the [attestation] table: what the device proves itself with.
+type Attestation struct {
+	Method       string `toml:"method"`
+	IdentityCert string `toml:"identity_cert"`
+	IdentityKey  string `toml:"identity_key"`
+	SymmetricKey string `toml:"symmetric_key"`
+}
+
+// TPMConfig is the [tpm] table.
+type TPMConfig struct {
+	Device string `toml:"device"`
+}
+
+// HubConfig is the [hub] table.
+type HubConfig struct {
+	ModelID string `toml:"model_id"`
+}
+
+// TLSConfig is the [tls] table.
+type TLSConfig struct {
+	TrustBundle string `toml:"trust_bundle"`
+}
+
+// StateConfig is the [state] table.
+type StateConfig struct {
+	Dir string `toml:"dir"`
+}
+
+// Runtime is the [runtime] table: the directory for the live status and the API socket
+// (systemd's RuntimeDirectory=).
+type Runtime struct {
+	Dir string `toml:"dir"`
+}
+
+// APIConfig is the [api] table: the local API socket in the runtime directory.
+type APIConfig struct {
+	// Group owns the socket (mode 0660) so that gateway applications in it may use the
+	// agent; empty leaves the service's own group.
+	Group string `toml:"group"`
+}
+
+// Policy is the [agent] table: how patient the agent is with DPS and the hub.
+type Policy struct {
+	// FirstBootDelay is the window of a random delay before the first registration, so that
+	// a fleet powered on at once does not reach DPS at once. Zero registers at once.
+	FirstBootDelay time.Duration `toml:"first_boot_delay"`
+	// RetryMin and RetryMax bound the exponential backoff (with full jitter) between failed
+	// attempts to reach DPS or the hub.
+	RetryMin time.Duration `toml:"retry_min"`
+	RetryMax time.Duration `toml:"retry_max"`
+	// ParkedRetry is how long the agent waits after DPS refused it for good (no enrollment,
+	// disabled, certificate rejected) before asking again.
+	ParkedRetry time.Duration `toml:"parked_retry"`
+	// ReprovisionInterval is the least time between two registrations the agent decides on
+	// by itself (hub refused the identity, hub unreachable): a hub that keeps refusing must
+	// not turn into a DPS hammer.
+	ReprovisionInterval time.Duration `toml:"reprovision_interval"`
+	// HubFailures is how many failed connections in a row to an unreachable hub send the
+	// agent back to DPS (the assignment may have changed).
+	HubFailures int `toml:"hub_failures"`
+}
+
+// DefaultConfig returns the configuration an empty file stands for.
+func DefaultConfig() Config {
+	return Config{
+		Provisioning: Provisioning{
+			GlobalEndpoint: "global.azure-devices-provisioning.net",
+			Transport:      "auto",
+		},
+		Attestation: Attestation{
+			Method:       "x509",
+			IdentityCert: "/var/lib/unicity/identity.pem",
+			IdentityKey:  "tpmkey:/var/lib/unicity/identity.key",
+		},
+		TPM:     TPMConfig{Device: "/dev/tpmrm0"},
+		State:   StateConfig{Dir: "/var/lib/unicity"},
+		Runtime: Runtime{Dir: "/run/unicity"},
+		Agent: Policy{
+			RetryMin:            time.Second,
+			RetryMax:            5 * time.Minute,
+			ParkedRetry:         time.Hour,
+			ReprovisionInterval: 10 * time.Minute,
+			HubFailures:         10,
+		},
+	}
+}
+
+// LoadConfig reads and checks the configuration at path. A missing file is ErrConfigNotExist;
+// any other problem is a *ConfigError naming the file, and the line and key where known.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("cannot read %s: %w", path, ErrConfigNotExist)
+	}
+	if err != nil {
+		return nil, &ConfigError{File: path, Err: err}
+	}
+	return ParseConfig(path, data)
+}
+
+// ParseConfig decodes and checks a configuration held in memory; name is used in errors.
+func ParseConfig(name string, data []byte) (*Config, error) {
+	cfg := DefaultConfig()
+	cfg.Path = name
+	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&cfg)
+	if err != nil {
+		return nil, decodeError(name, data, err)
+	}
+	if undecoded := md.Undecoded(); len(undecoded) > 0 {
+		k := undecoded[0]
+		return nil, &ConfigError{File: name, Line: lineOf(data, k), Key: k.String(), Err: errors.New("unknown key")}
+	}
+	if err := cfg.validate(); err != nil {
+		var ce *ConfigError
+		if errors.As(err, &ce) {
+			ce.File = name
+			ce.Line = lineOf(data, strings.Split(ce.Key, "."))
+		}
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+func decodeError(name string, data []byte, err error) error {
+	var pe toml.ParseError
+	if errors.As(err, &pe) {
+		ce := &ConfigError{File: name, Line: pe.Position.Line, Key: pe.LastKey, Err: errors.New(pe.Message)}
+		if ce.Line == 0 && pe.LastKey != "" {
+			ce.Line = lineOf(data, strings.Split(pe.LastKey, "."))
+		}
+		return ce
+	}
+	// Type mismatches come as plain errors whose text carries the line and key.
+	if m := typeErrorRE.FindStringSubmatch(err.Error()); m != nil {
+		line, _ := strconv.Atoi(m[1])
+		return &ConfigError{File: name, Line: line, Key: m[2], Err: errors.New(m[3])}
+	}
+	return &ConfigError{File: name, Err: err}
+}
+
+var typeErrorRE = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]*)"\): (.*)$`)
+
+// lineOf finds the line that sets key (a table and its key, or a table header) in a TOML
+// document, for keys the decoder reports without a position. It returns 0 when unsure.
+func lineOf(data []byte, key toml.Key) int {
+	if len(key) == 0 {
+		return 0
+	}
+	table, name := strings.Join(key[:len(key)-1], "."), key[len(key)-1]
+	current := ""
+	for i, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if strings.HasPrefix(line, "[") {
+			header, _, _ := strings.Cut(strings.TrimLeft(line, "["), "]")
+			current = strings.TrimSpace(header)
+			if current == key.String() {
+				return i + 1
+			}
+			continue
+		}
+		if current != table {
+			continue
+		}
+		if k, _, ok := strings.Cut(line, "="); ok && strings.Trim(strings.TrimSpace(k), `"'`) == name {
+			return i + 1
+		}
+	}
+	return 0
+}
+
+var (
+	// An Azure ID scope: "0ne" and eight hex digits, as the portal shows it.
+	idScopeRE = regexp.MustCompile(`^0[nN][eE][0-9A-Fa-f]{8}$`)
+	// A DPS registration ID (shared/protocol.md §1.3).
+	registrationIDRE = regexp.MustCompile(`^[A-Za-z0-9\-._:]*[A-Za-z0-9\-]$`)
+)
+
+func invalid(key, format string, a ...any) error {
+	return &ConfigError{Key: key, Err: fmt.Errorf(format, a...)}
+}
+
+func (c *Config) validate() error {
+	p := c.Provisioning
+	if err := validateEndpoint(p.GlobalEndpoint); err != nil {
+		return invalid("provisioning.global_endpoint", "%v", err)
+	}
+	if p.IDScope == "" {
+		return invalid("provisioning.id_scope", "missing: set the ID scope of the DPS instance (like 0ne00000000)")
+	}
+	if !idScopeRE.MatchString(p.IDScope) {
+		return invalid("provisioning.id_scope", "%q is not an ID scope (\"0ne\" and 8 hex digits, like 0ne00000000)", p.IDScope)
+	}
+	if p.RegistrationID != "" && (len(p.RegistrationID) > 128 || !registrationIDRE.MatchString(p.RegistrationID)) {
+		return invalid("provisioning.registration_id", "%q is not a DPS registration ID (at most 128 letters, digits, '-', '.', '_', ':', ending in a letter, digit or '-')", p.RegistrationID)
+	}
+	switch p.Transport {
+	case "auto", "mqtt", "mqtt-ws":
+	default:
+		return invalid("provisioning.transport", "%q is not one of auto, mqtt, mqtt-ws", p.Transport)
+	}
+	if p.Payload != "" && !json.Valid([]byte(p.Payload)) {
+		return invalid("provisioning.payload", "not valid JSON")
+	}
+	if p.Proxy != "" {
+		u, err := url.Parse(p.Proxy)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return invalid("provisioning.proxy", "%q is not an http:// or https:// proxy URL", p.Proxy)
+		}
+	}
+
+	a := c.Attestation
+	switch a.Method {
+	case "x509":
+		if a.IdentityCert == "" {
+			return invalid("attestation.identity_cert", "missing: x509 attestation needs the identity certificate")
+		}
+		if err := validateCertSource(a.IdentityCert); err != nil {
+			return invalid("attestation.identity_cert", "%v", err)
+		}
+		if err := validateKeySource(a.IdentityKey); err != nil {
+			return invalid("attestation.identity_key", "%v", err)
+		}
+	case "symmetric_key":
+		if a.SymmetricKey == "" {
+			return invalid("attestation.symmetric_key", "missing: symmetric_key attestation needs the key file")
+		}
+		if p.RegistrationID == "" {
+			return invalid("provisioning.registration_id", "missing: symmetric_key attestation has no certificate to take it from")
+		}
+	default:
+		return invalid("attestation.method", "%q is not one of x509, symmetric_key", a.Method)
+	}
+
+	if err := validateTPMDevice(c.TPM.Device); err != nil {
+		return invalid("tpm.device", "%v", err)
+	}
+	if c.State.Dir == "" {
+		return invalid("state.dir", "must not be empty")
+	}
+	if c.Runtime.Dir == "" {
+		return invalid("runtime.dir", "must not be empty")
+	}
+
+	pol := c.Agent
+	for _, d := range []struct {
+		key string
+		v   time.Duration
+	}{
+		{"agent.first_boot_delay", pol.FirstBootDelay},
+		{"agent.retry_min", pol.RetryMin},
+		{"agent.retry_max", pol.RetryMax},
+		{"agent.parked_retry", pol.ParkedRetry},
+		{"agent.reprovision_interval", pol.ReprovisionInterval},
+	} {
+		if d.v < 0 {
+			return invalid(d.key, "must not be negative")
+		}
+	}
+	if pol.RetryMin <= 0 {
+		return invalid("agent.retry_min", "must be positive")
+	}
+	if pol.RetryMax < pol.RetryMin {
+		return invalid("agent.retry_max", "must not be less than agent.retry_min (%s)", pol.RetryMin)
+	}
+	if pol.ParkedRetry < pol.RetryMin {
+		return invalid("agent.parked_retry", "must not be less than agent.retry_min (%s)", pol.RetryMin)
+	}
+	if pol.HubFailures < 1 {
+		return invalid("agent.hub_failures", "must be at least 1")
+	}
+	return nil
+}
+
+func validateEndpoint(ep string) error {
+	if ep == "" {
+		return errors.New("must not be empty")
+	}
+	if strings.Contains(ep, "://") || strings.ContainsAny(ep, "/ ") {
+		return fmt.Errorf("%q is not a host or host:port", ep)
+	}
+	host := ep
+	if h, port, err := net.SplitHostPort(ep); err == nil {
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("%q: bad port", ep)
+		}
+		host = h
+	}
+	if host == "" {
+		return fmt.Errorf("%q has no host", ep)
+	}
+	return nil
+}
+
+// validateHandle checks a TPM handle written as 0x and eight hex digits within the range
+// (persistent objects 0x81…, NV indices 0x01…) that the key or certificate source needs.
+func validateHandle(s string, top byte) error {
+	if len(s) != 10 || !strings.HasPrefix(strings.ToLower(s), "0x") {
+		return fmt.Errorf("handle %q is not 0x followed by 8 hex digits", s)
+	}
+	v, err := strconv.ParseUint(s[2:], 16, 32)
+	if err != nil {
+		return fmt.Errorf("handle %q is not 0x followed by 8 hex digits", s)
+	}
+	if byte(v>>24) != top {
+		return fmt.Errorf("handle %q is not in the 0x%02x...... range", s, top)
+	}
+	return nil
+}
+
+func validateCertSource(s string) error {
+	if h, ok := strings.CutPrefix(s, "tpm-nv:"); ok {
+		return validateHandle(h, 0x01)
+	}
+	return nil
+}
+
+func validateKeySource(s string) error {
+	kind, rest, ok := strings.Cut(s, ":")
+	if !ok || rest == "" {
+		return fmt.Errorf("%q is not tpmkey:PATH, tpmkey:handle=0x81......, or file:PATH", s)
+	}
+	switch kind {
+	case "tpmkey":
+		if h, ok := strings.CutPrefix(rest, "handle="); ok {
+			return validateHandle(h, 0x81)
+		}
+		return nil
+	case "file":
+		return nil
+	default:
+		return fmt.Errorf("%q: unknown key source %q (want tpmkey: or file:)", s, kind)
+	}
+}
+
+func validateTPMDevice(s string) error {
+	if s == "" {
+		return errors.New("must not be empty")
+	}
+	if rest, ok := strings.CutPrefix(s, "swtpm:"); ok && rest == "" {
+		return fmt.Errorf("%q: swtpm: needs HOST:PORT or a socket path", s)
+	}
+	return nil
+}

@@ -1,0 +1,122 @@
+package device
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "config.toml")
+	require.NoError(t, os.WriteFile(path, []byte(body), 0o600))
+	return path
+}
+
+func TestExampleConfigDecodesToDefaults(t *testing.T) {
+	cfg, err := LoadConfig("testdata/config.example.toml")
+	require.NoError(t, err)
+	want := DefaultConfig()
+	want.Provisioning.IDScope = "0ne00000000"
+	want.Path = "testdata/config.example.toml"
+	assert.Equal(t, &want, cfg)
+}
+
+func TestLoadConfigValues(t *testing.T) {
+	cfg, err := LoadConfig(writeConfig(t, `
+[provisioning]
+global_endpoint = "127.0.0.1:8883"
+id_scope = "0ne0012ABCD"
+registration_id = "gw-0001"
+transport = "mqtt-ws"
+payload = '{"modelId":"dtmi:com:example:gw;1"}'
+proxy = "http://proxy.example:3128"
+
+[attestation]
+identity_cert = "tpm-nv:0x01c0000a"
+identity_key = "tpmkey:handle=0x81000002"
+
+[tpm]
+device = "swtpm:127.0.0.1:2321"
+
+[state]
+dir = "/tmp/state"
+
+[agent]
+first_boot_delay = "2m"
+parked_retry = "30m"
+hub_failures = 3
+`))
+	require.NoError(t, err)
+	assert.Equal(t, "127.0.0.1:8883", cfg.Provisioning.GlobalEndpoint)
+	assert.Equal(t, "mqtt-ws", cfg.Provisioning.Transport)
+	assert.Equal(t, "tpmkey:handle=0x81000002", cfg.Attestation.IdentityKey)
+	assert.Equal(t, "/tmp/state", cfg.State.Dir)
+	assert.Equal(t, "/run/unicity", cfg.Runtime.Dir)
+	assert.Equal(t, 2*time.Minute, cfg.Agent.FirstBootDelay)
+	assert.Equal(t, 30*time.Minute, cfg.Agent.ParkedRetry)
+	assert.Equal(t, 10*time.Minute, cfg.Agent.ReprovisionInterval)
+	assert.Equal(t, 3, cfg.Agent.HubFailures)
+}
+
+func TestLoadConfigMissingFile(t *testing.T) {
+	_, err := LoadConfig(filepath.Join(t.TempDir(), "nope.toml"))
+	require.ErrorIs(t, err, ErrConfigNotExist)
+	var ce *ConfigError
+	assert.False(t, errors.As(err, &ce), "a missing file is not an invalid one")
+}
+
+func TestLoadConfigErrors(t *testing.T) {
+	const scope = "[provisioning]\nid_scope = \"0ne00000000\"\n"
+	tests := []struct {
+		name string
+		body string
+		line int
+		key  string
+		msg  string
+	}{
+		{"unknown key", scope + "id_scop = \"x\"\n", 3, "provisioning.id_scop", "unknown key"},
+		{"unknown table", scope + "[tmp]\ndevice = \"x\"\n", 3, "tmp", "unknown key"},
+		{"syntax", scope + "transport = \n", 3, "provisioning.transport", "expected value"},
+		{"wrong type", scope + "[agent]\nhub_failures = \"ten\"\n", 4, "agent.hub_failures", "incompatible types"},
+		{"bad duration", scope + "[agent]\nparked_retry = \"an hour\"\n", 4, "agent.parked_retry", ""},
+		{"missing scope", "[provisioning]\n", 0, "provisioning.id_scope", "missing"},
+		{"bad scope", "[provisioning]\nid_scope = \"scope/1\"\n", 2, "provisioning.id_scope", "not an ID scope"},
+		{"bad transport", scope + "transport = \"amqp\"\n", 3, "provisioning.transport", "amqp"},
+		{"bad payload", scope + "payload = '{\"a\":'\n", 3, "provisioning.payload", "JSON"},
+		{"bad proxy", scope + "proxy = \"socks5://x:1\"\n", 3, "provisioning.proxy", "proxy URL"},
+		{"endpoint URL", scope + "global_endpoint = \"mqtts://dps\"\n", 3, "provisioning.global_endpoint", "host"},
+		{"endpoint port", scope + "global_endpoint = \"dps:99999\"\n", 3, "provisioning.global_endpoint", "port"},
+		{"bad regid", scope + "registration_id = \"gw/1\"\n", 3, "provisioning.registration_id", "registration ID"},
+		{"bad method", scope + "[attestation]\nmethod = \"tpm\"\n", 4, "attestation.method", "x509"},
+		{"key handle range", scope + "[attestation]\nidentity_key = \"tpmkey:handle=0x01000002\"\n", 4, "attestation.identity_key", "0x81"},
+		{"key handle format", scope + "[attestation]\nidentity_key = \"tpmkey:handle=81000002\"\n", 4, "attestation.identity_key", "8 hex"},
+		{"key source", scope + "[attestation]\nidentity_key = \"pkcs11:foo\"\n", 4, "attestation.identity_key", "unknown key source"},
+		{"cert nv handle", scope + "[attestation]\nidentity_cert = \"tpm-nv:0x81000000\"\n", 4, "attestation.identity_cert", "0x01"},
+		{"symmetric without regid", scope + "[attestation]\nmethod = \"symmetric_key\"\nsymmetric_key = \"/k\"\n", 0, "provisioning.registration_id", "missing"},
+		{"empty swtpm", scope + "[tpm]\ndevice = \"swtpm:\"\n", 4, "tpm.device", "swtpm"},
+		{"empty state dir", scope + "[state]\ndir = \"\"\n", 4, "state.dir", "empty"},
+		{"retry bounds", scope + "[agent]\nretry_min = \"10s\"\nretry_max = \"1s\"\n", 5, "agent.retry_max", "less than"},
+		{"negative delay", scope + "[agent]\nfirst_boot_delay = \"-1s\"\n", 4, "agent.first_boot_delay", "negative"},
+		{"hub failures", scope + "[agent]\nhub_failures = 0\n", 4, "agent.hub_failures", "at least 1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := writeConfig(t, tt.body)
+			_, err := LoadConfig(path)
+			var ce *ConfigError
+			require.ErrorAs(t, err, &ce)
+			assert.Equal(t, path, ce.File)
+			assert.Equal(t, tt.line, ce.Line, "line of %v", err)
+			assert.Equal(t, tt.key, ce.Key)
+			assert.Contains(t, err.Error(), path)
+			assert.Contains(t, err.Error(), tt.msg)
+			assert.NotErrorIs(t, err, ErrConfigNotExist)
+		})
+	}
+}
