@@ -1,0 +1,185 @@
+package pki
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// EncodeCertificates returns the certificates as concatenated PEM blocks, in the order given.
+func EncodeCertificates(certs ...*x509.Certificate) []byte {
+	var b bytes.Buffer
+	for _, c := range certs {
+		_ = pem.Encode(&b, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}) // writes to memory cannot fail
+	}
+	return b.Bytes()
+}
+
+// ParseCertificates reads every CERTIFICATE block, in order; other blocks are skipped. It
+// fails when there is none.
+func ParseCertificates(data []byte) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
+	for {
+		var block *pem.Block
+		block, data = pem.Decode(data)
+		if block == nil {
+			break
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("cannot parse certificate %d: %w", len(certs)+1, err)
+		}
+		certs = append(certs, c)
+	}
+	if len(certs) == 0 {
+		return nil, errors.New("no PEM certificate found")
+	}
+	return certs, nil
+}
+
+// EncodePrivateKey returns the key as a PKCS#8 "PRIVATE KEY" PEM block.
+func EncodePrivateKey(key crypto.Signer) ([]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("cannot encode private key: %w", err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
+}
+
+// ParsePrivateKey reads the first private key block: PKCS#8, or the SEC 1 and PKCS#1 forms
+// that openssl writes.
+func ParsePrivateKey(data []byte) (crypto.Signer, error) {
+	for {
+		var block *pem.Block
+		block, data = pem.Decode(data)
+		if block == nil {
+			return nil, errors.New("no PEM private key found")
+		}
+		var (
+			key any
+			err error
+		)
+		switch block.Type {
+		case "PRIVATE KEY":
+			key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
+		case "EC PRIVATE KEY":
+			key, err = x509.ParseECPrivateKey(block.Bytes)
+		case "RSA PRIVATE KEY":
+			key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
+		default:
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("cannot parse %s: %w", block.Type, err)
+		}
+		s, ok := key.(crypto.Signer)
+		if !ok {
+			return nil, fmt.Errorf("cannot use %T as a signing key", key)
+		}
+		return s, nil
+	}
+}
+
+// WriteCertificates writes the certificates as PEM to path (mode 0644: certificates are public).
+func WriteCertificates(path string, certs ...*x509.Certificate) error {
+	return writeAtomic(path, EncodeCertificates(certs...), 0o644)
+}
+
+// WritePrivateKey writes the key as PKCS#8 PEM to path with mode 0600.
+func WritePrivateKey(path string, key crypto.Signer) error {
+	data, err := EncodePrivateKey(key)
+	if err != nil {
+		return err
+	}
+	return writeAtomic(path, data, 0o600)
+}
+
+// ReadCertificates reads a PEM certificate file.
+func ReadCertificates(path string) ([]*x509.Certificate, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	certs, err := ParseCertificates(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return certs, nil
+}
+
+// ReadPrivateKey reads a PEM private key file.
+func ReadPrivateKey(path string) (crypto.Signer, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	key, err := ParsePrivateKey(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return key, nil
+}
+
+// Save writes the CA's chain (its certificate first, root last) and its key.
+func (ca *CA) Save(certPath, keyPath string) error {
+	if err := WritePrivateKey(keyPath, ca.Key); err != nil {
+		return err
+	}
+	return WriteCertificates(certPath, ca.Chain()...)
+}
+
+// LoadCA reads a CA written by Save (or by openssl: chain PEM with the CA first, and its key)
+// and checks that the key belongs to the certificate and that the certificate is a CA.
+func LoadCA(certPath, keyPath string) (*CA, error) {
+	chain, err := ReadCertificates(certPath)
+	if err != nil {
+		return nil, err
+	}
+	key, err := ReadPrivateKey(keyPath)
+	if err != nil {
+		return nil, err
+	}
+	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
+	if !ok || !pub.Equal(chain[0].PublicKey) {
+		return nil, fmt.Errorf("%s does not hold the key of the certificate in %s", keyPath, certPath)
+	}
+	if !chain[0].IsCA {
+		return nil, fmt.Errorf("%s: %q is not a CA certificate", certPath, chain[0].Subject.CommonName)
+	}
+	return &CA{Certificate: chain[0], Key: key, Issuers: chain[1:]}, nil
+}
+
+// writeAtomic replaces path so that readers never see a partial file and a crash leaves the
+// old one; the mode is set before any byte is written.
+func writeAtomic(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp) // no-op after a successful rename
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
