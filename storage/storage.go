@@ -1,0 +1,278 @@
+// Package storage keeps the provisioning state on disk: one versioned JSON file, bound to the
+// identity it was obtained with, replaced atomically and written only under an exclusive lock.
+// It records what DPS said; deciding what that means is the agent's job.
+package storage
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Version is the state file format this package writes and reads.
+const Version = 1
+
+// Names of the files in the state directory.
+const (
+	FileName = "state.json"
+	lockName = "state.lock"
+	tmpGlob  = ".state.json.tmp-*"
+)
+
+var (
+	// ErrNotExist: no state file, the device has not been provisioned yet.
+	ErrNotExist = errors.New("no provisioning state")
+	// ErrCorrupt: the state file could not be used. When read under the lock, it has been
+	// renamed aside (never deleted) and the device should register again.
+	ErrCorrupt = errors.New("provisioning state is corrupt")
+	// ErrLocked: another process holds the state lock (the service, or a command run by hand).
+	ErrLocked = errors.New("provisioning state is locked by another unicity process")
+)
+
+// State is what the last successful registration with DPS returned, and for which identity.
+type State struct {
+	Version int `json:"version"`
+
+	// The identity this assignment belongs to: a different certificate (replaced, or a cloned
+	// SD-card image) must not reuse it.
+	RegistrationID string `json:"registration_id"`
+	CertSHA256     string `json:"cert_sha256"`
+
+	AssignedHub string          `json:"assigned_hub"`
+	DeviceID    string          `json:"device_id"`
+	Substatus   string          `json:"substatus,omitempty"`
+	Transport   string          `json:"transport,omitempty"`
+	Payload     json.RawMessage `json:"payload,omitempty"`
+	// IssuedChain is the DER certificates DPS issued, if any, leaf first.
+	IssuedChain [][]byte `json:"issued_chain,omitempty"`
+
+	// ProvisionedAt is when this assignment was stored; DPSCreatedAt and DPSUpdatedAt are the
+	// registration record's own times.
+	ProvisionedAt time.Time `json:"provisioned_at"`
+	DPSCreatedAt  time.Time `json:"dps_created_at,omitzero"`
+	DPSUpdatedAt  time.Time `json:"dps_updated_at,omitzero"`
+	// Attempts and Duration describe the registration that produced this state: how many
+	// tries, and how long from the first try to the assignment.
+	Attempts int           `json:"attempts,omitempty"`
+	Duration time.Duration `json:"duration_ns,omitempty"`
+}
+
+// BelongsTo reports whether the state was obtained with this identity. Registration IDs
+// compare case-insensitively, as DPS treats them.
+func (s *State) BelongsTo(registrationID, certSHA256 string) bool {
+	return strings.EqualFold(s.RegistrationID, registrationID) && strings.EqualFold(s.CertSHA256, certSHA256)
+}
+
+// check rejects a state that cannot stand for an assignment.
+func (s *State) check() error {
+	switch {
+	case s.Version != Version:
+		return fmt.Errorf("format version %d, this agent reads version %d", s.Version, Version)
+	case s.RegistrationID == "" || s.CertSHA256 == "":
+		return errors.New("no identity recorded")
+	case s.AssignedHub == "" || s.DeviceID == "":
+		return errors.New("no assigned hub or device ID")
+	}
+	return nil
+}
+
+// Store is the state directory.
+type Store struct {
+	dir string
+}
+
+// New returns the store in dir. Nothing is touched until the state is read or locked.
+func New(dir string) *Store {
+	return &Store{dir: dir}
+}
+
+// Path is the state file's path.
+func (s *Store) Path() string { return filepath.Join(s.dir, FileName) }
+
+// Load reads the state without the lock, for readers such as `unicity status`: the file is
+// only ever replaced whole, so what it returns is always one complete state. A corrupt file
+// is reported with ErrCorrupt and left in place for the lock holder to set aside.
+func (s *Store) Load() (*State, error) {
+	st, err := s.read()
+	var u *unusableError
+	if errors.As(err, &u) {
+		return nil, fmt.Errorf("%s: %w: %w", s.Path(), ErrCorrupt, u.err)
+	}
+	return st, err
+}
+
+// unusableError is a state file that was read but cannot be used.
+type unusableError struct{ err error }
+
+func (e *unusableError) Error() string { return e.err.Error() }
+
+func (s *Store) read() (*State, error) {
+	data, err := os.ReadFile(s.Path())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, ErrNotExist
+	}
+	if err != nil {
+		return nil, fmt.Errorf("cannot read %s: %w", s.Path(), err)
+	}
+	var st State
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&st); err != nil {
+		return nil, &unusableError{err}
+	}
+	if dec.More() {
+		return nil, &unusableError{errors.New("trailing data after the state")}
+	}
+	if err := st.check(); err != nil {
+		return nil, &unusableError{err}
+	}
+	return &st, nil
+}
+
+// Lock takes the state lock, waiting for it until ctx is done. The service holds it for as
+// long as it runs; commands run by hand hold it for one operation.
+func (s *Store) Lock(ctx context.Context) (*Locked, error) {
+	const poll = 100 * time.Millisecond
+	for {
+		l, err := s.TryLock()
+		if !errors.Is(err, ErrLocked) {
+			return l, err
+		}
+		t := time.NewTimer(poll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		case <-t.C:
+		}
+	}
+}
+
+// TryLock takes the state lock or fails at once with ErrLocked. It creates the state
+// directory (0700) if needed, and removes temporary files that a writer killed mid-write
+// left behind: with the lock held, no one else is writing.
+func (s *Store) TryLock() (*Locked, error) {
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("cannot create the state directory: %w", err)
+	}
+	f, err := os.OpenFile(filepath.Join(s.dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("cannot open the state lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%s: %w", s.dir, ErrLocked)
+		}
+		return nil, fmt.Errorf("cannot lock the state: %w", err)
+	}
+	stale, _ := filepath.Glob(filepath.Join(s.dir, tmpGlob))
+	for _, p := range stale {
+		os.Remove(p)
+	}
+	return &Locked{store: s, f: f}, nil
+}
+
+// Locked is the store while this process holds the lock: the only way to change the state.
+type Locked struct {
+	store *Store
+	f     *os.File
+}
+
+// Unlock releases the lock.
+func (l *Locked) Unlock() error {
+	return l.f.Close()
+}
+
+// Load reads the state. A corrupt or unreadable file is renamed aside
+// (state.json.corrupt-<UTC time>), never deleted, and reported with ErrCorrupt so that the
+// device registers again instead of stopping on it.
+func (l *Locked) Load() (*State, error) {
+	st, err := l.store.read()
+	if err == nil || errors.Is(err, ErrNotExist) {
+		return st, err
+	}
+	cause := err
+	var u *unusableError
+	if errors.As(err, &u) {
+		cause = u.err
+	}
+	aside, rerr := l.setAside()
+	if rerr != nil {
+		return nil, fmt.Errorf("%s: %w: %w (and it cannot be set aside: %w)", l.store.Path(), ErrCorrupt, cause, rerr)
+	}
+	return nil, fmt.Errorf("%s: %w: %w; kept as %s", l.store.Path(), ErrCorrupt, cause, aside)
+}
+
+func (l *Locked) setAside() (string, error) {
+	aside := l.store.Path() + ".corrupt-" + time.Now().UTC().Format("20060102T150405.000000000Z")
+	if err := os.Rename(l.store.Path(), aside); err != nil {
+		return "", err
+	}
+	return aside, syncDir(l.store.dir)
+}
+
+// Save replaces the state with st, atomically: a reader, or a process killed at any point,
+// sees either the previous state or st, never a mix. The file is private (0600).
+func (l *Locked) Save(st *State) error {
+	saved := *st
+	saved.Version = Version
+	if err := saved.check(); err != nil {
+		return fmt.Errorf("cannot save the provisioning state: %w", err)
+	}
+	data, err := json.Marshal(&saved)
+	if err != nil {
+		return fmt.Errorf("cannot encode the provisioning state: %w", err)
+	}
+	if err := writeAtomic(l.store.dir, FileName, append(data, '\n')); err != nil {
+		return fmt.Errorf("cannot save the provisioning state: %w", err)
+	}
+	st.Version = Version
+	return nil
+}
+
+func writeAtomic(dir, name string, data []byte) (err error) {
+	f, err := os.CreateTemp(dir, strings.Replace(tmpGlob, "*", "", 1))
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if err := f.Chmod(0o600); err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(f.Name(), filepath.Join(dir, name)); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+// syncDir makes a rename in dir durable across a power cut.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
