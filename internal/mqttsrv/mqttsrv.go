@@ -29,7 +29,8 @@ type Handler interface {
 	// Publish receives a client's PUBLISH. A non-nil error closes the connection, which is
 	// how IoT Hub answers protocol misuse. QoS 1 publishes are acknowledged after it returns.
 	Publish(c *Conn, m Message) error
-	// Disconnected is called once, after the connection has ended for any reason.
+	// Disconnected is called once after an accepted connection has ended, for any reason;
+	// err is nil after a clean DISCONNECT.
 	Disconnected(c *Conn, err error)
 }
 
