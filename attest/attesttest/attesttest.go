@@ -1,0 +1,175 @@
+// Package attesttest gives tests a TPM: the in-process reference simulator or a private
+// swtpm process. It links the cgo simulator, so shipped code never imports it.
+package attesttest
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm-tools/simulator"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/unicity-iot/unicity/attest"
+)
+
+// Strict reports whether missing test tools are failures rather than skips (CI sets
+// UNICITY_TEST_STRICT=1, so CI cannot pass by skipping).
+func Strict() bool { return os.Getenv("UNICITY_TEST_STRICT") == "1" }
+
+// RequireTool returns the path of an external program, skipping the test when it is missing
+// (failing it in strict mode).
+func RequireTool(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		if Strict() {
+			t.Fatalf("%s is required (UNICITY_TEST_STRICT=1): %v", name, err)
+		}
+		t.Skipf("%s not installed: %v", name, err)
+	}
+	return p
+}
+
+// simMu makes Simulator's waiting explicit: the simulator is a process-wide singleton.
+var simMu sync.Mutex
+
+// Simulator returns a freshly manufactured in-process reference TPM, locked for concurrent
+// use and closed when the test ends. Only one test at a time can hold it, so tests using it
+// must not be parallel.
+func Simulator(t testing.TB) transport.TPMCloser {
+	t.Helper()
+	simMu.Lock()
+	sim, err := simulator.Get()
+	if err != nil {
+		simMu.Unlock()
+		t.Fatalf("cannot start the TPM simulator: %v", err)
+	}
+	tpm := attest.Locked(transport.FromReadWriteCloser(sim))
+	t.Cleanup(func() {
+		tpm.Close()
+		simMu.Unlock()
+	})
+	return tpm
+}
+
+// SWTPM starts a private swtpm for the test and returns it opened through attest.OpenTPM.
+func SWTPM(t testing.TB) transport.TPMCloser {
+	t.Helper()
+	sock := StartSWTPM(t)
+	tpm, err := attest.OpenTPM("swtpm:" + sock)
+	if err != nil {
+		t.Fatalf("cannot open swtpm: %v", err)
+	}
+	t.Cleanup(func() { tpm.Close() })
+	return tpm
+}
+
+// StartSWTPM starts a private swtpm (skipping the test when swtpm is missing, unless strict)
+// and returns its unix data socket. The control socket is at socket+".ctrl", where the tpm2
+// TCTI (tpm2-tools, tpm2-openssl: swtpm:path=SOCKET) expects it. swtpm serves one client at a
+// time: close a connection before another program uses the TPM.
+func StartSWTPM(t testing.TB) string {
+	t.Helper()
+	bin := RequireTool(t, "swtpm")
+	// Not t.TempDir: a unix socket path must stay under 108 bytes, and test names are long.
+	dir, err := os.MkdirTemp("", "swtpm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := Start(bin, dir)
+	if err != nil {
+		os.RemoveAll(dir)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		p.Stop()
+		os.RemoveAll(dir)
+	})
+	return p.Addr
+}
+
+// Process is a running swtpm.
+type Process struct {
+	// Addr is the data socket's path, or HOST:PORT over TCP: "swtpm:"+Addr opens it. A unix
+	// control socket is at Addr+".ctrl", a TCP one on the next port, where the tpm2 TCTI
+	// (swtpm:path=… or swtpm:host=…,port=…) expects them.
+	Addr   string
+	cmd    *exec.Cmd
+	exited chan error
+}
+
+// Start runs swtpm on unix sockets with its state and log in dir and waits until it listens.
+// It is for harnesses that manage lifetimes themselves (testscript); tests use StartSWTPM.
+func Start(bin, dir string) (*Process, error) {
+	sock := filepath.Join(dir, "swtpm.sock")
+	return start(bin, dir, sock, "type=unixio,path="+sock, "type=unixio,path="+sock+".ctrl")
+}
+
+// StartTCP runs swtpm on 127.0.0.1:port (control on port+1) with its state in dir.
+func StartTCP(bin, dir string, port int) (*Process, error) {
+	return start(bin, dir, fmt.Sprintf("127.0.0.1:%d", port),
+		fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port),
+		fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port+1))
+}
+
+func start(bin, dir, addr, server, ctrl string) (*Process, error) {
+	p := &Process{Addr: addr, exited: make(chan error, 1)}
+	logPath := filepath.Join(dir, "swtpm.log")
+	p.cmd = exec.Command(bin, "socket", "--tpm2",
+		"--tpmstate", "dir="+dir,
+		"--server", server,
+		"--ctrl", ctrl,
+		"--flags", "not-need-init,startup-clear",
+		"--log", "file="+logPath+",level=1")
+	if err := p.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { p.exited <- p.cmd.Wait() }()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(10 * time.Second)
+	for {
+		if p.listening() {
+			return p, nil
+		}
+		select {
+		case err := <-p.exited:
+			p.exited <- err
+			log, _ := os.ReadFile(logPath)
+			return nil, errors.Join(errors.New("swtpm exited at start: "+string(log)), err)
+		case <-deadline:
+			p.Stop()
+			return nil, errors.New("swtpm did not listen within 10s")
+		case <-tick.C:
+		}
+	}
+}
+
+// listening probes the data socket. (The socket file exists before swtpm listens on it.)
+func (p *Process) listening() bool {
+	network := "tcp"
+	if strings.HasPrefix(p.Addr, "/") {
+		network = "unix"
+	}
+	c, err := net.Dial(network, p.Addr)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// Stop kills swtpm (our own child, by PID) and waits for it to exit.
+func (p *Process) Stop() {
+	_ = p.cmd.Process.Kill()
+	err := <-p.exited
+	p.exited <- err
+}

@@ -1,0 +1,56 @@
+package attest
+
+import (
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/unicity-iot/unicity/internal/pki"
+)
+
+// CreateCSR makes a certificate signing request for registrationID (the subject CN), signed
+// by the device key.
+func CreateCSR(signer crypto.Signer, registrationID string) ([]byte, error) {
+	if err := ValidRegistrationID(registrationID); err != nil {
+		return nil, err
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+		Subject: pkix.Name{CommonName: registrationID},
+	}, signer)
+	if err != nil {
+		return nil, fmt.Errorf("cannot make the CSR: %w", err)
+	}
+	return der, nil
+}
+
+// Manifest is the record of one installed identity that an OEM collects per device for bulk
+// enrollment (DPS individual enrollments take the thumbprints) and traceability.
+type Manifest struct {
+	RegistrationID   string    `json:"registration_id"`
+	SHA256Thumbprint string    `json:"sha256_thumbprint"`
+	SHA1Thumbprint   string    `json:"sha1_thumbprint"`
+	PublicKeySHA256  string    `json:"public_key_sha256"`
+	Serial           string    `json:"serial"`
+	NotBefore        time.Time `json:"not_before"`
+	NotAfter         time.Time `json:"not_after"`
+	Issuer           string    `json:"issuer"`
+}
+
+// NewManifest describes the identity's leaf certificate. The serial is uppercase hex.
+func NewManifest(id *Identity) Manifest {
+	leaf := id.Chain[0]
+	return Manifest{
+		RegistrationID:   id.RegistrationID,
+		SHA256Thumbprint: pki.Thumbprint(leaf),
+		SHA1Thumbprint:   SHA1Thumbprint(leaf),
+		PublicKeySHA256:  PublicKeySHA256(leaf),
+		Serial:           strings.ToUpper(leaf.SerialNumber.Text(16)),
+		NotBefore:        leaf.NotBefore.UTC(),
+		NotAfter:         leaf.NotAfter.UTC(),
+		Issuer:           leaf.Issuer.String(),
+	}
+}

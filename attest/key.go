@@ -1,0 +1,259 @@
+package attest
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+
+	keyfile "github.com/foxboron/go-tpm-keyfiles"
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/unicity-iot/unicity/internal/pki"
+)
+
+// ErrInvalidKey means the configured key cannot be used: a malformed spec, an unreadable or
+// foreign keyfile, an empty persistent handle, or a key type the agent does not sign with.
+var ErrInvalidKey = errors.New("invalid device key")
+
+// KeySpec prefixes of the configuration's identity_key.
+const (
+	keySpecTPM    = "tpmkey:"
+	keySpecHandle = "tpmkey:handle="
+	keySpecFile   = "file:"
+)
+
+// Key is the device key as a crypto.Signer. A TPM key stays loaded, so each signature costs
+// one TPM command; Sign is safe for concurrent use and Close flushes what the Key loaded.
+type Key struct {
+	// Location is where the key lives, as the configuration names it (for `identity`).
+	Location string
+	// Software is set for file: keys, which are for development only: their private key
+	// is readable on disk. Callers warn about it.
+	Software bool
+
+	pub    crypto.PublicKey
+	signer crypto.Signer
+	tpm    transport.TPM
+	flush  tpm2.TPMHandle // transient handle to flush on Close; 0 for none
+
+	mu     sync.RWMutex // Sign holds it shared; Close exclusively, so no Sign uses a flushed handle
+	closed bool
+}
+
+var _ crypto.Signer = (*Key)(nil)
+
+// ErrKeyClosed is returned by Sign after Close.
+var ErrKeyClosed = errors.New("device key is closed")
+
+// LoadKey loads the key named by spec: "tpmkey:/path/to/keyfile" (TSS2 PEM keyfile, also
+// accepted as a bare path), "tpmkey:handle=0x81000002" (persistent TPM handle) or
+// "file:/path" (software PEM key). tpm may be nil for file: keys.
+func LoadKey(tpm transport.TPMCloser, spec string) (*Key, error) {
+	switch {
+	case strings.HasPrefix(spec, keySpecHandle):
+		h, err := ParsePersistentHandle(strings.TrimPrefix(spec, keySpecHandle))
+		if err != nil {
+			return nil, err
+		}
+		if tpm == nil {
+			return nil, fmt.Errorf("%w: %s needs a TPM", ErrNoTPM, spec)
+		}
+		return loadPersistent(tpm, h, spec)
+	case strings.HasPrefix(spec, keySpecFile):
+		return loadSoftware(strings.TrimPrefix(spec, keySpecFile), spec)
+	case spec == "":
+		return nil, fmt.Errorf("%w: no key configured", ErrInvalidKey)
+	}
+	path := strings.TrimPrefix(spec, keySpecTPM)
+	if tpm == nil {
+		return nil, fmt.Errorf("%w: %s needs a TPM", ErrNoTPM, spec)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidKey, err)
+	}
+	k, err := keyfile.Decode(b)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s is not a TSS2 keyfile: %w", ErrInvalidKey, path, err)
+	}
+	key, err := loadKeyfile(tpm, k)
+	if err != nil {
+		return nil, fmt.Errorf("cannot load key %s: %w", path, err)
+	}
+	key.Location = keySpecTPM + path
+	return key, nil
+}
+
+// ParsePersistentHandle parses a persistent TPM handle (0x81000000-0x81FFFFFF) such as
+// "0x81000002".
+func ParsePersistentHandle(s string) (tpm2.TPMHandle, error) {
+	v, err := strconv.ParseUint(s, 0, 32)
+	if err != nil || v>>24 != 0x81 {
+		return 0, fmt.Errorf("%w: persistent handle %q: want 0x81000000 to 0x81FFFFFF", ErrInvalidKey, s)
+	}
+	return tpm2.TPMHandle(v), nil
+}
+
+// publicKey parses a TPM public area without the panics of keyfile's helpers.
+func publicKey(pub tpm2.TPM2BPublic) (*tpm2.TPMTPublic, crypto.PublicKey, error) {
+	contents, err := pub.Contents()
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: unreadable public area: %w", ErrInvalidKey, err)
+	}
+	if !contents.ObjectAttributes.SignEncrypt || contents.ObjectAttributes.Restricted {
+		return nil, nil, fmt.Errorf("%w: not an unrestricted signing key", ErrInvalidKey)
+	}
+	pk, err := tpm2.Pub(*contents)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %w", ErrInvalidKey, err)
+	}
+	if err := checkKeyType(pk); err != nil {
+		return nil, nil, err
+	}
+	return contents, pk, nil
+}
+
+// checkKeyType admits the keys DPS and IoT Hub accept and the TPM signs for TLS.
+func checkKeyType(pk crypto.PublicKey) error {
+	switch pk := pk.(type) {
+	case *ecdsa.PublicKey:
+		if pk.Curve == elliptic.P256() {
+			return nil
+		}
+	case *rsa.PublicKey:
+		if pk.Size() == 256 {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: key type %T is not ECDSA P-256 or RSA-2048", ErrInvalidKey, pk)
+}
+
+func loadKeyfile(tpm transport.TPMCloser, k *keyfile.TPMKey) (*Key, error) {
+	if !k.Keytype.Equal(keyfile.OIDLoadableKey) {
+		return nil, fmt.Errorf("%w: keyfile type %v is not a loadable key", ErrInvalidKey, k.Keytype)
+	}
+	contents, pk, err := publicKey(k.Pubkey)
+	if err != nil {
+		return nil, err
+	}
+	if !keyfile.IsMSO(k.Parent, keyfile.TPM_HT_PERMANENT) && !keyfile.IsMSO(k.Parent, keyfile.TPM_HT_PERSISTENT) {
+		return nil, fmt.Errorf("%w: keyfile parent %#x is neither a hierarchy nor a persistent key", ErrInvalidKey, uint32(k.Parent))
+	}
+	// GetParentHandle + LoadKeyWithParent rather than keyfile.LoadKey, which leaks the
+	// transient SRK when Load fails.
+	sess := keyfile.NewTPMSession(tpm)
+	parent, err := keyfile.GetParentHandle(sess, k.Parent, nil)
+	if err != nil {
+		return nil, fmt.Errorf("cannot create the storage root key: %w", err)
+	}
+	kh, err := keyfile.LoadKeyWithParent(sess, *parent, k)
+	if keyfile.IsMSO(parent.Handle, keyfile.TPM_HT_TRANSIENT) {
+		keyfile.FlushHandle(tpm, parent)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: the TPM refused the keyfile (made on another TPM, or under another parent?): %w", ErrInvalidKey, err)
+	}
+	return newTPMKey(tpm, *kh, contents, pk, kh.Handle), nil
+}
+
+func loadPersistent(tpm transport.TPMCloser, h tpm2.TPMHandle, spec string) (*Key, error) {
+	rp, err := tpm2.ReadPublic{ObjectHandle: h}.Execute(tpm)
+	if err != nil {
+		return nil, fmt.Errorf("%w: no key at handle %#x: %w", ErrInvalidKey, uint32(h), err)
+	}
+	contents, pk, err := publicKey(rp.OutPublic)
+	if err != nil {
+		return nil, fmt.Errorf("handle %#x: %w", uint32(h), err)
+	}
+	key := newTPMKey(tpm, tpm2.AuthHandle{Handle: h, Name: rp.Name, Auth: tpm2.PasswordAuth(nil)}, contents, pk, 0)
+	key.Location = spec
+	return key, nil
+}
+
+func newTPMKey(tpm transport.TPMCloser, h tpm2.AuthHandle, contents *tpm2.TPMTPublic, pk crypto.PublicKey, flush tpm2.TPMHandle) *Key {
+	size := 0
+	if rk, ok := pk.(*rsa.PublicKey); ok {
+		size = rk.Size()
+	}
+	hs := keyfile.NewTPMHandleSigner(tpm, pk, contents.Type, size, h)
+	return &Key{pub: pk, signer: &hs, tpm: tpm, flush: flush}
+}
+
+func loadSoftware(path, spec string) (*Key, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidKey, err)
+	}
+	s, err := pki.ParsePrivateKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidKey, path, err)
+	}
+	if err := checkKeyType(s.Public()); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &Key{Location: spec, Software: true, pub: s.Public(), signer: s}, nil
+}
+
+// Public returns the key's public half: *ecdsa.PublicKey or *rsa.PublicKey.
+func (k *Key) Public() crypto.PublicKey { return k.pub }
+
+// Sign signs digest, a SHA-256 or SHA-384 hash (ASN.1 DER for ECDSA; PKCS #1 v1.5, or PSS
+// with the salt as long as the hash, for RSA). The TPM is asked only once the arguments are
+// known to be right.
+func (k *Key) Sign(rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	h := opts.HashFunc()
+	switch h {
+	case crypto.SHA256, crypto.SHA384:
+	default:
+		// SHA-512 with RSA would need the key's decrypt attribute, which sign-only keys lack.
+		return nil, fmt.Errorf("cannot sign: hash %v is not SHA-256 or SHA-384", h)
+	}
+	if len(digest) != h.Size() {
+		return nil, fmt.Errorf("cannot sign: digest is %d bytes, %v needs %d", len(digest), h, h.Size())
+	}
+	if pss, ok := opts.(*rsa.PSSOptions); ok {
+		if _, isRSA := k.pub.(*rsa.PublicKey); !isRSA {
+			return nil, errors.New("cannot sign: RSA-PSS requested for a non-RSA key")
+		}
+		// A TPM makes PSS signatures with the salt as long as the hash, nothing else.
+		if pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != rsa.PSSSaltLengthAuto && pss.SaltLength != h.Size() {
+			return nil, fmt.Errorf("cannot sign: PSS salt length %d is not the hash length", pss.SaltLength)
+		}
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	if k.closed {
+		return nil, ErrKeyClosed
+	}
+	sig, err := k.signer.Sign(rand, digest, opts)
+	if err != nil {
+		return nil, fmt.Errorf("cannot sign with %s: %w", k.Location, err)
+	}
+	return sig, nil
+}
+
+// Close flushes the key from the TPM (a persistent key stays). It does not close the TPM.
+func (k *Key) Close() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return nil
+	}
+	k.closed = true
+	if k.flush == 0 {
+		return nil
+	}
+	if _, err := (tpm2.FlushContext{FlushHandle: k.flush}).Execute(k.tpm); err != nil {
+		return fmt.Errorf("cannot flush key handle %#x: %w", uint32(k.flush), err)
+	}
+	return nil
+}

@@ -1,0 +1,42 @@
+package attest
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"net/url"
+	"strconv"
+	"time"
+)
+
+// SASToken is a shared access signature for symmetric-key attestation: the MQTT password
+// for DPS (resourceURI "{idScope}/registrations/{registrationId}", keyName "registration")
+// and IoT Hub (resourceURI "{host}/devices/{deviceId}", no key name). key is the decoded
+// device key; an empty keyName omits skn.
+func SASToken(key []byte, resourceURI string, expiry time.Time, keyName string) string {
+	se := strconv.FormatInt(expiry.Unix(), 10)
+	mac := hmac.New(sha256.New, key)
+	mac.Write([]byte(sasStringToSign(resourceURI, se)))
+	return formatSAS(resourceURI, base64.StdEncoding.EncodeToString(mac.Sum(nil)), se, keyName)
+}
+
+// sasStringToSign is the URL-encoded resource URI, a newline and the expiry in Unix seconds.
+func sasStringToSign(resourceURI, se string) string {
+	return url.QueryEscape(resourceURI) + "\n" + se
+}
+
+func formatSAS(resourceURI, sig, se, keyName string) string {
+	s := "SharedAccessSignature sr=" + url.QueryEscape(resourceURI) + "&sig=" + url.QueryEscape(sig) + "&se=" + se
+	if keyName != "" {
+		s += "&skn=" + url.QueryEscape(keyName)
+	}
+	return s
+}
+
+// DeriveDeviceKey is the key of one device in a symmetric-key enrollment group:
+// HMAC-SHA256(groupKey, registrationID). Both keys are raw bytes; Azure shows them base64.
+func DeriveDeviceKey(groupKey []byte, registrationID string) []byte {
+	mac := hmac.New(sha256.New, groupKey)
+	mac.Write([]byte(registrationID))
+	return mac.Sum(nil)
+}

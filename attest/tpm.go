@@ -1,0 +1,109 @@
+// Package attest holds the device's identity: it opens the TPM, creates and loads the device
+// key as a crypto.Signer, loads and checks the identity certificate chain, applies the DPS
+// registration ID rules and makes symmetric-key SAS tokens. It knows nothing of MQTT, DPS or
+// files other than key and certificate material, and it does not log.
+package attest
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
+)
+
+// DefaultTPM is the kernel TPM behind the resource manager, which virtualises handles per
+// open file and flushes them on close, so a crashed agent cannot leak TPM object slots.
+const DefaultTPM = "/dev/tpmrm0"
+
+// ErrNoTPM means the TPM named by the configuration cannot be opened or the spec is malformed.
+var ErrNoTPM = errors.New("no TPM")
+
+// OpenTPM opens the TPM named by spec: a character device ("/dev/tpmrm0", the default when
+// spec is empty, or "/dev/tpm0"), "swtpm:HOST:PORT" (swtpm's TCP data port) or
+// "swtpm:/path/to/socket" (its unix socket). The result serialises commands, so it may be
+// shared by goroutines: a TPM transport used concurrently without a lock hangs or panics.
+func OpenTPM(spec string) (transport.TPMCloser, error) {
+	if spec == "" {
+		spec = DefaultTPM
+	}
+	switch {
+	case strings.HasPrefix(spec, "/"):
+		tpm, err := linuxtpm.Open(spec)
+		if err != nil {
+			return nil, fmt.Errorf("%w at %s: %w (is the TPM enabled in firmware, and may this user open it?)", ErrNoTPM, spec, err)
+		}
+		return Locked(tpm), nil
+	case strings.HasPrefix(spec, "swtpm:"):
+		addr := strings.TrimPrefix(spec, "swtpm:")
+		network := "tcp"
+		if strings.Contains(addr, "/") {
+			network = "unix"
+		}
+		if addr == "" {
+			break
+		}
+		conn, err := net.Dial(network, addr)
+		if err != nil {
+			return nil, fmt.Errorf("%w at %s: %w (is swtpm running?)", ErrNoTPM, spec, err)
+		}
+		return Locked(transport.FromReadWriteCloser(&wholeResponseConn{Conn: conn})), nil
+	}
+	return nil, fmt.Errorf("%w: invalid TPM device %q: want /dev/tpmrm0, /dev/tpm0, swtpm:HOST:PORT or swtpm:/path/to/socket", ErrNoTPM, spec)
+}
+
+// Locked wraps tpm so that each command runs alone. OpenTPM's result is already locked;
+// this is for transports opened elsewhere (the simulator in tests).
+func Locked(tpm transport.TPMCloser) transport.TPMCloser {
+	if l, ok := tpm.(*lockedTPM); ok {
+		return l
+	}
+	return &lockedTPM{tpm: tpm}
+}
+
+type lockedTPM struct {
+	mu  sync.Mutex
+	tpm transport.TPMCloser
+}
+
+func (l *lockedTPM) Send(cmd []byte) ([]byte, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.tpm.Send(cmd)
+}
+
+func (l *lockedTPM) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.tpm.Close()
+}
+
+// wholeResponseConn makes each Read return one complete TPM response: go-tpm reads a
+// response with a single Read, which a stream socket may split.
+type wholeResponseConn struct {
+	net.Conn
+}
+
+const tpmHeaderSize = 10 // tag (2), size (4), response code (4)
+
+func (c *wholeResponseConn) Read(p []byte) (int, error) {
+	if len(p) < tpmHeaderSize {
+		return 0, io.ErrShortBuffer
+	}
+	if _, err := io.ReadFull(c.Conn, p[:tpmHeaderSize]); err != nil {
+		return 0, err
+	}
+	size := int(binary.BigEndian.Uint32(p[2:6]))
+	if size < tpmHeaderSize || size > len(p) {
+		return 0, fmt.Errorf("TPM response of %d bytes does not fit a %d-byte buffer", size, len(p))
+	}
+	if _, err := io.ReadFull(c.Conn, p[tpmHeaderSize:size]); err != nil {
+		return 0, err
+	}
+	return size, nil
+}
