@@ -1,0 +1,424 @@
+package dpstest
+
+import (
+	"bytes"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/eclipse/paho.mqtt.golang/packets"
+
+	"github.com/unicity-iot/unicity/internal/mqttsrv"
+)
+
+// Topics of the device API (protocol.md §2.1).
+const (
+	responseFilter = "$dps/registrations/res/#"
+	registerTopic  = "$dps/registrations/PUT/iotdps-register/"
+	pollTopic      = "$dps/registrations/GET/iotdps-get-operationstatus/"
+)
+
+// csrAPIVersion is the first api-version whose register request may carry a CSR.
+const csrAPIVersion = "2025-07-01-preview"
+
+// noRetryAfter leaves retry-after out of a response.
+const noRetryAfter time.Duration = -1
+
+var (
+	apiVersionRE = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}(-preview)?$`)
+	// registrationIDRE is DOC-X509's rule, applied to the lower-cased ID.
+	registrationIDRE = regexp.MustCompile(`^[a-z0-9._:-]*[a-z0-9-]$`)
+	errDropped       = errors.New("dpstest: connection dropped by a scripted fault")
+)
+
+// handler serves the device API; it is the Server seen by mqttsrv.
+type handler Server
+
+// connState is what a connection has established.
+type connState struct {
+	regID, apiVersion string
+	enroll            *enrollment // nil when the device was not admitted (Refuse401)
+	refusal           string
+	subQoS            int // -1 until the response filter is subscribed
+}
+
+// parseUsername splits "{scope}/registrations/{regId}/api-version=…[&ClientVersion=…]"
+// (protocol.md §1.2), tolerating extra keys and encoded or raw values.
+func parseUsername(u string) (scope, regID, apiVersion string, err error) {
+	scope, rest, ok := strings.Cut(u, "/registrations/")
+	if !ok || scope == "" {
+		return "", "", "", fmt.Errorf("username %q is not {idScope}/registrations/{registrationId}/api-version=…", u)
+	}
+	regID, query, ok := strings.Cut(rest, "/")
+	if !ok || regID == "" {
+		return "", "", "", fmt.Errorf("username %q has no registration ID", u)
+	}
+	for _, kv := range strings.Split(query, "&") {
+		if k, v, _ := strings.Cut(kv, "="); k == "api-version" {
+			apiVersion = v
+		}
+	}
+	if !apiVersionRE.MatchString(apiVersion) {
+		return "", "", "", fmt.Errorf("username %q has no valid api-version", u)
+	}
+	return scope, regID, apiVersion, nil
+}
+
+func (h *handler) Connect(c *mqttsrv.Conn) (byte, bool) {
+	s := (*Server)(h)
+	scope, regID, apiVersion, err := parseUsername(c.Username)
+	if f := s.fault(StepConnect, regID); f != nil {
+		switch f.Action {
+		case Drop:
+			c.Close()
+			return packets.ErrRefusedServerUnavailable, false
+		case Status:
+			return byte(f.Status), false
+		case Delay:
+			if !s.sleep(c, f.Delay) {
+				return packets.ErrRefusedServerUnavailable, false
+			}
+		}
+	}
+	if err != nil {
+		s.stats.refused.Add(1)
+		s.log.Info("refused connection", "client", c.ClientID, "err", err)
+		return packets.ErrRefusedBadUsernameOrPassword, false
+	}
+	st := &connState{regID: regID, apiVersion: apiVersion, subQoS: -1}
+	if !strings.EqualFold(scope, s.cfg.IDScope) {
+		st.refusal = fmt.Sprintf("ID scope %q is not this service's", scope)
+	} else {
+		var peer []*x509.Certificate
+		if c.TLS != nil {
+			peer = c.TLS.PeerCertificates
+		}
+		var password []byte
+		if len(c.Password) > 0 { // ESDK-C sends an empty password with X.509
+			password = c.Password
+		}
+		st.enroll, st.refusal = s.authenticate(regID, password, peer)
+	}
+	if st.enroll == nil {
+		s.stats.refused.Add(1)
+		s.log.Info("unknown device", "registration", regID, "reason", st.refusal)
+		if s.cfg.UnknownDevice == RefuseConnack {
+			return packets.ErrRefusedNotAuthorised, false
+		}
+	}
+	c.Value = st
+	s.stats.connections.Add(1)
+	return packets.Accepted, false
+}
+
+func (h *handler) Subscribe(c *mqttsrv.Conn, filters []string, qos []byte) []byte {
+	s := (*Server)(h)
+	st := c.Value.(*connState)
+	codes := make([]byte, len(filters))
+	f := s.fault(StepSubscribe, st.regID)
+	if f != nil && f.Action == Drop {
+		c.Close()
+	}
+	for i, filter := range filters {
+		if filter != responseFilter || (f != nil && f.Action == Status) {
+			codes[i] = 0x80
+			continue
+		}
+		codes[i] = min(qos[i], 1) // DPS grants QoS 1 for a QoS 2 request
+		st.subQoS = int(codes[i])
+	}
+	return codes
+}
+
+func (h *handler) Disconnected(c *mqttsrv.Conn, err error) {
+	(*Server)(h).log.Debug("disconnected", "registration", c.Value.(*connState).regID, "err", err)
+}
+
+// reply is one response to a device request.
+type reply struct {
+	status     int
+	body       []byte
+	retryAfter time.Duration // noRetryAfter leaves it out
+}
+
+func (h *handler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
+	s := (*Server)(h)
+	st := c.Value.(*connState)
+	if m.QoS > 1 {
+		return fmt.Errorf("dpstest: QoS %d publish", m.QoS)
+	}
+	if s.cfg.MaxMessageSize > 0 && len(m.Payload) > s.cfg.MaxMessageSize {
+		return fmt.Errorf("dpstest: message of %d bytes exceeds the limit of %d", len(m.Payload), s.cfg.MaxMessageSize)
+	}
+	path, query, _ := strings.Cut(m.Topic, "?")
+	var rid, opID string
+	for _, kv := range strings.Split(query, "&") {
+		switch k, v, _ := strings.Cut(kv, "="); k {
+		case "$rid":
+			rid = v // echoed verbatim, as sent
+		case "operationId":
+			opID = v
+		}
+	}
+	var step Step
+	switch path {
+	case registerTopic:
+		step = StepRegister
+		s.stats.registrations.Add(1)
+	case pollTopic:
+		step = StepPoll
+		s.stats.polls.Add(1)
+	default:
+		return fmt.Errorf("dpstest: unsupported topic %q", m.Topic) // DPS is not a broker
+	}
+
+	f := s.fault(step, st.regID)
+	var r reply
+	switch {
+	case f != nil && f.Action == Drop:
+		return errDropped
+	case f != nil && f.Action == Status:
+		r = s.errorReply(f.Status, f.Status*1000, "scripted fault", noRetryAfter)
+		if f.RetryAfter > 0 {
+			r.retryAfter = f.RetryAfter
+		}
+	case step == StepRegister:
+		r = s.register(st, m.Payload)
+	default:
+		if unescaped, err := url.QueryUnescape(opID); err == nil {
+			opID = unescaped
+		}
+		r = s.poll(st, opID)
+	}
+
+	if f != nil {
+		switch f.Action {
+		case Malformed:
+			r.body = r.body[:len(r.body)/2]
+		case Oversized:
+			r.body = oversize(r.body, s.cfg.MaxMessageSize)
+		case WrongRID:
+			rid = "not-" + rid
+		case Delay:
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				if s.sleep(c, f.Delay) {
+					s.send(c, st, rid, r)
+				}
+			}()
+			return nil
+		}
+	}
+	s.send(c, st, rid, r)
+	if f != nil && f.Action == DropAfterReply {
+		return errDropped
+	}
+	return nil
+}
+
+// sleep waits d unless the connection or the server ends first; it reports whether the
+// wait completed.
+func (s *Server) sleep(c *mqttsrv.Conn, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-c.Done():
+	case <-s.closing:
+	}
+	return false
+}
+
+// send publishes a response on the response topic, $rid first and retry-after lower case
+// (protocol.md §2.4). Like the service, it drops it when the device has not subscribed.
+func (s *Server) send(c *mqttsrv.Conn, st *connState, rid string, r reply) {
+	if st.subQoS < 0 {
+		return
+	}
+	topic := "$dps/registrations/res/" + strconv.Itoa(r.status) + "/?$rid=" + rid
+	if r.retryAfter >= 0 {
+		topic += "&retry-after=" + strconv.Itoa(int((r.retryAfter+time.Second-1)/time.Second))
+	}
+	c.Publish(mqttsrv.Message{Topic: topic, QoS: byte(st.subQoS), Payload: r.body})
+}
+
+// errorReply is a request-level error (protocol.md §3.3).
+func (s *Server) errorReply(status, code int, msg string, retryAfter time.Duration) reply {
+	if status == 429 {
+		s.stats.throttled.Add(1)
+	}
+	body, _ := json.Marshal(struct {
+		ErrorCode    int    `json:"errorCode"`
+		TrackingID   string `json:"trackingId"`
+		Message      string `json:"message"`
+		TimestampUTC string `json:"timestampUtc"`
+	}{code, uuid4(), msg, dpsTime(s.cfg.Now())})
+	return reply{status: status, body: body, retryAfter: retryAfter}
+}
+
+func (s *Server) refuse(st *connState, msg string) reply {
+	s.stats.refused.Add(1)
+	return s.errorReply(401, 401002, msg, noRetryAfter)
+}
+
+// registerRequest is DeviceRegistration (protocol.md §2.2); unknown fields are ignored.
+type registerRequest struct {
+	RegistrationID *string         `json:"registrationId"`
+	Payload        json.RawMessage `json:"payload"`
+	CSR            *string         `json:"csr"`
+}
+
+func (s *Server) register(st *connState, body []byte) reply {
+	if ra, ok := s.admit(&s.quota, "", s.cfg.RegistrationsPerMinute, time.Minute); !ok {
+		return s.errorReply(429, 429001, "Registration quota of the service exceeded.", ra)
+	}
+	if st.enroll == nil {
+		return s.refuse(st, "Invalid certificate.")
+	}
+	var req registerRequest
+	if b := bytes.TrimSpace(body); len(b) > 0 {
+		if err := json.Unmarshal(b, &req); err != nil {
+			return s.errorReply(400, 400004, "Invalid request body: "+err.Error(), noRetryAfter)
+		}
+	}
+	if req.RegistrationID != nil && !strings.EqualFold(*req.RegistrationID, st.regID) {
+		return s.errorReply(400, 400005, fmt.Sprintf("registrationId %q in the body differs from %q in the username", *req.RegistrationID, st.regID), noRetryAfter)
+	}
+	maxLen := 128
+	if st.enroll.leaf != nil {
+		maxLen = 64
+	}
+	if len(st.regID) > maxLen || !registrationIDRE.MatchString(strings.ToLower(st.regID)) {
+		return s.errorReply(400, 400006, fmt.Sprintf("registration ID %q is not valid: at most %d of a-z 0-9 - . _ :, ending in a letter, digit or -", st.regID, maxLen), noRetryAfter)
+	}
+	if leaf := st.enroll.leaf; leaf != nil && !strings.EqualFold(leaf.Subject.CommonName, st.regID) {
+		return s.refuse(st, fmt.Sprintf("Certificate CN %q does not match registration ID %q.", leaf.Subject.CommonName, st.regID))
+	}
+
+	s.mu.Lock()
+	policy, _ := s.lookupLocked(st.enroll, st.regID)
+	disabled := policy != nil && policy.Disabled
+	s.mu.Unlock()
+	if policy == nil {
+		return s.refuse(st, "Enrollment not found.")
+	}
+	if disabled {
+		body, _ := json.Marshal(operationStatus{Status: "disabled",
+			RegistrationState: &registrationState{RegistrationID: st.regID, Status: "disabled"}})
+		return reply{status: 200, body: body, retryAfter: noRetryAfter}
+	}
+
+	op := &operation{id: s.opPrefix + uuid4(), regID: st.regID, enroll: st.enroll,
+		readyAt: s.cfg.Now().Add(s.cfg.AssignDelay)}
+	if len(req.Payload) > 0 && string(req.Payload) != "null" {
+		op.payload = req.Payload
+	}
+	if req.CSR != nil && st.apiVersion >= csrAPIVersion {
+		csr, err := parseCSR(*req.CSR, st.regID)
+		if err != nil {
+			return s.errorReply(400, 400010, err.Error(), noRetryAfter)
+		}
+		op.csr = csr
+	}
+	key := strings.ToLower(st.regID)
+	s.mu.Lock()
+	delete(s.ops, s.latestOp[key]) // a new registration supersedes the last one
+	s.ops[op.id], s.latestOp[key] = op, op.id
+	s.mu.Unlock()
+
+	resp, _ := json.Marshal(operationStatus{OperationID: op.id, Status: "assigning"})
+	return reply{status: 202, body: resp, retryAfter: s.cfg.RetryAfter}
+}
+
+// parseCSR decodes the csr field (base64 DER, protocol.md §4) and checks its signature and
+// that its CN is the registration ID.
+func parseCSR(field, regID string) (*x509.CertificateRequest, error) {
+	der, err := base64.StdEncoding.DecodeString(field)
+	if err != nil {
+		return nil, fmt.Errorf("csr is not base64: %w", err)
+	}
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		return nil, fmt.Errorf("csr is not a PKCS#10 request: %w", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("csr signature is invalid: %w", err)
+	}
+	if csr.Subject.CommonName != regID {
+		return nil, fmt.Errorf("csr CN %q does not match registration ID %q", csr.Subject.CommonName, regID)
+	}
+	return csr, nil
+}
+
+func (s *Server) poll(st *connState, opID string) reply {
+	key := strings.ToLower(st.regID)
+	if ra, ok := s.admit(nil, key, s.cfg.PollLimit, PollWindow); !ok {
+		return s.errorReply(429, 429002, fmt.Sprintf("More than %d operation status requests in %v.", s.cfg.PollLimit, PollWindow), ra)
+	}
+	if st.enroll == nil {
+		return s.refuse(st, "Invalid certificate.")
+	}
+	s.mu.Lock()
+	op := s.ops[opID]
+	s.mu.Unlock()
+	if op == nil || !strings.EqualFold(op.regID, st.regID) {
+		return s.errorReply(404, 404201, fmt.Sprintf("Operation %q not found.", opID), noRetryAfter)
+	}
+	if s.cfg.Now().Before(op.readyAt) {
+		body, _ := json.Marshal(operationStatus{OperationID: op.id, Status: "assigning",
+			RegistrationState: &registrationState{RegistrationID: op.regID, Status: "assigning"}})
+		return reply{status: 202, body: body, retryAfter: s.cfg.RetryAfter}
+	}
+	status, body := s.complete(op)
+	return reply{status: status, body: body, retryAfter: noRetryAfter}
+}
+
+// admit applies a sliding-window limit of n events per window: the global register quota
+// (window points at s.quota) or one device's polls (key). When full it returns how long
+// until a slot frees.
+func (s *Server) admit(window *[]time.Time, key string, n int, per time.Duration) (time.Duration, bool) {
+	if n <= 0 {
+		return 0, true
+	}
+	now := s.cfg.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if window == nil {
+		w := s.polls[key]
+		window = &w
+		defer func() { s.polls[key] = w }()
+	}
+	w := *window
+	i := 0
+	for i < len(w) && !w[i].After(now.Add(-per)) {
+		i++
+	}
+	w = w[i:]
+	if len(w) >= n {
+		*window = w
+		return w[0].Add(per).Sub(now), false
+	}
+	*window = append(w, now)
+	return 0, true
+}
+
+// oversize pads a JSON object body with a field that pushes it past limit.
+func oversize(body []byte, limit int) []byte {
+	if limit <= 0 {
+		limit = DefaultMaxMessageSize
+	}
+	if len(body) == 0 || body[len(body)-1] != '}' {
+		return append(body, bytes.Repeat([]byte{' '}, limit+1)...)
+	}
+	pad := `,"padding":"` + strings.Repeat("x", limit) + `"}`
+	return append(body[:len(body)-1:len(body)-1], pad...)
+}
