@@ -1,0 +1,479 @@
+// Package hub keeps this device's one MQTT session with its Azure IoT Hub: telemetry through
+// a bounded queue that survives reconnects, cloud-to-device messages, the device twin and
+// direct methods, reconnecting with backoff by itself. It does not provision: a hub that
+// refuses the identity ends Run with a *ConnectError matching ErrNotAuthorized, and the
+// caller re-registers through DPS.
+package hub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"strconv"
+	"sync"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
+
+	"github.com/unicity-iot/unicity/internal/dial"
+	"github.com/unicity-iot/unicity/internal/version"
+)
+
+// apiVersion is the IoT Hub MQTT API the agent speaks (protocol.md §5.2).
+const apiVersion = "2021-04-12"
+
+// Defaults for Config fields left zero.
+const (
+	// DefaultKeepAlive is the Embedded C SDK's; the hub allows up to MaxKeepAlive.
+	DefaultKeepAlive = 240 * time.Second
+	// MaxKeepAlive is the longest useful keep-alive: the hub drops a client after 1.5× its
+	// keep-alive, capped at 1767 s.
+	MaxKeepAlive          = 1177 * time.Second
+	DefaultRequestTimeout = 60 * time.Second
+	// DefaultMethodTimeout is the hub's longest method response timeout; a caller has given
+	// up by then.
+	DefaultMethodTimeout = 300 * time.Second
+)
+
+const (
+	connectTimeout = 30 * time.Second // MQTT handshake after dial's own bound
+	writeTimeout   = 30 * time.Second
+	pingTimeout    = 30 * time.Second
+	// inflightWindow bounds telemetry published and not yet acknowledged on one connection.
+	inflightWindow = 32
+	// maxMethods bounds method calls handled at once; more are answered 429 at once.
+	maxMethods = 16
+	// methodDrain is how long shutdown waits for method handlers to answer before it
+	// disconnects, so that a call that triggered the shutdown gets its answer.
+	methodDrain = 5 * time.Second
+)
+
+// Topic filters the session subscribes to (protocol.md §5.4–5.6): four, under the hub's
+// limit of five.
+const (
+	twinResPrefix      = "$iothub/twin/res/"
+	desiredPatchPrefix = "$iothub/twin/PATCH/properties/desired/"
+	methodPrefix       = "$iothub/methods/POST/"
+)
+
+// Config describes the session. Hub, DeviceID and Dial.Certificate (or whatever the hub
+// authenticates) are required; the handlers are optional.
+type Config struct {
+	// Hub is the assigned hub exactly as DPS returned it; it may carry a port (the emulator).
+	Hub      string
+	DeviceID string
+	// ModelID is the IoT Plug and Play model announced on connect; empty for none.
+	ModelID string
+	// Dial says how to reach the hub (transport, proxy, roots, client certificate); its Host
+	// is ignored in favour of Hub.
+	Dial dial.Config
+	// KeepAlive is the MQTT keep-alive; zero means DefaultKeepAlive, more than MaxKeepAlive
+	// is capped.
+	KeepAlive time.Duration
+	// Backoff paces reconnection; nil means FullJitter(time.Second, 100*time.Second), the
+	// Embedded C SDK's bounds.
+	Backoff Backoff
+	// MaxFailures ends Run with ErrGaveUp after this many failed connection attempts in a
+	// row; zero retries for ever.
+	MaxFailures int
+	// RequestTimeout bounds a twin request, waiting for the connection included.
+	RequestTimeout time.Duration
+	// MethodTimeout bounds one direct method handler.
+	MethodTimeout time.Duration
+	// Queue holds outgoing telemetry; nil gives the client its own default-sized queue.
+	Queue *Queue
+
+	// OnMessage receives cloud-to-device messages in order; the hub's copy is acknowledged
+	// when it returns, so a message is redelivered if the agent dies before handing it on.
+	// It runs on the client's dispatch goroutine with OnDesired: keep it short.
+	OnMessage func(Message)
+	// OnDesired receives desired-property patches, and after every (re)connect a full
+	// desired section when its version moved while the device was away.
+	OnDesired func(Desired)
+	// OnMethod answers a direct method; it runs on its own goroutine with a context that
+	// ends at MethodTimeout or when Run returns. Nil answers every method 501.
+	OnMethod func(ctx context.Context, call MethodCall) MethodResponse
+	// OnState is told of every connection state change, on Run's goroutine; it must not
+	// block or call Run.
+	OnState func(State)
+}
+
+// State is the connection as the agent reports it.
+type State struct {
+	Connected bool
+	// Transport is the one that carried the last connection ("mqtt" or "mqtt-ws").
+	Transport string
+	// Since is when the connection came up or went down.
+	Since time.Time
+	// Failures counts failed connection attempts in a row.
+	Failures int
+	// Err says why the last attempt failed or the last connection ended; nil when connected.
+	Err error
+	// Retry is the wait before the next attempt, when not connected.
+	Retry time.Duration
+}
+
+// Client is one device's session with its hub. Telemetry, twin and method calls may be made
+// from any goroutine, before or while Run runs; they wait for the connection.
+type Client struct {
+	cfg      Config
+	queue    *Queue
+	username string
+
+	mu        sync.Mutex
+	running   bool
+	cur       *conn         // nil while disconnected
+	changed   chan struct{} // closed and replaced when cur changes
+	state     State
+	transport string // the one that worked last, tried first next time
+	nextRID   uint64
+	pending   map[string]chan response // twin requests by $rid
+	desired   int64                    // last desired version delivered
+	delivered bool                     // whether any desired version was delivered
+}
+
+// New checks cfg and returns a client; Run connects it.
+func New(cfg Config) (*Client, error) {
+	switch {
+	case cfg.Hub == "":
+		return nil, errors.New("hub: no hub host")
+	case cfg.DeviceID == "":
+		return nil, errors.New("hub: no device ID")
+	}
+	if cfg.KeepAlive <= 0 {
+		cfg.KeepAlive = DefaultKeepAlive
+	}
+	cfg.KeepAlive = min(cfg.KeepAlive, MaxKeepAlive)
+	if cfg.Backoff == nil {
+		cfg.Backoff = FullJitter(time.Second, 100*time.Second)
+	}
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = DefaultRequestTimeout
+	}
+	if cfg.MethodTimeout <= 0 {
+		cfg.MethodTimeout = DefaultMethodTimeout
+	}
+	if cfg.Queue == nil {
+		cfg.Queue = NewQueue(0, 0)
+	}
+	cfg.Dial.Host = cfg.Hub
+	return &Client{
+		cfg:      cfg,
+		queue:    cfg.Queue,
+		username: Username(cfg.Hub, cfg.DeviceID, cfg.ModelID),
+		changed:  make(chan struct{}),
+		pending:  make(map[string]chan response),
+	}, nil
+}
+
+// Username is the CONNECT user name for a device (protocol.md §5.2): the hub as assigned,
+// the device ID, the API version, the agent as DeviceClientType and the optional model ID.
+func Username(hub, deviceID, modelID string) string {
+	u := hub + "/" + deviceID + "/?api-version=" + apiVersion +
+		"&DeviceClientType=" + url.QueryEscape("unicity/"+version.Version)
+	if modelID != "" {
+		u += "&model-id=" + url.QueryEscape(modelID)
+	}
+	return u
+}
+
+// Queue returns the client's telemetry queue.
+func (c *Client) Queue() *Queue { return c.queue }
+
+// Send queues m and waits until the hub has acknowledged it; see Queue.Send.
+func (c *Client) Send(ctx context.Context, m Message) error { return c.queue.Send(ctx, m) }
+
+// State returns the connection state.
+func (c *Client) State() State {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.state
+}
+
+// AwaitConnection waits until the session is connected and subscribed, or ctx ends.
+func (c *Client) AwaitConnection(ctx context.Context) error {
+	_, err := c.awaitConn(ctx)
+	return err
+}
+
+// Run connects and keeps the session up, reconnecting with backoff, until ctx ends (it then
+// returns ctx's error), the hub refuses the identity (a *ConnectError; ErrNotAuthorized for
+// codes 4 and 5) or MaxFailures attempts failed in a row (ErrGaveUp). Queued telemetry stays
+// queued when it returns. Run may be called again after it returned, not concurrently.
+func (c *Client) Run(ctx context.Context) error {
+	c.mu.Lock()
+	if c.running {
+		c.mu.Unlock()
+		return errors.New("hub: Run is already running")
+	}
+	c.running = true
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.running = false
+		c.mu.Unlock()
+	}()
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	r := newRunState(ctx, c)
+	defer r.wait()
+
+	failures := 0
+	for {
+		connected, err := c.session(ctx, r)
+		if ctx.Err() != nil {
+			c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Err: ctx.Err()})
+			return ctx.Err()
+		}
+		if connected {
+			failures = 0
+		} else {
+			failures++
+		}
+		var ce *ConnectError
+		if errors.As(err, &ce) && !ce.Temporary() {
+			c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Failures: failures, Err: err})
+			return err
+		}
+		if c.cfg.MaxFailures > 0 && failures >= c.cfg.MaxFailures {
+			err = fmt.Errorf("%w after %d attempts: %w", ErrGaveUp, failures, err)
+			c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Failures: failures, Err: err})
+			return err
+		}
+		wait := c.cfg.Backoff(max(failures, 1))
+		c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Failures: failures, Err: err, Retry: wait})
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Err: ctx.Err()})
+			return ctx.Err()
+		}
+	}
+}
+
+// conn is one MQTT connection; a new paho client is made for each, so that nothing paho
+// keeps for a dead connection is ever resent behind the queue's back.
+type conn struct {
+	mc      mqtt.Client
+	lost    chan struct{} // closed when the connection has ended
+	endOnce sync.Once
+	err     error // why it ended; read after lost is closed
+}
+
+func (cn *conn) end(err error) {
+	cn.endOnce.Do(func() {
+		cn.err = err
+		close(cn.lost)
+	})
+}
+
+// session makes one connection and serves it until it ends; connected reports whether it
+// came up (CONNACK accepted and subscriptions granted).
+func (c *Client) session(ctx context.Context, r *runState) (connected bool, err error) {
+	cn := &conn{lost: make(chan struct{})}
+	var transport string
+	dc := c.cfg.Dial
+	dc.Prefer = c.lastTransport()
+	opts := mqtt.NewClientOptions().
+		AddBroker("mqtts://" + c.cfg.Hub). // a label: dial.Opener opens the connection
+		SetClientID(c.cfg.DeviceID).
+		SetUsername(c.username).
+		SetCleanSession(false).
+		SetProtocolVersion(4).
+		SetKeepAlive(c.cfg.KeepAlive).
+		SetPingTimeout(pingTimeout).
+		SetConnectTimeout(connectTimeout).
+		SetWriteTimeout(writeTimeout).
+		SetAutoReconnect(false).
+		SetConnectRetry(false).
+		SetOrderMatters(true).
+		SetAutoAckDisabled(true).
+		SetDefaultPublishHandler(c.inbound(r, cn)).
+		SetConnectionLostHandler(func(_ mqtt.Client, err error) { cn.end(err) }).
+		SetCustomOpenConnectionFn(dial.Opener(ctx, dc, func(t string) { transport = t }))
+	cn.mc = mqtt.NewClient(opts)
+
+	tok := cn.mc.Connect()
+	select {
+	case <-tok.Done():
+	case <-ctx.Done():
+		// The dial is bound to ctx and the handshake to connectTimeout: wait it out so that
+		// no connection outlives Run.
+		<-tok.Done()
+		if tok.Error() == nil {
+			cn.mc.Disconnect(0)
+		}
+		return false, ctx.Err()
+	}
+	if err := tok.Error(); err != nil {
+		if rc := tok.(*mqtt.ConnectToken).ReturnCode(); rc != packets.Accepted && rc != packets.ErrNetworkError {
+			return false, &ConnectError{ReturnCode: rc}
+		}
+		return false, fmt.Errorf("cannot connect to hub %s: %w", c.cfg.Hub, err)
+	}
+	c.mu.Lock()
+	c.transport = transport
+	c.mu.Unlock()
+
+	if err := c.subscribe(ctx, cn); err != nil {
+		cn.mc.Disconnect(0)
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
+		return false, err
+	}
+
+	c.setConn(cn)
+	c.setState(State{Connected: true, Transport: transport, Since: time.Now()})
+
+	sctx, scancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); c.sendLoop(sctx, cn) }()
+	go func() { defer wg.Done(); c.resync(sctx, r) }()
+
+	select {
+	case <-ctx.Done():
+		// Let method handlers answer (unicity.reprovision is answered before the agent
+		// disconnects), then say goodbye.
+		r.drainMethods(methodDrain)
+		c.setConn(nil)
+		cn.mc.Disconnect(250)
+		cn.end(ctx.Err())
+		err = ctx.Err()
+	case <-cn.lost:
+		c.setConn(nil)
+		cn.mc.Disconnect(0) // closes the socket when a failed publish, not paho, ended it
+		err = fmt.Errorf("connection to hub %s lost: %w", c.cfg.Hub, cn.err)
+	}
+	scancel()
+	wg.Wait()
+	c.queue.requeue()
+	return true, err
+}
+
+func (c *Client) subscribe(ctx context.Context, cn *conn) error {
+	filters := map[string]byte{
+		"devices/" + c.cfg.DeviceID + "/messages/devicebound/#": 1,
+		twinResPrefix + "#":      1,
+		desiredPatchPrefix + "#": 1,
+		methodPrefix + "#":       0,
+	}
+	tok := cn.mc.SubscribeMultiple(filters, nil)
+	select {
+	case <-tok.Done():
+	case <-cn.lost:
+		return fmt.Errorf("connection to hub %s lost while subscribing: %w", c.cfg.Hub, cn.err)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if err := tok.Error(); err != nil {
+		return fmt.Errorf("cannot subscribe at hub %s: %w", c.cfg.Hub, err)
+	}
+	for filter, code := range tok.(*mqtt.SubscribeToken).Result() {
+		if code == packets.ErrProtocolViolation || code > 2 {
+			return fmt.Errorf("hub %s refused the subscription to %s", c.cfg.Hub, filter)
+		}
+	}
+	return nil
+}
+
+// sendLoop publishes queued telemetry in order, up to inflightWindow unacknowledged, until
+// the connection or ctx ends. Entries are acknowledged in the queue as their PUBACKs come.
+func (c *Client) sendLoop(ctx context.Context, cn *conn) {
+	type flight struct {
+		e   *entry
+		tok mqtt.Token
+	}
+	flights := make(chan flight, inflightWindow)
+	ackerDone := make(chan struct{})
+	go func() {
+		defer close(ackerDone)
+		for f := range flights {
+			select {
+			case <-f.tok.Done():
+			case <-cn.lost:
+				return
+			}
+			if err := f.tok.Error(); err != nil {
+				cn.end(fmt.Errorf("cannot publish telemetry: %w", err))
+				return
+			}
+			c.queue.ack(f.e)
+		}
+	}()
+loop:
+	for {
+		e, ok := c.queue.next(ctx, cn.lost)
+		if !ok {
+			break
+		}
+		tok := cn.mc.Publish(eventsTopic(c.cfg.DeviceID, e.msg.Properties), 1, false, e.msg.Payload)
+		select {
+		case flights <- flight{e, tok}:
+		case <-cn.lost:
+			break loop
+		case <-ctx.Done():
+			break loop
+		}
+	}
+	close(flights)
+	<-ackerDone
+}
+
+func (c *Client) setConn(cn *conn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cur = cn
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+func (c *Client) current() *conn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cur
+}
+
+func (c *Client) awaitConn(ctx context.Context) (*conn, error) {
+	for {
+		c.mu.Lock()
+		cn, changed := c.cur, c.changed
+		c.mu.Unlock()
+		if cn != nil {
+			return cn, nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+func (c *Client) lastTransport() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.transport
+}
+
+func (c *Client) setState(s State) {
+	c.mu.Lock()
+	c.state = s
+	c.mu.Unlock()
+	if c.cfg.OnState != nil {
+		c.cfg.OnState(s)
+	}
+}
+
+func (c *Client) newRID() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.nextRID++
+	return strconv.FormatUint(c.nextRID, 10)
+}
