@@ -1,0 +1,176 @@
+package hubtest
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/eclipse/paho.mqtt.golang/packets"
+
+	"github.com/unicity-iot/unicity/internal/mqttsrv"
+)
+
+// handler adapts Hub to mqttsrv.Handler without putting the callbacks in Hub's API.
+type handler struct{ h *Hub }
+
+// session is a connection's Value: the device it authenticated as.
+type session struct {
+	dev *device
+}
+
+func (hd handler) Connect(c *mqttsrv.Conn) (byte, bool) {
+	h := hd.h
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	code, present, d := h.connect(c)
+	if code != packets.Accepted {
+		h.stats.Refused++
+		h.broadcast()
+		return code, false
+	}
+	h.stats.Connections++
+	if d.conn != nil {
+		// One connection per device: the newer wins (Azure error 400027).
+		d.conn.Close()
+		h.stats.Kicked++
+	}
+	d.conn = c
+	d.lastSeen = h.now()
+	c.Value = &session{dev: d}
+	if _, ok := d.subs[subC2D]; ok && present {
+		h.after(connackGrace, c, func() { h.deliverC2D(d) })
+	}
+	h.broadcast()
+	return packets.Accepted, present
+}
+
+// connect decides a CONNECT; h.mu is held.
+func (h *Hub) connect(c *mqttsrv.Conn) (code byte, sessionPresent bool, d *device) {
+	id, err := parseUsername(c.Username)
+	clientID := id.deviceID
+	if id.moduleID != "" {
+		clientID += "/" + id.moduleID
+	}
+	if err != nil || !h.isName(id.host) || clientID != c.ClientID {
+		return packets.ErrRefusedBadUsernameOrPassword, false, nil
+	}
+	if id.moduleID != "" {
+		return packets.ErrRefusedNotAuthorised, false, nil // module identities are not emulated
+	}
+	d, ok := h.devices[id.deviceID]
+	if !ok || d.Disabled {
+		return packets.ErrRefusedNotAuthorised, false, nil
+	}
+	authErr := errNoCredential
+	if c.TLS != nil && len(c.TLS.PeerCertificates) > 0 {
+		authErr = d.authenticateX509(c.TLS.PeerCertificates, h.now())
+	} else if c.Password != nil && len(d.SymmetricKeys) > 0 {
+		var resources []string
+		for _, n := range h.names {
+			resources = append(resources, sasResource(n, d.ID))
+		}
+		authErr = checkSAS(string(c.Password), resources, d.SymmetricKeys, h.now())
+	}
+	if authErr != nil {
+		return packets.ErrRefusedNotAuthorised, false, nil
+	}
+	d.clientType, d.modelID, d.apiVersion = id.query["DeviceClientType"], id.query["model-id"], id.query["api-version"]
+	present := !c.CleanSession && len(d.subs) > 0
+	if c.CleanSession {
+		d.subs = map[string]byte{}
+	}
+	return packets.Accepted, present, d
+}
+
+func (hd handler) Subscribe(c *mqttsrv.Conn, filters []string, qos []byte) []byte {
+	h, d := hd.h, c.Value.(*session).dev
+	granted := make([]byte, len(filters))
+	h.mu.Lock()
+	for i, f := range filters {
+		kind := ""
+		switch f {
+		case c2dFilter(d.ID):
+			kind = subC2D
+		case twinResFilter:
+			kind = subTwinRes
+		case twinDesiredFilter:
+			kind = subTwinDesired
+		case methodsFilter:
+			kind = subMethods
+		}
+		if kind == "" {
+			granted[i] = 0x80
+			continue
+		}
+		granted[i] = min(qos[i], 1) // QoS 2 is granted as 1
+		d.subs[kind] = granted[i]
+	}
+	h.broadcast()
+	h.mu.Unlock()
+	// The SUBACK is written after this returns; delivery waits its turn on the same
+	// connection's writer, so a queued message never precedes the SUBACK by much, and
+	// clients accept a PUBLISH for a pending subscription.
+	h.after(0, c, func() { h.deliverC2D(d) })
+	return granted
+}
+
+func (hd handler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
+	h, d := hd.h, c.Value.(*session).dev
+	if m.QoS > 1 {
+		return h.violation(fmt.Errorf("QoS %d publish to %q", m.QoS, m.Topic))
+	}
+	h.mu.Lock()
+	d.lastSeen = h.now()
+	h.mu.Unlock()
+	switch t := m.Topic; {
+	case t == eventsPrefix(d.ID) || strings.HasPrefix(t, eventsPrefix(d.ID)+"/"):
+		return h.receiveTelemetry(d, m)
+	case strings.HasPrefix(t, twinGetPrefix):
+		return h.twinGet(c, d, t)
+	case strings.HasPrefix(t, twinPatchPrefix):
+		return h.twinPatch(c, d, t, m.Payload)
+	case strings.HasPrefix(t, methodResPrefix):
+		return h.methodResponse(d, t, m.Payload)
+	}
+	return h.violation(fmt.Errorf("publish to unsupported topic %q", m.Topic))
+}
+
+func (hd handler) Disconnected(c *mqttsrv.Conn, _ error) {
+	h, d := hd.h, c.Value.(*session).dev
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if d.conn == c {
+		d.conn = nil
+	}
+	h.broadcast()
+}
+
+// violation counts a connection the hub closes for protocol misuse, as IoT Hub answers
+// misuse over MQTT (protocol.md §5.8).
+func (h *Hub) violation(err error) error {
+	h.mu.Lock()
+	h.stats.Violations++
+	h.broadcast()
+	h.mu.Unlock()
+	return fmt.Errorf("hubtest: %w", err)
+}
+
+// respond publishes a response to the device if it has subscribed to the response topic;
+// IoT Hub does not deliver to topics a device has not subscribed to.
+func (h *Hub) respond(c *mqttsrv.Conn, d *device, kind, topic string, payload []byte) {
+	h.mu.Lock()
+	qos, ok := d.subs[kind]
+	h.mu.Unlock()
+	if !ok {
+		return
+	}
+	c.Publish(mqttsrv.Message{Topic: topic, QoS: qos, Payload: payload})
+}
+
+func twinResponseTopic(status int, rid string, version int) string {
+	t := twinResPrefix + strconv.Itoa(status) + "/?$rid=" + rid
+	if version > 0 {
+		t += "&$version=" + strconv.Itoa(version)
+	}
+	return t
+}
