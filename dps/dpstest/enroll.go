@@ -193,8 +193,6 @@ type enrollment struct {
 	auth DeviceAuth
 	// leaf is the device's certificate (X.509 only), whose CN must equal the registration ID.
 	leaf *x509.Certificate
-	// group is the CA an X.509 group device was verified against.
-	groupCA *x509.Certificate
 }
 
 // authenticate finds the enrollment that admits the connecting device: an individual
@@ -246,7 +244,7 @@ func (s *Server) authenticate(regID string, password []byte, peer []*x509.Certif
 	if best == nil {
 		return nil, "certificate matches no enrollment"
 	}
-	return &enrollment{id: best.ID, leaf: leaf, groupCA: best.CA,
+	return &enrollment{id: best.ID, leaf: leaf,
 		auth: DeviceAuth{Thumbprint: pki.Thumbprint(leaf), CA: best.CA}}, ""
 }
 

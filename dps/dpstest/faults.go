@@ -1,6 +1,9 @@
 package dpstest
 
-import "time"
+import (
+	"strings"
+	"time"
+)
 
 // Step is the device request a Fault applies to.
 type Step int
@@ -74,7 +77,7 @@ func (s *Server) fault(step Step, regID string) *Fault {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, f := range s.faults {
-		if f.Step != step || (f.RegistrationID != "" && !equalFold(f.RegistrationID, regID)) {
+		if f.Step != step || (f.RegistrationID != "" && !strings.EqualFold(f.RegistrationID, regID)) {
 			continue
 		}
 		f.seen++

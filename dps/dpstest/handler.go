@@ -265,7 +265,7 @@ func (s *Server) errorReply(status, code int, msg string, retryAfter time.Durati
 	return reply{status: status, body: body, retryAfter: retryAfter}
 }
 
-func (s *Server) refuse(st *connState, msg string) reply {
+func (s *Server) refuse(msg string) reply {
 	s.stats.refused.Add(1)
 	return s.errorReply(401, 401002, msg, noRetryAfter)
 }
@@ -278,11 +278,11 @@ type registerRequest struct {
 }
 
 func (s *Server) register(st *connState, body []byte) reply {
-	if ra, ok := s.admit(&s.quota, "", s.cfg.RegistrationsPerMinute, time.Minute); !ok {
+	if ra, ok := s.admitRegister(); !ok {
 		return s.errorReply(429, 429001, "Registration quota of the service exceeded.", ra)
 	}
 	if st.enroll == nil {
-		return s.refuse(st, "Invalid certificate.")
+		return s.refuse("Invalid certificate. " + st.refusal)
 	}
 	var req registerRequest
 	if b := bytes.TrimSpace(body); len(b) > 0 {
@@ -301,7 +301,7 @@ func (s *Server) register(st *connState, body []byte) reply {
 		return s.errorReply(400, 400006, fmt.Sprintf("registration ID %q is not valid: at most %d of a-z 0-9 - . _ :, ending in a letter, digit or -", st.regID, maxLen), noRetryAfter)
 	}
 	if leaf := st.enroll.leaf; leaf != nil && !strings.EqualFold(leaf.Subject.CommonName, st.regID) {
-		return s.refuse(st, fmt.Sprintf("Certificate CN %q does not match registration ID %q.", leaf.Subject.CommonName, st.regID))
+		return s.refuse(fmt.Sprintf("Certificate CN %q does not match registration ID %q.", leaf.Subject.CommonName, st.regID))
 	}
 
 	s.mu.Lock()
@@ -309,7 +309,7 @@ func (s *Server) register(st *connState, body []byte) reply {
 	disabled := policy != nil && policy.Disabled
 	s.mu.Unlock()
 	if policy == nil {
-		return s.refuse(st, "Enrollment not found.")
+		return s.refuse("Enrollment not found.")
 	}
 	if disabled {
 		body, _ := json.Marshal(operationStatus{Status: "disabled",
@@ -361,11 +361,11 @@ func parseCSR(field, regID string) (*x509.CertificateRequest, error) {
 
 func (s *Server) poll(st *connState, opID string) reply {
 	key := strings.ToLower(st.regID)
-	if ra, ok := s.admit(nil, key, s.cfg.PollLimit, PollWindow); !ok {
+	if ra, ok := s.admitPoll(key); !ok {
 		return s.errorReply(429, 429002, fmt.Sprintf("More than %d operation status requests in %v.", s.cfg.PollLimit, PollWindow), ra)
 	}
 	if st.enroll == nil {
-		return s.refuse(st, "Invalid certificate.")
+		return s.refuse("Invalid certificate. " + st.refusal)
 	}
 	s.mu.Lock()
 	op := s.ops[opID]
@@ -382,33 +382,42 @@ func (s *Server) poll(st *connState, opID string) reply {
 	return reply{status: status, body: body, retryAfter: noRetryAfter}
 }
 
-// admit applies a sliding-window limit of n events per window: the global register quota
-// (window points at s.quota) or one device's polls (key). When full it returns how long
-// until a slot frees.
-func (s *Server) admit(window *[]time.Time, key string, n int, per time.Duration) (time.Duration, bool) {
-	if n <= 0 {
-		return 0, true
-	}
-	now := s.cfg.Now()
+// admitRegister applies the instance's register quota.
+func (s *Server) admitRegister() (time.Duration, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if window == nil {
-		w := s.polls[key]
-		window = &w
-		defer func() { s.polls[key] = w }()
+	var wait time.Duration
+	var ok bool
+	s.quota, wait, ok = slide(s.quota, s.cfg.Now(), s.cfg.RegistrationsPerMinute, time.Minute)
+	return wait, ok
+}
+
+// admitPoll applies the per-device poll limit.
+func (s *Server) admitPoll(key string) (time.Duration, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var wait time.Duration
+	var ok bool
+	s.polls[key], wait, ok = slide(s.polls[key], s.cfg.Now(), s.cfg.PollLimit, PollWindow)
+	return wait, ok
+}
+
+// slide is a sliding-window limit of n events per window over the event times w: it drops
+// expired events and records one at now, or, when the window is full, says how long until a
+// slot frees. n <= 0 is no limit.
+func slide(w []time.Time, now time.Time, n int, per time.Duration) ([]time.Time, time.Duration, bool) {
+	if n <= 0 {
+		return w, 0, true
 	}
-	w := *window
 	i := 0
 	for i < len(w) && !w[i].After(now.Add(-per)) {
 		i++
 	}
 	w = w[i:]
 	if len(w) >= n {
-		*window = w
-		return w[0].Add(per).Sub(now), false
+		return w, w[0].Add(per).Sub(now), false
 	}
-	*window = append(w, now)
-	return 0, true
+	return append(w, now), 0, true
 }
 
 // oversize pads a JSON object body with a field that pushes it past limit.
