@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
@@ -47,7 +48,7 @@ func TestConnectAuthentication(t *testing.T) {
 	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev-sas", SymmetricKeys: [][]byte{[]byte("old key"), key}}))
 	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev-off", SymmetricKeys: [][]byte{key}, Disabled: true}))
 	sas := func(id string, k []byte, exp time.Duration) string {
-		return hubtest.SASToken(f.srv.Name(), id, k, time.Now().Add(exp))
+		return attest.SASToken(k, f.srv.Name()+"/devices/"+id, time.Now().Add(exp), "")
 	}
 
 	for _, tc := range []struct {
@@ -474,7 +475,7 @@ func TestRegisterUpdatesCredentials(t *testing.T) {
 	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev", SymmetricKeys: [][]byte{key}}))
 	_, err := f.connect(t, clientConfig{id: "dev", cert: &cert})
 	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised, "the certificate is no longer a credential")
-	f.mustConnect(t, clientConfig{id: "dev", password: hubtest.SASToken(f.srv.Name(), "dev", key, time.Now().Add(time.Hour))})
+	f.mustConnect(t, clientConfig{id: "dev", password: attest.SASToken(key, f.srv.Name()+"/devices/dev", time.Now().Add(time.Hour), "")})
 	tw, err := f.srv.Twin("dev")
 	require.NoError(t, err)
 	assert.Equal(t, 2, tw.ReportedVersion)

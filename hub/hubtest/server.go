@@ -79,10 +79,14 @@ func NewServer(t testing.TB, opts ...Option) *Server {
 }
 
 // NewOnListeners issues a server certificate from ca for localhost, 127.0.0.1 and extra,
-// names the hub "localhost:<port of l>" (the WebSocket address and extra names are aliases)
-// and serves MQTT/TLS on l and, if ws is not nil, WebSocket on ws, until Close.
+// names the hub "localhost:<port of l>", or "localhost" on the standard port 8883 (the
+// WebSocket address and extra names are aliases), and serves MQTT/TLS on l and, if ws is not
+// nil, WebSocket on ws, until Close.
 func NewOnListeners(ca *pki.CA, l, ws net.Listener, extra []string, now func() time.Time) (*Hub, error) {
 	names := []string{hostPort("localhost", l), hostPort("127.0.0.1", l)}
+	if _, port, _ := net.SplitHostPort(l.Addr().String()); port == "8883" {
+		names = append([]string{"localhost", "127.0.0.1"}, names...)
+	}
 	if ws != nil {
 		names = append(names, hostPort("localhost", ws), hostPort("127.0.0.1", ws))
 	}

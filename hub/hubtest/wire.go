@@ -218,14 +218,3 @@ func toLowerHex(c byte) byte {
 	}
 	return c
 }
-
-// SASToken makes a device SAS token for a hub name, as the device SDKs do; tests use it to
-// connect SAS devices.
-func SASToken(hubName, deviceID string, key []byte, expiry time.Time) string {
-	sr := url.QueryEscape(sasResource(hubName, deviceID))
-	se := strconv.FormatInt(expiry.Unix(), 10)
-	mac := hmac.New(sha256.New, key)
-	mac.Write([]byte(sr + "\n" + se))
-	sig := base64.StdEncoding.EncodeToString(mac.Sum(nil))
-	return "SharedAccessSignature sr=" + sr + "&sig=" + url.QueryEscape(sig) + "&se=" + se
-}
