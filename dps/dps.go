@@ -1,0 +1,464 @@
+// Package dps registers one device identity with the Azure Device Provisioning Service over
+// MQTT (TLS on 8883, WebSocket on 443, optionally through a proxy) and returns the IoT Hub it
+// was assigned to. One call registers, polls and retries what is worth retrying; it stores
+// nothing and decides no policy beyond that call.
+package dps
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	mathrand "math/rand/v2"
+	"net/url"
+	"time"
+
+	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/internal/dial"
+	"github.com/unicity-iot/unicity/internal/version"
+)
+
+const (
+	apiVersion = "2021-06-01"
+	// apiVersionCSR is the first api-version with certificate issuance (protocol.md §4).
+	apiVersionCSR = "2025-07-01-preview"
+
+	// minPollInterval is DPS's limit: 5 polls per 10 s per device (protocol.md §2.6).
+	minPollInterval = 2 * time.Second
+	// DefaultReplyTimeout bounds the wait for CONNACK, SUBACK, PUBACK and each reply.
+	DefaultReplyTimeout = 30 * time.Second
+	backoffBase         = time.Second
+	backoffCap          = 2 * time.Minute
+	sasLifetime         = time.Hour
+)
+
+// Request says who registers, where, and how.
+type Request struct {
+	// Endpoint is the DPS host, "global.azure-devices-provisioning.net" or "host:port".
+	Endpoint string
+	IDScope  string
+	// RegistrationID defaults to the certificate's CN; with a certificate it must equal it.
+	RegistrationID string
+
+	// Transport is dial.TransportMQTT, dial.TransportWebSocket or dial.TransportAuto
+	// (empty: auto). PreferTransport is the one that worked last time (Assignment.Transport).
+	Transport       string
+	PreferTransport string
+	// Proxy is an http:// CONNECT proxy URL; empty: https_proxy from the environment.
+	Proxy string
+	// RootCAs verifies DPS; nil means Azure's roots (dial.RootPool adds a bundle).
+	RootCAs *x509.CertPool
+
+	// Certificate is the X.509 identity (leaf + intermediates and the signer), or nil for
+	// symmetric-key attestation with SymmetricKey, the decoded key. With GroupKey set,
+	// SymmetricKey is the enrollment group's key and the device key is derived from it.
+	Certificate  *tls.Certificate
+	SymmetricKey []byte
+	GroupKey     bool
+
+	// Payload is custom allocation data, a JSON object; Assignment.Payload is the reply's.
+	Payload json.RawMessage
+	// CSRSigner, when set, asks DPS to issue a certificate for its public key (protocol.md §4);
+	// the chain comes back in Assignment.IssuedChain.
+	CSRSigner crypto.Signer
+
+	// Progress, if set, learns what the call is doing and why it waits, in plain words.
+	Progress func(Progress)
+	// ReplyTimeout bounds each wait for DPS; zero means DefaultReplyTimeout.
+	ReplyTimeout time.Duration
+	// Clock and Jitter pace polls and retries; nil means real time and math/rand.
+	Clock  Clock
+	Jitter func(max time.Duration) time.Duration
+}
+
+// Clock is the time source for waits between requests.
+type Clock interface {
+	Now() time.Time
+	After(d time.Duration) <-chan time.Time
+}
+
+// Progress reports a step of a registration, for the agent's status line.
+type Progress struct {
+	// Message is for a technician: "connected to DPS over mqtt-ws",
+	// "throttled by DPS; retrying in 40 s".
+	Message string
+	// Wait is how long the call now waits, zero if it does not.
+	Wait time.Duration
+	// Err is the temporary error behind a retry, nil otherwise.
+	Err error
+}
+
+// Assignment is where DPS put this device.
+type Assignment struct {
+	AssignedHub    string // "host" or, from the emulator, "host:port"
+	DeviceID       string
+	Substatus      string
+	RegistrationID string
+	// Payload is the custom allocation function's reply, nil when DPS sent none.
+	Payload json.RawMessage
+	// IssuedChain holds the DER certificates DPS issued for Request.CSRSigner: the leaf (the
+	// one for our key) first, then its issuers.
+	IssuedChain [][]byte
+	// Transport is the one that carried the registration, to prefer next time.
+	Transport            string
+	CreatedAt, UpdatedAt time.Time
+}
+
+// Register registers the device and returns its assignment. Temporary failures (throttling,
+// server errors, network, timeouts) are retried with backoff until ctx ends; then the last
+// of them is returned, with ctx's error. Permanent ones return at once and match ErrRefused.
+func Register(ctx context.Context, req Request) (*Assignment, error) {
+	r, err := newRegistration(req)
+	if err != nil {
+		return nil, err
+	}
+	return r.run(ctx)
+}
+
+// registration is one Register call's state, kept across reconnects.
+type registration struct {
+	req          Request
+	regID        string
+	symmetricKey []byte
+	username     string
+	body         []byte
+	csrPublic    crypto.PublicKey
+	dial         dial.Config
+	clock        Clock
+	jitter       func(time.Duration) time.Duration
+	replyTimeout time.Duration
+
+	transport   string // the last that connected
+	operationID string // cached across reconnects, so polling resumes
+	failures    int    // consecutive temporary failures, for backoff
+	last        *Error // the latest temporary failure, reported if ctx ends
+}
+
+func newRegistration(req Request) (*registration, error) {
+	if req.Endpoint == "" || req.IDScope == "" {
+		return nil, errors.New("cannot register: DPS endpoint and ID scope are required")
+	}
+	r := &registration{req: req, regID: req.RegistrationID, clock: req.Clock, jitter: req.Jitter, replyTimeout: req.ReplyTimeout}
+	if r.clock == nil {
+		r.clock = realClock{}
+	}
+	if r.jitter == nil {
+		r.jitter = func(d time.Duration) time.Duration {
+			if d <= 0 {
+				return 0
+			}
+			return mathrand.N(d)
+		}
+	}
+	if r.replyTimeout <= 0 {
+		r.replyTimeout = DefaultReplyTimeout
+	}
+
+	switch {
+	case req.Certificate != nil && req.SymmetricKey != nil:
+		return nil, errors.New("cannot register: both a certificate and a symmetric key given; choose one attestation")
+	case req.Certificate != nil:
+		cn, err := leafCN(req.Certificate)
+		if err != nil {
+			return nil, err
+		}
+		if r.regID == "" {
+			r.regID = cn
+		}
+		if r.regID != cn {
+			return nil, refused("registration ID %s does not match certificate CN %s", quote(r.regID), quote(cn))
+		}
+	case len(req.SymmetricKey) > 0:
+		if r.regID == "" {
+			return nil, errors.New("cannot register with a symmetric key: no registration ID configured")
+		}
+		r.symmetricKey = req.SymmetricKey
+		if req.GroupKey {
+			r.symmetricKey = attest.DeriveDeviceKey(req.SymmetricKey, r.regID)
+		}
+	default:
+		return nil, errors.New("cannot register: no certificate and no symmetric key")
+	}
+
+	body := struct {
+		RegistrationID string          `json:"registrationId"`
+		Payload        json.RawMessage `json:"payload,omitempty"`
+		CSR            string          `json:"csr,omitempty"`
+	}{RegistrationID: r.regID}
+	if len(req.Payload) > 0 {
+		var obj map[string]json.RawMessage
+		if err := json.Unmarshal(req.Payload, &obj); err != nil || obj == nil {
+			return nil, fmt.Errorf("custom allocation payload is not a JSON object: %s", req.Payload)
+		}
+		body.Payload = req.Payload
+	}
+	api := apiVersion
+	if req.CSRSigner != nil {
+		der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: r.regID}}, req.CSRSigner)
+		if err != nil {
+			return nil, fmt.Errorf("cannot sign the certificate request: %w", err)
+		}
+		body.CSR = base64.StdEncoding.EncodeToString(der)
+		r.csrPublic = req.CSRSigner.Public()
+		api = apiVersionCSR
+	}
+	var err error
+	if r.body, err = json.Marshal(body); err != nil {
+		return nil, fmt.Errorf("cannot encode the registration request: %w", err)
+	}
+	r.username = fmt.Sprintf("%s/registrations/%s/api-version=%s&ClientVersion=%s",
+		req.IDScope, r.regID, api, url.QueryEscape("unicity/"+version.Version))
+	r.dial = dial.Config{
+		Host:        req.Endpoint,
+		Transport:   req.Transport,
+		Prefer:      req.PreferTransport,
+		Proxy:       req.Proxy,
+		RootCAs:     req.RootCAs,
+		Certificate: req.Certificate,
+		Timeout:     r.replyTimeout,
+	}
+	return r, nil
+}
+
+func leafCN(c *tls.Certificate) (string, error) {
+	leaf := c.Leaf
+	if leaf == nil {
+		if len(c.Certificate) == 0 {
+			return "", errors.New("cannot register: the identity has no certificate")
+		}
+		var err error
+		if leaf, err = x509.ParseCertificate(c.Certificate[0]); err != nil {
+			return "", fmt.Errorf("cannot register: identity certificate: %w", err)
+		}
+	}
+	return leaf.Subject.CommonName, nil
+}
+
+func (r *registration) run(ctx context.Context) (*Assignment, error) {
+	for {
+		a, err := r.session(ctx)
+		if err == nil {
+			return a, nil
+		}
+		var e *Error
+		temporary := errors.As(err, &e) && e.Temporary()
+		if temporary {
+			r.last = e
+		}
+		if ctx.Err() != nil {
+			return nil, r.giveUp(ctx)
+		}
+		if !temporary {
+			return nil, err
+		}
+		if err := r.pause(ctx, e); err != nil {
+			return nil, r.giveUp(ctx)
+		}
+	}
+}
+
+// session connects once and registers or polls over that connection until DPS gives an
+// outcome or the connection fails.
+func (r *registration) session(ctx context.Context) (*Assignment, error) {
+	s, err := r.connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer s.close()
+	for {
+		rep, err := s.request(ctx, r.operationID)
+		if err != nil {
+			return nil, err
+		}
+		a, err := r.handle(rep)
+		switch {
+		case err != nil:
+			var e *Error
+			if !errors.As(err, &e) || !e.Temporary() {
+				return nil, err
+			}
+			if err := r.pause(ctx, e); err != nil {
+				return nil, err
+			}
+		case a != nil:
+			a.Transport = s.transport
+			return a, nil
+		default:
+			wait := r.pollInterval(rep)
+			r.progress(Progress{Message: fmt.Sprintf("DPS is assigning a hub; polling in %s", seconds(wait)), Wait: wait})
+			if err := r.sleep(ctx, wait); err != nil {
+				return nil, err
+			}
+		}
+	}
+}
+
+// handle reads one reply: an assignment, nil to poll again, or an error.
+func (r *registration) handle(rep *reply) (*Assignment, error) {
+	if rep.op == nil {
+		if rep.status == 404 && r.operationID != "" {
+			// DPS forgot the operation (expired, or another node): registering again is safe.
+			r.operationID = ""
+			return nil, &Error{Status: 404, Message: "DPS no longer knows the registration operation; registering again", temporary: true}
+		}
+		return nil, r.replyError(rep)
+	}
+	switch rep.op.Status {
+	case statusAssigned:
+		return r.assignment(rep.op.State)
+	case statusFailed, statusDisabled:
+		return nil, r.operationError(rep)
+	}
+	r.failures = 0
+	if rep.op.OperationID != "" {
+		r.operationID = rep.op.OperationID
+	}
+	return nil, nil
+}
+
+func (r *registration) assignment(st *registrationState) (*Assignment, error) {
+	a := &Assignment{
+		AssignedHub:    st.AssignedHub,
+		DeviceID:       st.DeviceID,
+		Substatus:      st.Substatus,
+		RegistrationID: st.RegistrationID,
+		Payload:        st.Payload,
+		CreatedAt:      st.CreatedAt,
+		UpdatedAt:      st.UpdatedAt,
+	}
+	if a.RegistrationID == "" {
+		a.RegistrationID = r.regID
+	}
+	if r.csrPublic != nil {
+		chain, err := orderIssuedChain(st.IssuedChain, r.csrPublic)
+		if err != nil {
+			r.operationID = "" // a new registration gets a new certificate
+			return nil, malformed(err)
+		}
+		a.IssuedChain = chain
+	}
+	return a, nil
+}
+
+// orderIssuedChain puts the certificate for our key first and its issuers after it: DPS's
+// order is documented (leaf first) but its only test vector has the reverse.
+func orderIssuedChain(ders [][]byte, pub crypto.PublicKey) ([][]byte, error) {
+	if len(ders) == 0 {
+		return nil, errors.New("DPS issued no certificate for the CSR")
+	}
+	certs := make([]*x509.Certificate, len(ders))
+	leaf := -1
+	for i, der := range ders {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("issued certificate %d: %w", i, err)
+		}
+		certs[i] = c
+		if k, ok := c.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); ok && k.Equal(pub) && leaf < 0 {
+			leaf = i
+		}
+	}
+	if leaf < 0 {
+		return nil, errors.New("the certificate chain DPS issued has no certificate for this device's key")
+	}
+	used := make([]bool, len(certs))
+	order := []int{leaf}
+	used[leaf] = true
+	for cur := certs[leaf]; ; {
+		next := -1
+		for i, c := range certs {
+			if !used[i] && string(c.RawSubject) == string(cur.RawIssuer) {
+				next = i
+				break
+			}
+		}
+		if next < 0 {
+			break
+		}
+		order, used[next], cur = append(order, next), true, certs[next]
+	}
+	for i := range certs {
+		if !used[i] {
+			order = append(order, i)
+		}
+	}
+	out := make([][]byte, len(order))
+	for i, j := range order {
+		out[i] = ders[j]
+	}
+	return out, nil
+}
+
+// pollInterval is how long to wait before polling: what DPS asked, but never under its
+// 2 s limit; 2 s plus jitter when it did not say.
+func (r *registration) pollInterval(rep *reply) time.Duration {
+	if rep.hasRetryAfter {
+		return max(rep.retryAfter, minPollInterval)
+	}
+	return minPollInterval + r.jitter(minPollInterval/2)
+}
+
+// pause waits before retrying after a temporary failure: exponential backoff with full
+// jitter, capped, and never less than DPS's retry-after or, once DPS answered, its poll limit.
+func (r *registration) pause(ctx context.Context, e *Error) error {
+	ceiling := min(backoffCap, backoffBase<<min(r.failures, 8))
+	wait := r.jitter(ceiling)
+	if e.Status != 0 {
+		wait = max(wait, minPollInterval)
+	}
+	wait = max(wait, e.RetryAfter)
+	r.failures++
+	r.last = e
+	r.progress(Progress{Message: fmt.Sprintf("%s; retrying in %s", e.Message, seconds(wait)), Wait: wait, Err: e})
+	return r.sleep(ctx, wait)
+}
+
+func (r *registration) sleep(ctx context.Context, d time.Duration) error {
+	select {
+	case <-r.clock.After(d):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (r *registration) progress(p Progress) {
+	if r.req.Progress != nil {
+		r.req.Progress(p)
+	}
+}
+
+// giveUp is the error of a call whose context ended: the last temporary error, if any (what
+// a technician needs), joined with the context's.
+func (r *registration) giveUp(ctx context.Context) error {
+	if r.last == nil {
+		return fmt.Errorf("cannot register with DPS: %w", context.Cause(ctx))
+	}
+	return fmt.Errorf("%w (gave up: %w)", r.last, context.Cause(ctx))
+}
+
+// password is the MQTT password: a fresh SAS token for symmetric keys, none for X.509.
+func (r *registration) password() string {
+	if r.symmetricKey == nil {
+		return ""
+	}
+	return attest.SASToken(r.symmetricKey, r.req.IDScope+"/registrations/"+r.regID, r.clock.Now().Add(sasLifetime), "registration")
+}
+
+func seconds(d time.Duration) string {
+	if d >= time.Second {
+		return fmt.Sprintf("%d s", int(d.Round(time.Second)/time.Second))
+	}
+	return fmt.Sprintf("%.1f s", d.Seconds())
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time                         { return time.Now() }
+func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
