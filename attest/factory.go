@@ -40,14 +40,13 @@ type Manifest struct {
 	Issuer           string    `json:"issuer"`
 }
 
-// NewManifest describes the identity's leaf certificate. The serial is uppercase hex.
-func NewManifest(id *Identity) Manifest {
-	leaf := id.Chain[0]
+// NewManifest describes an identity's leaf certificate. The serial is uppercase hex.
+func NewManifest(leaf *x509.Certificate) Manifest {
 	return Manifest{
-		RegistrationID:   id.RegistrationID,
+		RegistrationID:   leaf.Subject.CommonName,
 		SHA256Thumbprint: pki.Thumbprint(leaf),
 		SHA1Thumbprint:   SHA1Thumbprint(leaf),
-		PublicKeySHA256:  PublicKeySHA256(leaf),
+		PublicKeySHA256:  PublicKeySHA256(leaf.PublicKey),
 		Serial:           strings.ToUpper(leaf.SerialNumber.Text(16)),
 		NotBefore:        leaf.NotBefore.UTC(),
 		NotAfter:         leaf.NotAfter.UTC(),

@@ -84,7 +84,7 @@ func NewIdentity(chain []*x509.Certificate, signer crypto.Signer, now time.Time)
 func MatchKey(cert *x509.Certificate, pub crypto.PublicKey) error {
 	k, ok := pub.(interface{ Equal(crypto.PublicKey) bool })
 	if !ok || !k.Equal(cert.PublicKey) {
-		return fmt.Errorf("%w: certificate %q (public key SHA-256 %s) was issued for another key", ErrKeyMismatch, cert.Subject.CommonName, PublicKeySHA256(cert))
+		return fmt.Errorf("%w: certificate %q (public key SHA-256 %s) was issued for another key", ErrKeyMismatch, cert.Subject.CommonName, PublicKeySHA256(cert.PublicKey))
 	}
 	return nil
 }
@@ -174,10 +174,14 @@ func SHA1Thumbprint(c *x509.Certificate) string {
 	return strings.ToUpper(hex.EncodeToString(sum[:]))
 }
 
-// PublicKeySHA256 is the SHA-256 of the certificate's DER SubjectPublicKeyInfo in lowercase
-// hex, as `openssl pkey -pubout -outform DER | sha256sum` prints it: it names the key, which
-// outlives certificate renewals.
-func PublicKeySHA256(c *x509.Certificate) string {
-	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
+// PublicKeySHA256 is the SHA-256 of the key's DER SubjectPublicKeyInfo in lowercase hex, as
+// `openssl pkey -pubout -outform DER | sha256sum` prints it: it names the key, which outlives
+// certificate renewals. It is empty for a key type x509 cannot encode.
+func PublicKeySHA256(pub crypto.PublicKey) string {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return ""
+	}
+	sum := sha256.Sum256(der)
 	return hex.EncodeToString(sum[:])
 }

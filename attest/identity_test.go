@@ -2,8 +2,10 @@ package attest_test
 
 import (
 	"crypto"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -165,7 +167,7 @@ func TestManifest(t *testing.T) {
 	ca, _ := testCA(t)
 	key, _ := newKey(t, tpm, attest.ECDSAP256)
 	id := enroll(t, key, ca, "gw-manifest")
-	m := attest.NewManifest(id)
+	m := attest.NewManifest(id.Chain[0])
 	leaf := id.Chain[0]
 	assert.Equal(t, "gw-manifest", m.RegistrationID)
 	assert.Regexp(t, `^[0-9A-F]{64}$`, m.SHA256Thumbprint)
@@ -175,4 +177,6 @@ func TestManifest(t *testing.T) {
 	assert.Equal(t, strings.ToUpper(leaf.SerialNumber.Text(16)), m.Serial)
 	assert.Equal(t, "CN=unicity test factory CA", m.Issuer)
 	assert.True(t, m.NotBefore.Equal(leaf.NotBefore))
+	spki := sha256.Sum256(leaf.RawSubjectPublicKeyInfo)
+	assert.Equal(t, hex.EncodeToString(spki[:]), m.PublicKeySHA256)
 }

@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+
+	"github.com/unicity-iot/unicity/attest"
 )
 
 // Exit codes of the contract (shared/design.md), sysexits-style. Scripts and the systemd unit
@@ -45,6 +47,8 @@ func exitCode(err error) int {
 		return exitOK
 	case errors.As(err, &ee):
 		return ee.code
+	case isIdentityError(err):
+		return exitConfig
 	default:
 		return exitFailure
 	}
@@ -58,4 +62,19 @@ func report(err error, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "unicity: %v\n", err)
 	}
 	return code
+}
+
+// isIdentityError reports the attest conditions a restart cannot fix: no TPM, an unusable key
+// or certificate, a clock too wrong to check the certificate.
+func isIdentityError(err error) bool {
+	for _, target := range []error{
+		attest.ErrNoTPM, attest.ErrInvalidKey, attest.ErrKeyExists, attest.ErrNVExists,
+		attest.ErrInvalidIdentity, attest.ErrKeyMismatch, attest.ErrExpired,
+		attest.ErrClockNotSet, attest.ErrBadRegistrationID,
+	} {
+		if errors.Is(err, target) {
+			return true
+		}
+	}
+	return false
 }

@@ -38,6 +38,8 @@ type env struct {
 func commands() []command {
 	return []command{
 		{name: "version", summary: "print version, commit and Go version", run: runVersion},
+		{name: "identity", summary: "show the certificate, registration ID, key location and key/cert match", run: runIdentity},
+		{name: "factory", summary: "factory line: create the TPM key, CSR, install and verify the identity", sub: factoryCommands()},
 	}
 }
 

@@ -1,0 +1,381 @@
+package main
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/internal/pki"
+)
+
+const defaultConfigPath = "/etc/unicity/config.toml"
+
+// now is the clock certificates are checked against; a seam for tests.
+var now = time.Now
+
+func factoryCommands() []command {
+	return []command{
+		{name: "keygen", summary: "create a non-exportable device key inside the TPM", run: runFactoryKeygen},
+		{name: "csr", summary: "make a certificate signing request signed inside the TPM", run: runFactoryCSR},
+		{name: "install", summary: "check and install the device certificate; print the manifest line", run: runFactoryInstall},
+		{name: "verify", summary: "end-of-line check of the configured identity", run: runFactoryVerify},
+	}
+}
+
+// tpmFlags are the flags every command that may touch the TPM takes.
+type tpmFlags struct {
+	config string
+	tpm    string
+}
+
+func (f *tpmFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.config, "config", defaultConfigPath, "configuration `FILE`")
+	fs.StringVar(&f.tpm, "tpm", "", "TPM `DEV`: /dev/tpmrm0, /dev/tpm0, swtpm:HOST:PORT or swtpm:/path/to/socket (default: the config's [tpm] device)")
+}
+
+// loadConfig reads the configuration. When optional, a missing file at the default path
+// yields nil: the factory commands work before a configuration is installed.
+func (f *tpmFlags) loadConfig(fs *flag.FlagSet, optional bool) (*device.Config, error) {
+	cfg, err := device.LoadConfig(f.config)
+	if optional && errors.Is(err, device.ErrConfigNotExist) && !flagSet(fs, "config") {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, configErrorf("%w", err)
+	}
+	return cfg, nil
+}
+
+// device is the TPM to use: --tpm, else the configuration's, else the default.
+func (f *tpmFlags) device(cfg *device.Config) string {
+	switch {
+	case f.tpm != "":
+		return f.tpm
+	case cfg != nil && cfg.TPM.Device != "":
+		return cfg.TPM.Device
+	}
+	return attest.DefaultTPM
+}
+
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
+func requireFlags(fs *flag.FlagSet, names ...string) error {
+	for _, n := range names {
+		if fs.Lookup(n).Value.String() == "" {
+			return usageErrorf("%s: --%s is required", fs.Name(), n)
+		}
+	}
+	return nil
+}
+
+// lazyTPM opens the TPM on first use, so that commands on software keys and PEM files need
+// none.
+type lazyTPM struct {
+	spec string
+	tpm  transport.TPMCloser
+}
+
+func (l *lazyTPM) get() (transport.TPMCloser, error) {
+	if l.tpm == nil {
+		tpm, err := attest.OpenTPM(l.spec)
+		if err != nil {
+			return nil, err
+		}
+		l.tpm = tpm
+	}
+	return l.tpm, nil
+}
+
+func (l *lazyTPM) Close() {
+	if l.tpm != nil {
+		l.tpm.Close()
+	}
+}
+
+// loadKey loads a key spec or a bare keyfile path, warning about software keys.
+func (l *lazyTPM) loadKey(e *env, spec string) (*attest.Key, error) {
+	var tpm transport.TPMCloser
+	if !strings.HasPrefix(spec, "file:") {
+		var err error
+		if tpm, err = l.get(); err != nil {
+			return nil, err
+		}
+	}
+	key, err := attest.LoadKey(tpm, spec)
+	if err != nil {
+		return nil, err
+	}
+	if key.Software {
+		fmt.Fprintf(e.stderr, "unicity: warning: %s is a software key for development only: its private key is readable on disk\n", spec)
+	}
+	return key, nil
+}
+
+func (l *lazyTPM) loadChain(spec string) ([]*x509.Certificate, error) {
+	var tpm transport.TPM
+	if strings.HasPrefix(spec, "tpm-nv:") {
+		t, err := l.get()
+		if err != nil {
+			return nil, err
+		}
+		tpm = t
+	}
+	return attest.LoadChain(tpm, spec)
+}
+
+func runFactoryKeygen(_ context.Context, e *env, args []string) error {
+	fs := newFlagSet(e, "factory keygen", "--out KEYFILE [--alg ecdsa-p256|rsa-2048] [--handle 0x81......] [--tpm DEV]")
+	var tf tpmFlags
+	tf.register(fs)
+	out := fs.String("out", "", "write the TSS2 keyfile to `KEYFILE` (refuses to replace one)")
+	alg := fs.String("alg", string(attest.ECDSAP256), "key `ALGORITHM`: ecdsa-p256 (recommended) or rsa-2048")
+	handle := fs.String("handle", "", "also make the key persistent at TPM `HANDLE` 0x81000000-0x81FFFFFF (refuses an occupied one)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := requireFlags(fs, "out"); err != nil {
+		return err
+	}
+	a, err := attest.ParseKeyAlgorithm(*alg)
+	if err != nil {
+		return usageErrorf("factory keygen: %v", err)
+	}
+	var persistAt tpm2.TPMHandle
+	if *handle != "" {
+		if persistAt, err = attest.ParsePersistentHandle(*handle); err != nil {
+			return err
+		}
+	}
+	// Refuse before the TPM spends time on a key that could not be saved.
+	if _, err := os.Stat(*out); err == nil {
+		return fmt.Errorf("%w: %s (remove it deliberately if its certificate is revoked)", attest.ErrKeyExists, *out)
+	}
+	cfg, err := tf.loadConfig(fs, true)
+	if err != nil {
+		return err
+	}
+	tpm, err := attest.OpenTPM(tf.device(cfg))
+	if err != nil {
+		return err
+	}
+	defer tpm.Close()
+	k, err := attest.CreateKey(tpm, a)
+	if err != nil {
+		return err
+	}
+	if err := attest.WriteKeyfile(*out, k); err != nil {
+		return err
+	}
+	if persistAt != 0 {
+		if err := attest.Persist(tpm, k, persistAt); err != nil {
+			os.Remove(*out) // ours, written a moment ago: leave no key behind that nothing holds
+			return err
+		}
+	}
+	pub, err := k.PublicKey()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "created %s key %s (public key SHA-256 %s)\n", a, *out, attest.PublicKeySHA256(pub))
+	if persistAt != 0 {
+		fmt.Fprintf(e.stdout, "persisted at TPM handle %#x: use identity_key = \"tpmkey:handle=%#x\"\n", uint32(persistAt), uint32(persistAt))
+	}
+	return nil
+}
+
+func runFactoryCSR(_ context.Context, e *env, args []string) error {
+	fs := newFlagSet(e, "factory csr", "--key KEYFILE --cn REGID --out CSR.pem [--tpm DEV]")
+	var tf tpmFlags
+	tf.register(fs)
+	keySpec := fs.String("key", "", "device key: `KEYFILE`, tpmkey:handle=0x81......, or file:PATH")
+	cn := fs.String("cn", "", "registration ID for the certificate's CN (`REGID`)")
+	out := fs.String("out", "", "write the PEM CSR to `FILE`")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := requireFlags(fs, "key", "cn", "out"); err != nil {
+		return err
+	}
+	if err := attest.ValidRegistrationID(*cn); err != nil {
+		return fmt.Errorf("--cn: %w", err)
+	}
+	cfg, err := tf.loadConfig(fs, true)
+	if err != nil {
+		return err
+	}
+	tpm := &lazyTPM{spec: tf.device(cfg)}
+	defer tpm.Close()
+	key, err := tpm.loadKey(e, *keySpec)
+	if err != nil {
+		return err
+	}
+	defer key.Close()
+	der, err := attest.CreateCSR(key, *cn)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(*out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), 0o644); err != nil {
+		return configErrorf("cannot write the CSR: %w", err)
+	}
+	fmt.Fprintf(e.stdout, "wrote CSR for %s to %s\n", *cn, *out)
+	return nil
+}
+
+func runFactoryInstall(_ context.Context, e *env, args []string) error {
+	fs := newFlagSet(e, "factory install", "--key KEYFILE --cert CERT.pem [--chain CHAIN.pem] --out IDENTITY.pem [--tpm DEV]")
+	var tf tpmFlags
+	tf.register(fs)
+	keySpec := fs.String("key", "", "device key: `KEYFILE`, tpmkey:handle=0x81......, or file:PATH")
+	certPath := fs.String("cert", "", "the device certificate, PEM (`FILE`)")
+	chainPath := fs.String("chain", "", "intermediate CA certificates, PEM, nearest first (`FILE`)")
+	out := fs.String("out", "", "write the identity chain, leaf first, to `FILE` (PEM) or tpm-nv:0x01......")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := requireFlags(fs, "key", "cert", "out"); err != nil {
+		return err
+	}
+	cfg, err := tf.loadConfig(fs, true)
+	if err != nil {
+		return err
+	}
+	tpm := &lazyTPM{spec: tf.device(cfg)}
+	defer tpm.Close()
+	chain, err := attest.LoadChain(nil, *certPath)
+	if err != nil {
+		return err
+	}
+	if *chainPath != "" {
+		more, err := attest.LoadChain(nil, *chainPath)
+		if err != nil {
+			return err
+		}
+		chain = append(chain, more...)
+	}
+	key, err := tpm.loadKey(e, *keySpec)
+	if err != nil {
+		return err
+	}
+	defer key.Close()
+	id, err := attest.NewIdentity(chain, key, now())
+	if err != nil {
+		return err
+	}
+	if err := signAndVerify(key, id.Chain[0]); err != nil {
+		return err
+	}
+	if nv, ok := strings.CutPrefix(*out, "tpm-nv:"); ok {
+		idx, err := attest.ParseNVIndex(nv)
+		if err != nil {
+			return err
+		}
+		t, err := tpm.get()
+		if err != nil {
+			return err
+		}
+		if err := attest.WriteChainNV(t, idx, id.Chain); err != nil {
+			return configErrorf("cannot install the identity: %w", err)
+		}
+	} else if err := pki.WriteCertificates(*out, id.Chain...); err != nil {
+		return configErrorf("cannot install the identity: %w", err)
+	}
+	return json.NewEncoder(e.stdout).Encode(attest.NewManifest(id.Chain[0]))
+}
+
+// signAndVerify proves the key signs what the certificate's public key verifies: the
+// check that holds whatever the TPM did.
+func signAndVerify(key crypto.Signer, leaf *x509.Certificate) error {
+	digest := sha256.Sum256([]byte("unicity end-of-line check"))
+	sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+	if err != nil {
+		return err
+	}
+	ok := false
+	switch pub := leaf.PublicKey.(type) {
+	case *ecdsa.PublicKey:
+		ok = ecdsa.VerifyASN1(pub, digest[:], sig)
+	case *rsa.PublicKey:
+		ok = rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig) == nil
+	}
+	if !ok {
+		return fmt.Errorf("%w: a signature by the key does not verify with the certificate", attest.ErrKeyMismatch)
+	}
+	return nil
+}
+
+// verifyResult is `factory verify --json`.
+type verifyResult struct {
+	OK               bool      `json:"ok"`
+	RegistrationID   string    `json:"registration_id"`
+	Key              string    `json:"key"`
+	SoftwareKey      bool      `json:"software_key"`
+	SHA256Thumbprint string    `json:"sha256_thumbprint"`
+	NotAfter         time.Time `json:"not_after"`
+}
+
+func runFactoryVerify(_ context.Context, e *env, args []string) error {
+	fs := newFlagSet(e, "factory verify", "[--config FILE] [--tpm DEV] [--json]")
+	var tf tpmFlags
+	tf.register(fs)
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	cfg, err := tf.loadConfig(fs, false)
+	if err != nil {
+		return err
+	}
+	tpm := &lazyTPM{spec: tf.device(cfg)}
+	defer tpm.Close()
+	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
+	if err != nil {
+		return err
+	}
+	key, err := tpm.loadKey(e, cfg.Attestation.IdentityKey)
+	if err != nil {
+		return err
+	}
+	defer key.Close()
+	id, err := attest.NewIdentity(chain, key, now())
+	if err != nil {
+		return err
+	}
+	if err := signAndVerify(key, id.Chain[0]); err != nil {
+		return err
+	}
+	r := verifyResult{
+		OK:               true,
+		RegistrationID:   id.RegistrationID,
+		Key:              key.Location,
+		SoftwareKey:      key.Software,
+		SHA256Thumbprint: pki.Thumbprint(id.Chain[0]),
+		NotAfter:         id.Chain[0].NotAfter.UTC(),
+	}
+	if *asJSON {
+		return json.NewEncoder(e.stdout).Encode(r)
+	}
+	_, err = fmt.Fprintf(e.stdout, "OK: %s signs with %s, matches its certificate (SHA-256 %s), valid until %s\n",
+		r.RegistrationID, r.Key, r.SHA256Thumbprint, r.NotAfter.Format(time.RFC3339))
+	return err
+}

@@ -1,0 +1,128 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/unicity-iot/unicity/attest"
+)
+
+// identityReport is `unicity identity --json`.
+type identityReport struct {
+	RegistrationID   string    `json:"registration_id"`
+	Subject          string    `json:"subject"`
+	Issuer           string    `json:"issuer"`
+	Serial           string    `json:"serial"`
+	SHA256Thumbprint string    `json:"sha256_thumbprint"`
+	SHA1Thumbprint   string    `json:"sha1_thumbprint"`
+	PublicKeySHA256  string    `json:"public_key_sha256"`
+	NotBefore        time.Time `json:"not_before"`
+	NotAfter         time.Time `json:"not_after"`
+	Chain            []string  `json:"chain"`
+	Certificate      string    `json:"certificate"`
+	Key              string    `json:"key"`
+	SoftwareKey      bool      `json:"software_key"`
+	KeyMatchesCert   bool      `json:"key_matches_cert"`
+	Problem          string    `json:"problem,omitempty"`
+}
+
+// runIdentity shows the configured identity. It reports what it can even when the identity is
+// unusable, and then fails (exit 78) with the reason.
+func runIdentity(_ context.Context, e *env, args []string) error {
+	fs := newFlagSet(e, "identity", "[--config FILE] [--tpm DEV] [--json]")
+	var tf tpmFlags
+	tf.register(fs)
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	cfg, err := tf.loadConfig(fs, false)
+	if err != nil {
+		return err
+	}
+	tpm := &lazyTPM{spec: tf.device(cfg)}
+	defer tpm.Close()
+	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
+	if err != nil {
+		return err
+	}
+	leaf := chain[0]
+	m := attest.NewManifest(leaf)
+	r := identityReport{
+		RegistrationID:   m.RegistrationID,
+		Subject:          leaf.Subject.String(),
+		Issuer:           m.Issuer,
+		Serial:           m.Serial,
+		SHA256Thumbprint: m.SHA256Thumbprint,
+		SHA1Thumbprint:   m.SHA1Thumbprint,
+		PublicKeySHA256:  m.PublicKeySHA256,
+		NotBefore:        m.NotBefore,
+		NotAfter:         m.NotAfter,
+		Certificate:      cfg.Attestation.IdentityCert,
+		Key:              cfg.Attestation.IdentityKey,
+	}
+	for _, c := range chain {
+		r.Chain = append(r.Chain, c.Subject.String())
+	}
+	problem := checkIdentity(e, tpm, cfg.Attestation.IdentityKey, chain, &r)
+	if problem != nil {
+		r.Problem = problem.Error()
+	}
+	if *asJSON {
+		if err := json.NewEncoder(e.stdout).Encode(r); err != nil {
+			return err
+		}
+	} else {
+		printIdentity(e.stdout, r)
+	}
+	return problem
+}
+
+// checkIdentity loads the key and runs the identity checks, filling in what it learns.
+func checkIdentity(e *env, tpm *lazyTPM, keySpec string, chain []*x509.Certificate, r *identityReport) error {
+	key, err := tpm.loadKey(e, keySpec)
+	if err != nil {
+		return err
+	}
+	defer key.Close()
+	r.Key, r.SoftwareKey = key.Location, key.Software
+	r.KeyMatchesCert = attest.MatchKey(chain[0], key.Public()) == nil
+	if _, err := attest.NewIdentity(chain, key, now()); err != nil {
+		return err
+	}
+	if err := signAndVerify(key, chain[0]); err != nil {
+		r.KeyMatchesCert = false
+		return err
+	}
+	return nil
+}
+
+func printIdentity(w io.Writer, r identityReport) {
+	match := "yes"
+	if !r.KeyMatchesCert {
+		match = "NO"
+	}
+	key := r.Key
+	if r.SoftwareKey {
+		key += " (software key, development only)"
+	}
+	fmt.Fprintf(w, "Registration ID:    %s\n", r.RegistrationID)
+	fmt.Fprintf(w, "Subject:            %s\n", r.Subject)
+	fmt.Fprintf(w, "Issuer:             %s\n", r.Issuer)
+	fmt.Fprintf(w, "Serial:             %s\n", r.Serial)
+	fmt.Fprintf(w, "Valid:              %s to %s\n", r.NotBefore.Format(time.RFC3339), r.NotAfter.Format(time.RFC3339))
+	fmt.Fprintf(w, "SHA-256 thumbprint: %s\n", r.SHA256Thumbprint)
+	fmt.Fprintf(w, "SHA-1 thumbprint:   %s\n", r.SHA1Thumbprint)
+	fmt.Fprintf(w, "Public key SHA-256: %s\n", r.PublicKeySHA256)
+	fmt.Fprintf(w, "Chain:              %d certificate(s)\n", len(r.Chain))
+	fmt.Fprintf(w, "Certificate:        %s\n", r.Certificate)
+	fmt.Fprintf(w, "Key:                %s\n", key)
+	fmt.Fprintf(w, "Key matches cert:   %s\n", match)
+	if r.Problem != "" {
+		fmt.Fprintf(w, "Problem:            %s\n", r.Problem)
+	}
+}
