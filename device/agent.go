@@ -1,0 +1,689 @@
+package device
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/storage"
+)
+
+// Provisioner registers the device with DPS: one registration, with the polls and retries
+// that belong to one call. It returns the assignment as it is to be stored (the agent fills in
+// the identity binding and the times). Failures are marked with ErrRefused, ErrUnreachable or
+// ErrTemporary, and wrapped in a *RetryAfterError when DPS said when to come back.
+type Provisioner interface {
+	Register(ctx context.Context, id *attest.Identity, prev *storage.State) (*storage.State, error)
+}
+
+// Hub opens sessions with the assigned IoT Hub.
+type Hub interface {
+	// Connect returns once the session is up, or fails; a refused identity is marked
+	// ErrIdentityRejected, an unreachable hub ErrUnreachable.
+	Connect(ctx context.Context, id *attest.Identity, st *storage.State) (Session, error)
+}
+
+// Session is one live connection to the hub.
+type Session interface {
+	// Done is closed when the connection is lost for good; Err then tells why.
+	Done() <-chan struct{}
+	Err() error
+	Close() error
+}
+
+// Notifier passes state lines to the service manager (systemd's sd_notify protocol).
+type Notifier interface {
+	Notify(state string)
+}
+
+// Agent is the lifecycle of the device agent: from power-on to a live hub connection, and
+// back to DPS when the hub no longer knows the device. Run it once; it returns only when ctx
+// ends or the configuration or identity is unusable (an error marked ErrIdentity, or a
+// *ConfigError).
+type Agent struct {
+	Config      *Config
+	Store       *storage.Store
+	Provisioner Provisioner
+	Hub         Hub
+
+	// Optional.
+	Credentials func(*Config) (*Credentials, error) // default OpenCredentials
+	Clock       Clock                               // default SystemClock
+	Backoff     Backoff                             // default FullJitter over the [agent] retry bounds
+	Notifier    Notifier                            // default: none
+	// Watchdog is systemd's watchdog period (WATCHDOG_USEC); zero disables the pings.
+	Watchdog time.Duration
+	// AttemptTimeout bounds one registration or one connection attempt.
+	AttemptTimeout time.Duration
+	// OnStatus is called after every change of the status, for the service's log.
+	OnStatus func(Status)
+	// API, when set, serves the local API (see api.go) for as long as Run runs.
+	API net.Listener
+
+	mu     sync.Mutex
+	status Status
+	subs   map[chan Status]struct{}
+	ready  bool
+	// statusFailed is set once writing the status file failed (touched by the loop only).
+	statusFailed bool
+	requests     chan *request
+	pings        chan chan struct{}
+	// busyUntil (unix nanoseconds) covers the watchdog while the loop is inside a bounded
+	// call rather than in one of its selects.
+	busyUntil atomic.Int64
+}
+
+// request is a registration asked for from outside the loop (the local API).
+type request struct {
+	force     bool // ignore the rate limit
+	provision bool // only if not provisioned yet
+	reply     chan result
+}
+
+type result struct {
+	state *storage.State
+	err   error
+}
+
+const (
+	defaultAttemptTimeout = 2 * time.Minute
+	clockPoll             = time.Second
+)
+
+func (a *Agent) init() {
+	if a.Credentials == nil {
+		a.Credentials = OpenCredentials
+	}
+	if a.Clock == nil {
+		a.Clock = SystemClock{}
+	}
+	if a.Backoff == nil {
+		a.Backoff = FullJitter(a.Config.Agent.RetryMin, a.Config.Agent.RetryMax)
+	}
+	if a.AttemptTimeout == 0 {
+		a.AttemptTimeout = defaultAttemptTimeout
+	}
+	a.requests = make(chan *request)
+	a.pings = make(chan chan struct{})
+	a.mu.Lock()
+	a.subs = map[chan Status]struct{}{}
+	a.status = Status{Phase: PhaseStarting, Message: "starting", PID: os.Getpid()}
+	a.mu.Unlock()
+}
+
+// Run runs the agent until ctx ends (returning nil) or the configuration or identity turns
+// out unusable.
+func (a *Agent) Run(ctx context.Context) error {
+	a.init()
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+	if a.Watchdog > 0 && a.Notifier != nil {
+		wg.Go(func() { a.watchdog(ctx) })
+	}
+	if a.API != nil {
+		wg.Go(func() { a.serveAPI(ctx, a.API) })
+	}
+	a.setStatus(func(s *Status) { s.Phase, s.Message = PhaseStarting, "starting" })
+
+	err := a.run(ctx)
+	stopping := ctx.Err() != nil
+	cancel()
+	if a.Notifier != nil {
+		a.Notifier.Notify("STOPPING=1")
+	}
+	msg := "stopped"
+	if err != nil {
+		msg = "stopped: " + err.Error()
+	}
+	a.setStatus(func(s *Status) {
+		s.Phase, s.Message, s.NextRetry = PhaseStopped, msg, time.Time{}
+		if err != nil {
+			s.LastError, s.LastErrorAt = err.Error(), a.Clock.Now()
+		}
+	})
+	if stopping && !errors.Is(err, ErrIdentity) && !isConfigError(err) {
+		return nil
+	}
+	return err
+}
+
+func isConfigError(err error) bool {
+	var ce *ConfigError
+	return errors.As(err, &ce)
+}
+
+func (a *Agent) run(ctx context.Context) error {
+	lock, err := a.lockState(ctx)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+
+	creds, err := a.openCredentials(ctx)
+	if err != nil {
+		return err
+	}
+	defer creds.Close()
+	id, err := a.awaitIdentity(ctx, creds)
+	if err != nil {
+		return err
+	}
+	a.setStatus(func(s *Status) { s.RegistrationID = id.RegistrationID })
+	thumb := creds.Thumbprint()
+
+	st, firstBoot := a.loadState(lock, id, thumb)
+	for {
+		if st == nil {
+			if st, err = a.provision(ctx, lock, id, thumb, nil, firstBoot); err != nil {
+				return err
+			}
+			firstBoot = false
+		}
+		if st, err = a.serve(ctx, lock, id, thumb, st); err != nil {
+			return err
+		}
+	}
+}
+
+// lockState takes the state lock, waiting while a command run by hand holds it.
+func (a *Agent) lockState(ctx context.Context) (*storage.Locked, error) {
+	l, err := a.Store.TryLock()
+	if !errors.Is(err, storage.ErrLocked) {
+		return l, err
+	}
+	a.setStatus(func(s *Status) {
+		s.Phase, s.Message = PhaseWaitingLock, "waiting for the provisioning state, locked by another unicity process"
+	})
+	for {
+		if req, err := a.pause(ctx, clockPoll); err != nil {
+			return nil, err
+		} else if req != nil {
+			req.reply <- result{err: Mark(errors.New("the agent is waiting for the state lock"), ErrTemporary)}
+		}
+		l, err := a.Store.TryLock()
+		if !errors.Is(err, storage.ErrLocked) {
+			return l, err
+		}
+	}
+}
+
+// openCredentials opens the identity, waiting for a TPM that is not ready yet.
+func (a *Agent) openCredentials(ctx context.Context) (*Credentials, error) {
+	for attempt := 1; ; attempt++ {
+		a.setStatus(func(s *Status) { s.Phase, s.Message = PhaseLoading, "loading the device identity" })
+		creds, err := a.Credentials(a.Config)
+		if err == nil {
+			return creds, nil
+		}
+		if errors.Is(err, ErrIdentity) || isConfigError(err) {
+			return nil, err
+		}
+		if err := a.retryLater(ctx, PhaseLoading, "waiting for the TPM", err, attempt, a.Backoff(attempt)); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// awaitIdentity waits until the clock is plausible for the identity, then checks it.
+func (a *Agent) awaitIdentity(ctx context.Context, creds *Credentials) (*attest.Identity, error) {
+	validFrom := creds.ValidFrom()
+	for {
+		now := a.Clock.Now()
+		if !now.Before(validFrom) {
+			id, err := creds.Identity(now)
+			if !errors.Is(err, attest.ErrClockNotSet) {
+				return id, err
+			}
+		}
+		a.setStatus(func(s *Status) {
+			s.Phase = PhaseWaitingClock
+			s.Message = fmt.Sprintf("waiting for a valid clock: the time is %s, the identity is valid from %s",
+				now.UTC().Format(time.RFC3339), validFrom.UTC().Format(time.RFC3339))
+		})
+		req, err := a.pause(ctx, clockPoll)
+		if err != nil {
+			return nil, err
+		}
+		if req != nil {
+			req.reply <- result{err: Mark(errors.New("the agent is waiting for a valid clock"), ErrTemporary)}
+		}
+	}
+}
+
+// loadState returns the stored assignment if it belongs to this identity. firstBoot reports
+// that the device never registered (as opposed to a state that had to be discarded).
+func (a *Agent) loadState(lock *storage.Locked, id *attest.Identity, thumb string) (st *storage.State, firstBoot bool) {
+	st, err := lock.Load()
+	switch {
+	case errors.Is(err, storage.ErrNotExist):
+		return nil, true
+	case err != nil:
+		a.noteError(fmt.Errorf("registering again: %w", err))
+		return nil, false
+	case !st.BelongsTo(id.RegistrationID, thumb):
+		a.noteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.CertSHA256))
+		return nil, false
+	}
+	return st, false
+}
+
+// provision registers until DPS assigns a hub, then stores the assignment. With prev set
+// (re-registration), prev stays stored until the new assignment replaces it.
+func (a *Agent) provision(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, prev *storage.State, firstBoot bool) (*storage.State, error) {
+	var pending []*request
+	answer := func(r result) {
+		for _, req := range pending {
+			req.reply <- r
+		}
+		pending = nil
+	}
+	defer func() { answer(result{err: Mark(errors.New("the agent is stopping"), ErrTemporary)}) }()
+
+	if firstBoot && a.Config.Agent.FirstBootDelay > 0 {
+		d := spread(a.Config.Agent.FirstBootDelay)
+		a.setStatus(func(s *Status) {
+			s.Phase, s.NextRetry = PhaseProvisioning, a.Clock.Now().Add(d)
+			s.Message = fmt.Sprintf("first boot: waiting %s before registering with DPS, to spread the fleet's registrations", d.Round(time.Second))
+		})
+		if req, err := a.pause(ctx, d); err != nil {
+			return nil, err
+		} else if req != nil {
+			pending = append(pending, req)
+		}
+	}
+
+	start := a.Clock.Now()
+	failures := 0
+	for attempt := 1; ; attempt++ {
+		a.setStatus(func(s *Status) {
+			s.Phase, s.NextRetry = PhaseProvisioning, time.Time{}
+			s.Message = fmt.Sprintf("registering %s with DPS (attempt %d)", id.RegistrationID, attempt)
+		})
+		st, err := a.register(ctx, lock, id, thumb, prev, attempt, start)
+		if err == nil {
+			answer(result{state: st})
+			return st, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		answer(result{err: err})
+		failures++
+
+		var req *request
+		if errors.Is(err, ErrRefused) {
+			req, err = a.park(ctx, err)
+			failures = 0
+		} else {
+			d := max(a.Backoff(failures), retryAfter(err))
+			req, err = a.retryLaterReq(ctx, PhaseProvisioning, "cannot register with DPS", err, failures, d)
+		}
+		if err != nil {
+			return nil, err
+		}
+		if req != nil {
+			pending = append(pending, req)
+		}
+	}
+}
+
+// registerOnce makes one registration and stores its result.
+func (a *Agent) registerOnce(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, prev *storage.State) (*storage.State, error) {
+	return a.register(ctx, lock, id, thumb, prev, 1, a.Clock.Now())
+}
+
+// register makes attempt number attempt of a registration that began at start, and stores
+// its result.
+func (a *Agent) register(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, prev *storage.State, attempt int, start time.Time) (*storage.State, error) {
+	var st *storage.State
+	err := a.bounded(ctx, func(ctx context.Context) error {
+		var err error
+		st, err = a.Provisioner.Register(ctx, id, prev)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	st.RegistrationID, st.CertSHA256 = id.RegistrationID, thumb
+	st.ProvisionedAt = a.Clock.Now()
+	st.Attempts, st.Duration = attempt, st.ProvisionedAt.Sub(start)
+	if err := lock.Save(st); err != nil {
+		return nil, err
+	}
+	a.setStatus(func(s *Status) { s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID })
+	return st, nil
+}
+
+// park waits out a permanent refusal on the slow retry, or until someone asks for a
+// registration (the enrollment was fixed).
+func (a *Agent) park(ctx context.Context, cause error) (*request, error) {
+	next := a.Clock.Now().Add(a.Config.Agent.ParkedRetry)
+	a.markReady()
+	a.setStatus(func(s *Status) {
+		s.Phase, s.NextRetry, s.Attempts = PhaseParked, next, 0
+		s.Message = fmt.Sprintf("parked: DPS refused the device (%v); next try at %s, or run `unicity reprovision` once fixed", cause, next.UTC().Format(time.RFC3339))
+		s.LastError, s.LastErrorAt = cause.Error(), a.Clock.Now()
+	})
+	return a.pause(ctx, a.Config.Agent.ParkedRetry)
+}
+
+// serve keeps the device connected to its hub. It returns the new assignment when the
+// device had to register again.
+func (a *Agent) serve(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, st *storage.State) (*storage.State, error) {
+	a.setStatus(func(s *Status) { s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID })
+	failures := 0
+	for {
+		a.setStatus(func(s *Status) {
+			s.Phase, s.NextRetry, s.ConnectedSince = PhaseConnecting, time.Time{}, time.Time{}
+			s.Message = fmt.Sprintf("connecting to %s as %s", st.AssignedHub, st.DeviceID)
+		})
+		var sess Session
+		err := a.bounded(ctx, func(ctx context.Context) error {
+			var err error
+			sess, err = a.Hub.Connect(ctx, id, st)
+			return err
+		})
+		if err == nil {
+			next, serr := a.connected(ctx, lock, id, thumb, st, sess)
+			if next != nil || serr != nil {
+				return next, serr
+			}
+			err = sess.Err()
+			failures = 0
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		failures++
+		if errors.Is(err, ErrIdentityRejected) {
+			a.noteError(err)
+			return a.reprovision(ctx, lock, id, thumb, st, fmt.Sprintf("%s refused the identity", st.AssignedHub))
+		}
+		if failures >= a.Config.Agent.HubFailures && a.mayReprovision(st) {
+			a.noteError(err)
+			failures = 0
+			next, rerr := a.registerOnce(ctx, lock, id, thumb, st)
+			if rerr == nil {
+				return next, nil
+			}
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			err = fmt.Errorf("%w; registering again with DPS failed too: %w", err, rerr)
+		}
+		req, werr := a.retryLaterReq(ctx, PhaseConnecting, "cannot connect to "+st.AssignedHub, err, failures, a.Backoff(failures))
+		if werr != nil {
+			return nil, werr
+		}
+		if req != nil {
+			if next := a.handle(ctx, lock, id, thumb, st, req); next != nil {
+				return next, nil
+			}
+		}
+	}
+}
+
+// connected waits on a live session. It returns a new assignment when a request made the
+// device register again, or (nil, nil) when the connection was lost.
+func (a *Agent) connected(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, st *storage.State, sess Session) (*storage.State, error) {
+	defer sess.Close()
+	now := a.Clock.Now()
+	a.markReady()
+	a.setStatus(func(s *Status) {
+		s.Phase, s.NextRetry, s.Attempts, s.ConnectedSince = PhaseConnected, time.Time{}, 0, now
+		s.Message = fmt.Sprintf("connected to %s as %s", st.AssignedHub, st.DeviceID)
+	})
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-sess.Done():
+			return nil, nil
+		case p := <-a.pings:
+			close(p)
+		case req := <-a.requests:
+			if next := a.handle(ctx, lock, id, thumb, st, req); next != nil {
+				return next, nil
+			}
+		}
+	}
+}
+
+// handle answers a request made while the device has an assignment. It returns the new
+// assignment if one was obtained; the old one stays in force otherwise.
+func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, st *storage.State, req *request) *storage.State {
+	if req.provision {
+		req.reply <- result{state: st}
+		return nil
+	}
+	if !req.force && !a.mayReprovision(st) {
+		req.reply <- result{err: a.rateLimited(st)}
+		return nil
+	}
+	next, err := a.registerOnce(ctx, lock, id, thumb, st)
+	req.reply <- result{state: next, err: err}
+	if err != nil {
+		a.noteError(fmt.Errorf("registering again: %w", err))
+		return nil
+	}
+	return next
+}
+
+// reprovision registers again because the hub refused the identity: the old assignment is
+// useless, so it keeps trying, paced by the rate limit, then by the usual backoff, parking on
+// refusals. A request by hand skips the rate limit.
+func (a *Agent) reprovision(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, st *storage.State, why string) (*storage.State, error) {
+	for {
+		wait := st.ProvisionedAt.Add(a.Config.Agent.ReprovisionInterval).Sub(a.Clock.Now())
+		if wait <= 0 {
+			return a.provision(ctx, lock, id, thumb, st, false)
+		}
+		next := a.Clock.Now().Add(wait)
+		a.setStatus(func(s *Status) {
+			s.Phase, s.NextRetry = PhaseProvisioning, next
+			s.Message = fmt.Sprintf("%s; registering again with DPS at %s (at most one registration per %s)", why, next.UTC().Format(time.RFC3339), a.Config.Agent.ReprovisionInterval)
+		})
+		req, err := a.pause(ctx, wait)
+		if err != nil {
+			return nil, err
+		}
+		if req == nil {
+			continue
+		}
+		if req.provision {
+			req.reply <- result{err: Mark(fmt.Errorf("%s; the agent is about to register again", why), ErrTemporary)}
+			continue
+		}
+		fresh, err := a.registerOnce(ctx, lock, id, thumb, st)
+		req.reply <- result{state: fresh, err: err}
+		if err == nil {
+			return fresh, nil
+		}
+		return a.provision(ctx, lock, id, thumb, st, false)
+	}
+}
+
+func (a *Agent) mayReprovision(st *storage.State) bool {
+	return !a.Clock.Now().Before(st.ProvisionedAt.Add(a.Config.Agent.ReprovisionInterval))
+}
+
+func (a *Agent) rateLimited(st *storage.State) error {
+	next := st.ProvisionedAt.Add(a.Config.Agent.ReprovisionInterval)
+	return Mark(fmt.Errorf("%w: last registration at %s; the next is allowed at %s (agent.reprovision_interval = %s), or use --force",
+		ErrRateLimited, st.ProvisionedAt.UTC().Format(time.RFC3339), next.UTC().Format(time.RFC3339), a.Config.Agent.ReprovisionInterval), ErrTemporary)
+}
+
+// retryLater records err and waits d, serving requests with a refusal.
+func (a *Agent) retryLater(ctx context.Context, phase Phase, what string, err error, attempt int, d time.Duration) error {
+	req, werr := a.retryLaterReq(ctx, phase, what, err, attempt, d)
+	if req != nil {
+		req.reply <- result{err: Mark(fmt.Errorf("the agent is not ready: %s: %w", what, err), ErrTemporary)}
+	}
+	return werr
+}
+
+// retryLaterReq records err and waits d. It returns early with a request that arrived.
+func (a *Agent) retryLaterReq(ctx context.Context, phase Phase, what string, err error, attempt int, d time.Duration) (*request, error) {
+	next := a.Clock.Now().Add(d)
+	a.setStatus(func(s *Status) {
+		s.Phase, s.NextRetry, s.Attempts = phase, next, attempt
+		s.Message = fmt.Sprintf("%s: %v; retrying in %s", what, err, d.Round(100*time.Millisecond))
+		s.LastError, s.LastErrorAt = err.Error(), a.Clock.Now()
+	})
+	return a.pause(ctx, d)
+}
+
+func (a *Agent) noteError(err error) {
+	a.setStatus(func(s *Status) { s.LastError, s.LastErrorAt = err.Error(), a.Clock.Now() })
+}
+
+// pause waits d on the agent's clock. It returns early with a request that arrived, or with
+// ctx's error when ctx ends. It answers the watchdog's pings meanwhile.
+func (a *Agent) pause(ctx context.Context, d time.Duration) (*request, error) {
+	timer := a.Clock.After(d)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-timer:
+			return nil, nil
+		case p := <-a.pings:
+			close(p)
+		case req := <-a.requests:
+			return req, nil
+		}
+	}
+}
+
+// bounded runs one network attempt under AttemptTimeout, covering the watchdog meanwhile.
+func (a *Agent) bounded(ctx context.Context, f func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, a.AttemptTimeout)
+	defer cancel()
+	a.busyUntil.Store(time.Now().Add(a.AttemptTimeout + 5*time.Second).UnixNano())
+	defer a.busyUntil.Store(0)
+	err := f(ctx)
+	if err != nil && ctx.Err() == context.DeadlineExceeded && !errors.Is(err, ErrRefused) {
+		err = Mark(fmt.Errorf("no answer within %s: %w", a.AttemptTimeout, err), ErrTemporary)
+	}
+	return err
+}
+
+// ask submits a request to the loop and waits for its answer.
+func (a *Agent) ask(ctx context.Context, req *request) (*storage.State, error) {
+	req.reply = make(chan result, 1)
+	select {
+	case a.requests <- req:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	select {
+	case r := <-req.reply:
+		return r.state, r.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Status returns the current status.
+func (a *Agent) Status() Status {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.status
+}
+
+// subscribe returns a channel that receives every status change (the latest only, if the
+// reader is slow) until cancel is called.
+func (a *Agent) subscribe() (<-chan Status, func()) {
+	ch := make(chan Status, 1)
+	a.mu.Lock()
+	a.subs[ch] = struct{}{}
+	a.mu.Unlock()
+	return ch, func() {
+		a.mu.Lock()
+		delete(a.subs, ch)
+		a.mu.Unlock()
+	}
+}
+
+func (a *Agent) setStatus(change func(*Status)) {
+	a.mu.Lock()
+	before := a.status
+	change(&a.status)
+	s := &a.status
+	if s.Phase != before.Phase {
+		s.Since = a.Clock.Now()
+	}
+	s.UpdatedAt = a.Clock.Now()
+	snapshot := *s
+	for ch := range a.subs {
+		select {
+		case <-ch:
+		default:
+		}
+		ch <- snapshot
+	}
+	a.mu.Unlock()
+
+	if snapshot.Phase == before.Phase && snapshot.Message == before.Message && snapshot.LastError == before.LastError {
+		return
+	}
+	if err := WriteStatus(a.Config.Runtime.Dir, snapshot); err != nil && !a.statusFailed {
+		// Best effort: the loop must not stop over /run. Say it once, in the log.
+		a.statusFailed = true
+		snapshot.LastError = "cannot write the status file: " + err.Error()
+	}
+	if a.Notifier != nil && snapshot.Message != before.Message {
+		a.Notifier.Notify("STATUS=" + snapshot.Message)
+	}
+	if a.OnStatus != nil {
+		a.OnStatus(snapshot)
+	}
+}
+
+// markReady tells systemd, once, that the service is up: connected, or parked with a reason.
+func (a *Agent) markReady() {
+	a.mu.Lock()
+	first := !a.ready
+	a.ready = true
+	a.mu.Unlock()
+	if first && a.Notifier != nil {
+		a.Notifier.Notify("READY=1")
+	}
+}
+
+// watchdog pings systemd at half the watchdog period while the loop is healthy: it answers a
+// ping, or is inside a bounded call that has not overrun. A loop stuck anywhere else stops
+// the pings, and systemd restarts the service.
+func (a *Agent) watchdog(ctx context.Context) {
+	t := time.NewTicker(a.Watchdog / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		p := make(chan struct{})
+		answered := false
+		select {
+		case a.pings <- p:
+			answered = true
+		case <-time.After(a.Watchdog / 4):
+		case <-ctx.Done():
+			return
+		}
+		if answered || time.Now().UnixNano() < a.busyUntil.Load() {
+			a.Notifier.Notify("WATCHDOG=1")
+		}
+	}
+}

@@ -1,0 +1,90 @@
+package device
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// Phase is where the agent is in its lifecycle.
+type Phase string
+
+const (
+	PhaseStarting     Phase = "starting"
+	PhaseWaitingLock  Phase = "waiting_for_lock"
+	PhaseLoading      Phase = "loading_identity"
+	PhaseWaitingClock Phase = "waiting_for_clock"
+	PhaseProvisioning Phase = "provisioning"
+	PhaseParked       Phase = "parked"
+	PhaseConnecting   Phase = "connecting"
+	PhaseConnected    Phase = "connected"
+	PhaseStopped      Phase = "stopped"
+)
+
+// StatusFileName is the live status in the runtime directory, for `unicity status`.
+const StatusFileName = "status.json"
+
+// Status is what the agent is doing, in words a technician can act on. It holds no secret:
+// the status file is world-readable.
+type Status struct {
+	Phase Phase `json:"phase"`
+	// Message is the one line shown in `systemctl status` (STATUS=) and `unicity status`.
+	Message        string    `json:"message"`
+	RegistrationID string    `json:"registration_id,omitempty"`
+	AssignedHub    string    `json:"assigned_hub,omitempty"`
+	DeviceID       string    `json:"device_id,omitempty"`
+	LastError      string    `json:"last_error,omitempty"`
+	LastErrorAt    time.Time `json:"last_error_at,omitzero"`
+	NextRetry      time.Time `json:"next_retry,omitzero"`
+	// Attempts counts the failed tries of the current phase.
+	Attempts       int       `json:"attempts,omitempty"`
+	Since          time.Time `json:"since"`
+	ConnectedSince time.Time `json:"connected_since,omitzero"`
+	PID            int       `json:"pid"`
+	UpdatedAt      time.Time `json:"updated_at"`
+}
+
+// WriteStatus replaces the status file in dir. Readers see one whole status or the previous
+// one; durability does not matter for a file in /run.
+func WriteStatus(dir string, s Status) error {
+	data, err := json.Marshal(s)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("cannot create the runtime directory: %w", err)
+	}
+	tmp, err := os.CreateTemp(dir, ".status.json.tmp-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(append(data, '\n')); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), filepath.Join(dir, StatusFileName))
+}
+
+// ReadStatus reads the status file the agent last wrote in dir. The agent may have stopped
+// since: fs.ErrNotExist when there is none.
+func ReadStatus(dir string) (*Status, error) {
+	data, err := os.ReadFile(filepath.Join(dir, StatusFileName))
+	if err != nil {
+		return nil, err
+	}
+	var s Status
+	if err := json.Unmarshal(data, &s); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, StatusFileName), err)
+	}
+	return &s, nil
+}
