@@ -71,7 +71,12 @@ const (
 
 // Register creates a device, or updates the credentials and status of an existing one
 // (keeping its twin, session and queue, as a DPS re-assignment to the same hub does).
-func (h *Hub) Register(d Device) error {
+func (h *Hub) Register(d Device) error { return h.register(d, false) }
+
+// register is Register that, with resetTwin, also replaces an existing device's twin with
+// d.InitialTwin (DPS reprovisioning with "reset to initial config"); the versions move on so
+// that a connected device sees the change as newer.
+func (h *Hub) register(d Device, resetTwin bool) error {
 	if d.ID == "" {
 		return errors.New("hubtest: device ID is empty")
 	}
@@ -87,6 +92,11 @@ func (h *Hub) Register(d Device) error {
 		dev.Device = d
 		if d.Disabled {
 			h.kick(dev)
+		}
+		if resetTwin {
+			old := dev.twin
+			dev.twin = newTwin(desired)
+			dev.twin.desiredVersion, dev.twin.reportedVersion = old.desiredVersion+1, old.reportedVersion+1
 		}
 		h.broadcast()
 		return nil
