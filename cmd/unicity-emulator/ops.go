@@ -1,0 +1,229 @@
+package main
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/unicity-iot/unicity/internal/pki"
+)
+
+// The operator commands: each parses its flags, makes one admin call and prints the answer
+// as one JSON value on stdout.
+
+func runDevices(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("devices")
+	if err := parse(e, fs, "--dir DIR", args); err != nil {
+		return err
+	}
+	var out []deviceJSON
+	if err := newAdminClient(*dir).call(ctx, http.MethodGet, "/v1/devices", nil, nil, &out); err != nil {
+		return err
+	}
+	return printJSON(e.stdout, out)
+}
+
+func runTelemetry(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("telemetry")
+	device := fs.String("device", "", "only messages from this device `ID`")
+	wait := fs.Int("wait", 0, "first wait until `N` messages have arrived")
+	timeout := fs.Duration("timeout", 30*time.Second, "how long --wait waits")
+	if err := parse(e, fs, "--dir DIR [--device ID] [--wait N [--timeout D]]", args); err != nil {
+		return err
+	}
+	q := url.Values{}
+	if *device != "" {
+		q.Set("device", *device)
+	}
+	if *wait > 0 {
+		q.Set("wait", strconv.Itoa(*wait))
+		q.Set("timeout", timeout.String())
+	}
+	var out []telemetryJSON
+	if err := newAdminClient(*dir).call(ctx, http.MethodGet, "/v1/telemetry", q, nil, &out); err != nil {
+		return err
+	}
+	return printJSON(e.stdout, out)
+}
+
+func runC2D(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("c2d")
+	device := fs.String("device", "", "device `ID`")
+	payload := fs.String("payload", "", "message `body`")
+	var props multiFlag
+	fs.Var(&props, "property", "`name=value` application property (repeatable; $.-prefixed names are system properties)")
+	if err := parse(e, fs, "--dir DIR --device ID --payload BODY [--property NAME=VALUE]...", args); err != nil {
+		return err
+	}
+	if *device == "" {
+		return usageErrorf("c2d: --device is required")
+	}
+	req := c2dRequest{Device: *device, Payload: *payload, Properties: map[string]string{}}
+	for _, p := range props {
+		k, v, ok := strings.Cut(p, "=")
+		if !ok || k == "" {
+			return usageErrorf("c2d: --property %q is not name=value", p)
+		}
+		req.Properties[k] = v
+	}
+	var out map[string]string
+	if err := newAdminClient(*dir).call(ctx, http.MethodPost, "/v1/c2d", nil, req, &out); err != nil {
+		return err
+	}
+	return printJSON(e.stdout, out)
+}
+
+func runInvoke(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("invoke")
+	device := fs.String("device", "", "device `ID`")
+	method := fs.String("method", "", "method `name`")
+	payload := fs.String("payload", "", "request body, `JSON`")
+	timeout := fs.Duration("timeout", 30*time.Second, "response timeout (IoT Hub allows 5s to 5m)")
+	if err := parse(e, fs, "--dir DIR --device ID --method NAME [--payload JSON] [--timeout D]", args); err != nil {
+		return err
+	}
+	if *device == "" || *method == "" {
+		return usageErrorf("invoke: --device and --method are required")
+	}
+	req := invokeRequest{Device: *device, Method: *method, TimeoutSeconds: timeout.Seconds()}
+	if *payload != "" {
+		if !json.Valid([]byte(*payload)) {
+			return usageErrorf("invoke: --payload is not JSON")
+		}
+		req.Payload = json.RawMessage(*payload)
+	}
+	var out json.RawMessage
+	if err := newAdminClient(*dir).call(ctx, http.MethodPost, "/v1/invoke", nil, req, &out); err != nil {
+		return err
+	}
+	return printJSON(e.stdout, out)
+}
+
+func runTwin(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("twin")
+	device := fs.String("device", "", "device `ID`")
+	desired := fs.String("desired", "", "patch the desired properties with this `JSON` object (null deletes)")
+	if err := parse(e, fs, "--dir DIR --device ID [--desired JSON]", args); err != nil {
+		return err
+	}
+	if *device == "" {
+		return usageErrorf("twin: --device is required")
+	}
+	c := newAdminClient(*dir)
+	var out json.RawMessage
+	var err error
+	if *desired != "" {
+		if !json.Valid([]byte(*desired)) {
+			return usageErrorf("twin: --desired is not JSON")
+		}
+		err = c.call(ctx, http.MethodPatch, "/v1/twin", nil, twinRequest{Device: *device, Desired: json.RawMessage(*desired)}, &out)
+	} else {
+		err = c.call(ctx, http.MethodGet, "/v1/twin", url.Values{"device": {*device}}, nil, &out)
+	}
+	if err != nil {
+		return err
+	}
+	return printJSON(e.stdout, out)
+}
+
+func runDisable(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("disable")
+	device := fs.String("device", "", "device `ID`")
+	enable := fs.Bool("enable", false, "re-enable the device instead")
+	if err := parse(e, fs, "--dir DIR --device ID [--enable]", args); err != nil {
+		return err
+	}
+	return deviceCall(ctx, e, *dir, "disable", "/v1/disable", deviceRequest{Device: *device, Enable: *enable})
+}
+
+func runDelete(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("delete")
+	device := fs.String("device", "", "device `ID`")
+	if err := parse(e, fs, "--dir DIR --device ID", args); err != nil {
+		return err
+	}
+	return deviceCall(ctx, e, *dir, "delete", "/v1/delete", deviceRequest{Device: *device})
+}
+
+func runMove(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("move")
+	device := fs.String("device", "", "device `ID`")
+	hub := fs.String("hub", "", "destination hub `name` as 'devices' and serve print it")
+	if err := parse(e, fs, "--dir DIR --device ID --hub NAME", args); err != nil {
+		return err
+	}
+	if *hub == "" {
+		return usageErrorf("move: --hub is required")
+	}
+	return deviceCall(ctx, e, *dir, "move", "/v1/move", deviceRequest{Device: *device, Hub: *hub})
+}
+
+func deviceCall(ctx context.Context, e *env, dir, name, path string, req deviceRequest) error {
+	if req.Device == "" {
+		return usageErrorf("%s: --device is required", name)
+	}
+	var out json.RawMessage
+	if err := newAdminClient(dir).call(ctx, http.MethodPost, path, nil, req, &out); err != nil {
+		return err
+	}
+	return printJSON(e.stdout, out)
+}
+
+func runEnroll(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("enroll")
+	group := fs.String("group", "", "enrollment group `ID` (with --ca or --symmetric-key)")
+	regID := fs.String("registration-id", "", "individual enrollment for this registration `ID` (with --cert, --thumbprint or --symmetric-key)")
+	caFile := fs.String("ca", "", "group: CA certificate `file` (PEM) that device chains must reach")
+	certFile := fs.String("cert", "", "individual: the device certificate `file` (PEM); its thumbprint is enrolled")
+	thumbprint := fs.String("thumbprint", "", "individual: the device certificate's SHA-256 or SHA-1 `hex`")
+	key := fs.String("symmetric-key", "", "symmetric key, `base64` (group key or device key)")
+	deviceID := fs.String("device-id", "", "individual: hub device `ID` (default: the registration ID)")
+	disabled := fs.Bool("disabled", false, "enroll disabled")
+	twin := fs.String("initial-twin", "", "initial twin `JSON` ({\"properties\":{\"desired\":…}} or the desired object)")
+	if err := parse(e, fs, "--dir DIR (--group ID (--ca FILE | --symmetric-key B64) | --registration-id ID (--cert FILE | --thumbprint HEX | --symmetric-key B64)) [--device-id ID] [--disabled] [--initial-twin JSON]", args); err != nil {
+		return err
+	}
+	if (*group == "") == (*regID == "") {
+		return usageErrorf("enroll: give exactly one of --group and --registration-id")
+	}
+	req := enrollRequest{Group: *group, RegistrationID: *regID, Thumbprint: *thumbprint, DeviceID: *deviceID, Disabled: *disabled}
+	if *key != "" {
+		k, err := base64.StdEncoding.DecodeString(*key)
+		if err != nil {
+			return usageErrorf("enroll: --symmetric-key: %v", err)
+		}
+		req.SymmetricKey = k
+	}
+	if *twin != "" {
+		if !json.Valid([]byte(*twin)) {
+			return usageErrorf("enroll: --initial-twin is not JSON")
+		}
+		req.InitialTwin = json.RawMessage(*twin)
+	}
+	if *caFile != "" {
+		data, err := os.ReadFile(*caFile)
+		if err != nil {
+			return err
+		}
+		req.CAPEM = string(data)
+	}
+	if *certFile != "" {
+		certs, err := pki.ReadCertificates(*certFile)
+		if err != nil {
+			return err
+		}
+		req.Thumbprint = pki.Thumbprint(certs[0])
+	}
+	var out json.RawMessage
+	if err := newAdminClient(*dir).call(ctx, http.MethodPost, "/v1/enroll", nil, req, &out); err != nil {
+		return fmt.Errorf("enroll: %w", err)
+	}
+	return printJSON(e.stdout, out)
+}

@@ -1,0 +1,204 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/unicity-iot/unicity/dps/dpstest"
+	"github.com/unicity-iot/unicity/hub/hubtest"
+)
+
+// factoryEnrollment is the group enrollment of the factory CA.
+const factoryEnrollment = "factory"
+
+func runServe(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("serve")
+	dpsAddr := fs.String("dps-addr", "127.0.0.1:0", "DPS MQTT/TLS listen `address`")
+	dpsWSAddr := fs.String("dps-ws-addr", "127.0.0.1:0", "DPS MQTT-over-WebSocket listen `address` (\"-\": none)")
+	var hubAddrs, hubWSAddrs, names multiFlag
+	fs.Var(&hubAddrs, "hub-addr", "IoT Hub MQTT/TLS listen `address`, once per hub (default 127.0.0.1:0)")
+	fs.Var(&hubWSAddrs, "hub-ws-addr", "IoT Hub WebSocket listen `address`, once per hub in the same order (default 127.0.0.1:0; \"-\": none)")
+	hubs := fs.Int("hubs", 0, "number of hubs (default: one per --hub-addr, at least 1)")
+	fs.Var(&names, "server-name", "extra host `name` for the server certificates (repeatable)")
+	retryAfter := fs.Int("retry-after", int(dpstest.DefaultRetryAfter/time.Second), "retry-after `seconds` DPS announces while assigning")
+	assignDelay := fs.Duration("assign-delay", 0, "how long after a register request DPS completes the assignment")
+	quota := fs.String("quota", "", "DPS registrations per minute, `N/min` (default: unlimited)")
+	verbose := fs.Bool("verbose", false, "trace DPS connections and requests on stderr")
+	if err := parse(e, fs, "--dir DIR [--dps-addr ADDR] [--hub-addr ADDR]... [--hubs N] [--retry-after S] [--assign-delay D] [--quota N/min]", args); err != nil {
+		return err
+	}
+	perMinute, err := parseQuota(*quota)
+	if err != nil {
+		return usageErrorf("serve: --quota: %v", err)
+	}
+	n := max(*hubs, len(hubAddrs), 1)
+	if *hubs > 0 && len(hubAddrs) > *hubs {
+		return usageErrorf("serve: %d --hub-addr for --hubs %d", len(hubAddrs), *hubs)
+	}
+	if len(hubWSAddrs) > n {
+		return usageErrorf("serve: more --hub-ws-addr than hubs")
+	}
+	if *retryAfter < 0 || *assignDelay < 0 {
+		return usageErrorf("serve: --retry-after and --assign-delay cannot be negative")
+	}
+	d, err := loadDir(*dir)
+	if err != nil {
+		return err
+	}
+
+	var (
+		fleetHubs []*hubtest.Hub
+		hubWS     []string
+	)
+	defer func() {
+		for _, h := range fleetHubs {
+			h.Close()
+		}
+	}()
+	for i := range n {
+		h, ws, err := startHub(d, at(hubAddrs, i), at(hubWSAddrs, i), names)
+		if err != nil {
+			return err
+		}
+		fleetHubs, hubWS = append(fleetHubs, h), append(hubWS, ws)
+	}
+	fleet := hubtest.NewFleet(fleetHubs...)
+
+	cfg := dpstest.DefaultConfig()
+	cfg.IDScope, cfg.Addr, cfg.WebSocketAddr = d.cfg.IDScope, *dpsAddr, *dpsWSAddr
+	cfg.ServerCA, cfg.FactoryCA, cfg.IssuingCA, cfg.ServerNames = d.serverCA, d.factoryCA, d.issuingCA, names
+	cfg.NoFactoryEnrollment = true
+	cfg.Hubs = fleet.Names()
+	cfg.RetryAfter = time.Duration(*retryAfter) * time.Second
+	cfg.AssignDelay = *assignDelay
+	cfg.RegistrationsPerMinute = perMinute
+	cfg.Registrar = fleet
+	if *verbose {
+		cfg.Logger = slog.New(slog.NewTextHandler(e.stderr, nil))
+	}
+	dps, err := dpstest.New(cfg)
+	if err != nil {
+		return err
+	}
+	if err := dps.AddGroup(dpstest.Group{ID: factoryEnrollment, CA: d.factoryCA.Certificate,
+		Policy: dpstest.Policy{Allocate: fleet.Allocate}}); err != nil {
+		return err
+	}
+	if err := dps.Start(); err != nil {
+		return err
+	}
+	defer dps.Close()
+
+	admin, err := listenAdmin(d.file(adminSocketFile))
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: newAdminHandler(fleet, dps), ReadHeaderTimeout: 10 * time.Second}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(admin) }()
+	defer os.Remove(d.file(adminSocketFile))
+	defer srv.Close()
+
+	if err := printJSON(e.stdout, map[string]any{
+		"id_scope":     dps.IDScope(),
+		"dps":          dps.Addr(),
+		"dps_ws":       dps.WebSocketAddr(),
+		"hub":          fleet.Names()[0],
+		"hubs":         fleet.Names(),
+		"hubs_ws":      hubWS,
+		"trust_bundle": absPath(d.file(trustBundleFile)),
+		"admin_socket": absPath(d.file(adminSocketFile)),
+	}); err != nil {
+		return err
+	}
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-served:
+		return fmt.Errorf("admin socket: %w", err)
+	}
+}
+
+// startHub serves one hub and returns it with its WebSocket address ("" when none).
+func startHub(d *emulatorDir, addr, wsAddr string, names []string) (*hubtest.Hub, string, error) {
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	}
+	if wsAddr == "" {
+		wsAddr = "127.0.0.1:0"
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, "", fmt.Errorf("cannot listen for IoT Hub: %w", err)
+	}
+	var (
+		ws     net.Listener
+		wsName string
+	)
+	if wsAddr != "-" {
+		if ws, err = net.Listen("tcp", wsAddr); err != nil {
+			l.Close()
+			return nil, "", fmt.Errorf("cannot listen for IoT Hub WebSocket: %w", err)
+		}
+		wsName = ws.Addr().String()
+	}
+	h, err := hubtest.NewOnListeners(d.serverCA, l, ws, names, nil)
+	if err != nil {
+		l.Close()
+		if ws != nil {
+			ws.Close()
+		}
+		return nil, "", err
+	}
+	return h, wsName, nil
+}
+
+// listenAdmin listens on the admin socket, replacing one left by a crashed emulator but not
+// one that a running emulator still answers on.
+func listenAdmin(path string) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("an emulator is already serving %s", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("cannot listen on the admin socket: %w", err)
+	}
+	// The socket controls every device: only its owner may connect.
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// parseQuota reads "N/min" or "N".
+func parseQuota(s string) (int, error) {
+	if s == "" {
+		return 0, nil
+	}
+	v, ok := strings.CutSuffix(s, "/min")
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 || (!ok && strings.Contains(s, "/")) {
+		return 0, fmt.Errorf("%q is not a positive number per minute (N/min)", s)
+	}
+	return n, nil
+}
+
+func at(s []string, i int) string {
+	if i < len(s) {
+		return s[i]
+	}
+	return ""
+}
