@@ -102,7 +102,7 @@ func TestUsageAndExitCodes(t *testing.T) {
 		{[]string{"devices", "--dir"}, 2, ""},
 		{[]string{"init", "--dir", t.TempDir(), "extra"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir(), "--quota", "many"}, 2, ""},
-		{[]string{"serve", "--dir", t.TempDir()}, 1, ""}, // not initialised
+		{[]string{"serve", "--dir", t.TempDir()}, 1, ""},   // not initialised
 		{[]string{"devices", "--dir", t.TempDir()}, 1, ""}, // nothing serving
 		{[]string{"c2d", "--dir", t.TempDir()}, 2, ""},
 		{[]string{"enroll", "--dir", t.TempDir()}, 2, ""},
