@@ -61,7 +61,8 @@ type Agent struct {
 	Watchdog time.Duration
 	// AttemptTimeout bounds one registration or one connection attempt.
 	AttemptTimeout time.Duration
-	// OnStatus is called after every change of the status, for the service's log.
+	// OnStatus is called after every change of the status, for the service's log. It runs
+	// under the status lock: it must not call back into the Agent.
 	OnStatus func(Status)
 	// API, when set, serves the local API (see api.go) for as long as Run runs.
 	API net.Listener
@@ -70,7 +71,7 @@ type Agent struct {
 	status Status
 	subs   map[chan Status]struct{}
 	ready  bool
-	// statusFailed is set once writing the status file failed (touched by the loop only).
+	// statusFailed is set once writing the status file failed.
 	statusFailed bool
 	requests     chan *request
 	pings        chan chan struct{}
@@ -348,19 +349,28 @@ func (a *Agent) register(ctx context.Context, lock *storage.Locked, id *attest.I
 	var st *storage.State
 	err := a.bounded(ctx, func(ctx context.Context) error {
 		var err error
-		st, err = a.Provisioner.Register(ctx, id, prev)
+		st, err = registerAndStore(ctx, a.Provisioner, lock, id, thumb, prev, a.Clock.Now, attempt, start)
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
+	a.setStatus(func(s *Status) { s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID })
+	return st, nil
+}
+
+// registerAndStore makes one registration and stores the assignment, bound to the identity.
+func registerAndStore(ctx context.Context, p Provisioner, lock *storage.Locked, id *attest.Identity, thumb string, prev *storage.State, now func() time.Time, attempt int, start time.Time) (*storage.State, error) {
+	st, err := p.Register(ctx, id, prev)
+	if err != nil {
+		return nil, err
+	}
 	st.RegistrationID, st.CertSHA256 = id.RegistrationID, thumb
-	st.ProvisionedAt = a.Clock.Now()
+	st.ProvisionedAt = now()
 	st.Attempts, st.Duration = attempt, st.ProvisionedAt.Sub(start)
 	if err := lock.Save(st); err != nil {
 		return nil, err
 	}
-	a.setStatus(func(s *Status) { s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID })
 	return st, nil
 }
 
@@ -405,6 +415,10 @@ func (a *Agent) serve(ctx context.Context, lock *storage.Locked, id *attest.Iden
 			return nil, ctx.Err()
 		}
 		failures++
+		if errors.Is(err, ErrStale) {
+			// The session already retried the hub that many times.
+			failures = max(failures, a.Config.Agent.HubFailures)
+		}
 		if errors.Is(err, ErrIdentityRejected) {
 			a.noteError(err)
 			return a.reprovision(ctx, lock, id, thumb, st, fmt.Sprintf("%s refused the identity", st.AssignedHub))
@@ -467,7 +481,7 @@ func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *attest.Ide
 		return nil
 	}
 	if !req.force && !a.mayReprovision(st) {
-		req.reply <- result{err: a.rateLimited(st)}
+		req.reply <- result{err: a.Config.checkRateLimit(st, a.Clock.Now())}
 		return nil
 	}
 	next, err := a.registerOnce(ctx, lock, id, thumb, st)
@@ -514,13 +528,18 @@ func (a *Agent) reprovision(ctx context.Context, lock *storage.Locked, id *attes
 }
 
 func (a *Agent) mayReprovision(st *storage.State) bool {
-	return !a.Clock.Now().Before(st.ProvisionedAt.Add(a.Config.Agent.ReprovisionInterval))
+	return a.Config.checkRateLimit(st, a.Clock.Now()) == nil
 }
 
-func (a *Agent) rateLimited(st *storage.State) error {
-	next := st.ProvisionedAt.Add(a.Config.Agent.ReprovisionInterval)
+// checkRateLimit refuses a registration sooner than [agent] reprovision_interval after the
+// one that produced st.
+func (c *Config) checkRateLimit(st *storage.State, now time.Time) error {
+	next := st.ProvisionedAt.Add(c.Agent.ReprovisionInterval)
+	if !now.Before(next) {
+		return nil
+	}
 	return Mark(fmt.Errorf("%w: last registration at %s; the next is allowed at %s (agent.reprovision_interval = %s), or use --force",
-		ErrRateLimited, st.ProvisionedAt.UTC().Format(time.RFC3339), next.UTC().Format(time.RFC3339), a.Config.Agent.ReprovisionInterval), ErrTemporary)
+		ErrRateLimited, st.ProvisionedAt.UTC().Format(time.RFC3339), next.UTC().Format(time.RFC3339), c.Agent.ReprovisionInterval), ErrTemporary)
 }
 
 // retryLater records err and waits d, serving requests with a refusal.
@@ -615,15 +634,19 @@ func (a *Agent) subscribe() (<-chan Status, func()) {
 	}
 }
 
+// setStatus applies change and publishes the result: subscribers, the status file, STATUS=
+// and OnStatus. It may be called from any goroutine; publication keeps the order of changes.
 func (a *Agent) setStatus(change func(*Status)) {
 	a.mu.Lock()
+	defer a.mu.Unlock()
 	before := a.status
 	change(&a.status)
 	s := &a.status
+	now := a.Clock.Now()
 	if s.Phase != before.Phase {
-		s.Since = a.Clock.Now()
+		s.Since = now
 	}
-	s.UpdatedAt = a.Clock.Now()
+	s.UpdatedAt = now
 	snapshot := *s
 	for ch := range a.subs {
 		select {
@@ -632,8 +655,6 @@ func (a *Agent) setStatus(change func(*Status)) {
 		}
 		ch <- snapshot
 	}
-	a.mu.Unlock()
-
 	if snapshot.Phase == before.Phase && snapshot.Message == before.Message && snapshot.LastError == before.LastError {
 		return
 	}
@@ -648,6 +669,21 @@ func (a *Agent) setStatus(change func(*Status)) {
 	if a.OnStatus != nil {
 		a.OnStatus(snapshot)
 	}
+}
+
+// Progress shows in the status what a long call is doing (a registration polling, or waiting
+// out a throttle), without changing the phase.
+func (a *Agent) Progress(message string, wait time.Duration, err error) {
+	a.setStatus(func(s *Status) {
+		s.Message = message
+		s.NextRetry = time.Time{}
+		if wait > 0 {
+			s.NextRetry = a.Clock.Now().Add(wait)
+		}
+		if err != nil {
+			s.LastError, s.LastErrorAt = err.Error(), a.Clock.Now()
+		}
+	})
 }
 
 // markReady tells systemd, once, that the service is up: connected, or parked with a reason.

@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/device"
 )
 
 // Exit codes of the contract (shared/design.md), sysexits-style. Scripts and the systemd unit
@@ -49,6 +50,14 @@ func exitCode(err error) int {
 		return ee.code
 	case isIdentityError(err):
 		return exitConfig
+	case isConfigError(err), errors.Is(err, device.ErrIdentity):
+		return exitConfig
+	case errors.Is(err, device.ErrRefused):
+		return exitRefused
+	case errors.Is(err, device.ErrUnreachable):
+		return exitUnavailable
+	case errors.Is(err, device.ErrTemporary):
+		return exitTempFail
 	default:
 		return exitFailure
 	}
@@ -77,4 +86,10 @@ func isIdentityError(err error) bool {
 		}
 	}
 	return false
+}
+
+// isConfigError reports a configuration that is missing or invalid.
+func isConfigError(err error) bool {
+	var ce *device.ConfigError
+	return errors.As(err, &ce) || errors.Is(err, device.ErrConfigNotExist)
 }

@@ -37,6 +37,11 @@ type env struct {
 
 func commands() []command {
 	return []command{
+		{name: "run", summary: "the service: provision if needed, connect to the hub, stay connected", run: runRun},
+		{name: "provision", summary: "register with DPS unless provisioned; print the assignment", run: runProvision},
+		{name: "reprovision", summary: "register again; the old assignment stays until the new one is stored", run: runReprovision},
+		{name: "status", summary: "identity, assignment, service phase, last error, next retry", run: runStatus},
+		{name: "check", summary: "preflight checks: config, TPM, key, chain, clock, DNS/TCP/TLS to DPS and hub", run: runCheck},
 		{name: "version", summary: "print version, commit and Go version", run: runVersion},
 		{name: "identity", summary: "show the certificate, registration ID, key location and key/cert match", run: runIdentity},
 		{name: "factory", summary: "factory line: create the TPM key, CSR, install and verify the identity", sub: factoryCommands()},

@@ -1,0 +1,246 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/internal/dial"
+	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/storage"
+)
+
+// checkResult is one preflight check: "pass", "warn" (usable, with a caveat) or "fail".
+type checkResult struct {
+	Name   string `json:"name"`
+	Result string `json:"result"`
+	Detail string `json:"detail"`
+
+	err error
+}
+
+// checkReport is `unicity check --json`.
+type checkReport struct {
+	OK     bool          `json:"ok"`
+	Checks []checkResult `json:"checks"`
+}
+
+// checkTimeout bounds each network check.
+const checkTimeout = 10 * time.Second
+
+// expirySoon is when an identity certificate's coming expiry earns a warning.
+const expirySoon = 30 * 24 * time.Hour
+
+// runCheck runs the preflight checks a technician needs before (or instead of) reading logs.
+// It exits 0 only if nothing failed; the exit code of the first failure otherwise.
+func runCheck(ctx context.Context, e *env, args []string) error {
+	flags := newFlagSet(e, "check", "[--config FILE] [--tpm DEV] [--json]")
+	var tf tpmFlags
+	tf.register(flags)
+	asJSON := flags.Bool("json", false, "print one JSON object")
+	if err := parseFlags(flags, args); err != nil {
+		return err
+	}
+	var c checker
+	c.run(ctx, e, &tf, flags.Lookup("config").Value.String())
+	report := checkReport{OK: c.failure == nil, Checks: c.results}
+	if *asJSON {
+		if err := json.NewEncoder(e.stdout).Encode(report); err != nil {
+			return err
+		}
+	} else {
+		for _, r := range c.results {
+			fmt.Fprintf(e.stdout, "%-4s  %-10s  %s\n", r.Result, r.Name, r.Detail)
+		}
+	}
+	if c.failure != nil {
+		return fmt.Errorf("check failed: %w", c.failure)
+	}
+	return nil
+}
+
+type checker struct {
+	results []checkResult
+	failure error
+}
+
+func (c *checker) pass(name, format string, a ...any) {
+	c.results = append(c.results, checkResult{Name: name, Result: "pass", Detail: fmt.Sprintf(format, a...)})
+}
+
+func (c *checker) warn(name, format string, a ...any) {
+	c.results = append(c.results, checkResult{Name: name, Result: "warn", Detail: fmt.Sprintf(format, a...)})
+}
+
+func (c *checker) fail(name string, err error) {
+	c.results = append(c.results, checkResult{Name: name, Result: "fail", Detail: err.Error(), err: err})
+	if c.failure == nil {
+		c.failure = err
+	}
+}
+
+func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath string) {
+	cfg, err := device.LoadConfig(configPath)
+	if err != nil {
+		c.fail("config", &exitError{code: exitConfig, err: err})
+		return
+	}
+	c.pass("config", "%s", cfg.Path)
+
+	tpm := &lazyTPM{spec: tf.device(cfg)}
+	defer tpm.Close()
+	if strings.HasPrefix(cfg.Attestation.IdentityKey, "file:") && !strings.HasPrefix(cfg.Attestation.IdentityCert, "tpm-nv:") {
+		c.warn("tpm", "not used: the key is a software key (development only)")
+	} else if _, err := tpm.get(); err != nil {
+		c.fail("tpm", err)
+	} else {
+		c.pass("tpm", "%s answers", tpm.spec)
+	}
+
+	chain, chainErr := tpm.loadChain(cfg.Attestation.IdentityCert)
+	var key *attest.Key
+	if c.failure == nil {
+		key, err = attest.LoadKey(tpm.tpm, cfg.Attestation.IdentityKey)
+		if err != nil {
+			c.fail("key", err)
+		} else {
+			defer key.Close()
+		}
+	}
+	if chainErr != nil {
+		c.fail("cert", chainErr)
+	}
+	if key != nil && chainErr == nil {
+		if err := signAndVerify(key, chain[0]); err != nil {
+			c.fail("key", err)
+		} else {
+			c.pass("key", "%s signs, and the certificate verifies its signature", key.Location)
+		}
+	}
+
+	var id *attest.Identity
+	t := now()
+	if chainErr == nil {
+		validFrom := (&device.Credentials{Chain: chain}).ValidFrom()
+		if t.Before(validFrom) {
+			c.fail("clock", fmt.Errorf("%w: the time is %s, before %s (the build or the certificate's NotBefore); is time sync working?", attest.ErrClockNotSet, t.UTC().Format(time.RFC3339), validFrom.UTC().Format(time.RFC3339)))
+		} else {
+			c.pass("clock", "%s", t.UTC().Format(time.RFC3339))
+		}
+	}
+	if key != nil && chainErr == nil {
+		id, err = attest.NewIdentity(chain, key, t)
+		switch {
+		case err != nil:
+			c.fail("chain", err)
+		case chain[0].NotAfter.Sub(t) < expirySoon:
+			c.warn("chain", "%s, %d certificate(s); the leaf expires on %s", id.RegistrationID, len(chain), chain[0].NotAfter.UTC().Format(time.RFC3339))
+		default:
+			c.pass("chain", "%s, %d certificate(s), valid until %s", id.RegistrationID, len(chain), chain[0].NotAfter.UTC().Format(time.RFC3339))
+		}
+	}
+
+	roots, err := device.RootCAs(cfg)
+	if err != nil {
+		c.fail("tls", &exitError{code: exitConfig, err: err})
+		return
+	}
+	var cert *tls.Certificate
+	if id != nil {
+		tc := id.TLSCertificate()
+		cert = &tc
+	}
+	c.endpoint(ctx, "dps", cfg, cfg.Provisioning.GlobalEndpoint, "", roots, cert)
+
+	st, err := storage.New(cfg.State.Dir).Load()
+	switch {
+	case errors.Is(err, storage.ErrNotExist):
+		c.warn("hub", "not provisioned yet: no hub to check")
+	case err != nil:
+		c.warn("hub", "%v: the agent will register again", err)
+	case id != nil && !st.BelongsTo(id.RegistrationID, pki.Thumbprint(chain[0])):
+		c.warn("hub", "the stored assignment belongs to another identity (%s): the agent will register again", st.RegistrationID)
+	default:
+		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, roots, cert)
+	}
+}
+
+// endpoint checks DNS, TCP and TLS (with the device's certificate, when it has one) to host.
+// Through a proxy, only the TLS check applies.
+func (c *checker) endpoint(ctx context.Context, name string, cfg *device.Config, host, prefer string, roots *x509.CertPool, cert *tls.Certificate) {
+	transport := cfg.Provisioning.Transport
+	hostname, port := host, ""
+	if h, p, err := net.SplitHostPort(host); err == nil {
+		hostname, port = h, p
+	}
+	viaProxy := cfg.Provisioning.Proxy != "" || os.Getenv("https_proxy") != "" || os.Getenv("HTTPS_PROXY") != ""
+	if !viaProxy {
+		dctx, cancel := context.WithTimeout(ctx, checkTimeout)
+		addrs, err := net.DefaultResolver.LookupHost(dctx, hostname)
+		cancel()
+		if err != nil {
+			c.fail(name+" dns", device.Mark(fmt.Errorf("cannot resolve %s: %w", hostname, err), device.ErrUnreachable))
+			return
+		}
+		c.pass(name+" dns", "%s is %s", hostname, strings.Join(addrs, ", "))
+
+		ports := []string{port}
+		if port == "" {
+			switch transport {
+			case dial.TransportMQTT:
+				ports = []string{"8883"}
+			case dial.TransportWebSocket:
+				ports = []string{"443"}
+			default:
+				ports = []string{"8883", "443"}
+			}
+		}
+		var tcpErr error
+		for i, p := range ports {
+			addr := net.JoinHostPort(hostname, p)
+			conn, err := (&net.Dialer{Timeout: checkTimeout}).DialContext(ctx, "tcp", addr)
+			if err == nil {
+				conn.Close()
+				if i == 0 {
+					c.pass(name+" tcp", "%s accepts connections", addr)
+				} else {
+					c.warn(name+" tcp", "%s accepts connections, but %v (the WebSocket transport will be used)", addr, tcpErr)
+				}
+				tcpErr = nil
+				break
+			}
+			tcpErr = err
+		}
+		if tcpErr != nil {
+			c.fail(name+" tcp", device.Mark(fmt.Errorf("cannot connect to %s: %w", host, tcpErr), device.ErrUnreachable))
+			return
+		}
+	}
+
+	conn, used, err := dial.Dial(ctx, dial.Config{
+		Host: host, Transport: transport, Prefer: prefer, Proxy: cfg.Provisioning.Proxy,
+		RootCAs: roots, Certificate: cert, Timeout: checkTimeout,
+	})
+	if err != nil {
+		c.fail(name+" tls", device.Mark(err, device.ErrUnreachable))
+		return
+	}
+	conn.Close()
+	how := "server verified"
+	if cert != nil {
+		how = "server verified, device certificate offered"
+	}
+	if viaProxy {
+		how += ", through the proxy"
+	}
+	c.pass(name+" tls", "%s over %s: %s", host, used, how)
+}

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"time"
+
+	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/storage"
+)
+
+// statusReport is `unicity status --json`.
+type statusReport struct {
+	RegistrationID   string    `json:"registration_id"`
+	SHA256Thumbprint string    `json:"sha256_thumbprint,omitempty"`
+	NotAfter         time.Time `json:"not_after,omitzero"`
+	IdentityError    string    `json:"identity_error,omitempty"`
+
+	AssignedHub   string    `json:"assigned_hub"`
+	DeviceID      string    `json:"device_id"`
+	Substatus     string    `json:"substatus"`
+	ProvisionedAt time.Time `json:"provisioned_at,omitzero"`
+	StateProblem  string    `json:"state_problem,omitempty"`
+
+	ServiceRunning bool         `json:"service_running"`
+	Phase          device.Phase `json:"phase"`
+	Message        string       `json:"message,omitempty"`
+	LastError      string       `json:"last_error"`
+	NextRetry      time.Time    `json:"next_retry,omitzero"`
+	StatusAt       time.Time    `json:"status_at,omitzero"`
+}
+
+// statusTimeout bounds the question to the service: a wedged agent must not wedge status.
+const statusTimeout = 3 * time.Second
+
+// runStatus reports identity, assignment and service state. It works with the service down
+// (from the state and status files) and never needs the TPM for a PEM certificate.
+func runStatus(ctx context.Context, e *env, args []string) error {
+	flags := newFlagSet(e, "status", "[--config FILE] [--json]")
+	var tf tpmFlags
+	tf.register(flags)
+	asJSON := flags.Bool("json", false, "print one JSON object")
+	if err := parseFlags(flags, args); err != nil {
+		return err
+	}
+	cfg, err := tf.loadConfig(flags, false)
+	if err != nil {
+		return err
+	}
+	var r statusReport
+
+	tpm := &lazyTPM{spec: tf.device(cfg)}
+	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
+	tpm.Close()
+	if err != nil {
+		r.IdentityError = err.Error()
+	} else {
+		leaf := chain[0]
+		r.RegistrationID, r.SHA256Thumbprint, r.NotAfter = leaf.Subject.CommonName, pki.Thumbprint(leaf), leaf.NotAfter
+	}
+
+	st, err := storage.New(cfg.State.Dir).Load()
+	switch {
+	case errors.Is(err, storage.ErrNotExist):
+		r.StateProblem = "not provisioned yet"
+	case err != nil:
+		r.StateProblem = err.Error() + " (the agent will set it aside and register again)"
+	case r.SHA256Thumbprint != "" && !st.BelongsTo(r.RegistrationID, r.SHA256Thumbprint):
+		r.StateProblem = fmt.Sprintf("the stored assignment belongs to another identity (%s); the agent will register again", st.RegistrationID)
+	default:
+		r.AssignedHub, r.DeviceID, r.Substatus, r.ProvisionedAt = st.AssignedHub, st.DeviceID, st.Substatus, st.ProvisionedAt
+	}
+
+	qctx, cancel := context.WithTimeout(ctx, statusTimeout)
+	defer cancel()
+	live, err := device.NewClient(cfg).Status(qctx)
+	if err == nil {
+		r.ServiceRunning = true
+	} else {
+		r.Phase = "not_running"
+		live, err = device.ReadStatus(cfg.Runtime.Dir)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			r.Message = err.Error()
+		}
+	}
+	if live != nil {
+		if r.ServiceRunning {
+			r.Phase = live.Phase
+		}
+		r.Message, r.LastError, r.NextRetry, r.StatusAt = live.Message, live.LastError, live.NextRetry, live.UpdatedAt
+	}
+
+	if *asJSON {
+		return json.NewEncoder(e.stdout).Encode(r)
+	}
+	printStatus(e.stdout, r)
+	return nil
+}
+
+func printStatus(w io.Writer, r statusReport) {
+	fmt.Fprintln(w, "Identity")
+	if r.IdentityError != "" {
+		fmt.Fprintf(w, "  problem:          %s\n", r.IdentityError)
+	} else {
+		fmt.Fprintf(w, "  registration ID:  %s\n", r.RegistrationID)
+		fmt.Fprintf(w, "  SHA-256:          %s\n", r.SHA256Thumbprint)
+		fmt.Fprintf(w, "  expires:          %s\n", r.NotAfter.UTC().Format(time.RFC3339))
+	}
+	fmt.Fprintln(w, "Assignment")
+	if r.StateProblem != "" {
+		fmt.Fprintf(w, "  none:             %s\n", r.StateProblem)
+	} else {
+		fmt.Fprintf(w, "  hub:              %s\n", r.AssignedHub)
+		fmt.Fprintf(w, "  device ID:        %s\n", r.DeviceID)
+		fmt.Fprintf(w, "  substatus:        %s\n", r.Substatus)
+		fmt.Fprintf(w, "  since:            %s\n", r.ProvisionedAt.UTC().Format(time.RFC3339))
+	}
+	fmt.Fprintln(w, "Service")
+	if r.ServiceRunning {
+		fmt.Fprintf(w, "  phase:            %s\n", r.Phase)
+		fmt.Fprintf(w, "  status:           %s\n", r.Message)
+	} else {
+		fmt.Fprintf(w, "  phase:            not running\n")
+		if r.Message != "" {
+			fmt.Fprintf(w, "  last status:      %s (%s)\n", r.Message, r.StatusAt.UTC().Format(time.RFC3339))
+		}
+	}
+	if r.LastError != "" {
+		fmt.Fprintf(w, "  last error:       %s\n", r.LastError)
+	}
+	if !r.NextRetry.IsZero() {
+		fmt.Fprintf(w, "  next retry:       %s\n", r.NextRetry.UTC().Format(time.RFC3339))
+	}
+}

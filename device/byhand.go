@@ -1,0 +1,88 @@
+package device
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/unicity-iot/unicity/storage"
+)
+
+// ByHand is a registration a command runs while the service does not: it holds the state
+// lock throughout, so a service starting meanwhile waits for it rather than racing it.
+type ByHand struct {
+	Config      *Config
+	Store       *storage.Store
+	Provisioner Provisioner
+	Credentials func(*Config) (*Credentials, error) // default OpenCredentials
+	Now         func() time.Time                    // default time.Now
+}
+
+// Provision registers unless the state holds an assignment for this identity, and returns
+// the assignment in force; fresh reports whether it registered.
+func (b *ByHand) Provision(ctx context.Context) (st *storage.State, fresh bool, err error) {
+	return b.run(ctx, false, false)
+}
+
+// Reprovision registers again even if provisioned; force skips the rate limit. The previous
+// assignment stays stored unless a new one replaces it.
+func (b *ByHand) Reprovision(ctx context.Context, force bool) (*storage.State, error) {
+	st, _, err := b.run(ctx, true, force)
+	return st, err
+}
+
+func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bool, error) {
+	now := b.Now
+	if now == nil {
+		now = time.Now
+	}
+	open := b.Credentials
+	if open == nil {
+		open = OpenCredentials
+	}
+	lock, err := b.Store.TryLock()
+	if errors.Is(err, storage.ErrLocked) {
+		return nil, false, Mark(fmt.Errorf("%w (is the service starting? try again, or see `unicity status`)", err), ErrTemporary)
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	defer lock.Unlock()
+
+	creds, err := open(b.Config)
+	if err != nil {
+		return nil, false, err
+	}
+	defer creds.Close()
+	id, err := creds.Identity(now())
+	if err != nil {
+		return nil, false, err
+	}
+	thumb := creds.Thumbprint()
+
+	prev, err := lock.Load()
+	switch {
+	case errors.Is(err, storage.ErrNotExist), errors.Is(err, storage.ErrCorrupt):
+		prev = nil
+	case err != nil:
+		return nil, false, err
+	case !prev.BelongsTo(id.RegistrationID, thumb):
+		prev = nil
+	}
+	if prev != nil {
+		if !again {
+			return prev, false, nil
+		}
+		if !force {
+			if err := b.Config.checkRateLimit(prev, now()); err != nil {
+				return nil, false, err
+			}
+		}
+	}
+	st, err := registerAndStore(ctx, b.Provisioner, lock, id, thumb, prev, now, 1, now())
+	if err != nil {
+		return nil, false, err
+	}
+	return st, true, nil
+}
