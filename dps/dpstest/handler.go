@@ -207,17 +207,18 @@ func (h *handler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
 		case WrongRID:
 			rid = "not-" + rid
 		case Delay:
+			qos := st.subQoS // read here: the connection's goroutine owns st
 			s.wg.Add(1)
 			go func() {
 				defer s.wg.Done()
 				if s.sleep(c, f.Delay) {
-					s.send(c, st, rid, r)
+					s.send(c, qos, rid, r)
 				}
 			}()
 			return nil
 		}
 	}
-	s.send(c, st, rid, r)
+	s.send(c, st.subQoS, rid, r)
 	if f != nil && f.Action == DropAfterReply {
 		return errDropped
 	}
@@ -238,17 +239,18 @@ func (s *Server) sleep(c *mqttsrv.Conn, d time.Duration) bool {
 	return false
 }
 
-// send publishes a response on the response topic, $rid first and retry-after lower case
-// (protocol.md §2.4). Like the service, it drops it when the device has not subscribed.
-func (s *Server) send(c *mqttsrv.Conn, st *connState, rid string, r reply) {
-	if st.subQoS < 0 {
+// send publishes a response on the response topic at the subscription's QoS, $rid first and
+// retry-after lower case (protocol.md §2.4). Like the service, it drops it when the device
+// has not subscribed (qos < 0).
+func (s *Server) send(c *mqttsrv.Conn, qos int, rid string, r reply) {
+	if qos < 0 {
 		return
 	}
 	topic := "$dps/registrations/res/" + strconv.Itoa(r.status) + "/?$rid=" + rid
 	if r.retryAfter >= 0 {
 		topic += "&retry-after=" + strconv.Itoa(int((r.retryAfter+time.Second-1)/time.Second))
 	}
-	c.Publish(mqttsrv.Message{Topic: topic, QoS: byte(st.subQoS), Payload: r.body})
+	c.Publish(mqttsrv.Message{Topic: topic, QoS: byte(qos), Payload: r.body})
 }
 
 // errorReply is a request-level error (protocol.md §3.3).

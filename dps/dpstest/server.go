@@ -86,6 +86,9 @@ type Config struct {
 	PollLimit              int
 	RegistrationsPerMinute int
 	MaxMessageSize         int
+	// MaxTLSVersion caps the TLS version: DPS speaks TLS 1.2 only (DOC-DPS-TLS), which
+	// matters to RSA keys in TPMs that cannot sign RSA-PSS as TLS 1.3 needs. 0 allows 1.3.
+	MaxTLSVersion uint16
 	// Faults are armed at start; more can be added with AddFault.
 	Faults []Fault
 	// Registrar hears of every assignment (nil: nobody).
@@ -96,10 +99,11 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// DefaultConfig is the behaviour of Azure DPS: retry-after 1 s, 5 polls per 10 s, 96 KB
-// messages, unknown devices refused at CONNECT, one linked hub.
+// DefaultConfig is the behaviour of Azure DPS: TLS 1.2, retry-after 1 s, 5 polls per 10 s,
+// 96 KB messages, unknown devices refused at CONNECT, one linked hub.
 func DefaultConfig() Config {
 	return Config{
+		MaxTLSVersion:  tls.VersionTLS12,
 		Hubs:           []string{DefaultHub},
 		RetryAfter:     DefaultRetryAfter,
 		PollLimit:      DefaultPollLimit,
@@ -196,6 +200,12 @@ func New(cfg Config) (*Server, error) {
 		// enrollments in Connect, so that a stranger gets CONNACK 5 or 401 as Azure answers.
 		ClientAuth: tls.RequestClientCert,
 		MinVersion: tls.VersionTLS12,
+		MaxVersion: cfg.MaxTLSVersion,
+		// The strong TLS 1.2 suites Azure enforces (protocol.md §6) that crypto/tls implements.
+		CipherSuites: []uint16{
+			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+		},
 	}
 	if !cfg.NoFactoryEnrollment {
 		if err := s.AddGroup(Group{ID: "factory", CA: s.factoryCA.Certificate}); err != nil {
