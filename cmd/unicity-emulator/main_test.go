@@ -201,8 +201,9 @@ func writeCSR(t *testing.T, cn, form string) (string, *pki.Leaf) {
 
 // device is a device with a certificate signed through the CLI.
 type device struct {
-	id   string
-	cert tls.Certificate
+	id        string
+	cert      tls.Certificate
+	chainFile string // leaf and factory CA, PEM
 }
 
 func newDevice(t *testing.T, dir, id string) device {
@@ -214,7 +215,7 @@ func newDevice(t *testing.T, dir, id string) device {
 	chain, err := pki.ReadCertificates(chainFile)
 	require.NoError(t, err)
 	leaf.Chain = chain
-	return device{id: id, cert: leaf.TLSCertificate()}
+	return device{id: id, cert: leaf.TLSCertificate(), chainFile: chainFile}
 }
 
 func trustPool(t *testing.T, bundle string) *x509.CertPool {
