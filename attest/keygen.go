@@ -122,8 +122,8 @@ func WriteKeyfile(path string, k *keyfile.TPMKey) error {
 
 // Persist makes k a persistent object at handle h (0x81xxxxxx), refusing an occupied handle.
 func Persist(tpm transport.TPMCloser, k *keyfile.TPMKey, h tpm2.TPMHandle) error {
-	if _, err := ParsePersistentHandle(fmt.Sprintf("%#x", uint32(h))); err != nil {
-		return err
+	if !keyfile.IsMSO(h, keyfile.TPM_HT_PERSISTENT) {
+		return fmt.Errorf("%w: handle %#x is not a persistent handle (0x81000000 to 0x81FFFFFF)", ErrInvalidKey, uint32(h))
 	}
 	if _, err := (tpm2.ReadPublic{ObjectHandle: h}).Execute(tpm); err == nil {
 		return fmt.Errorf("%w: TPM handle %#x is occupied (tpm2_evictcontrol -c %#x frees it deliberately)", ErrKeyExists, uint32(h), uint32(h))
