@@ -29,11 +29,7 @@ func (hd handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 		return code, false
 	}
 	h.stats.Connections++
-	if d.conn != nil {
-		// One connection per device: the newer wins (Azure error 400027).
-		d.conn.Close()
-		h.stats.Kicked++
-	}
+	h.kick(d) // one connection per device: the newer wins (Azure error 400027)
 	d.conn = c
 	d.lastSeen = h.now()
 	c.Value = &session{dev: d}

@@ -210,13 +210,20 @@ func (h *Hub) lookup(id string) (*device, error) {
 	return d, nil
 }
 
-// kick closes the device's connection; its Disconnected callback tidies up. h.mu held.
+// kick closes the device's connection; its Disconnected callback tidies up. h.mu is held,
+// so the close runs outside it: a TLS close may wait seconds on a peer that does not read.
 func (h *Hub) kick(d *device) {
-	if d.conn != nil {
-		d.conn.Close()
-		d.conn = nil
-		h.stats.Kicked++
+	if d.conn == nil {
+		return
 	}
+	c := d.conn
+	d.conn = nil
+	h.stats.Kicked++
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		c.Close()
+	}()
 }
 
 func (d *device) info() DeviceInfo {
