@@ -296,6 +296,16 @@ func TestDisabled(t *testing.T) {
 		require.NoError(t, s.SetEnabled("factory", true))
 		assert.Equal(t, "assigned", d.provision("member").body.Status)
 	})
+	t.Run("disabled while assigning", func(t *testing.T) {
+		d := mustDial(t, s, dialOpts{regID: "midway", cert: factoryCert(t, s, "midway")})
+		op := d.register("midway").body.OperationID
+		require.NoError(t, s.SetEnabled("factory", false))
+		defer s.SetEnabled("factory", true)
+		r := d.poll(op)
+		assert.Equal(t, 200, r.status)
+		assert.Equal(t, "disabled", r.body.Status)
+		assert.Equal(t, op, r.body.OperationID)
+	})
 	t.Run("individual disabled at runtime", func(t *testing.T) {
 		d := mustDial(t, s, dialOpts{regID: "pinned", cert: tlsCert(pinned)})
 		require.NoError(t, s.SetEnabled("pinned", false))

@@ -314,9 +314,7 @@ func (s *Server) register(st *connState, body []byte) reply {
 		return s.refuse("Enrollment not found.")
 	}
 	if disabled {
-		body, _ := json.Marshal(operationStatus{Status: "disabled",
-			RegistrationState: &registrationState{RegistrationID: st.regID, Status: "disabled"}})
-		return reply{status: 200, body: body, retryAfter: noRetryAfter}
+		return reply{status: 200, body: disabledBody("", st.regID), retryAfter: noRetryAfter}
 	}
 
 	op := &operation{id: s.opPrefix + uuid4(), regID: st.regID, enroll: st.enroll,

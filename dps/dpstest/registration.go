@@ -158,6 +158,12 @@ func (f *failure) Error() string { return f.msg }
 // the Registrar and records the outcome.
 func (s *Server) complete(op *operation) (int, []byte) {
 	op.once.Do(func() {
+		op.status = 200
+		if s.disabled(op) {
+			// Disabled while the operation ran: answered as a disabled register is.
+			op.body = disabledBody(op.id, op.regID)
+			return
+		}
 		st := &registrationState{RegistrationID: op.regID}
 		if op.enroll.leaf != nil {
 			st.X509 = &struct{}{}
@@ -176,10 +182,23 @@ func (s *Server) complete(op *operation) (int, []byte) {
 			st.Status = "assigned"
 			s.stats.assignments.Add(1)
 		}
-		op.status = 200
 		op.body, _ = json.Marshal(operationStatus{OperationID: op.id, Status: st.Status, RegistrationState: st})
 	})
 	return op.status, op.body
+}
+
+func (s *Server) disabled(op *operation) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, _ := s.lookupLocked(op.enroll, op.regID)
+	return p != nil && p.Disabled
+}
+
+// disabledBody is the answer for a device whose enrollment is disabled (protocol.md §7.3).
+func disabledBody(opID, regID string) []byte {
+	body, _ := json.Marshal(operationStatus{OperationID: opID, Status: "disabled",
+		RegistrationState: &registrationState{RegistrationID: regID, Status: "disabled"}})
+	return body
 }
 
 // assign does the allocation and records the result; the error is a *failure.

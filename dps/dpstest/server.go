@@ -63,12 +63,12 @@ type Config struct {
 	// root. ServerNames are added to localhost, 127.0.0.1 and GlobalHost.
 	ServerCA    *pki.CA
 	ServerNames []string
-	// FactoryCA issues device certificates; nil makes one under ServerCA's root. Unless
+	// FactoryCA issues device certificates; nil makes one under ServerCA. Unless
 	// NoFactoryEnrollment, it is enrolled as group enrollment "factory".
 	FactoryCA           *pki.CA
 	NoFactoryEnrollment bool
 	// IssuingCA signs CSRs sent with api-version 2025-07-01-preview; nil makes one under
-	// ServerCA's root.
+	// ServerCA.
 	IssuingCA *pki.CA
 	// Hubs are the IoT hubs linked to this instance; enrollments without hubs of their own
 	// allocate among them.
@@ -255,7 +255,9 @@ func (s *Server) Start() error {
 		}
 		s.wsLn = wsLn
 		s.https = &http.Server{
-			Handler:           s.mqtt.WebSocket(),
+			Handler: s.mqtt.WebSocket(),
+			// The listener does TLS; setting TLSConfig (without "h2") keeps net/http from
+			// adding HTTP/2 to it, which WebSocket upgrades cannot use.
 			TLSConfig:         s.tlsConfig,
 			ReadHeaderTimeout: mqttsrv.DefaultConnectTimeout,
 			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
