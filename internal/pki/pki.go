@@ -176,7 +176,8 @@ func (ca *CA) Chain() []*x509.Certificate {
 	return append([]*x509.Certificate{ca.Certificate}, ca.Issuers...)
 }
 
-// Root is the self-signed certificate at the top of the CA's chain.
+// Root is the top of the CA's chain: the self-signed root, unless the CA was loaded from a
+// file that stops short of it.
 func (ca *CA) Root() *x509.Certificate {
 	if len(ca.Issuers) == 0 {
 		return ca.Certificate
