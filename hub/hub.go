@@ -35,11 +35,11 @@ const (
 	// DefaultMethodTimeout is the hub's longest method response timeout; a caller has given
 	// up by then.
 	DefaultMethodTimeout = 300 * time.Second
+	DefaultWriteTimeout  = 30 * time.Second
 )
 
 const (
 	connectTimeout = 30 * time.Second // MQTT handshake after dial's own bound
-	writeTimeout   = 30 * time.Second
 	pingTimeout    = 30 * time.Second
 	// inflightWindow bounds telemetry published and not yet acknowledged on one connection.
 	inflightWindow = 32
@@ -82,6 +82,9 @@ type Config struct {
 	RequestTimeout time.Duration
 	// MethodTimeout bounds one direct method handler.
 	MethodTimeout time.Duration
+	// WriteTimeout bounds writing one packet; zero means DefaultWriteTimeout. A publish that
+	// races a dying connection is abandoned after it too (Run waits for it when it returns).
+	WriteTimeout time.Duration
 	// Queue holds outgoing telemetry; nil gives the client its own default-sized queue.
 	Queue *Queue
 
@@ -122,6 +125,8 @@ type Client struct {
 	queue    *Queue
 	username string
 
+	publishers sync.WaitGroup // telemetry publishes in progress
+
 	mu        sync.Mutex
 	running   bool
 	cur       *conn         // nil while disconnected
@@ -154,6 +159,9 @@ func New(cfg Config) (*Client, error) {
 	}
 	if cfg.MethodTimeout <= 0 {
 		cfg.MethodTimeout = DefaultMethodTimeout
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = DefaultWriteTimeout
 	}
 	if cfg.Queue == nil {
 		cfg.Queue = NewQueue(0, 0)
@@ -217,9 +225,12 @@ func (c *Client) Run(ctx context.Context) error {
 	}()
 
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	r := newRunState(ctx, c)
-	defer r.wait()
+	defer func() {
+		cancel() // ends the dispatcher and method handlers, which wait for it
+		r.wait()
+		c.publishers.Wait()
+	}()
 
 	failures := 0
 	for {
@@ -288,7 +299,7 @@ func (c *Client) session(ctx context.Context, r *runState) (connected bool, err 
 		SetKeepAlive(c.cfg.KeepAlive).
 		SetPingTimeout(pingTimeout).
 		SetConnectTimeout(connectTimeout).
-		SetWriteTimeout(writeTimeout).
+		SetWriteTimeout(c.cfg.WriteTimeout).
 		SetAutoReconnect(false).
 		SetConnectRetry(false).
 		SetOrderMatters(true).
@@ -413,7 +424,23 @@ loop:
 		if !ok {
 			break
 		}
-		tok := cn.mc.Publish(eventsTopic(c.cfg.DeviceID, e.msg.Properties), 1, false, e.msg.Payload)
+		// paho's Publish blocks for up to WriteTimeout when the connection dies under it;
+		// the next connection must not wait for that, so it runs on its own goroutine
+		// (Run waits for it before returning).
+		published := make(chan mqtt.Token, 1)
+		c.publishers.Add(1)
+		go func() {
+			defer c.publishers.Done()
+			published <- cn.mc.Publish(eventsTopic(c.cfg.DeviceID, e.msg.Properties), 1, false, e.msg.Payload)
+		}()
+		var tok mqtt.Token
+		select {
+		case tok = <-published:
+		case <-cn.lost:
+			break loop
+		case <-ctx.Done():
+			break loop
+		}
 		select {
 		case flights <- flight{e, tok}:
 		case <-cn.lost:
