@@ -137,7 +137,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.setStatus(func(s *Status) { s.Phase, s.Message = PhaseStarting, "starting" })
 
 	err := a.run(ctx)
-	stopping := ctx.Err() != nil
+	if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+		err = nil // asked to stop: not a failure
+	}
 	cancel()
 	if a.Notifier != nil {
 		a.Notifier.Notify("STOPPING=1")
@@ -152,9 +154,6 @@ func (a *Agent) Run(ctx context.Context) error {
 			s.LastError, s.LastErrorAt = err.Error(), a.Clock.Now()
 		}
 	})
-	if stopping && !errors.Is(err, ErrIdentity) && !isConfigError(err) {
-		return nil
-	}
 	return err
 }
 

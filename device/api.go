@@ -253,6 +253,7 @@ func (c *Client) Reprovision(ctx context.Context, force, provisionOnly bool, pro
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	last := ""
 	for sc.Scan() {
 		var line progressLine
 		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
@@ -260,6 +261,7 @@ func (c *Client) Reprovision(ctx context.Context, force, provisionOnly bool, pro
 		}
 		switch {
 		case line.Status != nil:
+			last = line.Status.Message
 			if progress != nil {
 				progress(*line.Status)
 			}
@@ -268,6 +270,10 @@ func (c *Client) Reprovision(ctx context.Context, force, provisionOnly bool, pro
 		case line.Error != "":
 			return nil, errorOfKind(line.Error, line.Kind)
 		}
+	}
+	if ctx.Err() != nil {
+		// The agent goes on with the registration; only this wait for it ends.
+		return nil, Mark(fmt.Errorf("no answer from the agent in time (it goes on; see `unicity status`): %s", last), ErrTemporary)
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("cannot read the agent's answer: %w", err)

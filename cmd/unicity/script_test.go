@@ -68,6 +68,12 @@ var scriptCmds = map[string]func(ts *testscript.TestScript, neg bool, args []str
 	"status": cmdStatus,
 	"swtpm":  cmdSWTPM,
 	"testca": cmdTestCA,
+	// The agent scenarios' commands, documented in agent_script_test.go.
+	"emulator":    cmdEmulator,
+	"freeport":    cmdFreePort,
+	"awaitstatus": cmdAwaitStatus,
+	"statefile":   cmdStateFile,
+	"expand":      cmdExpand,
 }
 
 func cmdStatus(ts *testscript.TestScript, neg bool, args []string) {

@@ -1,0 +1,260 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rogpeppe/go-internal/testscript"
+
+	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/storage"
+)
+
+// Harness commands for the agent scenarios (run, provision, reprovision, status, check):
+//
+//	emulator init
+//	    build unicity-emulator (once per test binary), put it on PATH and run
+//	    "unicity-emulator init --dir $WORK/emu"; sets EMU_DIR.
+//	emulator start [SERVE FLAGS...]
+//	    start "unicity-emulator serve --dir $EMU_DIR" in the background, stopped when the
+//	    script ends, and set ID_SCOPE, DPS_ADDR, HUB, HUB2 (with --hubs 2) and TRUST_BUNDLE
+//	    from the line it prints.
+//	emulator stop
+//	    stop the running emulator (DPS and hubs become unreachable).
+//	freeport VAR
+//	    set VAR to a free TCP port on 127.0.0.1.
+//	awaitstatus RUNDIR PHASE [TIMEOUT]
+//	    wait (default 60s) until the agent's status file in RUNDIR shows PHASE.
+//	statefile DIR absent|valid|aside|hub NAME
+//	    check the provisioning state in DIR: no state file, a complete one, a corrupt one
+//	    kept aside (state.json.corrupt-*), or one assigned to hub NAME.
+//	expand SRC DST
+//	    copy SRC to DST with $VAR and ${VAR} replaced by the script's environment (config
+//	    files that name the emulator's addresses and the TPM).
+//
+// UNICITY_TEST_CLOCK_FILE (honoured by the test binary only) makes the agent read its wall
+// clock from a file: an RFC 3339 time while the file holds one, the real time otherwise.
+
+func init() {
+	if path := os.Getenv("UNICITY_TEST_CLOCK_FILE"); path != "" {
+		agentClock = fileClock(path)
+	}
+}
+
+// fileClock is the "clock in 1970" seam: the time written in the file, else the real time.
+type fileClock string
+
+func (f fileClock) Now() time.Time {
+	b, err := os.ReadFile(string(f))
+	if err == nil {
+		if t, err := time.Parse(time.RFC3339, strings.TrimSpace(string(b))); err == nil {
+			return t
+		}
+	}
+	return time.Now()
+}
+
+func (fileClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
+
+var (
+	emulatorOnce sync.Once
+	emulatorBin  string
+	emulatorErr  error
+)
+
+// buildEmulator builds unicity-emulator into a directory that lives as long as the test
+// binary's process tree needs it.
+func buildEmulator() (string, error) {
+	emulatorOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "unicity-emulator-bin")
+		if err != nil {
+			emulatorErr = err
+			return
+		}
+		bin := filepath.Join(dir, "unicity-emulator")
+		cmd := exec.Command("go", "build", "-o", bin, "../unicity-emulator")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			emulatorErr = fmt.Errorf("cannot build unicity-emulator: %v\n%s", err, out)
+			return
+		}
+		emulatorBin = bin
+	})
+	return emulatorBin, emulatorErr
+}
+
+// emulators holds each script's running emulator.
+var emulators sync.Map // *testscript.TestScript → *runningEmulator
+
+type runningEmulator struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func (r *runningEmulator) stop() {
+	r.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-r.done:
+	case <-time.After(5 * time.Second):
+		r.cmd.Process.Kill()
+		<-r.done
+	}
+}
+
+func cmdEmulator(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) == 0 {
+		ts.Fatalf("usage: emulator init | start [SERVE FLAGS...] | stop")
+	}
+	switch args[0] {
+	case "init":
+		bin, err := buildEmulator()
+		ts.Check(err)
+		ts.Setenv("PATH", filepath.Dir(bin)+string(os.PathListSeparator)+ts.Getenv("PATH"))
+		dir := ts.MkAbs("emu")
+		out, err := exec.Command(bin, "init", "--dir", dir).CombinedOutput()
+		if err != nil {
+			ts.Fatalf("unicity-emulator init: %v\n%s", err, out)
+		}
+		ts.Setenv("EMU_DIR", dir)
+	case "start":
+		if _, ok := emulators.Load(ts); ok {
+			ts.Fatalf("emulator already running")
+		}
+		bin, err := buildEmulator()
+		ts.Check(err)
+		cmd := exec.Command(bin, append([]string{"serve", "--dir", ts.Getenv("EMU_DIR")}, args[1:]...)...)
+		cmd.Stderr = os.Stderr
+		stdout, err := cmd.StdoutPipe()
+		ts.Check(err)
+		ts.Check(cmd.Start())
+		r := &runningEmulator{cmd: cmd, done: make(chan struct{})}
+		lines := bufio.NewScanner(stdout)
+		if !lines.Scan() {
+			cmd.Process.Kill()
+			cmd.Wait()
+			ts.Fatalf("unicity-emulator serve printed nothing")
+		}
+		go func() {
+			for lines.Scan() {
+			}
+			cmd.Wait()
+			close(r.done)
+		}()
+		emulators.Store(ts, r)
+		ts.Defer(func() {
+			if _, ok := emulators.LoadAndDelete(ts); ok {
+				r.stop()
+			}
+		})
+		var line struct {
+			IDScope     string   `json:"id_scope"`
+			DPS         string   `json:"dps"`
+			Hubs        []string `json:"hubs"`
+			TrustBundle string   `json:"trust_bundle"`
+		}
+		ts.Check(json.Unmarshal(lines.Bytes(), &line))
+		ts.Setenv("ID_SCOPE", line.IDScope)
+		ts.Setenv("DPS_ADDR", line.DPS)
+		ts.Setenv("HUB", line.Hubs[0])
+		if len(line.Hubs) > 1 {
+			ts.Setenv("HUB2", line.Hubs[1])
+		}
+		ts.Setenv("TRUST_BUNDLE", line.TrustBundle)
+	case "stop":
+		r, ok := emulators.LoadAndDelete(ts)
+		if !ok {
+			ts.Fatalf("no emulator running")
+		}
+		r.(*runningEmulator).stop()
+	default:
+		ts.Fatalf("emulator: unknown subcommand %q", args[0])
+	}
+}
+
+func cmdFreePort(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: freeport VAR")
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	ts.Check(err)
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	ts.Setenv(args[0], strconv.Itoa(port))
+}
+
+func cmdAwaitStatus(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 2 || len(args) > 3 {
+		ts.Fatalf("usage: awaitstatus RUNDIR PHASE [TIMEOUT]")
+	}
+	timeout := 60 * time.Second
+	if len(args) == 3 {
+		d, err := time.ParseDuration(args[2])
+		ts.Check(err)
+		timeout = d
+	}
+	dir, want := ts.MkAbs(args[0]), device.Phase(args[1])
+	deadline := time.Now().Add(timeout)
+	var last *device.Status
+	for time.Now().Before(deadline) {
+		if s, err := device.ReadStatus(dir); err == nil {
+			last = s
+			if s.Phase == want {
+				ts.Logf("status: %s: %s", s.Phase, s.Message)
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if last == nil {
+		ts.Fatalf("no status in %s after %s", dir, timeout)
+	}
+	ts.Fatalf("phase %s after %s, want %s: %s (last error: %s)", last.Phase, timeout, want, last.Message, last.LastError)
+}
+
+func cmdStateFile(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 2 {
+		ts.Fatalf("usage: statefile DIR absent|valid|aside|hub NAME")
+	}
+	st, err := storage.New(ts.MkAbs(args[0])).Load()
+	switch args[1] {
+	case "absent":
+		if !errors.Is(err, storage.ErrNotExist) {
+			ts.Fatalf("state file present (%v)", err)
+		}
+	case "valid":
+		ts.Check(err)
+	case "aside":
+		kept, _ := filepath.Glob(filepath.Join(ts.MkAbs(args[0]), storage.FileName+".corrupt-*"))
+		if len(kept) == 0 {
+			ts.Fatalf("no corrupt state kept aside in %s", args[0])
+		}
+	case "hub":
+		if len(args) != 3 {
+			ts.Fatalf("usage: statefile DIR hub NAME")
+		}
+		ts.Check(err)
+		if st.AssignedHub != args[2] {
+			ts.Fatalf("state assigns hub %s, want %s", st.AssignedHub, args[2])
+		}
+	default:
+		ts.Fatalf("statefile: unknown check %q", args[1])
+	}
+}
+
+func cmdExpand(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 2 {
+		ts.Fatalf("usage: expand SRC DST")
+	}
+	out := os.Expand(ts.ReadFile(args[0]), ts.Getenv)
+	ts.Check(os.WriteFile(ts.MkAbs(args[1]), []byte(out), 0o600))
+}
