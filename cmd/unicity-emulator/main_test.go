@@ -102,6 +102,8 @@ func TestUsageAndExitCodes(t *testing.T) {
 		{[]string{"devices", "--dir"}, 2, ""},
 		{[]string{"init", "--dir", t.TempDir(), "extra"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir(), "--quota", "many"}, 2, ""},
+		{[]string{"serve", "--dir", t.TempDir(), "--unknown-device", "ignore"}, 2, ""},
+		{[]string{"serve", "--dir", t.TempDir(), "--hubs", "1", "--hub-addr", "a", "--hub-addr", "b"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir()}, 1, ""},   // not initialised
 		{[]string{"devices", "--dir", t.TempDir()}, 1, ""}, // nothing serving
 		{[]string{"c2d", "--dir", t.TempDir()}, 2, ""},
@@ -443,4 +445,24 @@ func TestEnroll(t *testing.T) {
 	assert.Equal(t, 2, code)
 	_, code = cli(t, "enroll", "--dir", dir, "--group", "nothing")
 	assert.Equal(t, 1, code, "a group needs a CA or a key")
+}
+
+func TestUnknownDeviceGets401(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "emu")
+	_, code := cli(t, "init", "--dir", dir)
+	require.Equal(t, 0, code)
+	s := serve(t, dir, "--unknown-device", "401")
+	stranger, err := pki.NewRoot("stranger")
+	require.NoError(t, err)
+	leaf, err := stranger.NewDevice("nobody")
+	require.NoError(t, err)
+
+	msgs := make(chan mqtt.Message, 1)
+	c, err := mqttClient(t, "tls://"+s.DPS, "nobody", s.IDScope+"/registrations/nobody/api-version=2019-03-31",
+		"localhost", trustPool(t, s.TrustBundle), leaf.TLSCertificate(), msgs, nil)
+	require.NoError(t, err, "the connection is accepted; the request is refused")
+	require.True(t, c.Subscribe("$dps/registrations/res/#", 1, nil).WaitTimeout(10*time.Second))
+	c.Publish("$dps/registrations/PUT/iotdps-register/?$rid=7", 1, false, `{"registrationId":"nobody"}`)
+	m := next(t, msgs)
+	assert.Equal(t, "$dps/registrations/res/401/?$rid=7", m.Topic())
 }

@@ -31,6 +31,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	retryAfter := fs.Int("retry-after", int(dpstest.DefaultRetryAfter/time.Second), "retry-after `seconds` DPS announces while assigning")
 	assignDelay := fs.Duration("assign-delay", 0, "how long after a register request DPS completes the assignment")
 	quota := fs.String("quota", "", "DPS registrations per minute, `N/min` (default: unlimited)")
+	unknown := fs.String("unknown-device", "connack", "how DPS refuses unenrolled devices and bad credentials: `connack` (return code 5) or 401 (a response)")
 	verbose := fs.Bool("verbose", false, "trace DPS connections and requests on stderr")
 	if err := parse(e, fs, "--dir DIR [--dps-addr ADDR] [--hub-addr ADDR]... [--hubs N] [--retry-after S] [--assign-delay D] [--quota N/min]", args); err != nil {
 		return err
@@ -45,6 +46,10 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	}
 	if len(hubWSAddrs) > n {
 		return usageErrorf("serve: more --hub-ws-addr than hubs")
+	}
+	refusal, ok := map[string]dpstest.UnknownDevice{"connack": dpstest.RefuseConnack, "401": dpstest.Refuse401}[*unknown]
+	if !ok {
+		return usageErrorf("serve: --unknown-device is connack or 401, not %q", *unknown)
 	}
 	if *retryAfter < 0 || *assignDelay < 0 {
 		return usageErrorf("serve: --retry-after and --assign-delay cannot be negative")
@@ -81,6 +86,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	cfg.AssignDelay = *assignDelay
 	cfg.RegistrationsPerMinute = perMinute
 	cfg.Registrar = fleet
+	cfg.UnknownDevice = refusal
 	if *verbose {
 		cfg.Logger = slog.New(slog.NewTextHandler(e.stderr, nil))
 	}

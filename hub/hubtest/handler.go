@@ -71,8 +71,11 @@ func (h *Hub) connect(c *mqttsrv.Conn) (code byte, sessionPresent bool, d *devic
 		return packets.ErrRefusedNotAuthorised, false, nil
 	}
 	d.clientType, d.modelID, d.apiVersion = id.query["DeviceClientType"], id.query["model-id"], id.query["api-version"]
-	present := !c.CleanSession && len(d.subs) > 0
-	if c.CleanSession {
+	// A CleanSession 1 connection discards the session; a CleanSession 0 one resumes the
+	// session left by an earlier CleanSession 0 connection, if any.
+	present := !c.CleanSession && d.persistent
+	d.persistent = !c.CleanSession
+	if !present {
 		d.subs = map[string]byte{}
 	}
 	return packets.Accepted, present, d

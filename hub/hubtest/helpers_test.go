@@ -40,8 +40,9 @@ func (f *fixture) device(t *testing.T, id string) tls.Certificate {
 // client is a paho connection to the hub with every message it receives on a channel.
 type client struct {
 	mqtt.Client
-	msgs chan mqtt.Message
-	lost chan error
+	msgs           chan mqtt.Message
+	lost           chan error
+	sessionPresent bool
 }
 
 type clientConfig struct {
@@ -86,6 +87,7 @@ func (f *fixture) connect(t *testing.T, cfg clientConfig) (*client, error) {
 	if err := tok.Error(); err != nil {
 		return nil, err
 	}
+	c.sessionPresent = tok.(*mqtt.ConnectToken).SessionPresent()
 	t.Cleanup(func() { c.Disconnect(0) })
 	return c, nil
 }

@@ -243,6 +243,7 @@ func TestPersistentSession(t *testing.T) {
 	f := newFixture(t)
 	cert := f.device(t, "dev")
 	c := f.mustConnect(t, clientConfig{id: "dev", cert: &cert, noAutoAck: true})
+	assert.False(t, c.sessionPresent, "no earlier session")
 	c.subscribe(t, "devices/dev/messages/devicebound/#", 1)
 	c.subscribe(t, "$iothub/twin/PATCH/properties/desired/#", 0)
 	_, err := f.srv.SendC2D("dev", []byte("unacked"), nil)
@@ -252,6 +253,7 @@ func TestPersistentSession(t *testing.T) {
 	require.NoError(t, f.srv.Await(testContext(t), func() bool { return !f.srv.Connected("dev") }))
 
 	c = f.mustConnect(t, clientConfig{id: "dev", cert: &cert})
+	assert.True(t, c.sessionPresent)
 	m := c.next(t)
 	assert.Equal(t, "unacked", string(m.Payload()), "redelivered on the resumed session")
 	require.NoError(t, f.srv.Await(testContext(t), func() bool {
@@ -267,6 +269,7 @@ func TestPersistentSession(t *testing.T) {
 
 	// A clean session has no subscriptions: nothing arrives until it subscribes again.
 	c = f.mustConnect(t, clientConfig{id: "dev", cert: &cert, clean: true})
+	assert.False(t, c.sessionPresent)
 	_, err = f.srv.SendC2D("dev", []byte("after clean"), nil)
 	require.NoError(t, err)
 	_, err = f.srv.PatchDesired("dev", []byte(`{"rate":6}`))

@@ -52,6 +52,7 @@ type device struct {
 	Device
 	conn       *mqttsrv.Conn   // current connection, nil when offline
 	subs       map[string]byte // granted QoS per subscription kind (session state)
+	persistent bool            // the last connection asked for CleanSession 0
 	c2d        []*c2dMessage
 	twin       twin
 	clientType string
