@@ -106,7 +106,7 @@ func (f *Fleet) Allocate(req dpstest.AllocationRequest) (dpstest.AllocationResul
 		if err != nil {
 			continue
 		}
-		if n := len(h.Devices()); fewest < 0 || n < fewest {
+		if n := h.DeviceCount(); fewest < 0 || n < fewest {
 			best, fewest = name, n
 		}
 	}

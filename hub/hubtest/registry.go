@@ -120,6 +120,13 @@ func (h *Hub) Devices() []DeviceInfo {
 	return out
 }
 
+// DeviceCount is the number of devices in the registry.
+func (h *Hub) DeviceCount() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.devices)
+}
+
 // Device returns one registry entry.
 func (h *Hub) Device(id string) (DeviceInfo, error) {
 	h.mu.Lock()
