@@ -16,7 +16,22 @@ LDFLAGS  := -s -w -X $(PKG)/internal/version.Version=$(VERSION) \
 GOBUILD  := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 STATICCHECK_VERSION ?= 2025.1.1
 
-.PHONY: all build test lint demo install clean
+# Packaging (docs/oem.md). cross: static binaries for the gateway architectures, with the
+# arm64 agent held to a flash budget. deb: a Debian package built by nfpm, fetched through the
+# Go module proxy like any module (v2.45.0 is the newest whose dependencies the proxy serves).
+DIST          ?= dist
+CROSS_ARCHES  ?= amd64 arm64 arm riscv64
+EMULATOR_ARCHES ?= amd64 arm64
+MAX_ARM64_BYTES ?= 12000000
+NFPM_VERSION  ?= v2.45.0
+DEB_GOARCH    ?= $(shell $(GO) env GOARCH)
+DEB_ARCH      ?= $(if $(filter arm,$(DEB_GOARCH)),armhf,$(DEB_GOARCH))
+# Debian versions start with a digit: a v-tag gives 1.2.0+3+gabcdef, an untagged tree
+# 0.0.0+git<commit time>+<commit>.
+DEB_VERSION   ?= $(shell v='$(VERSION)'; case "$$v" in (v[0-9]*) ;; (*) v="0.0.0+git$(COMMIT_UNIX)+$$v";; esac; echo "$$v" | sed 's/^v//; s/-/+/g')
+DEB_MAINTAINER ?= unicity maintainers <unicity@unicity-iot.invalid>
+
+.PHONY: all build test lint demo install clean cross deb
 
 all: build
 
@@ -39,6 +54,34 @@ install: build
 	install -d $(DESTDIR)$(BINDIR)
 	install -m 0755 bin/unicity $(DESTDIR)$(BINDIR)/unicity
 	install -m 0755 bin/unicity-emulator $(DESTDIR)$(BINDIR)/unicity-emulator
+
+# GOARM only matters for arm, where ARMv7 (hard float) is the gateway baseline.
+cross:
+	@mkdir -p $(DIST)
+	@set -e; for arch in $(CROSS_ARCHES); do \
+		echo "build unicity linux/$$arch"; \
+		GOOS=linux GOARCH=$$arch GOARM=7 $(GOBUILD) -o $(DIST)/unicity-linux-$$arch ./cmd/unicity; \
+	done
+	@set -e; if [ -d cmd/unicity-emulator ]; then for arch in $(EMULATOR_ARCHES); do \
+		echo "build unicity-emulator linux/$$arch"; \
+		GOOS=linux GOARCH=$$arch $(GOBUILD) -o $(DIST)/unicity-emulator-linux-$$arch ./cmd/unicity-emulator; \
+	done; fi
+	@echo "size report (stripped, static):"
+	@for f in $(DIST)/unicity-linux-* $(DIST)/unicity-emulator-linux-*; do \
+		[ -f "$$f" ] && stat -c '%s %n' "$$f"; done | awk '{ printf "  %-40s %10d bytes %6.2f MB\n", $$2, $$1, $$1/1e6 }'
+	@size=$$(stat -c %s $(DIST)/unicity-linux-arm64); \
+	if [ "$$size" -gt $(MAX_ARM64_BYTES) ]; then \
+		echo "FAIL: $(DIST)/unicity-linux-arm64 is $$size bytes, over the $(MAX_ARM64_BYTES)-byte budget" >&2; exit 1; \
+	else echo "arm64 agent: $$size bytes, budget $(MAX_ARM64_BYTES)"; fi
+
+# nfpm expands variables in the package fields but not in file sources: the agent is staged
+# at the fixed path packaging/nfpm.yaml names.
+deb:
+	@mkdir -p $(DIST) bin/deb
+	GOOS=linux GOARCH=$(DEB_GOARCH) GOARM=7 $(GOBUILD) -o bin/deb/unicity ./cmd/unicity
+	SOURCE_DATE_EPOCH=$(COMMIT_UNIX) DEB_ARCH=$(DEB_ARCH) DEB_VERSION='$(DEB_VERSION)' DEB_MAINTAINER='$(DEB_MAINTAINER)' \
+		$(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@$(NFPM_VERSION) package \
+		--config packaging/nfpm.yaml --packager deb --target $(DIST)/unicity_$(DEB_VERSION)_$(DEB_ARCH).deb
 
 clean:
 	rm -rf bin dist
