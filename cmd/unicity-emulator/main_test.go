@@ -466,3 +466,19 @@ func TestUnknownDeviceGets401(t *testing.T) {
 	m := next(t, msgs)
 	assert.Equal(t, "$dps/registrations/res/401/?$rid=7", m.Topic())
 }
+
+// TestServeHubHost checks that --hub-host names the hubs for devices on a LAN and that both
+// services present certificates valid for it.
+func TestServeHubHost(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "emu")
+	_, code := cli(t, "init", "--dir", dir)
+	require.Equal(t, 0, code)
+	s := serve(t, dir, "--hub-host", "emulator.test")
+	require.True(t, strings.HasPrefix(s.Hub, "emulator.test:"), s.Hub)
+	hubPort := s.Hub[strings.LastIndex(s.Hub, ":")+1:]
+	for _, addr := range []string{"127.0.0.1:" + hubPort, s.DPS} {
+		conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: trustPool(t, s.TrustBundle), ServerName: "emulator.test"})
+		require.NoError(t, err, addr)
+		conn.Close()
+	}
+}

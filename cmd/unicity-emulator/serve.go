@@ -28,12 +28,13 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	fs.Var(&hubWSAddrs, "hub-ws-addr", "IoT Hub WebSocket listen `address`, once per hub in the same order (default 127.0.0.1:0; \"-\": none)")
 	hubs := fs.Int("hubs", 0, "number of hubs (default: one per --hub-addr, at least 1)")
 	fs.Var(&names, "server-name", "extra host `name` for the server certificates (repeatable)")
+	hubHost := fs.String("hub-host", "localhost", "`host` devices reach the hubs by: DPS assigns host:port (host alone on port 8883)")
 	retryAfter := fs.Int("retry-after", int(dpstest.DefaultRetryAfter/time.Second), "retry-after `seconds` DPS announces while assigning")
 	assignDelay := fs.Duration("assign-delay", 0, "how long after a register request DPS completes the assignment")
 	quota := fs.String("quota", "", "DPS registrations per minute, `N/min` (default: unlimited)")
 	unknown := fs.String("unknown-device", "connack", "how DPS refuses unenrolled devices and bad credentials: `connack` (return code 5) or 401 (a response)")
 	verbose := fs.Bool("verbose", false, "trace DPS connections and requests on stderr")
-	if err := parse(e, fs, "--dir DIR [--dps-addr ADDR] [--hub-addr ADDR]... [--hubs N] [--retry-after S] [--assign-delay D] [--quota N/min]", args); err != nil {
+	if err := parse(e, fs, "--dir DIR [--dps-addr ADDR] [--hub-addr ADDR]... [--hubs N] [--hub-host HOST] [--retry-after S] [--assign-delay D] [--quota N/min]", args); err != nil {
 		return err
 	}
 	perMinute, err := parseQuota(*quota)
@@ -69,7 +70,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		}
 	}()
 	for i := range n {
-		h, ws, err := startHub(d, at(hubAddrs, i), at(hubWSAddrs, i), names)
+		h, ws, err := startHub(d, *hubHost, at(hubAddrs, i), at(hubWSAddrs, i), names)
 		if err != nil {
 			return err
 		}
@@ -79,7 +80,8 @@ func runServe(ctx context.Context, e *env, args []string) error {
 
 	cfg := dpstest.DefaultConfig()
 	cfg.IDScope, cfg.Addr, cfg.WebSocketAddr = d.cfg.IDScope, *dpsAddr, *dpsWSAddr
-	cfg.ServerCA, cfg.FactoryCA, cfg.IssuingCA, cfg.ServerNames = d.serverCA, d.factoryCA, d.issuingCA, names
+	cfg.ServerCA, cfg.FactoryCA, cfg.IssuingCA = d.serverCA, d.factoryCA, d.issuingCA
+	cfg.ServerNames = append([]string{*hubHost}, names...) // devices reach DPS by the same host
 	cfg.NoFactoryEnrollment = true
 	cfg.Hubs = fleet.Names()
 	cfg.RetryAfter = time.Duration(*retryAfter) * time.Second
@@ -134,7 +136,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 }
 
 // startHub serves one hub and returns it with its WebSocket address ("" when none).
-func startHub(d *emulatorDir, addr, wsAddr string, names []string) (*hubtest.Hub, string, error) {
+func startHub(d *emulatorDir, host, addr, wsAddr string, names []string) (*hubtest.Hub, string, error) {
 	if addr == "" {
 		addr = "127.0.0.1:0"
 	}
@@ -156,7 +158,7 @@ func startHub(d *emulatorDir, addr, wsAddr string, names []string) (*hubtest.Hub
 		}
 		wsName = ws.Addr().String()
 	}
-	h, err := hubtest.NewOnListeners(d.serverCA, l, ws, names, nil)
+	h, err := hubtest.NewNamed(host, d.serverCA, l, ws, names, nil)
 	if err != nil {
 		l.Close()
 		if ws != nil {

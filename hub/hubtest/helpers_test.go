@@ -51,6 +51,7 @@ type clientConfig struct {
 	clean                  bool
 	broker                 string // default tls://Addr
 	noAutoAck              bool
+	tlsServerName          string // default localhost
 }
 
 func (f *fixture) username(id string) string {
@@ -66,7 +67,10 @@ func (f *fixture) connect(t *testing.T, cfg clientConfig) (*client, error) {
 	if cfg.broker == "" {
 		cfg.broker = "tls://" + f.srv.Addr
 	}
-	tc := &tls.Config{RootCAs: f.srv.RootCAs(), ServerName: "localhost", MinVersion: tls.VersionTLS12}
+	if cfg.tlsServerName == "" {
+		cfg.tlsServerName = "localhost"
+	}
+	tc := &tls.Config{RootCAs: f.srv.RootCAs(), ServerName: cfg.tlsServerName, MinVersion: tls.VersionTLS12}
 	if cfg.cert != nil {
 		tc.Certificates = []tls.Certificate{*cfg.cert}
 	}

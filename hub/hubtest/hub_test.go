@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"net"
 	"net/url"
 	"strconv"
 	"strings"
@@ -484,4 +485,30 @@ func TestRegisterUpdatesCredentials(t *testing.T) {
 	assert.Equal(t, 2, tw.ReportedVersion)
 	assert.Error(t, f.srv.Register(hubtest.Device{}))
 	assert.Error(t, f.srv.Register(hubtest.Device{ID: "x", InitialTwin: json.RawMessage(`[]`)}))
+}
+
+// TestNamedHub checks a hub advertised under a LAN name: that name is the hub's name, is
+// accepted in usernames and is in the server certificate.
+func TestNamedHub(t *testing.T) {
+	ca, err := pki.NewRoot("root")
+	require.NoError(t, err)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	h, err := hubtest.NewNamed("emulator.lan", ca, l, nil, nil, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { h.Close() })
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	assert.Equal(t, "emulator.lan:"+port, h.Name())
+
+	factory, err := ca.NewIntermediate("factory")
+	require.NoError(t, err)
+	leaf, err := factory.NewDevice("dev")
+	require.NoError(t, err)
+	require.NoError(t, h.Register(hubtest.Device{ID: "dev", CAs: []*x509.Certificate{factory.Certificate}}))
+
+	f := &fixture{srv: &hubtest.Server{Hub: h, Addr: l.Addr().String(), CA: ca}, factory: factory}
+	cert := leaf.TLSCertificate()
+	c, err := f.connect(t, clientConfig{id: "dev", cert: &cert, tlsServerName: "emulator.lan"})
+	require.NoError(t, err)
+	c.Disconnect(0)
 }

@@ -3,6 +3,7 @@ package hubtest
 import (
 	"crypto/x509"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -83,26 +84,36 @@ func NewServer(t testing.TB, opts ...Option) *Server {
 // WebSocket address and extra names are aliases), and serves MQTT/TLS on l and, if ws is not
 // nil, WebSocket on ws, until Close.
 func NewOnListeners(ca *pki.CA, l, ws net.Listener, extra []string, now func() time.Time) (*Hub, error) {
-	names := []string{hostPort("localhost", l), hostPort("127.0.0.1", l)}
+	return NewNamed("localhost", ca, l, ws, extra, now)
+}
+
+// NewNamed is NewOnListeners for a hub that devices reach by host (a LAN name or address)
+// rather than localhost: the hub is named "<host>:<port of l>", or host on port 8883, and the
+// certificate is also valid for host.
+func NewNamed(host string, ca *pki.CA, l, ws net.Listener, extra []string, now func() time.Time) (*Hub, error) {
+	var names []string
 	if _, port, _ := net.SplitHostPort(l.Addr().String()); port == "8883" {
-		names = append([]string{"localhost", "127.0.0.1"}, names...)
+		names = append(names, host)
 	}
+	names = append(names, hostPort(host, l), hostPort("localhost", l), hostPort("127.0.0.1", l))
 	if ws != nil {
-		names = append(names, hostPort("localhost", ws), hostPort("127.0.0.1", ws))
+		names = append(names, hostPort(host, ws), hostPort("localhost", ws), hostPort("127.0.0.1", ws))
 	}
 	names = append(names, extra...)
 	certNames := []string{"localhost", "127.0.0.1"}
-	for _, n := range extra {
-		if host, _, err := net.SplitHostPort(n); err == nil {
-			n = host
+	for _, n := range append([]string{host}, extra...) {
+		if h, _, err := net.SplitHostPort(n); err == nil {
+			n = h
 		}
-		certNames = append(certNames, n)
+		if !slices.Contains(certNames, n) {
+			certNames = append(certNames, n)
+		}
 	}
 	leaf, err := ca.IssueServer(certNames)
 	if err != nil {
 		return nil, err
 	}
-	h, err := New(Config{Names: names, Certificate: leaf.TLSCertificate(), Now: now})
+	h, err := New(Config{Names: slices.Compact(names), Certificate: leaf.TLSCertificate(), Now: now})
 	if err != nil {
 		return nil, err
 	}
