@@ -66,6 +66,9 @@ type Agent struct {
 	OnStatus func(Status)
 	// API, when set, serves the local API (see api.go) for as long as Run runs.
 	API net.Listener
+	// Gateway, when set, relays between the hub session and the gateway's applications
+	// (gateway.go) and adds their routes to the local API.
+	Gateway *Gateway
 
 	mu     sync.Mutex
 	status Status
@@ -133,6 +136,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if a.API != nil {
 		wg.Go(func() { a.serveAPI(ctx, a.API) })
+	}
+	if a.Gateway != nil {
+		wg.Go(func() { a.Gateway.run(ctx) })
 	}
 	a.setStatus(func(s *Status) { s.Phase, s.Message = PhaseStarting, "starting" })
 
@@ -483,6 +489,9 @@ func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *attest.Ide
 		req.reply <- result{err: a.Config.checkRateLimit(st, a.Clock.Now())}
 		return nil
 	}
+	a.setStatus(func(s *Status) {
+		s.Message = fmt.Sprintf("registering %s with DPS again, as asked; %s stays in force until then", id.RegistrationID, st.AssignedHub)
+	})
 	next, err := a.registerOnce(ctx, lock, id, thumb, st)
 	req.reply <- result{state: next, err: err}
 	if err != nil {
