@@ -150,17 +150,30 @@ func loadKeyfile(tpm transport.TPMCloser, k *keyfile.TPMKey) (*Key, error) {
 	}
 	// GetParentHandle + LoadKeyWithParent rather than keyfile.LoadKey, which leaks the
 	// transient SRK when Load fails.
-	sess := keyfile.NewTPMSession(tpm)
-	parent, err := keyfile.GetParentHandle(sess, k.Parent, nil)
+	var kh *tpm2.AuthHandle
+	err = inSequence(tpm, func() error {
+		sess := keyfile.NewTPMSession(tpm)
+		parent, err := keyfile.GetParentHandle(sess, k.Parent, nil)
+		if err != nil {
+			return fmt.Errorf("cannot create the storage root key: %w", err)
+		}
+		// tpm2.Load rather than keyfile.LoadKeyWithParent, which drops the TPM's response
+		// code from its error.
+		lr, err := tpm2.Load{ParentHandle: *parent, InPrivate: k.Privkey, InPublic: k.Pubkey}.Execute(tpm, sess.GetHMAC())
+		if keyfile.IsMSO(parent.Handle, keyfile.TPM_HT_TRANSIENT) {
+			keyfile.FlushHandle(tpm, parent)
+		}
+		switch {
+		case errors.Is(err, tpm2.TPMRCObjectMemory), errors.Is(err, tpm2.TPMRCSessionMemory), errors.Is(err, tpm2.TPMRCMemory):
+			return fmt.Errorf("the TPM is out of memory (another program holds its slots?): %w", err)
+		case err != nil:
+			return fmt.Errorf("%w: the TPM refused the keyfile (made on another TPM, or under another parent?): %w", ErrInvalidKey, err)
+		}
+		kh = &tpm2.AuthHandle{Handle: lr.ObjectHandle, Name: lr.Name, Auth: tpm2.PasswordAuth(nil)}
+		return nil
+	})
 	if err != nil {
-		return nil, fmt.Errorf("cannot create the storage root key: %w", err)
-	}
-	kh, err := keyfile.LoadKeyWithParent(sess, *parent, k)
-	if keyfile.IsMSO(parent.Handle, keyfile.TPM_HT_TRANSIENT) {
-		keyfile.FlushHandle(tpm, parent)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("%w: the TPM refused the keyfile (made on another TPM, or under another parent?): %w", ErrInvalidKey, err)
+		return nil, err
 	}
 	return newTPMKey(tpm, *kh, contents, pk, kh.Handle), nil
 }

@@ -83,17 +83,24 @@ func CreateKey(tpm transport.TPMCloser, alg KeyAlgorithm) (*keyfile.TPMKey, erro
 	if _, err := ParseKeyAlgorithm(string(alg)); err != nil {
 		return nil, err
 	}
-	srk, err := createSRK(tpm)
+	var cr *tpm2.CreateResponse
+	err := inSequence(tpm, func() error {
+		srk, err := createSRK(tpm)
+		if err != nil {
+			return err
+		}
+		defer flush(tpm, srk.ObjectHandle)
+		cr, err = tpm2.Create{
+			ParentHandle: tpm2.AuthHandle{Handle: srk.ObjectHandle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
+			InPublic:     tpm2.New2B(keyTemplate(alg)),
+		}.Execute(tpm)
+		if err != nil {
+			return fmt.Errorf("cannot create a %s key in the TPM: %w", alg, err)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	defer flush(tpm, srk.ObjectHandle)
-	cr, err := tpm2.Create{
-		ParentHandle: tpm2.AuthHandle{Handle: srk.ObjectHandle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
-		InPublic:     tpm2.New2B(keyTemplate(alg)),
-	}.Execute(tpm)
-	if err != nil {
-		return nil, fmt.Errorf("cannot create a %s key in the TPM: %w", alg, err)
 	}
 	return keyfile.NewTPMKey(keyfile.OIDLoadableKey, cr.OutPublic, cr.OutPrivate, keyfile.WithParent(tpm2.TPMRHOwner)), nil
 }

@@ -68,7 +68,20 @@ func Locked(tpm transport.TPMCloser) transport.TPMCloser {
 
 type lockedTPM struct {
 	mu  sync.Mutex
+	seq sync.Mutex // held across multi-command sequences; see inSequence
 	tpm transport.TPMCloser
+}
+
+// inSequence runs f, a sequence of commands that holds transient objects (a storage root
+// key, a half-loaded key) until its end, with no other such sequence on tpm in between:
+// interleaved, two of them could exhaust the TPM's three object slots. Single commands, such
+// as signatures, still run between f's commands.
+func inSequence(tpm transport.TPM, f func() error) error {
+	if l, ok := tpm.(*lockedTPM); ok {
+		l.seq.Lock()
+		defer l.seq.Unlock()
+	}
+	return f()
 }
 
 func (l *lockedTPM) Send(cmd []byte) ([]byte, error) {

@@ -468,3 +468,45 @@ func freePort(t testing.TB) int {
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
 }
+
+// TestConcurrentLoad loads, uses and closes keys from two goroutines at once. Each load
+// holds a storage root key and the key: interleaved, two loads would need four of the
+// TPM's three object slots.
+func TestConcurrentLoad(t *testing.T) {
+	tpm := attesttest.Simulator(t)
+	k, err := attest.CreateKey(tpm, attest.ECDSAP256)
+	require.NoError(t, err)
+	path := filepath.Join(t.TempDir(), "device.key")
+	require.NoError(t, attest.WriteKeyfile(path, k))
+	before := transientHandles(t, tpm)
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 20 {
+				key, err := attest.LoadKey(tpm, "tpmkey:"+path)
+				if err != nil {
+					errs <- err
+					return
+				}
+				digest := sha256.Sum256([]byte("load"))
+				_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
+				if cerr := key.Close(); err == nil {
+					err = cerr
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	assert.Equal(t, before, transientHandles(t, tpm))
+}
