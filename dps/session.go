@@ -73,6 +73,7 @@ func (r *registration) connect(ctx context.Context) (*session, error) {
 			opened = true
 			return conn, nil
 		}).
+		SetProtocolVersion(4). // else paho retries a refused CONNECT as MQTT 3.1 on a used connection
 		SetClientID(r.regID).
 		SetUsername(r.username).
 		SetCleanSession(true).
@@ -177,23 +178,28 @@ func (s *session) request(ctx context.Context, operationID string) (*reply, erro
 	}
 	timer := time.NewTimer(s.r.replyTimeout)
 	defer timer.Stop()
-	if err := s.await(ctx, s.client.Publish(topic, 1, false, body), "PUBACK"); err != nil {
-		return nil, err
-	}
+	pub := s.client.Publish(topic, 1, false, body)
+	published := pub.Done()
 	for {
 		select {
 		case m := <-s.inbox:
-			rep, err := parseReply(m.topic, m.payload)
-			if rep == nil || rep.rid != rid {
-				continue
+			if rep, err := match(m, rid); rep != nil || err != nil {
+				return rep, err
 			}
-			if err != nil && (rep.status == 200 || rep.status == 202) {
-				return nil, malformed(err)
+		case <-published:
+			published = nil
+			if err := pub.Error(); err != nil {
+				// DPS may have replied and then closed without a PUBACK.
+				if rep, err := s.drain(rid); rep != nil || err != nil {
+					return rep, err
+				}
+				return nil, unreachable("the connection to DPS dropped before DPS acknowledged the request", err)
 			}
-			// An error reply's meaning is in its status (protocol.md §8.1), even when its
-			// body is not what it should be.
-			return rep, nil
 		case <-s.lost:
+			// DPS may have replied just before the connection went.
+			if rep, err := s.drain(rid); rep != nil || err != nil {
+				return rep, err
+			}
 			return nil, unreachable("the connection to DPS dropped while waiting for its reply", s.lostErr)
 		case <-timer.C:
 			return nil, &Error{Message: fmt.Sprintf("DPS did not reply within %s", seconds(s.r.replyTimeout)), temporary: true}
@@ -201,6 +207,34 @@ func (s *session) request(ctx context.Context, operationID string) (*reply, erro
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// drain looks through the messages already received for the reply to rid.
+func (s *session) drain(rid string) (*reply, error) {
+	for {
+		select {
+		case m := <-s.inbox:
+			if rep, err := match(m, rid); rep != nil || err != nil {
+				return rep, err
+			}
+		default:
+			return nil, nil
+		}
+	}
+}
+
+// match parses a message and returns it if it is the reply to rid; nil, nil if it is not.
+func match(m inbound, rid string) (*reply, error) {
+	rep, err := parseReply(m.topic, m.payload)
+	if rep == nil || rep.rid != rid {
+		return nil, nil
+	}
+	if err != nil && (rep.status == 200 || rep.status == 202) {
+		return nil, malformed(err)
+	}
+	// An error reply's meaning is in its status (protocol.md §8.1), even when its body is
+	// not what it should be.
+	return rep, nil
 }
 
 // close ends the session, politely if it is up, and waits until paho has let go.
