@@ -84,6 +84,7 @@ func newAdminHandler(fleet *hubtest.Fleet, dps *dpstest.Server) http.Handler {
 	a := &admin{fleet: fleet, dps: dps}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/devices", a.devices)
+	mux.HandleFunc("GET /v1/refusals", a.refusals)
 	mux.HandleFunc("GET /v1/telemetry", a.telemetry)
 	mux.HandleFunc("POST /v1/c2d", a.c2d)
 	mux.HandleFunc("POST /v1/invoke", a.invoke)
@@ -101,6 +102,21 @@ func (a *admin) devices(w http.ResponseWriter, _ *http.Request) {
 	for _, h := range a.fleet.Hubs() {
 		for _, d := range h.Devices() {
 			out = append(out, deviceJSON{Hub: h.Name(), DeviceInfo: d})
+		}
+	}
+	reply(w, out, nil)
+}
+
+type refusalJSON struct {
+	Hub string `json:"hub"`
+	hubtest.Refusal
+}
+
+func (a *admin) refusals(w http.ResponseWriter, _ *http.Request) {
+	out := []refusalJSON{}
+	for _, h := range a.fleet.Hubs() {
+		for _, r := range h.Refusals() {
+			out = append(out, refusalJSON{Hub: h.Name(), Refusal: r})
 		}
 	}
 	reply(w, out, nil)

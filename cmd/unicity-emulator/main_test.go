@@ -381,6 +381,11 @@ func TestServeEndToEnd(t *testing.T) {
 	<-lost
 	_, err = connectHub(t, s, hub, dev, msgs, nil)
 	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised)
+	var refusals []refusalJSON
+	cliJSON(t, &refusals, "devices", "--dir", dir, "--refused")
+	require.Len(t, refusals, 1)
+	assert.Equal(t, hub, refusals[0].Hub)
+	assert.Contains(t, refusals[0].Reason, "not registered on this hub")
 	require.Equal(t, other, register(t, s, dev), "re-registration follows the move")
 	_, err = connectHub(t, s, other, dev, msgs, lost)
 	require.NoError(t, err)

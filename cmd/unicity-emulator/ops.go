@@ -20,11 +20,16 @@ import (
 
 func runDevices(ctx context.Context, e *env, args []string) error {
 	fs, dir := newFlags("devices")
-	if err := parse(e, fs, "--dir DIR", args); err != nil {
+	refused := fs.Bool("refused", false, "list the hubs' recently refused connections and why, instead")
+	if err := parse(e, fs, "--dir DIR [--refused]", args); err != nil {
 		return err
 	}
-	var out []deviceJSON
-	if err := newAdminClient(*dir).call(ctx, http.MethodGet, "/v1/devices", nil, nil, &out); err != nil {
+	path := "/v1/devices"
+	if *refused {
+		path = "/v1/refusals"
+	}
+	var out json.RawMessage
+	if err := newAdminClient(*dir).call(ctx, http.MethodGet, path, nil, nil, &out); err != nil {
 		return err
 	}
 	return printJSON(e.stdout, out)

@@ -1,9 +1,13 @@
 package hubtest
 
 import (
+	"crypto/x509"
+	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
@@ -22,11 +26,18 @@ func (hd handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 	h := hd.h
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	code, present, d := h.connect(c)
-	if code != packets.Accepted {
+	d, present, err := h.connect(c)
+	if err != nil {
+		var r *refusal
+		errors.As(err, &r)
 		h.stats.Refused++
+		if len(h.refusals) == maxRefusals {
+			h.refusals = append(h.refusals[:0], h.refusals[1:]...)
+		}
+		h.refusals = append(h.refusals, Refusal{ClientID: c.ClientID, Username: c.Username,
+			ReturnCode: r.code, Reason: r.Error(), Time: h.now()})
 		h.broadcast()
-		return code, false
+		return r.code, false
 	}
 	h.stats.Connections++
 	h.kick(d) // one connection per device: the newer wins (Azure error 400027)
@@ -40,35 +51,85 @@ func (hd handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 	return packets.Accepted, present
 }
 
-// connect decides a CONNECT; h.mu is held.
-func (h *Hub) connect(c *mqttsrv.Conn) (code byte, sessionPresent bool, d *device) {
+// maxRefusals bounds the refusals a hub remembers; the oldest is dropped.
+const maxRefusals = 100
+
+// Refusal is a CONNECT the hub refused, with the reason Azure would not tell the device.
+type Refusal struct {
+	ClientID   string    `json:"client_id"`
+	Username   string    `json:"username"`
+	ReturnCode byte      `json:"return_code"`
+	Reason     string    `json:"reason"`
+	Time       time.Time `json:"time"`
+}
+
+// Refusals returns the most recent refused CONNECTs, oldest first.
+func (h *Hub) Refusals() []Refusal {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.refusals)
+}
+
+// refusal is a refused CONNECT's return code and reason.
+type refusal struct {
+	code byte
+	err  error
+}
+
+func (r *refusal) Error() string { return r.err.Error() }
+
+func refuse(code byte, format string, a ...any) error {
+	return &refusal{code: code, err: fmt.Errorf(format, a...)}
+}
+
+// connect authenticates a CONNECT and returns the device with whether its session was
+// resumed, or a *refusal. h.mu is held.
+func (h *Hub) connect(c *mqttsrv.Conn) (*device, bool, error) {
 	id, err := parseUsername(c.Username)
+	if err != nil {
+		return nil, false, refuse(packets.ErrRefusedBadUsernameOrPassword, "%w", err)
+	}
+	if !h.isName(id.host) {
+		return nil, false, refuse(packets.ErrRefusedBadUsernameOrPassword, "username names hub %q, this is %q", id.host, h.Name())
+	}
 	clientID := id.deviceID
 	if id.moduleID != "" {
 		clientID += "/" + id.moduleID
 	}
-	if err != nil || !h.isName(id.host) || clientID != c.ClientID {
-		return packets.ErrRefusedBadUsernameOrPassword, false, nil
+	if clientID != c.ClientID {
+		return nil, false, refuse(packets.ErrRefusedBadUsernameOrPassword, "client ID %q does not match the username's %q", c.ClientID, clientID)
 	}
 	if id.moduleID != "" {
-		return packets.ErrRefusedNotAuthorised, false, nil // module identities are not emulated
+		return nil, false, refuse(packets.ErrRefusedNotAuthorised, "module identities are not emulated")
 	}
 	d, ok := h.devices[id.deviceID]
-	if !ok || d.Disabled {
-		return packets.ErrRefusedNotAuthorised, false, nil
+	switch {
+	case !ok:
+		return nil, false, refuse(packets.ErrRefusedNotAuthorised, "device %q is not registered on this hub", id.deviceID)
+	case d.Disabled:
+		return nil, false, refuse(packets.ErrRefusedNotAuthorised, "device %q is disabled", id.deviceID)
 	}
-	authErr := errNoCredential
-	if c.TLS != nil && len(c.TLS.PeerCertificates) > 0 {
-		authErr = d.authenticateX509(c.TLS.PeerCertificates, h.now())
-	} else if c.Password != nil && len(d.SymmetricKeys) > 0 {
+	hasX509 := len(d.CAs) > 0 || len(d.Thumbprints) > 0
+	var peer []*x509.Certificate
+	if c.TLS != nil {
+		peer = c.TLS.PeerCertificates
+	}
+	switch {
+	case hasX509 && len(peer) > 0:
+		err = d.authenticateX509(peer, h.now())
+	case len(d.SymmetricKeys) > 0 && c.Password != nil:
 		var resources []string
 		for _, n := range h.names {
 			resources = append(resources, sasResource(n, d.ID))
 		}
-		authErr = checkSAS(string(c.Password), resources, d.SymmetricKeys, h.now())
+		err = checkSAS(string(c.Password), resources, d.SymmetricKeys, h.now())
+	case hasX509:
+		err = errors.New("no client certificate was presented")
+	default:
+		err = errors.New("no SAS token was presented")
 	}
-	if authErr != nil {
-		return packets.ErrRefusedNotAuthorised, false, nil
+	if err != nil {
+		return nil, false, refuse(packets.ErrRefusedNotAuthorised, "device %q: %w", id.deviceID, err)
 	}
 	d.clientType, d.modelID, d.apiVersion = id.query["DeviceClientType"], id.query["model-id"], id.query["api-version"]
 	// A CleanSession 1 connection discards the session; a CleanSession 0 one resumes the
@@ -78,7 +139,7 @@ func (h *Hub) connect(c *mqttsrv.Conn) (code byte, sessionPresent bool, d *devic
 	if !present {
 		d.subs = map[string]byte{}
 	}
-	return packets.Accepted, present, d
+	return d, present, nil
 }
 
 func (hd handler) Subscribe(c *mqttsrv.Conn, filters []string, qos []byte) []byte {

@@ -64,6 +64,7 @@ type Hub struct {
 	mu        sync.Mutex
 	devices   map[string]*device
 	telemetry []Telemetry
+	refusals  []Refusal
 	stats     Stats
 	nextID    uint64
 	changed   chan struct{} // closed and replaced whenever observable state changes

@@ -94,6 +94,12 @@ func TestConnectAuthentication(t *testing.T) {
 			}
 			assert.ErrorIs(t, err, tc.want)
 			assert.Equal(t, before.Refused+1, f.srv.Stats().Refused)
+			refusals := f.srv.Refusals()
+			require.NotEmpty(t, refusals)
+			last := refusals[len(refusals)-1]
+			assert.Equal(t, tc.cfg.id, last.ClientID)
+			assert.Equal(t, tc.want, packets.ConnErrors[last.ReturnCode])
+			assert.NotEmpty(t, last.Reason)
 		})
 	}
 }

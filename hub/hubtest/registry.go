@@ -252,8 +252,6 @@ func (d *device) info() DeviceInfo {
 	return in
 }
 
-var errNoCredential = errors.New("no credential of the device was presented")
-
 // authenticateX509 checks the TLS peer chain (leaf first) against the device's CAs and
 // thumbprints.
 func (d *device) authenticateX509(peer []*x509.Certificate, now time.Time) error {
@@ -290,9 +288,6 @@ func (d *device) authenticateX509(peer []*x509.Certificate, now time.Time) error
 			return nil
 		}
 		errs = append(errs, errors.New("certificate thumbprint is not the device's"))
-	}
-	if len(errs) == 0 {
-		return errNoCredential
 	}
 	return errors.Join(errs...)
 }
