@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -38,25 +37,17 @@ func RequireTool(t testing.TB, name string) string {
 	return p
 }
 
-// simMu makes Simulator's waiting explicit: the simulator is a process-wide singleton.
-var simMu sync.Mutex
-
 // Simulator returns a freshly manufactured in-process reference TPM, locked for concurrent
-// use and closed when the test ends. Only one test at a time can hold it, so tests using it
-// must not be parallel.
+// use and closed when the test ends. The simulator is a process-wide singleton: a second
+// Simulator call waits until the first test ends, so tests using it must not be parallel.
 func Simulator(t testing.TB) transport.TPMCloser {
 	t.Helper()
-	simMu.Lock()
 	sim, err := simulator.Get()
 	if err != nil {
-		simMu.Unlock()
 		t.Fatalf("cannot start the TPM simulator: %v", err)
 	}
 	tpm := attest.Locked(transport.FromReadWriteCloser(sim))
-	t.Cleanup(func() {
-		tpm.Close()
-		simMu.Unlock()
-	})
+	t.Cleanup(func() { tpm.Close() })
 	return tpm
 }
 
