@@ -597,3 +597,15 @@ func TestWatchdogPingsWhileLoopIsAlive(t *testing.T) {
 	tb.waitPhase(PhaseConnected)
 	require.Eventually(t, func() bool { return tb.notify.count("WATCHDOG=1") >= 3 }, 5*time.Second, time.Millisecond)
 }
+
+func TestStaleSessionGoesBackToDPS(t *testing.T) {
+	tb := newTestbed(t, assigned("hub-a.example"), assigned("hub-b.example"))
+	tb.cfg.Agent.ReprovisionInterval = 0
+	tb.start()
+	tb.waitPhase(PhaseConnected)
+	tb.hub.last().end(Mark(errors.New("hub unreachable, giving up after 10 attempts"), ErrStale))
+	s := tb.waitPhase(PhaseConnected)
+	require.Eventually(t, func() bool { return tb.agent.Status().AssignedHub == "hub-b.example" }, 5*time.Second, time.Millisecond)
+	assert.Equal(t, 2, tb.dps.Calls(), "a session that gave up counts as hub_failures failures: straight back to DPS")
+	assert.Equal(t, PhaseConnected, s.Phase)
+}

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/unicity-iot/unicity/attest"
 )
 
 // DefaultConfigPath is where the service and every command look for the configuration
@@ -249,8 +251,6 @@ func lineOf(data []byte, key toml.Key) int {
 var (
 	// An Azure ID scope: "0ne" and eight hex digits, as the portal shows it.
 	idScopeRE = regexp.MustCompile(`^0[nN][eE][0-9A-Fa-f]{8}$`)
-	// A DPS registration ID (shared/protocol.md §1.3).
-	registrationIDRE = regexp.MustCompile(`^[A-Za-z0-9\-._:]*[A-Za-z0-9\-]$`)
 )
 
 func invalid(key, format string, a ...any) error {
@@ -268,8 +268,10 @@ func (c *Config) validate() error {
 	if !idScopeRE.MatchString(p.IDScope) {
 		return invalid("provisioning.id_scope", "%q is not an ID scope (\"0ne\" and 8 hex digits, like 0ne00000000)", p.IDScope)
 	}
-	if p.RegistrationID != "" && (len(p.RegistrationID) > 128 || !registrationIDRE.MatchString(p.RegistrationID)) {
-		return invalid("provisioning.registration_id", "%q is not a DPS registration ID (at most 128 letters, digits, '-', '.', '_', ':', ending in a letter, digit or '-')", p.RegistrationID)
+	if p.RegistrationID != "" {
+		if err := attest.ValidRegistrationID(p.RegistrationID); err != nil {
+			return invalid("provisioning.registration_id", "%v", err)
+		}
 	}
 	switch p.Transport {
 	case "auto", "mqtt", "mqtt-ws":
@@ -369,25 +371,10 @@ func validateEndpoint(ep string) error {
 	return nil
 }
 
-// validateHandle checks a TPM handle written as 0x and eight hex digits within the range
-// (persistent objects 0x81…, NV indices 0x01…) that the key or certificate source needs.
-func validateHandle(s string, top byte) error {
-	if len(s) != 10 || !strings.HasPrefix(strings.ToLower(s), "0x") {
-		return fmt.Errorf("handle %q is not 0x followed by 8 hex digits", s)
-	}
-	v, err := strconv.ParseUint(s[2:], 16, 32)
-	if err != nil {
-		return fmt.Errorf("handle %q is not 0x followed by 8 hex digits", s)
-	}
-	if byte(v>>24) != top {
-		return fmt.Errorf("handle %q is not in the 0x%02x...... range", s, top)
-	}
-	return nil
-}
-
 func validateCertSource(s string) error {
 	if h, ok := strings.CutPrefix(s, "tpm-nv:"); ok {
-		return validateHandle(h, 0x01)
+		_, err := attest.ParseNVIndex(h)
+		return err
 	}
 	return nil
 }
@@ -400,7 +387,8 @@ func validateKeySource(s string) error {
 	switch kind {
 	case "tpmkey":
 		if h, ok := strings.CutPrefix(rest, "handle="); ok {
-			return validateHandle(h, 0x81)
+			_, err := attest.ParsePersistentHandle(h)
+			return err
 		}
 		return nil
 	case "file":
