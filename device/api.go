@@ -87,6 +87,9 @@ func (a *Agent) serveAPI(ctx context.Context, ln net.Listener) {
 func (a *Agent) routes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/status", a.handleStatus)
 	mux.HandleFunc("POST /v1/reprovision", a.handleReprovision)
+	if a.Gateway != nil {
+		a.Gateway.routes(mux)
+	}
 }
 
 func (a *Agent) handleStatus(w http.ResponseWriter, _ *http.Request) {

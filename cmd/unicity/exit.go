@@ -8,6 +8,8 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/hub"
+	"github.com/unicity-iot/unicity/internal/dial"
 )
 
 // Exit codes of the contract (shared/design.md), sysexits-style. Scripts and the systemd unit
@@ -52,11 +54,11 @@ func exitCode(err error) int {
 		return exitConfig
 	case isConfigError(err), errors.Is(err, device.ErrIdentity):
 		return exitConfig
-	case errors.Is(err, device.ErrRefused):
+	case errors.Is(err, device.ErrRefused), errors.Is(err, hub.ErrNotAuthorized):
 		return exitRefused
-	case errors.Is(err, device.ErrUnreachable):
+	case errors.Is(err, device.ErrUnreachable), errors.Is(err, dial.ErrUnreachable):
 		return exitUnavailable
-	case errors.Is(err, device.ErrTemporary):
+	case errors.Is(err, device.ErrTemporary), errors.Is(err, hub.ErrQueueFull), errors.Is(err, hub.ErrTimeout):
 		return exitTempFail
 	default:
 		return exitFailure

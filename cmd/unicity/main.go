@@ -43,6 +43,7 @@ func commands() []command {
 		{name: "status", summary: "identity, assignment, service phase, last error, next retry", run: runStatus},
 		{name: "check", summary: "preflight checks: config, TPM, key, chain, clock, DNS/TCP/TLS to DPS and hub", run: runCheck},
 		{name: "version", summary: "print version, commit and Go version", run: runVersion},
+		{name: "send", summary: "send stdin as one telemetry message through the running service", run: runSend},
 		{name: "identity", summary: "show the certificate, registration ID, key location and key/cert match", run: runIdentity},
 		{name: "factory", summary: "factory line: create the TPM key, CSR, install and verify the identity", sub: factoryCommands()},
 	}

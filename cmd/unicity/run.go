@@ -54,6 +54,7 @@ func runRun(ctx context.Context, e *env, args []string) error {
 		API:         api,
 		OnStatus:    statusLogger(log),
 	}
+	agent.Gateway = device.NewGateway(agent, hubs)
 	prov.Clock = agentClock
 	prov.Progress = func(p dps.Progress) { agent.Progress(p.Message, p.Wait, p.Err) }
 	hubs.OnState = func(s hub.State) {

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/hub"
+)
+
+// properties collects repeated --property k=v flags.
+type properties map[string]string
+
+func (p properties) String() string { return "" }
+
+func (p properties) Set(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("want NAME=VALUE, got %q", s)
+	}
+	p[k] = v
+	return nil
+}
+
+// runSend sends stdin as one telemetry message through the running agent's hub session and
+// returns once the hub has acknowledged it.
+func runSend(ctx context.Context, e *env, args []string) error {
+	fs := newFlagSet(e, "send", "[--config FILE] [--property NAME=VALUE]... [--timeout D] < payload")
+	var tf tpmFlags
+	tf.register(fs)
+	props := properties{}
+	fs.Var(props, "property", "message property `NAME=VALUE` (repeatable); system properties by their wire names, e.g. '$.ct=application/json'")
+	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the hub's acknowledgement; the message is withdrawn if it was not sent by then")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	cfg, err := tf.loadConfig(fs, false)
+	if err != nil {
+		return err
+	}
+	payload, err := io.ReadAll(io.LimitReader(e.stdin, hub.MaxTelemetrySize+1))
+	if err != nil {
+		return fmt.Errorf("cannot read the payload from stdin: %w", err)
+	}
+	if len(payload) > hub.MaxTelemetrySize {
+		return usageErrorf("send: the payload exceeds the hub's limit of %d bytes", hub.MaxTelemetrySize)
+	}
+	// The agent bounds the wait by --timeout; this bounds a wedged agent.
+	ctx, cancel := context.WithTimeout(ctx, *timeout+10*time.Second)
+	defer cancel()
+	if err := device.NewClient(cfg).SendTelemetry(ctx, payload, props, *timeout); err != nil {
+		return fmt.Errorf("cannot send: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,337 @@
+package device
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/unicity-iot/unicity/hub"
+	"github.com/unicity-iot/unicity/internal/version"
+	"github.com/unicity-iot/unicity/storage"
+)
+
+var errNoSession = errors.New("not connected to the hub")
+
+// ReportedKey is the reported property under which the agent reports onboarding health;
+// applications may not patch it.
+const ReportedKey = "unicity"
+
+// Direct methods the agent answers itself.
+const (
+	MethodReprovision = "unicity.reprovision"
+	MethodStatus      = "unicity.status"
+)
+
+const (
+	// c2dBacklog holds cloud-to-device messages while no application listens: the hub's own
+	// limit of pending messages per device. Beyond it the hub's copy stays unacknowledged.
+	c2dBacklog = 50
+	// subscriberBuffer is how far an application's event stream may fall behind before the
+	// agent closes it (the application reconnects; nothing is dropped behind its back).
+	subscriberBuffer = 64
+	reportTimeout    = time.Minute
+)
+
+// Gateway is the connected agent's side towards the cloud and the gateway's applications:
+// it reports the agent's health in the twin, answers the unicity.* direct methods, and
+// relays telemetry, the twin, cloud-to-device messages, desired properties and direct
+// methods between the hub session and the applications on the local API (api_gateway.go).
+type Gateway struct {
+	Agent *Agent
+	Hubs  *HubSessions
+
+	reportNow chan struct{}
+
+	mu       sync.Mutex
+	ctx      context.Context // the agent's, once run has started
+	subs     map[*subscriber]struct{}
+	backlog  []hub.Message
+	space    chan struct{} // closed and replaced when the backlog shrinks or a subscriber comes
+	calls    map[string]*pendingCall
+	nextCall uint64
+	hubState hub.State
+	notAfter time.Time // of the identity certificate the session presents
+}
+
+type pendingCall struct {
+	answer chan hub.MethodResponse
+	sub    *subscriber
+}
+
+// NewGateway attaches a gateway to the agent's hub sessions; set it as Agent.Gateway.
+func NewGateway(a *Agent, hubs *HubSessions) *Gateway {
+	g := &Gateway{
+		Agent:     a,
+		Hubs:      hubs,
+		reportNow: make(chan struct{}, 1),
+		subs:      map[*subscriber]struct{}{},
+		space:     make(chan struct{}),
+		calls:     map[string]*pendingCall{},
+	}
+	prev := hubs.Configure
+	hubs.Configure = func(hc *hub.Config) {
+		if prev != nil {
+			prev(hc)
+		}
+		g.configure(hc)
+	}
+	return g
+}
+
+// configure routes a new session's traffic through the gateway.
+func (g *Gateway) configure(hc *hub.Config) {
+	if cert := hc.Dial.Certificate; cert != nil && cert.Leaf != nil {
+		g.mu.Lock()
+		g.notAfter = cert.Leaf.NotAfter
+		g.mu.Unlock()
+	}
+	hc.OnMessage = g.onMessage
+	hc.OnDesired = g.onDesired
+	hc.OnMethod = g.onMethod
+	onState := hc.OnState
+	hc.OnState = func(s hub.State) {
+		g.mu.Lock()
+		g.hubState = s
+		g.mu.Unlock()
+		if s.Connected {
+			// Every connection reports: the twin then shows the transport in use and the
+			// error that ended the previous connection.
+			select {
+			case g.reportNow <- struct{}{}:
+			default:
+			}
+		}
+		if onState != nil {
+			onState(s)
+		}
+	}
+}
+
+// run reports the agent's health whenever a connection comes up, until ctx ends.
+func (g *Gateway) run(ctx context.Context) {
+	g.mu.Lock()
+	g.ctx = ctx
+	g.mu.Unlock()
+	updates, cancel := g.Agent.subscribe()
+	defer cancel()
+	pending := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-g.reportNow:
+			pending = true
+		case <-updates:
+			// The session becomes the agent's current one a moment after it connects.
+		}
+		if pending && g.report(ctx) == nil {
+			pending = false
+		}
+	}
+}
+
+// Health is what the agent reports under ReportedKey.
+type Health struct {
+	AgentVersion         string    `json:"agent_version"`
+	RegistrationID       string    `json:"registration_id"`
+	DeviceID             string    `json:"device_id"`
+	ProvisionedAt        time.Time `json:"provisioned_at,omitzero"`
+	Substatus            string    `json:"substatus,omitempty"`
+	Transport            string    `json:"transport,omitempty"`
+	CertificateNotAfter  time.Time `json:"certificate_not_after,omitzero"`
+	ProvisioningAttempts int       `json:"provisioning_attempts,omitempty"`
+	ProvisioningMillis   int64     `json:"provisioning_duration_ms"`
+	ConnectedAt          time.Time `json:"connected_at,omitzero"`
+	// LastError is null when there is none, which removes an old one from the twin.
+	LastError   *string    `json:"last_error"`
+	LastErrorAt *time.Time `json:"last_error_at"`
+}
+
+// health gathers the report from the agent's status, the stored assignment and the session.
+func (g *Gateway) health() Health {
+	status := g.Agent.Status()
+	g.mu.Lock()
+	hs, notAfter := g.hubState, g.notAfter
+	g.mu.Unlock()
+	h := Health{
+		AgentVersion:        version.Version,
+		RegistrationID:      status.RegistrationID,
+		DeviceID:            status.DeviceID,
+		Transport:           hs.Transport,
+		ConnectedAt:         hs.Since,
+		CertificateNotAfter: notAfter,
+	}
+	if st, err := storage.New(g.Agent.Config.State.Dir).Load(); err == nil {
+		h.ProvisionedAt, h.Substatus = st.ProvisionedAt, st.Substatus
+		h.ProvisioningAttempts, h.ProvisioningMillis = st.Attempts, st.Duration.Milliseconds()
+	}
+	if status.LastError != "" {
+		h.LastError, h.LastErrorAt = &status.LastError, &status.LastErrorAt
+	}
+	return h
+}
+
+func (g *Gateway) report(ctx context.Context) error {
+	c := g.Hubs.Client()
+	if c == nil || !c.State().Connected {
+		return errNoSession
+	}
+	patch, err := json.Marshal(map[string]Health{ReportedKey: g.health()})
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, reportTimeout)
+	defer cancel()
+	_, err = c.UpdateReported(ctx, patch)
+	return err
+}
+
+// onMessage hands a cloud-to-device message to every listening application, or keeps it
+// until one listens. The hub's copy is acknowledged when this returns.
+func (g *Gateway) onMessage(m hub.Message) {
+	for {
+		g.mu.Lock()
+		if g.broadcast(eventOf(m), func(s *subscriber) bool { return s.c2d }) {
+			g.mu.Unlock()
+			return
+		}
+		if len(g.backlog) < c2dBacklog {
+			g.backlog = append(g.backlog, m)
+			g.mu.Unlock()
+			return
+		}
+		space, ctx := g.space, g.ctx
+		g.mu.Unlock()
+		var done <-chan struct{}
+		if ctx != nil {
+			done = ctx.Done()
+		}
+		select {
+		case <-space:
+		case <-done:
+			return
+		}
+	}
+}
+
+func (g *Gateway) onDesired(d hub.Desired) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.broadcast(Event{Type: "desired", Version: d.Version, Full: d.Full, Desired: d.Properties},
+		func(s *subscriber) bool { return s.desired })
+}
+
+// broadcast sends e to the subscribers that want it and reports whether any took it. A
+// subscriber too slow to take it is closed. g.mu must be held.
+func (g *Gateway) broadcast(e Event, wants func(*subscriber) bool) bool {
+	taken := false
+	for s := range g.subs {
+		if !wants(s) {
+			continue
+		}
+		if s.send(e) {
+			taken = true
+		} else {
+			g.dropLocked(s)
+		}
+	}
+	return taken
+}
+
+// onMethod answers the agent's own methods and relays the rest to the application that
+// registered them.
+func (g *Gateway) onMethod(ctx context.Context, call hub.MethodCall) hub.MethodResponse {
+	switch call.Name {
+	case MethodStatus:
+		return jsonResponse(200, struct {
+			Status Status `json:"status"`
+			Health Health `json:"health"`
+		}{g.Agent.Status(), g.health()})
+	case MethodReprovision:
+		return g.reprovision(call)
+	}
+	g.mu.Lock()
+	var owner *subscriber
+	for s := range g.subs {
+		if s.serves(call.Name) && (owner == nil || s.since.After(owner.since)) {
+			owner = s
+		}
+	}
+	if owner == nil {
+		g.mu.Unlock()
+		return jsonResponse(404, map[string]string{"message": "no application on this gateway serves method " + call.Name})
+	}
+	g.nextCall++
+	id := strconv.FormatUint(g.nextCall, 10)
+	pc := &pendingCall{answer: make(chan hub.MethodResponse, 1), sub: owner}
+	g.calls[id] = pc
+	ok := owner.send(Event{Type: "method", ID: id, Name: call.Name, Payload: call.Payload})
+	if !ok {
+		g.dropLocked(owner)
+	}
+	g.mu.Unlock()
+	defer func() {
+		g.mu.Lock()
+		delete(g.calls, id)
+		g.mu.Unlock()
+	}()
+	if !ok {
+		return jsonResponse(503, map[string]string{"message": "the application serving " + call.Name + " is not keeping up"})
+	}
+	select {
+	case r := <-pc.answer:
+		return r
+	case <-owner.done:
+		return jsonResponse(503, map[string]string{"message": "the application serving " + call.Name + " went away"})
+	case <-ctx.Done():
+		return jsonResponse(504, map[string]string{"message": "the application serving " + call.Name + " did not answer in time"})
+	}
+}
+
+// answer delivers an application's response to method call id; false if no call waits.
+func (g *Gateway) answer(id string, r hub.MethodResponse) bool {
+	g.mu.Lock()
+	pc := g.calls[id]
+	delete(g.calls, id)
+	g.mu.Unlock()
+	if pc == nil {
+		return false
+	}
+	pc.answer <- r
+	return true
+}
+
+// reprovision asks the agent loop for a registration and answers at once: the session this
+// answer travels on ends when the new assignment is in force. The outcome shows in the
+// reported properties under ReportedKey.
+func (g *Gateway) reprovision(call hub.MethodCall) hub.MethodResponse {
+	var args struct {
+		Force bool `json:"force"`
+	}
+	if len(call.Payload) > 0 && string(call.Payload) != "null" {
+		if err := json.Unmarshal(call.Payload, &args); err != nil {
+			return jsonResponse(400, map[string]string{"message": "payload: want {\"force\": true|false}"})
+		}
+	}
+	g.mu.Lock()
+	ctx := g.ctx
+	g.mu.Unlock()
+	if ctx == nil {
+		return jsonResponse(503, map[string]string{"message": "the agent is not ready"})
+	}
+	go func() {
+		if _, err := g.Agent.ask(ctx, &request{force: args.Force}); err != nil && ctx.Err() == nil {
+			g.Agent.noteError(fmt.Errorf("%s: %w", MethodReprovision, err))
+		}
+	}()
+	return jsonResponse(202, map[string]string{"message": "registering again with DPS; the device reconnects once the new assignment is in force"})
+}
+
+func jsonResponse(status int, v any) hub.MethodResponse {
+	b, _ := json.Marshal(v)
+	return hub.MethodResponse{Status: status, Payload: b}
+}

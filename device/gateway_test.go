@@ -1,0 +1,298 @@
+package device
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/unicity-iot/unicity/hub/hubtest"
+	"github.com/unicity-iot/unicity/internal/pki"
+)
+
+// gatewayBed is the agent with its gateway, connected to an emulated hub over real TLS, with
+// the local API on a Unix socket.
+type gatewayBed struct {
+	*testbed
+	srv *hubtest.Server
+	api *Client
+}
+
+func newGatewayBed(t *testing.T) *gatewayBed {
+	srv := hubtest.NewServer(t)
+	// DPS keeps assigning the same hub, so a re-registration lands back on it.
+	tb := newTestbed(t, assigned(srv.Name()))
+	require.NoError(t, srv.Register(hubtest.Device{ID: "gw-0001", Thumbprints: []string{pki.Thumbprint(tb.leaf.Certificate())}}))
+	hubs := NewHubSessions(tb.cfg, srv.RootCAs())
+	tb.agent.Hub = hubs
+	ln, err := ListenAPI(tb.cfg)
+	require.NoError(t, err)
+	tb.agent.API = ln
+	tb.agent.Gateway = NewGateway(tb.agent, hubs)
+	tb.start()
+	tb.waitPhase(PhaseConnected)
+	return &gatewayBed{testbed: tb, srv: srv, api: NewClient(tb.cfg)}
+}
+
+// call makes a request on the local API and decodes the JSON answer into out (if not nil).
+func (gb *gatewayBed) call(t *testing.T, method, path, body string, out any) int {
+	t.Helper()
+	req, err := http.NewRequest(method, "http://unicity"+path, strings.NewReader(body))
+	require.NoError(t, err)
+	resp, err := gb.api.http.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	if out != nil {
+		require.NoError(t, json.NewDecoder(resp.Body).Decode(out))
+	}
+	return resp.StatusCode
+}
+
+func ctxFor(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func TestGatewayReportsHealth(t *testing.T) {
+	gb := newGatewayBed(t)
+	var health Health
+	require.NoError(t, gb.srv.Await(ctxFor(t), func() bool {
+		tw, err := gb.srv.Twin("gw-0001")
+		if err != nil || tw.Reported[ReportedKey] == nil {
+			return false
+		}
+		b, _ := json.Marshal(tw.Reported[ReportedKey])
+		return json.Unmarshal(b, &health) == nil
+	}))
+	assert.Equal(t, "gw-0001", health.RegistrationID)
+	assert.Equal(t, "gw-0001", health.DeviceID)
+	assert.Equal(t, "dev", health.AgentVersion)
+	assert.Equal(t, "initialAssignment", health.Substatus)
+	assert.Equal(t, "mqtt", health.Transport)
+	assert.Equal(t, 1, health.ProvisioningAttempts)
+	assert.False(t, health.ProvisionedAt.IsZero())
+	assert.WithinDuration(t, gb.leaf.Certificate().NotAfter, health.CertificateNotAfter, time.Second)
+	assert.Nil(t, health.LastError)
+}
+
+func TestGatewayTelemetry(t *testing.T) {
+	gb := newGatewayBed(t)
+	ctx := ctxFor(t)
+	require.NoError(t, gb.api.SendTelemetry(ctx, []byte("21.5 C"), map[string]string{"sensor": "t 1", "$.ct": "text/plain"}, 10*time.Second))
+
+	var res map[string]any
+	status := gb.call(t, "POST", "/v1/telemetry", `{"payload":{"temp":22},"properties":{"$.ct":"application/json","$.ce":"utf-8"}}`, &res)
+	assert.Equal(t, http.StatusOK, status)
+	assert.Equal(t, true, res["delivered"])
+	status = gb.call(t, "POST", "/v1/telemetry?wait=0", `{"payload_base64":"AAE="}`, &res)
+	assert.Equal(t, http.StatusAccepted, status)
+
+	got, err := gb.srv.WaitTelemetry(ctx, "gw-0001", 3)
+	require.NoError(t, err)
+	assert.Equal(t, "21.5 C", string(got[0].Payload))
+	assert.Equal(t, map[string]string{"sensor": "t 1"}, got[0].Properties)
+	assert.Equal(t, map[string]string{"$.ct": "text/plain"}, got[0].System)
+	assert.JSONEq(t, `{"temp":22}`, string(got[1].Payload))
+	assert.Equal(t, map[string]string{"$.ct": "application/json", "$.ce": "utf-8"}, got[1].System)
+	assert.Equal(t, []byte{0, 1}, got[2].Payload)
+
+	tests := []struct {
+		name, path, body string
+		status           int
+		reason           string
+	}{
+		{"bad JSON", "/v1/telemetry", `{"payload":`, 400, "invalid JSON body"},
+		{"unknown field", "/v1/telemetry", `{"paylod":1}`, 400, "unknown field"},
+		{"trailing data", "/v1/telemetry", `{} {}`, 400, "trailing data"},
+		{"both payloads", "/v1/telemetry", `{"payload":1,"payload_base64":"AA=="}`, 400, "not both"},
+		{"too large", "/v1/telemetry", `{"payload_base64":"` + strings.Repeat("A", 600<<10) + `"}`, 413, "exceeds"},
+		{"over the hub's limit", "/v1/telemetry", `{"payload_base64":"` + strings.Repeat("A", 344<<10) + `"}`, 413, "too large"},
+		{"bad timeout", "/v1/telemetry?timeout=forever", `{}`, 400, "timeout"},
+		{"patch not an object", "/v1/twin/reported", `[1]`, 400, "invalid JSON body"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var e struct{ Error string }
+			method := "POST"
+			if strings.HasPrefix(tt.path, "/v1/twin") {
+				method = "PATCH"
+			}
+			assert.Equal(t, tt.status, gb.call(t, method, tt.path, tt.body, &e))
+			assert.Contains(t, e.Error, tt.reason)
+		})
+	}
+}
+
+func TestGatewayTwin(t *testing.T) {
+	gb := newGatewayBed(t)
+	var v struct{ Version int64 }
+	require.Equal(t, http.StatusOK, gb.call(t, "PATCH", "/v1/twin/reported", `{"app":{"mode":"eco"}}`, &v))
+	assert.Positive(t, v.Version)
+
+	var e struct{ Error string }
+	assert.Equal(t, http.StatusBadRequest, gb.call(t, "PATCH", "/v1/twin/reported", `{"unicity":{}}`, &e))
+	assert.Contains(t, e.Error, "agent's own")
+
+	var twin struct {
+		Desired, Reported map[string]any
+	}
+	require.Equal(t, http.StatusOK, gb.call(t, "GET", "/v1/twin", "", &twin))
+	assert.Equal(t, map[string]any{"mode": "eco"}, twin.Reported["app"])
+	assert.Contains(t, twin.Desired, "$version")
+}
+
+// TestGatewayEvents is an application on the local API: it subscribes, receives a
+// cloud-to-device message and a desired-property patch, and serves a direct method the
+// emulated cloud invokes.
+func TestGatewayEvents(t *testing.T) {
+	gb := newGatewayBed(t)
+	ctx := ctxFor(t)
+
+	// A message sent before any application listens is kept for the first one.
+	_, err := gb.srv.SendC2D("gw-0001", []byte(`{"early":true}`), nil)
+	require.NoError(t, err)
+	require.NoError(t, gb.srv.Await(ctx, func() bool {
+		p, _ := gb.srv.PendingC2D("gw-0001")
+		return len(p) == 0
+	}))
+
+	events := gb.subscribe(t, ctx, "c2d=1&desired=1&method=reboot,ping")
+	first := events.next(t)
+	assert.Equal(t, "subscribed", first.Type)
+	assert.Equal(t, []string{"reboot", "ping"}, first.Methods)
+	early := events.next(t)
+	assert.Equal(t, "c2d", early.Type)
+	assert.JSONEq(t, `{"early":true}`, string(early.Payload))
+
+	_, err = gb.srv.SendC2D("gw-0001", []byte("hello\x00"), map[string]string{"prio": "high"})
+	require.NoError(t, err)
+	c2d := events.next(t)
+	assert.Equal(t, "c2d", c2d.Type)
+	assert.Equal(t, []byte("hello\x00"), c2d.PayloadBase64)
+	assert.Empty(t, c2d.Payload, "not JSON")
+	assert.Equal(t, "high", c2d.Properties["prio"])
+
+	dv, err := gb.srv.PatchDesired("gw-0001", []byte(`{"interval":30}`))
+	require.NoError(t, err)
+	desired := events.next(t)
+	assert.Equal(t, "desired", desired.Type)
+	assert.Equal(t, int64(dv), desired.Version)
+	assert.Contains(t, string(desired.Desired), `"interval":30`)
+
+	type invoked struct {
+		res hubtest.MethodResult
+		err error
+	}
+	done := make(chan invoked, 1)
+	go func() {
+		res, err := gb.srv.Invoke(ctx, "gw-0001", "reboot", []byte(`{"delay":5}`))
+		done <- invoked{res, err}
+	}()
+	call := events.next(t)
+	assert.Equal(t, "method", call.Type)
+	assert.Equal(t, "reboot", call.Name)
+	assert.JSONEq(t, `{"delay":5}`, string(call.Payload))
+	var ok map[string]bool
+	require.Equal(t, http.StatusOK, gb.call(t, "POST", "/v1/methods/"+call.ID+"/response", `{"status":200,"payload":{"rebooting":"in 5s"}}`, &ok))
+	got := <-done
+	require.NoError(t, got.err)
+	assert.Equal(t, 200, got.res.Status)
+	assert.JSONEq(t, `{"rebooting":"in 5s"}`, string(got.res.Payload))
+
+	var e struct{ Error string }
+	assert.Equal(t, http.StatusNotFound, gb.call(t, "POST", "/v1/methods/"+call.ID+"/response", `{"status":200}`, &e), "answered already")
+	assert.Equal(t, http.StatusBadRequest, gb.call(t, "POST", "/v1/methods/x/response", `{"payload":1}`, &e))
+	assert.Contains(t, e.Error, "status")
+
+	res, err := gb.srv.Invoke(ctx, "gw-0001", "unserved", nil)
+	require.NoError(t, err)
+	assert.Equal(t, 404, res.Status)
+
+	events.close()
+	// The application went away: its methods are no longer served.
+	require.Eventually(t, func() bool {
+		res, err := gb.srv.Invoke(ctx, "gw-0001", "ping", nil)
+		return err == nil && res.Status == 404
+	}, 5*time.Second, 10*time.Millisecond)
+
+	assert.Equal(t, http.StatusBadRequest, gb.call(t, "GET", "/v1/events?method=unicity.status", "", &e))
+	assert.Equal(t, http.StatusBadRequest, gb.call(t, "GET", "/v1/events", "", &e))
+}
+
+func TestGatewayAgentMethods(t *testing.T) {
+	gb := newGatewayBed(t)
+	ctx := ctxFor(t)
+	res, err := gb.srv.Invoke(ctx, "gw-0001", MethodStatus, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 200, res.Status)
+	var st struct {
+		Status Status
+		Health Health
+	}
+	require.NoError(t, json.Unmarshal(res.Payload, &st))
+	assert.Equal(t, PhaseConnected, st.Status.Phase)
+	assert.Equal(t, "gw-0001", st.Health.RegistrationID)
+
+	res, err = gb.srv.Invoke(ctx, "gw-0001", MethodReprovision, []byte(`{"force":"yes"}`))
+	require.NoError(t, err)
+	assert.Equal(t, 400, res.Status)
+
+	// The answer comes back before the agent disconnects to register again.
+	res, err = gb.srv.Invoke(ctx, "gw-0001", MethodReprovision, []byte(`{"force":true}`))
+	require.NoError(t, err)
+	assert.Equal(t, 202, res.Status)
+	require.Eventually(t, func() bool { return gb.dps.Calls() == 2 }, 10*time.Second, 10*time.Millisecond)
+	require.NoError(t, gb.srv.Await(ctx, func() bool { return gb.srv.Stats().Connections >= 2 && gb.srv.Connected("gw-0001") }))
+	gb.waitPhase(PhaseConnected)
+}
+
+type eventStream struct {
+	resp *http.Response
+	sc   *bufio.Scanner
+	ch   chan Event
+}
+
+func (gb *gatewayBed) subscribe(t *testing.T, ctx context.Context, query string) *eventStream {
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://unicity/v1/events?"+query, nil)
+	require.NoError(t, err)
+	resp, err := gb.api.http.Do(req)
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	s := &eventStream{resp: resp, sc: bufio.NewScanner(resp.Body), ch: make(chan Event, 16)}
+	go func() {
+		defer close(s.ch)
+		for s.sc.Scan() {
+			var e Event
+			if json.Unmarshal(s.sc.Bytes(), &e) == nil {
+				s.ch <- e
+			}
+		}
+	}()
+	t.Cleanup(s.close)
+	return s
+}
+
+func (s *eventStream) next(t *testing.T) Event {
+	t.Helper()
+	select {
+	case e, ok := <-s.ch:
+		require.True(t, ok, "event stream ended")
+		return e
+	case <-time.After(10 * time.Second):
+		t.Fatal("no event")
+		return Event{}
+	}
+}
+
+func (s *eventStream) close() {
+	s.resp.Body.Close()
+	for range s.ch {
+	}
+}
