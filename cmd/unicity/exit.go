@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/dps"
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/internal/dial"
 )
@@ -54,11 +56,11 @@ func exitCode(err error) int {
 		return exitConfig
 	case isConfigError(err), errors.Is(err, device.ErrIdentity):
 		return exitConfig
-	case errors.Is(err, device.ErrRefused), errors.Is(err, hub.ErrNotAuthorized):
+	case errors.Is(err, device.ErrRefused), errors.Is(err, dps.ErrRefused), errors.Is(err, hub.ErrNotAuthorized):
 		return exitRefused
 	case errors.Is(err, device.ErrUnreachable), errors.Is(err, dial.ErrUnreachable):
 		return exitUnavailable
-	case errors.Is(err, device.ErrTemporary), errors.Is(err, hub.ErrQueueFull), errors.Is(err, hub.ErrTimeout):
+	case errors.Is(err, device.ErrTemporary), isDPSTemporary(err), errors.Is(err, hub.ErrQueueFull), errors.Is(err, hub.ErrTimeout):
 		return exitTempFail
 	default:
 		return exitFailure
@@ -94,4 +96,11 @@ func isIdentityError(err error) bool {
 func isConfigError(err error) bool {
 	var ce *device.ConfigError
 	return errors.As(err, &ce) || errors.Is(err, device.ErrConfigNotExist)
+}
+
+// isDPSTemporary reports a registration that gave up on a temporary failure (throttled,
+// server errors, timeouts) or ran out of time before DPS answered at all.
+func isDPSTemporary(err error) bool {
+	var de *dps.Error
+	return (errors.As(err, &de) && de.Temporary()) || errors.Is(err, context.DeadlineExceeded)
 }
