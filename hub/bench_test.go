@@ -113,4 +113,3 @@ func rssKiB() int {
 	}
 	return 0
 }
-
