@@ -54,13 +54,6 @@ func TestScripts(t *testing.T) {
 		Dir:       "testdata/script",
 		Cmds:      scriptCmds,
 		Condition: scriptCondition,
-		Setup: func(env *testscript.Env) error {
-			if attesttest.Strict() {
-				env.Setenv("UNICITY_TEST_STRICT", "1")
-			}
-			return nil
-		},
-		RequireExplicitExec: false,
 	})
 }
 
