@@ -44,7 +44,11 @@ func Simulator(t testing.TB) transport.TPMCloser {
 	t.Helper()
 	sim, err := simulator.Get()
 	if err != nil {
-		t.Fatalf("cannot start the TPM simulator: %v", err)
+		// Without cgo the simulator is a stub that fails here.
+		if Strict() {
+			t.Fatalf("cannot start the TPM simulator (UNICITY_TEST_STRICT=1): %v", err)
+		}
+		t.Skipf("TPM simulator unavailable: %v", err)
 	}
 	tpm := attest.Locked(transport.FromReadWriteCloser(sim))
 	t.Cleanup(func() { tpm.Close() })
