@@ -1,0 +1,156 @@
+package dps
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/internal/pki"
+)
+
+func testCert(t *testing.T, cn string) *tls.Certificate {
+	t.Helper()
+	ca, err := pki.NewRoot("Test Root")
+	require.NoError(t, err)
+	leaf, err := ca.NewDevice(cn)
+	require.NoError(t, err)
+	tc := leaf.TLSCertificate()
+	return &tc
+}
+
+// TestRequestWire checks what goes on the wire against protocol.md §1.2 and §7.1.
+func TestRequestWire(t *testing.T) {
+	base := Request{Endpoint: "global.azure-devices-provisioning.net", IDScope: "0neFEEDC0DE"}
+
+	t.Run("x509", func(t *testing.T) {
+		req := base
+		req.Certificate = testCert(t, "myRegistrationId")
+		r, err := newRegistration(req)
+		require.NoError(t, err)
+		assert.Equal(t, "myRegistrationId", r.regID, "the CN")
+		assert.Equal(t, "0neFEEDC0DE/registrations/myRegistrationId/api-version=2021-06-01&ClientVersion=unicity%2Fdev", r.username)
+		assert.Equal(t, `{"registrationId":"myRegistrationId"}`, string(r.body))
+		assert.Empty(t, r.password(), "no password with X.509")
+	})
+	t.Run("custom payload", func(t *testing.T) {
+		req := base
+		req.Certificate = testCert(t, "myRegistrationId")
+		req.Payload = json.RawMessage(`{"testData":1, "testData2":{"a":"b"}}`)
+		r, err := newRegistration(req)
+		require.NoError(t, err)
+		assert.Equal(t, `{"registrationId":"myRegistrationId","payload":{"testData":1,"testData2":{"a":"b"}}}`, string(r.body))
+	})
+	t.Run("symmetric key", func(t *testing.T) {
+		now := time.Unix(1578941692, 0).Add(-sasLifetime)
+		req := base
+		req.RegistrationID, req.SymmetricKey, req.Clock = "myRegistrationId", []byte("device key"), fixedClock(now)
+		r, err := newRegistration(req)
+		require.NoError(t, err)
+		assert.Equal(t, attest.SASToken([]byte("device key"), "0neFEEDC0DE/registrations/myRegistrationId", time.Unix(1578941692, 0), "registration"), r.password())
+		assert.Contains(t, r.password(), "&se=1578941692&skn=registration")
+	})
+	t.Run("group key", func(t *testing.T) {
+		req := base
+		req.RegistrationID, req.SymmetricKey, req.GroupKey = "dev-7", []byte("group key"), true
+		r, err := newRegistration(req)
+		require.NoError(t, err)
+		assert.Equal(t, attest.DeriveDeviceKey([]byte("group key"), "dev-7"), r.symmetricKey)
+	})
+	t.Run("certificate request", func(t *testing.T) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		require.NoError(t, err)
+		req := base
+		req.Certificate, req.CSRSigner = testCert(t, "myRegistrationId"), key
+		r, err := newRegistration(req)
+		require.NoError(t, err)
+		assert.Contains(t, r.username, "/api-version=2025-07-01-preview&")
+		var body struct{ RegistrationID, CSR string }
+		require.NoError(t, json.Unmarshal(r.body, &body))
+		der, err := base64.StdEncoding.DecodeString(body.CSR)
+		require.NoError(t, err, "base64 DER, no PEM")
+		csr, err := x509.ParseCertificateRequest(der)
+		require.NoError(t, err)
+		assert.NoError(t, csr.CheckSignature())
+		assert.Equal(t, "myRegistrationId", csr.Subject.CommonName)
+		assert.True(t, key.PublicKey.Equal(csr.PublicKey))
+	})
+}
+
+func TestRequestRejected(t *testing.T) {
+	cert := testCert(t, "GW-001")
+	tests := []struct {
+		name    string
+		req     Request
+		want    string
+		refused bool
+	}{
+		{"no endpoint", Request{IDScope: "0ne1", Certificate: cert}, "DPS endpoint and ID scope are required", false},
+		{"no scope", Request{Endpoint: "h", Certificate: cert}, "DPS endpoint and ID scope are required", false},
+		{"no credentials", Request{Endpoint: "h", IDScope: "0ne1"}, "no certificate and no symmetric key", false},
+		{"both credentials", Request{Endpoint: "h", IDScope: "0ne1", Certificate: cert, SymmetricKey: []byte("k")}, "choose one attestation", false},
+		{"symmetric key without registration ID", Request{Endpoint: "h", IDScope: "0ne1", SymmetricKey: []byte("k")}, "no registration ID configured", false},
+		{"registration ID is not the CN", Request{Endpoint: "h", IDScope: "0ne1", Certificate: cert, RegistrationID: "gw-01"},
+			"registration ID 'gw-01' does not match certificate CN 'GW-001'", true},
+		{"payload not an object", Request{Endpoint: "h", IDScope: "0ne1", Certificate: cert, Payload: json.RawMessage(`[]`)}, "not a JSON object", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := newRegistration(tt.req)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tt.want)
+			assert.Equal(t, tt.refused, errors.Is(err, ErrRefused))
+		})
+	}
+}
+
+// TestOrderIssuedChain: the leaf is the certificate for our key, wherever DPS puts it.
+func TestOrderIssuedChain(t *testing.T) {
+	root, err := pki.NewRoot("Issuing Root")
+	require.NoError(t, err)
+	inter, err := root.NewIntermediate("Issuing CA")
+	require.NoError(t, err)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	leaf, err := inter.IssueDevice("gw-csr", key.Public())
+	require.NoError(t, err)
+	l, i, r := leaf.Certificate().Raw, inter.Certificate.Raw, root.Certificate.Raw
+
+	for name, in := range map[string][][]byte{
+		"leaf first (SPEC)":          {l, i, r},
+		"root first (ESDK-C vector)": {r, i, l},
+		"shuffled":                   {i, l, r},
+		"without the root":           {i, l},
+	} {
+		t.Run(name, func(t *testing.T) {
+			got, err := orderIssuedChain(in, key.Public())
+			require.NoError(t, err)
+			want := [][]byte{l, i, r}[:len(in)]
+			assert.Equal(t, want, got)
+		})
+	}
+
+	other, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	_, err = orderIssuedChain([][]byte{l, i, r}, other.Public())
+	assert.ErrorContains(t, err, "no certificate for this device's key")
+	_, err = orderIssuedChain(nil, key.Public())
+	assert.ErrorContains(t, err, "issued no certificate")
+	_, err = orderIssuedChain([][]byte{[]byte("LEAF CERT")}, key.Public())
+	assert.Error(t, err)
+}
+
+type fixedClock time.Time
+
+func (c fixedClock) Now() time.Time                     { return time.Time(c) }
+func (fixedClock) After(time.Duration) <-chan time.Time { return nil }
