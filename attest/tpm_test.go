@@ -510,3 +510,37 @@ func TestConcurrentLoad(t *testing.T) {
 	}
 	assert.Equal(t, before, transientHandles(t, tpm))
 }
+
+// TestKeyUnderPersistentSRK loads a keyfile whose parent is a persistent storage root key at
+// 0x81000001, as `openssl genpkey -provider tpm2 -pkeyopt parent:0x81000001` writes them.
+func TestKeyUnderPersistentSRK(t *testing.T) {
+	for _, tp := range tpms {
+		t.Run(tp.name, func(t *testing.T) {
+			tpm := tp.open(t)
+			srk, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(keyfile.ECCSRK_H2_Template)}.Execute(tpm)
+			require.NoError(t, err)
+			_, err = tpm2.EvictControl{
+				Auth:             tpm2.TPMRHOwner,
+				ObjectHandle:     &tpm2.NamedHandle{Handle: srk.ObjectHandle, Name: srk.Name},
+				PersistentHandle: 0x81000001,
+			}.Execute(tpm)
+			require.NoError(t, err)
+			_, err = tpm2.FlushContext{FlushHandle: srk.ObjectHandle}.Execute(tpm)
+			require.NoError(t, err)
+
+			k, err := keyfile.NewLoadableKey(tpm, tpm2.TPMAlgECC, 256, nil, keyfile.WithParent(0x81000001))
+			require.NoError(t, err)
+			path := filepath.Join(t.TempDir(), "openssl-style.key")
+			require.NoError(t, attest.WriteKeyfile(path, k))
+			before := transientHandles(t, tpm)
+			key, err := attest.LoadKey(tpm, path)
+			require.NoError(t, err)
+			digest := sha256.Sum256([]byte("persistent parent"))
+			sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+			require.NoError(t, err)
+			verify(t, key.Public(), digest[:], sig, crypto.SHA256)
+			require.NoError(t, key.Close())
+			assert.Equal(t, before, transientHandles(t, tpm))
+		})
+	}
+}
