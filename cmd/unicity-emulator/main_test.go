@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"io"
@@ -23,6 +24,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -206,6 +208,7 @@ type device struct {
 	id        string
 	cert      tls.Certificate
 	chainFile string // leaf and factory CA, PEM
+	sasKey    []byte // symmetric-key devices: the device key, and no certificate
 }
 
 func newDevice(t *testing.T, dir, id string) device {
@@ -231,10 +234,21 @@ func trustPool(t *testing.T, bundle string) *x509.CertPool {
 }
 
 func mqttClient(t *testing.T, broker, clientID, username, serverName string, roots *x509.CertPool, cert tls.Certificate, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
-	o := mqtt.NewClientOptions().AddBroker(broker).SetClientID(clientID).SetUsername(username).
-		SetTLSConfig(&tls.Config{RootCAs: roots, ServerName: serverName, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}).
+	return mqttClientSAS(t, broker, clientID, username, "", serverName, roots, &cert, msgs, lost)
+}
+
+// mqttClientSAS connects with a password and, when cert is not nil, a client certificate.
+func mqttClientSAS(t *testing.T, broker, clientID, username, password, serverName string, roots *x509.CertPool, cert *tls.Certificate, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
+	tc := &tls.Config{RootCAs: roots, ServerName: serverName, MinVersion: tls.VersionTLS12}
+	if cert != nil {
+		tc.Certificates = []tls.Certificate{*cert}
+	}
+	o := mqtt.NewClientOptions().AddBroker(broker).SetClientID(clientID).SetUsername(username).SetTLSConfig(tc).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetCleanSession(true).SetOrderMatters(false).
 		SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) { msgs <- m })
+	if password != "" {
+		o.SetPassword(password)
+	}
 	if lost != nil {
 		o.SetConnectionLostHandler(func(_ mqtt.Client, err error) { lost <- err })
 	}
@@ -253,8 +267,12 @@ func mqttClient(t *testing.T, broker, clientID, username, serverName string, roo
 func register(t *testing.T, s serveLine, d device) string {
 	t.Helper()
 	msgs := make(chan mqtt.Message, 10)
-	c, err := mqttClient(t, "tls://"+s.DPS, d.id, s.IDScope+"/registrations/"+d.id+"/api-version=2019-03-31",
-		"global.azure-devices-provisioning.net", trustPool(t, s.TrustBundle), d.cert, msgs, nil)
+	cert, password := &d.cert, ""
+	if d.sasKey != nil {
+		cert, password = nil, attest.SASToken(d.sasKey, s.IDScope+"/registrations/"+d.id, time.Now().Add(time.Hour), "registration")
+	}
+	c, err := mqttClientSAS(t, "tls://"+s.DPS, d.id, s.IDScope+"/registrations/"+d.id+"/api-version=2019-03-31", password,
+		"global.azure-devices-provisioning.net", trustPool(t, s.TrustBundle), cert, msgs, nil)
 	require.NoError(t, err)
 	defer c.Disconnect(0)
 	require.True(t, c.Subscribe("$dps/registrations/res/#", 1, nil).WaitTimeout(10*time.Second))
@@ -283,8 +301,12 @@ func register(t *testing.T, s serveLine, d device) string {
 }
 
 func connectHub(t *testing.T, s serveLine, hub string, d device, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
-	return mqttClient(t, "tls://"+hub, d.id, hub+"/"+d.id+"/?api-version=2021-04-12", "localhost",
-		trustPool(t, s.TrustBundle), d.cert, msgs, lost)
+	cert, password := &d.cert, ""
+	if d.sasKey != nil {
+		cert, password = nil, attest.SASToken(d.sasKey, hub+"/devices/"+d.id, time.Now().Add(time.Hour), "")
+	}
+	return mqttClientSAS(t, "tls://"+hub, d.id, hub+"/"+d.id+"/?api-version=2021-04-12", password, "localhost",
+		trustPool(t, s.TrustBundle), cert, msgs, lost)
 }
 
 func next(t *testing.T, msgs chan mqtt.Message) mqtt.Message {
@@ -486,4 +508,36 @@ func TestServeHubHost(t *testing.T) {
 		require.NoError(t, err, addr)
 		conn.Close()
 	}
+}
+
+// TestSymmetricKeyGroup enrolls a symmetric-key group: a device signs its SAS token with the
+// key derived from the group key, is assigned, and the hub accepts the same device key.
+func TestSymmetricKeyGroup(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "emu")
+	_, code := cli(t, "init", "--dir", dir)
+	require.Equal(t, 0, code)
+	s := serve(t, dir, "--retry-after", "0")
+	groupKey := []byte("0123456789abcdef0123456789abcdef")
+	var out map[string]any
+	cliJSON(t, &out, "enroll", "--dir", dir, "--group", "sas-fleet", "--symmetric-key", base64.StdEncoding.EncodeToString(groupKey))
+
+	dev := device{id: "sas-7", sasKey: attest.DeriveDeviceKey(groupKey, "sas-7")}
+	hub := register(t, s, dev)
+	msgs := make(chan mqtt.Message, 1)
+	c, err := connectHub(t, s, hub, dev, msgs, nil)
+	require.NoError(t, err)
+	c.Publish("devices/sas-7/messages/events/", 1, false, "by key").WaitTimeout(10 * time.Second)
+	var tel []telemetryJSON
+	cliJSON(t, &tel, "telemetry", "--dir", dir, "--device", "sas-7", "--wait", "1")
+	assert.Equal(t, "by key", tel[0].Payload)
+	var devices []deviceJSON
+	cliJSON(t, &devices, "devices", "--dir", dir)
+	require.Len(t, devices, 1)
+	assert.Equal(t, []string{"sas"}, devices[0].Auth)
+
+	wrong := device{id: "sas-8", sasKey: []byte("not derived from the group key")}
+	_, err = mqttClientSAS(t, "tls://"+s.DPS, wrong.id, s.IDScope+"/registrations/sas-8/api-version=2019-03-31",
+		attest.SASToken(wrong.sasKey, s.IDScope+"/registrations/sas-8", time.Now().Add(time.Hour), "registration"),
+		"localhost", trustPool(t, s.TrustBundle), nil, msgs, nil)
+	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised)
 }
