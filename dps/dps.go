@@ -68,7 +68,8 @@ type Request struct {
 	// the chain comes back in Assignment.IssuedChain.
 	CSRSigner crypto.Signer
 
-	// Progress, if set, learns what the call is doing and why it waits, in plain words.
+	// Progress, if set, learns what the call is doing and why it waits, in plain words. It
+	// is called on Register's goroutine and must not block.
 	Progress func(Progress)
 	// ReplyTimeout bounds each wait for DPS; zero means DefaultReplyTimeout.
 	ReplyTimeout time.Duration
@@ -221,7 +222,6 @@ func newRegistration(req Request) (*registration, error) {
 		Proxy:       req.Proxy,
 		RootCAs:     req.RootCAs,
 		Certificate: req.Certificate,
-		Timeout:     r.replyTimeout,
 	}
 	return r, nil
 }

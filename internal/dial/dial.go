@@ -37,6 +37,8 @@ const (
 	websocketPath = "/$iothub/websocket"
 	// DefaultTimeout bounds one connection attempt (TCP, proxy, TLS and WebSocket handshakes).
 	DefaultTimeout = 20 * time.Second
+	// fallbackAfter bounds the first attempt in auto mode.
+	fallbackAfter = 10 * time.Second
 )
 
 // ErrUnreachable marks a failure to open the connection: DNS, TCP, proxy, TLS or WebSocket.
@@ -78,7 +80,11 @@ func Dial(ctx context.Context, cfg Config) (net.Conn, string, error) {
 		}
 	}
 	var errs []error
-	for _, a := range attempts {
+	for i, a := range attempts {
+		if i < len(attempts)-1 {
+			// A firewall that drops packets to 8883 should not hold up the fallback long.
+			a.timeout = min(a.timeout, fallbackAfter)
+		}
 		conn, err := a.dial(ctx)
 		if err == nil {
 			return conn, a.transport, nil
@@ -207,8 +213,9 @@ func dialTLS(ctx context.Context, addr string, tlsc *tls.Config, proxy *url.URL)
 }
 
 // dialWebSocket reuses paho's WebSocket adapter. That has no context, so the handshake runs
-// in a goroutine bounded by ctx's deadline; if ctx ends first the goroutine closes whatever it
-// gets when the handshake finishes.
+// in a goroutine bounded by ctx's deadline; if ctx is cancelled first, Dial returns at once
+// and the goroutine lives on until the handshake ends (at most that deadline), then closes
+// whatever it got.
 func dialWebSocket(ctx context.Context, addr string, tlsc *tls.Config, proxy *url.URL) (net.Conn, error) {
 	timeout := DefaultTimeout
 	if deadline, ok := ctx.Deadline(); ok {
