@@ -544,3 +544,59 @@ func TestKeyUnderPersistentSRK(t *testing.T) {
 		})
 	}
 }
+
+// TestSignsDuringLockout: another program's wrong PINs put the TPM in dictionary-attack
+// lockout, which stops every key without NoDA; the device key must keep signing.
+func TestSignsDuringLockout(t *testing.T) {
+	for _, tp := range tpms {
+		t.Run(tp.name, func(t *testing.T) {
+			tpm := tp.open(t)
+			srk, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(keyfile.ECCSRK_H2_Template)}.Execute(tpm)
+			require.NoError(t, err)
+			parent := tpm2.AuthHandle{Handle: srk.ObjectHandle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)}
+			// Another program's key, with a PIN and without NoDA.
+			tmpl := tpm2.TPMTPublic{
+				Type: tpm2.TPMAlgECC, NameAlg: tpm2.TPMAlgSHA256,
+				ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true, SignEncrypt: true},
+				Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+					CurveID: tpm2.TPMECCNistP256, Scheme: tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
+				}),
+			}
+			cr, err := tpm2.Create{
+				ParentHandle: parent,
+				InSensitive:  tpm2.TPM2BSensitiveCreate{Sensitive: &tpm2.TPMSSensitiveCreate{UserAuth: tpm2.TPM2BAuth{Buffer: []byte("1234")}}},
+				InPublic:     tpm2.New2B(tmpl),
+			}.Execute(tpm)
+			require.NoError(t, err)
+			lr, err := tpm2.Load{ParentHandle: parent, InPrivate: cr.OutPrivate, InPublic: cr.OutPublic}.Execute(tpm)
+			require.NoError(t, err)
+			digest := sha256.Sum256([]byte("lockout"))
+			lockedOut := false
+			for range 100 {
+				_, err := tpm2.Sign{
+					KeyHandle:  tpm2.AuthHandle{Handle: lr.ObjectHandle, Name: lr.Name, Auth: tpm2.PasswordAuth([]byte("0000"))},
+					Digest:     tpm2.TPM2BDigest{Buffer: digest[:]},
+					InScheme:   tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgECDSA, Details: tpm2.NewTPMUSigScheme(tpm2.TPMAlgECDSA, &tpm2.TPMSSchemeHash{HashAlg: tpm2.TPMAlgSHA256})},
+					Validation: tpm2.TPMTTKHashCheck{Tag: tpm2.TPMSTHashCheck},
+				}.Execute(tpm)
+				require.Error(t, err)
+				if errors.Is(err, tpm2.TPMRCLockout) {
+					lockedOut = true
+					break
+				}
+			}
+			require.True(t, lockedOut, "wrong PINs never locked the TPM out")
+			// The other program goes away; the lockout stays.
+			for _, h := range []tpm2.TPMHandle{lr.ObjectHandle, srk.ObjectHandle} {
+				_, err := tpm2.FlushContext{FlushHandle: h}.Execute(tpm)
+				require.NoError(t, err)
+			}
+
+			// Created, loaded and used during the lockout.
+			key, _ := newKey(t, tpm, attest.ECDSAP256)
+			sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+			require.NoError(t, err)
+			verify(t, key.Public(), digest[:], sig, crypto.SHA256)
+		})
+	}
+}
