@@ -447,11 +447,6 @@ func TestRegisterFaults(t *testing.T) {
 			if tt.wantStats != nil {
 				tt.wantStats(t, s.Stats())
 			}
-			for _, w := range clock.Waits() {
-				if w < 2*time.Second {
-					assert.NotContains(t, []string{"500 at register", "429 without retry-after"}, tt.name, "DPS answered, so at least 2 s")
-				}
-			}
 		})
 	}
 }

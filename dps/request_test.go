@@ -154,3 +154,35 @@ type fixedClock time.Time
 
 func (c fixedClock) Now() time.Time                     { return time.Time(c) }
 func (fixedClock) After(time.Duration) <-chan time.Time { return nil }
+
+// TestPause: exponential backoff with full jitter, capped; never under retry-after, and never
+// under DPS's 2 s poll limit once DPS has answered.
+func TestPause(t *testing.T) {
+	clock := &recordingClock{}
+	r, err := newRegistration(Request{Endpoint: "h", IDScope: "0ne1", Certificate: testCert(t, "gw"), Clock: clock,
+		Jitter: func(d time.Duration) time.Duration { return d }})
+	require.NoError(t, err)
+	network := &Error{Message: "dropped", temporary: true}
+	for range 10 {
+		require.NoError(t, r.pause(t.Context(), network))
+	}
+	s := time.Second
+	assert.Equal(t, []time.Duration{s, 2 * s, 4 * s, 8 * s, 16 * s, 32 * s, 64 * s, 120 * s, 120 * s, 120 * s}, clock.waits)
+
+	r.failures, clock.waits = 0, nil
+	r.jitter = func(time.Duration) time.Duration { return 0 }
+	require.NoError(t, r.pause(t.Context(), network))
+	require.NoError(t, r.pause(t.Context(), &Error{Status: 500, temporary: true}))
+	require.NoError(t, r.pause(t.Context(), &Error{Status: 429, RetryAfter: 40 * s, temporary: true}))
+	assert.Equal(t, []time.Duration{0, 2 * s, 40 * s}, clock.waits)
+}
+
+type recordingClock struct{ waits []time.Duration }
+
+func (c *recordingClock) Now() time.Time { return time.Now() }
+func (c *recordingClock) After(d time.Duration) <-chan time.Time {
+	c.waits = append(c.waits, d)
+	ch := make(chan time.Time, 1)
+	ch <- time.Now()
+	return ch
+}
