@@ -144,6 +144,7 @@ func cmdEmulator(ts *testscript.TestScript, neg bool, args []string) {
 			cmd.Wait()
 			ts.Fatalf("unicity-emulator serve printed nothing")
 		}
+		first := append([]byte(nil), lines.Bytes()...)
 		go func() {
 			for lines.Scan() {
 			}
@@ -162,7 +163,7 @@ func cmdEmulator(ts *testscript.TestScript, neg bool, args []string) {
 			Hubs        []string `json:"hubs"`
 			TrustBundle string   `json:"trust_bundle"`
 		}
-		ts.Check(json.Unmarshal(lines.Bytes(), &line))
+		ts.Check(json.Unmarshal(first, &line))
 		ts.Setenv("ID_SCOPE", line.IDScope)
 		ts.Setenv("DPS_ADDR", line.DPS)
 		ts.Setenv("HUB", line.Hubs[0])

@@ -79,19 +79,27 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	qctx, cancel := context.WithTimeout(ctx, statusTimeout)
 	defer cancel()
 	live, err := device.NewClient(cfg).Status(qctx)
-	if err == nil {
+	switch {
+	case err == nil:
 		r.ServiceRunning = true
-	} else {
+		r.Phase = live.Phase
+	case errors.Is(err, device.ErrNotRunning):
 		r.Phase = "not_running"
 		live, err = device.ReadStatus(cfg.Runtime.Dir)
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {
 			r.Message = err.Error()
 		}
+	default:
+		// The service may run but not answer us (socket permissions, or wedged): say so,
+		// and show what it last wrote.
+		r.Phase = "unknown"
+		r.Message = "cannot ask the service: " + err.Error()
+		if s, err := device.ReadStatus(cfg.Runtime.Dir); err == nil {
+			r.Phase, r.ServiceRunning = s.Phase, s.Phase != device.PhaseStopped
+			live = s
+		}
 	}
 	if live != nil {
-		if r.ServiceRunning {
-			r.Phase = live.Phase
-		}
 		r.Message, r.LastError, r.NextRetry, r.StatusAt = live.Message, live.LastError, live.NextRetry, live.UpdatedAt
 	}
 
@@ -121,7 +129,7 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(w, "  since:            %s\n", r.ProvisionedAt.UTC().Format(time.RFC3339))
 	}
 	fmt.Fprintln(w, "Service")
-	if r.ServiceRunning {
+	if r.ServiceRunning || r.Phase != "not_running" {
 		fmt.Fprintf(w, "  phase:            %s\n", r.Phase)
 		fmt.Fprintf(w, "  status:           %s\n", r.Message)
 	} else {
