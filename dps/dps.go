@@ -247,15 +247,14 @@ func (r *registration) run(ctx context.Context) (*Assignment, error) {
 			return a, nil
 		}
 		var e *Error
-		temporary := errors.As(err, &e) && e.Temporary()
-		if temporary {
+		switch {
+		case errors.As(err, &e) && e.Temporary():
 			r.last = e
+		case ctx.Err() == nil || !errors.Is(err, ctx.Err()):
+			return nil, err // permanent
 		}
 		if ctx.Err() != nil {
 			return nil, r.giveUp(ctx)
-		}
-		if !temporary {
-			return nil, err
 		}
 		if err := r.pause(ctx, e); err != nil {
 			return nil, r.giveUp(ctx)
