@@ -50,7 +50,7 @@ step "software TPM"
 mkdir -p "$work/tpm"
 swtpm socket --tpm2 --tpmstate dir="$work/tpm" \
 	--server type=unixio,path="$work/tpm/sock" --ctrl type=unixio,path="$work/tpm/sock.ctrl" \
-	--flags not-need-init,startup-clear &
+	--flags not-need-init,startup-clear 2>"$work/swtpm.log" &
 pids+=($!)
 for ((i = 0; i < 100; i++)); do [ -S "$work/tpm/sock" ] && break; sleep 0.05; done
 tpm="swtpm:$work/tpm/sock"
