@@ -2,6 +2,7 @@ package dpstest_test
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -11,6 +12,8 @@ import (
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
 )
+
+var errHubDown = errors.New("hub is down")
 
 // provisionAs connects a factory device, provisions it and disconnects.
 func provisionAs(t *testing.T, s *dpstest.Server, regID string) response {
@@ -103,7 +106,9 @@ func TestAllocation(t *testing.T) {
 			return dpstest.AllocationResult{Hub: "rogue.azure-devices.net"}, nil
 		}}, 400207},
 		{"no linked hub", func(c *dpstest.Config) { c.Hubs = nil }, dpstest.Policy{}, 400208},
-		{"hub refuses the device", func(c *dpstest.Config) { c.Registrar = &assignments{err: errHubDown} }, dpstest.Policy{}, 400209},
+		{"hub refuses the device", func(c *dpstest.Config) {
+			c.Registrar = dpstest.RegistrarFunc(func(dpstest.Assignment) error { return errHubDown })
+		}, dpstest.Policy{}, 400209},
 	}
 	for _, tc := range failures {
 		t.Run(tc.name, func(t *testing.T) {

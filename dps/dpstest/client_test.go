@@ -3,7 +3,6 @@ package dpstest_test
 import (
 	"crypto/tls"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/url"
 	"regexp"
@@ -72,7 +71,7 @@ func dial(t testing.TB, s *dpstest.Server, o dialOpts) (*device, error) {
 		SetConnectTimeout(waitTimeout).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) { d.lost <- err })
 	if o.webSocket {
-		opts.AddBroker("wss://" + s.WebSocketAddr() + "/$iothub/websocket")
+		opts.AddBroker(s.WebSocketURL())
 	} else {
 		opts.AddBroker("ssl://" + s.Addr())
 	}
@@ -265,15 +264,11 @@ func (c *clock) Advance(d time.Duration) {
 type assignments struct {
 	mu  sync.Mutex
 	all []dpstest.Assignment
-	err error
 }
 
 func (a *assignments) Assign(x dpstest.Assignment) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.err != nil {
-		return a.err
-	}
 	a.all = append(a.all, x)
 	return nil
 }
@@ -285,11 +280,3 @@ func (a *assignments) last(t testing.TB) dpstest.Assignment {
 	require.NotEmpty(t, a.all, "no assignment")
 	return a.all[len(a.all)-1]
 }
-
-func (a *assignments) count() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return len(a.all)
-}
-
-var errHubDown = errors.New("hub is down")

@@ -296,6 +296,19 @@ func TestParse(t *testing.T) {
 	})
 }
 
+func TestErrors(t *testing.T) {
+	_, err := pki.NewRoot("r", pki.WithKeyType(pki.KeyType(9)))
+	assert.ErrorContains(t, err, "unknown key type KeyType(9)")
+	root, err := pki.NewRoot("r")
+	require.NoError(t, err)
+	_, err = root.NewDevice("d", pki.WithKeyType(pki.KeyType(9)))
+	assert.Error(t, err)
+	missing := filepath.Join(t.TempDir(), "no", "such", "dir")
+	assert.Error(t, root.Save(filepath.Join(missing, "ca.pem"), filepath.Join(missing, "ca.key")))
+	_, err = pki.ReadPrivateKey(filepath.Join(missing, "ca.key"))
+	assert.ErrorIs(t, err, os.ErrNotExist)
+}
+
 func TestThumbprint(t *testing.T) {
 	root, err := pki.NewRoot("Root")
 	require.NoError(t, err)
