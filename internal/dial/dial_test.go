@@ -324,11 +324,20 @@ func TestProxyFromEnvironment(t *testing.T) {
 	})
 }
 
-// TestDialCancel checks that cancelling the context ends a stuck handshake at once, for both
-// transports, without the error being taken for an unreachable endpoint.
+// TestDialCancel checks that cancelling the context ends a stuck handshake at once (TLS,
+// WebSocket, proxy CONNECT), without the error being taken for an unreachable endpoint.
 func TestDialCancel(t *testing.T) {
-	for _, transport := range []string{dial.TransportMQTT, dial.TransportWebSocket, dial.TransportAuto} {
-		t.Run(transport, func(t *testing.T) {
+	tests := []struct {
+		name, transport string
+		viaProxy        bool
+	}{
+		{"tls", dial.TransportMQTT, false},
+		{"websocket", dial.TransportWebSocket, false},
+		{"auto", dial.TransportAuto, false},
+		{"proxy CONNECT", dial.TransportMQTT, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
 			defer goleak.VerifyNone(t)
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			require.NoError(t, err)
@@ -340,7 +349,7 @@ func TestDialCancel(t *testing.T) {
 						close(accepted)
 						return
 					}
-					accepted <- c // never answered: the TLS handshake hangs
+					accepted <- c // never answered: the handshake hangs
 				}
 			}()
 			defer func() {
@@ -355,8 +364,12 @@ func TestDialCancel(t *testing.T) {
 				defer c.Close()
 				cancel()
 			}()
+			cfg := dial.Config{Host: ln.Addr().String(), Transport: tt.transport, Timeout: time.Minute}
+			if tt.viaProxy {
+				cfg.Host, cfg.Proxy = azureHost, "http://"+ln.Addr().String()
+			}
 			start := time.Now()
-			_, _, err = dial.Dial(ctx, dial.Config{Host: ln.Addr().String(), Transport: transport, Timeout: time.Minute})
+			_, _, err = dial.Dial(ctx, cfg)
 			require.ErrorIs(t, err, context.Canceled)
 			assert.NotErrorIs(t, err, dial.ErrUnreachable)
 			assert.Less(t, time.Since(start), 10*time.Second)
