@@ -73,7 +73,7 @@ type Agent struct {
 	mu     sync.Mutex
 	status Status
 	subs   map[chan Status]struct{}
-	ready  bool
+	ready  atomic.Bool // READY=1 sent
 	// statusFailed is set once writing the status file failed.
 	statusFailed bool
 	requests     chan *request
@@ -696,18 +696,15 @@ func (a *Agent) Progress(message string, wait time.Duration, err error) {
 
 // markReady tells systemd, once, that the service is up: connected, or parked with a reason.
 func (a *Agent) markReady() {
-	a.mu.Lock()
-	first := !a.ready
-	a.ready = true
-	a.mu.Unlock()
-	if first && a.Notifier != nil {
+	if !a.ready.Swap(true) && a.Notifier != nil {
 		a.Notifier.Notify("READY=1")
 	}
 }
 
 // watchdog pings systemd at half the watchdog period while the loop is healthy: it answers a
 // ping, or is inside a bounded call that has not overrun. A loop stuck anywhere else stops
-// the pings, and systemd restarts the service.
+// the pings, and systemd restarts the service. Until READY=1, a healthy loop also extends the
+// start timeout.
 func (a *Agent) watchdog(ctx context.Context) {
 	t := time.NewTicker(a.Watchdog / 2)
 	defer t.Stop()
@@ -728,6 +725,11 @@ func (a *Agent) watchdog(ctx context.Context) {
 		}
 		if answered || time.Now().UnixNano() < a.busyUntil.Load() {
 			a.Notifier.Notify("WATCHDOG=1")
+			if !a.ready.Load() {
+				// Waiting for a clock or for DPS on a first boot can outlast TimeoutStartSec;
+				// a healthy loop extends it rather than being restarted into the same wait.
+				a.Notifier.Notify(fmt.Sprintf("EXTEND_TIMEOUT_USEC=%d", a.Watchdog.Microseconds()))
+			}
 		}
 	}
 }

@@ -593,9 +593,21 @@ func TestParkedAgentRegistersOnRequest(t *testing.T) {
 func TestWatchdogPingsWhileLoopIsAlive(t *testing.T) {
 	tb := newTestbed(t)
 	tb.agent.Watchdog = 20 * time.Millisecond
+	real := tb.clock.Now()
+	tb.clock.Set(time.Unix(0, 0))
 	tb.start()
+
+	tb.waitPhase(PhaseWaitingClock)
+	require.Eventually(t, func() bool { return tb.notify.count("EXTEND_TIMEOUT_USEC=20000") >= 2 }, 5*time.Second, time.Millisecond,
+		"a healthy agent that is not ready yet extends the start timeout")
+	require.Eventually(t, func() bool { return tb.clock.hasTimerAt(time.Unix(0, 0).Add(clockPoll)) }, 5*time.Second, time.Millisecond)
+	tb.clock.Set(real)
+
 	tb.waitPhase(PhaseConnected)
-	require.Eventually(t, func() bool { return tb.notify.count("WATCHDOG=1") >= 3 }, 5*time.Second, time.Millisecond)
+	extended := tb.notify.count("EXTEND_TIMEOUT_USEC=20000")
+	pings := tb.notify.count("WATCHDOG=1")
+	require.Eventually(t, func() bool { return tb.notify.count("WATCHDOG=1") >= pings+3 }, 5*time.Second, time.Millisecond)
+	assert.LessOrEqual(t, tb.notify.count("EXTEND_TIMEOUT_USEC=20000"), extended+1, "no extension once ready")
 }
 
 func TestStaleSessionGoesBackToDPS(t *testing.T) {
@@ -608,4 +620,25 @@ func TestStaleSessionGoesBackToDPS(t *testing.T) {
 	require.Eventually(t, func() bool { return tb.agent.Status().AssignedHub == "hub-b.example" }, 5*time.Second, time.Millisecond)
 	assert.Equal(t, 2, tb.dps.Calls(), "a session that gave up counts as hub_failures failures: straight back to DPS")
 	assert.Equal(t, PhaseConnected, s.Phase)
+}
+
+func TestWatchdogStopsWhenTheLoopIsStuck(t *testing.T) {
+	tb := newTestbed(t)
+	tb.agent.Watchdog = 20 * time.Millisecond
+	release := make(chan struct{})
+	var once sync.Once
+	tb.agent.OnStatus = func(s Status) {
+		if s.Phase == PhaseConnected {
+			once.Do(func() { <-release }) // the loop hangs where no bounded call covers it
+		}
+	}
+	tb.start()
+	require.Eventually(t, func() bool { return tb.hub.last() != nil }, 5*time.Second, time.Millisecond)
+	time.Sleep(60 * time.Millisecond) // let a ping that was already answered go out
+	stuck := tb.notify.count("WATCHDOG=1")
+	assert.Never(t, func() bool { return tb.notify.count("WATCHDOG=1") > stuck }, 200*time.Millisecond, 5*time.Millisecond,
+		"no WATCHDOG=1 while the loop is stuck")
+	close(release)
+	require.Eventually(t, func() bool { return tb.notify.count("WATCHDOG=1") > stuck }, 5*time.Second, time.Millisecond,
+		"pings resume with the loop")
 }
