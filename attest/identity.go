@@ -1,6 +1,7 @@
 package attest
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rsa"
@@ -8,6 +9,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/asn1"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -151,9 +153,9 @@ func LoadChain(tpm transport.TPM, spec string) ([]*x509.Certificate, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrInvalidIdentity, err)
 		}
-		chain, err := x509.ParseCertificates(der)
-		if err != nil || len(chain) == 0 {
-			return nil, fmt.Errorf("%w: NV index %#x holds no DER certificates: %v", ErrInvalidIdentity, idx, err)
+		chain, err := parseDERChain(der)
+		if err != nil {
+			return nil, fmt.Errorf("%w: NV index %#x: %w", ErrInvalidIdentity, idx, err)
 		}
 		return chain, nil
 	}
@@ -164,6 +166,32 @@ func LoadChain(tpm transport.TPM, spec string) ([]*x509.Certificate, error) {
 	chain, err := pki.ParseCertificates(b)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidIdentity, spec, err)
+	}
+	return chain, nil
+}
+
+// parseDERChain parses DER certificates back to back. An NV index defined larger than its
+// chain (tpm2_nvdefine -s) pads it with 0xFF or zero bytes, which are ignored.
+func parseDERChain(b []byte) ([]*x509.Certificate, error) {
+	var chain []*x509.Certificate
+	for len(b) > 0 && b[0] == 0x30 { // an ASN.1 SEQUENCE: the next certificate
+		var seq asn1.RawValue
+		rest, err := asn1.Unmarshal(b, &seq)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d: %w", len(chain)+1, err)
+		}
+		c, err := x509.ParseCertificate(seq.FullBytes)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d: %w", len(chain)+1, err)
+		}
+		chain = append(chain, c)
+		b = rest
+	}
+	if len(chain) == 0 {
+		return nil, errors.New("no DER certificate")
+	}
+	if len(bytes.Trim(b, "\x00\xff")) > 0 {
+		return nil, fmt.Errorf("%d bytes after certificate %d are neither a certificate nor padding", len(b), len(chain))
 	}
 	return chain, nil
 }

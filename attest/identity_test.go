@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -179,4 +180,48 @@ func TestManifest(t *testing.T) {
 	assert.True(t, m.NotBefore.Equal(leaf.NotBefore))
 	spki := sha256.Sum256(leaf.RawSubjectPublicKeyInfo)
 	assert.Equal(t, hex.EncodeToString(spki[:]), m.PublicKeySHA256)
+}
+
+// TestChainInPaddedNV reads a chain from an index defined larger than the chain, as
+// `tpm2_nvdefine -s 2048` then `tpm2_nvwrite` leave it, and refuses an index of garbage.
+func TestChainInPaddedNV(t *testing.T) {
+	ca, _ := testCA(t)
+	leaf, err := ca.NewDevice("gw-padded")
+	require.NoError(t, err)
+	var der []byte
+	for _, c := range leaf.Chain {
+		der = append(der, c.Raw...)
+	}
+	tpm := attesttest.Simulator(t)
+	write := func(idx tpm2.TPMHandle, size int, data []byte) {
+		t.Helper()
+		_, err := tpm2.NVDefineSpace{
+			AuthHandle: tpm2.TPMRHOwner,
+			PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{
+				NVIndex: idx, NameAlg: tpm2.TPMAlgSHA256,
+				Attributes: tpm2.TPMANV{OwnerWrite: true, OwnerRead: true, AuthRead: true, AuthWrite: true, NoDA: true, NT: tpm2.TPMNTOrdinary},
+				DataSize:   uint16(size),
+			}),
+		}.Execute(tpm)
+		require.NoError(t, err)
+		rp, err := tpm2.NVReadPublic{NVIndex: idx}.Execute(tpm)
+		require.NoError(t, err)
+		nh := tpm2.NamedHandle{Handle: idx, Name: rp.NVName}
+		for off := 0; off < len(data); off += 512 {
+			_, err := tpm2.NVWrite{AuthHandle: tpm2.TPMRHOwner, NVIndex: nh, Data: tpm2.TPM2BMaxNVBuffer{Buffer: data[off:min(off+512, len(data))]}, Offset: uint16(off)}.Execute(tpm)
+			require.NoError(t, err)
+		}
+	}
+	write(0x01000200, len(der)+300, der)
+	got, err := attest.LoadChain(tpm, "tpm-nv:0x01000200")
+	require.NoError(t, err)
+	assert.Len(t, got, 2)
+
+	write(0x01000201, 64, []byte("this is not a certificate at all, just some bytes in NV memory."))
+	_, err = attest.LoadChain(tpm, "tpm-nv:0x01000201")
+	assert.ErrorIs(t, err, attest.ErrInvalidIdentity)
+
+	write(0x01000202, len(der)+8, append(append([]byte{}, der...), "trailing"...))
+	_, err = attest.LoadChain(tpm, "tpm-nv:0x01000202")
+	assert.ErrorIs(t, err, attest.ErrInvalidIdentity)
 }
