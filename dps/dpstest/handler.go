@@ -80,6 +80,9 @@ func (h *handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 			c.Close()
 			return packets.ErrRefusedServerUnavailable, false
 		case Status:
+			if f.Status <= 0 || f.Status > 255 {
+				return packets.ErrRefusedNotAuthorised, false // a fault never accepts
+			}
 			return byte(f.Status), false
 		case Delay:
 			if !s.sleep(c, f.Delay) {
