@@ -1,15 +1,18 @@
 package main
 
 import (
+	"bufio"
 	"crypto"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -105,28 +108,50 @@ func TestNodeSDK(t *testing.T) {
 		"NODE_EXTRA_CA_CERTS="+s.TrustBundle,
 		"DPS_HOST="+dpsHost, "ID_SCOPE="+s.IDScope, "REGISTRATION_ID="+regID,
 		"CERT_FILE="+dev.chainFile, "KEY_FILE="+keyFile)
-	out, err := cmd.Output()
-	var stderr []byte
-	if ee, ok := err.(*exec.ExitError); ok {
-		stderr = ee.Stderr
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	exited := make(chan error, 1)
+	events := make(chan map[string]any, 10)
+	go func() {
+		lines := bufio.NewScanner(stdout)
+		for lines.Scan() {
+			var ev map[string]any
+			if json.Unmarshal(lines.Bytes(), &ev) == nil {
+				events <- ev
+			}
+		}
+		close(events)
+		exited <- cmd.Wait()
+	}()
+	// next returns the script's next event, or false after within; the script ending
+	// before the test has seen "done" fails the test.
+	next := func(within time.Duration) (map[string]any, bool) {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				t.Fatalf("node provision.js ended early (%v):\n%s", <-exited, stderr.String())
+			}
+			return ev, true
+		case <-time.After(within):
+			return nil, false
+		}
 	}
-	require.NoError(t, err, "node provision.js:\n%s%s", out, stderr)
 
-	var got struct {
-		AssignedHub string `json:"assignedHub"`
-		DeviceID    string `json:"deviceId"`
-		Substatus   string `json:"substatus"`
-	}
-	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	require.NoError(t, json.Unmarshal([]byte(lines[len(lines)-1]), &got), "%s", out)
-	assert.Contains(t, s.Hubs, got.AssignedHub)
-	assert.Equal(t, regID, got.DeviceID)
-	assert.Equal(t, "initialAssignment", got.Substatus)
+	// Provisioned, connected, telemetry sent and the reported twin updated.
+	ready, ok := next(30 * time.Second)
+	require.True(t, ok, "no ready event:\n%s", stderr.String())
+	require.Equal(t, "ready", ready["event"])
+	assert.Contains(t, s.Hubs, ready["assignedHub"])
+	assert.Equal(t, regID, ready["deviceId"])
+	assert.Equal(t, "initialAssignment", ready["substatus"])
 
 	var tel []telemetryJSON
 	cliJSON(t, &tel, "telemetry", "--dir", dir, "--device", regID, "--wait", "1")
 	require.Len(t, tel, 1)
-	assert.Equal(t, got.AssignedHub, tel[0].Hub)
+	assert.Equal(t, ready["assignedHub"], tel[0].Hub)
 	assert.JSONEq(t, `{"temperature":21.5}`, tel[0].Payload)
 	assert.Equal(t, "node sdk", tel[0].Properties["source"])
 	assert.Equal(t, "application/json", tel[0].System["$.ct"])
@@ -145,4 +170,53 @@ func TestNodeSDK(t *testing.T) {
 	cliJSON(t, &devices, "devices", "--dir", dir)
 	require.Len(t, devices, 1)
 	assert.Contains(t, devices[0].ClientType, "azure-iot-device", "the SDK's user agent is recorded")
+
+	// The cloud side. The SDK subscribes in the background, so a method call may find the
+	// device not yet subscribed and a desired patch may go unnoticed: both are retried. A
+	// C2D message waits in the queue for the subscription.
+	got := map[string]map[string]any{}
+	var sent map[string]string
+	cliJSON(t, &sent, "c2d", "--dir", dir, "--device", regID, "--payload", "hello node", "--property", "prio=high")
+	var method struct {
+		Status  int            `json:"status"`
+		Payload map[string]any `json:"payload"`
+	}
+	for i := 0; ; i++ {
+		stdout, code := cli(t, "invoke", "--dir", dir, "--device", regID, "--method", "reboot", "--payload", `{"delay":1}`, "--timeout", "5s")
+		if code == 0 {
+			require.NoError(t, json.Unmarshal([]byte(stdout), &method))
+			break
+		}
+		require.Less(t, i, 100, "the device never took the method call")
+		time.Sleep(100 * time.Millisecond)
+	}
+	assert.Equal(t, 200, method.Status)
+	assert.Equal(t, map[string]any{"rebooting": true, "request": map[string]any{"delay": float64(1)}}, method.Payload)
+	for marker := 1; got["desired"] == nil; marker++ {
+		require.Less(t, marker, 30, "the device never saw a desired patch")
+		var tw map[string]any
+		cliJSON(t, &tw, "twin", "--dir", dir, "--device", regID, "--desired", fmt.Sprintf(`{"marker":%d}`, marker))
+		for wait := 500 * time.Millisecond; got["done"] == nil; wait = 100 * time.Millisecond {
+			ev, ok := next(wait)
+			if !ok {
+				break
+			}
+			got[ev["event"].(string)] = ev
+		}
+	}
+	for got["c2d"] == nil || got["method"] == nil || got["done"] == nil {
+		ev, ok := next(30 * time.Second)
+		require.True(t, ok, "events so far: %v\n%s", got, stderr.String())
+		got[ev["event"].(string)] = ev
+	}
+	assert.Equal(t, "hello node", got["c2d"]["payload"])
+	assert.Equal(t, sent["message_id"], got["c2d"]["messageId"])
+	assert.Equal(t, "high", got["c2d"]["properties"].(map[string]any)["prio"])
+	assert.Equal(t, map[string]any{"delay": float64(1)}, got["method"]["payload"])
+	assert.NotNil(t, got["desired"]["version"])
+	require.NoError(t, <-exited, stderr.String())
+
+	var pending []deviceJSON
+	cliJSON(t, &pending, "devices", "--dir", dir)
+	assert.Equal(t, 0, pending[0].PendingC2D, "the SDK completed the message")
 }
