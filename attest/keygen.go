@@ -114,17 +114,18 @@ func WriteKeyfile(path string, k *keyfile.TPMKey) error {
 	if err != nil {
 		return fmt.Errorf("cannot write keyfile: %w", err)
 	}
-	if err := keyfile.Encode(f, k); err != nil {
-		f.Close()
-		os.Remove(path)
+	err = keyfile.Encode(f, k)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(path) // ours, just created: leave no half-written key behind
 		return fmt.Errorf("cannot write keyfile %s: %w", path, err)
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(path)
-		return fmt.Errorf("cannot write keyfile %s: %w", path, err)
-	}
-	return f.Close()
+	return nil
 }
 
 // Persist makes k a persistent object at handle h (0x81xxxxxx), refusing an occupied handle.
