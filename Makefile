@@ -14,7 +14,7 @@ LDFLAGS  := -s -w -X $(PKG)/internal/version.Version=$(VERSION) \
             -X $(PKG)/internal/version.Commit=$(COMMIT) \
             -X $(PKG)/internal/version.CommitUnix=$(COMMIT_UNIX)
 GOBUILD  := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
-STATICCHECK_VERSION ?= 2025.1.1
+STATICCHECK_VERSION ?= v0.8.2
 
 # Packaging (docs/oem.md). cross: static binaries for the gateway architectures, with the
 # arm64 agent held to a flash budget. deb: a Debian package built by nfpm, fetched through the
