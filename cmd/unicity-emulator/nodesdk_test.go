@@ -84,8 +84,9 @@ func installNodeSDK(t *testing.T, npm string) string {
 }
 
 // TestNodeSDK runs Microsoft's Node.js device SDKs (versions pinned by the lock file)
-// against the emulator: X.509 registration with DPS, assignment, hub connection, telemetry
-// and a reported-property update, all over verified TLS.
+// against the emulator: X.509 registration with DPS, assignment, hub connection, telemetry,
+// a reported-property update, then a C2D message, a direct method and a desired-property
+// patch from the operator commands, all over verified TLS.
 func TestNodeSDK(t *testing.T) {
 	node := needTool(t, "node")
 	npm := needTool(t, "npm")
