@@ -3,12 +3,12 @@ package storage
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -203,7 +203,7 @@ func TestLockRemovesStaleTemporaryFiles(t *testing.T) {
 }
 
 // TestSaveSurvivesSIGKILL kills a process that keeps replacing the state, at random points,
-// and checks that the file left behind is always one complete state or the other.
+// and checks that the file left behind is always one complete state from that process.
 func TestSaveSurvivesSIGKILL(t *testing.T) {
 	if testing.Short() {
 		t.Skip("spawns processes")
@@ -214,21 +214,30 @@ func TestSaveSurvivesSIGKILL(t *testing.T) {
 	require.NoError(t, l.Save(sample("hub-a")))
 	require.NoError(t, l.Unlock())
 
+	const rounds = 20
 	seen := map[string]bool{}
-	for i := range 20 {
+	for round := range rounds {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestHelperSaveLoop$")
-		cmd.Env = append(os.Environ(), "STORAGE_SAVE_LOOP="+dir)
+		cmd.Env = append(os.Environ(), "STORAGE_SAVE_LOOP="+dir, "STORAGE_SAVE_ROUND="+strconv.Itoa(round))
+		out, err := cmd.StdoutPipe()
+		require.NoError(t, err)
 		require.NoError(t, cmd.Start())
-		time.Sleep(time.Duration(20+i*5) * time.Millisecond)
+		// The helper says when it has saved once; from then on it is always mid-save or
+		// between two saves.
+		_, err = out.Read(make([]byte, 1))
+		require.NoError(t, err, "round %d: the helper never saved", round)
+		time.Sleep(time.Duration(round%7) * time.Millisecond)
 		require.NoError(t, cmd.Process.Kill())
 		_ = cmd.Wait()
 
 		got, err := s.Load()
-		require.NoError(t, err, "round %d", i)
-		assert.Contains(t, []string{"hub-a", "hub-b"}, got.AssignedHub, "round %d", i)
+		require.NoError(t, err, "round %d", round)
+		assert.Contains(t, []string{"hub-a", "hub-b"}, got.AssignedHub, "round %d", round)
+		round0, _, _ := strings.Cut(got.Substatus, "/")
+		assert.Equal(t, strconv.Itoa(round), round0, "the state is one this round's writer saved")
 		seen[got.Substatus] = true
 	}
-	assert.Greater(t, len(seen), 2, "the killed writers saved states before dying")
+	assert.Len(t, seen, rounds)
 }
 
 func TestHelperSaveLoop(t *testing.T) {
@@ -241,13 +250,17 @@ func TestHelperSaveLoop(t *testing.T) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	round := os.Getenv("STORAGE_SAVE_ROUND")
 	for i := 0; ; i++ {
 		st := sample("hub-" + string(rune('a'+i%2)))
 		st.Attempts = i
-		st.Substatus = strconv.Itoa(i)
+		st.Substatus = round + "/" + strconv.Itoa(i)
 		if err := l.Save(st); err != nil {
-			fmt.Fprintln(os.Stderr, errors.Unwrap(err))
+			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
+		}
+		if i == 0 {
+			os.Stdout.WriteString("saved\n")
 		}
 	}
 }
