@@ -85,6 +85,9 @@ func runInit(_ context.Context, e *env, args []string) error {
 	if err := parse(e, fs, "--dir DIR [--id-scope SCOPE]", args); err != nil {
 		return err
 	}
+	if strings.IndexFunc(*scope, func(r rune) bool { return !isAlnum(r) }) >= 0 || len(*scope) > 64 {
+		return usageErrorf("init: --id-scope %q: an ID scope is letters and digits, like 0ne00ABC123", *scope)
+	}
 	if *scope == "" {
 		b := make([]byte, 4)
 		rand.Read(b)
@@ -188,6 +191,10 @@ func printJSON(w io.Writer, v any) error {
 	}
 	_, err = w.Write(append(data, '\n'))
 	return err
+}
+
+func isAlnum(r rune) bool {
+	return 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9'
 }
 
 func absPath(p string) string {

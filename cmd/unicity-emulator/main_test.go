@@ -103,6 +103,7 @@ func TestUsageAndExitCodes(t *testing.T) {
 		{[]string{"init"}, 2, ""},
 		{[]string{"devices", "--dir"}, 2, ""},
 		{[]string{"init", "--dir", t.TempDir(), "extra"}, 2, ""},
+		{[]string{"init", "--dir", t.TempDir(), "--id-scope", "0ne/../x"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir(), "--quota", "many"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir(), "--unknown-device", "ignore"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir(), "--hubs", "1", "--hub-addr", "a", "--hub-addr", "b"}, 2, ""},
