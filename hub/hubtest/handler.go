@@ -85,6 +85,9 @@ func refuse(code byte, format string, a ...any) error {
 // connect authenticates a CONNECT and returns the device with whether its session was
 // resumed, or a *refusal. h.mu is held.
 func (h *Hub) connect(c *mqttsrv.Conn) (*device, bool, error) {
+	if err := h.injectedConnectFailure(); err != nil {
+		return nil, false, err
+	}
 	id, err := parseUsername(c.Username)
 	if err != nil {
 		return nil, false, refuse(packets.ErrRefusedBadUsernameOrPassword, "%w", err)

@@ -66,11 +66,15 @@ type Hub struct {
 	telemetry []Telemetry
 	refusals  []Refusal
 	stats     Stats
-	nextID    uint64
-	changed   chan struct{} // closed and replaced whenever observable state changes
-	https     []*http.Server
-	closed    bool
-	wg        sync.WaitGroup // goroutines waiting for acks and grace periods
+	// injected faults (faults.go)
+	failConnects, failTwin int
+	failConnectCode        byte
+	failTwinStatus         int
+	nextID                 uint64
+	changed                chan struct{} // closed and replaced whenever observable state changes
+	https                  []*http.Server
+	closed                 bool
+	wg                     sync.WaitGroup // goroutines waiting for acks and grace periods
 }
 
 // Stats counts connection outcomes, for tests that check retry behaviour.

@@ -518,3 +518,45 @@ func TestNamedHub(t *testing.T) {
 	require.NoError(t, err)
 	c.Disconnect(0)
 }
+
+func TestFaults(t *testing.T) {
+	f := newFixture(t)
+	cert := f.device(t, "dev")
+
+	t.Run("failed connects", func(t *testing.T) {
+		f.srv.FailConnects(2, packets.ErrRefusedServerUnavailable)
+		for range 2 {
+			_, err := f.connect(t, clientConfig{id: "dev", cert: &cert})
+			assert.ErrorIs(t, err, packets.ErrorRefusedServerUnavailable)
+		}
+		f.mustConnect(t, clientConfig{id: "dev", cert: &cert}).Disconnect(0)
+	})
+
+	t.Run("twin throttled", func(t *testing.T) {
+		c := f.mustConnect(t, clientConfig{id: "dev", cert: &cert, clean: true})
+		c.subscribe(t, "$iothub/twin/res/#", 0)
+		f.srv.FailTwin(2, 429)
+		c.publish(t, "$iothub/twin/GET/?$rid=a", 0, nil)
+		m := c.next(t)
+		assert.Equal(t, "$iothub/twin/res/429/?$rid=a", m.Topic())
+		assert.Contains(t, string(m.Payload()), "429000")
+		c.publish(t, "$iothub/twin/PATCH/properties/reported/?$rid=b", 0, []byte(`{"x":1}`))
+		assert.Equal(t, "$iothub/twin/res/429/?$rid=b", c.next(t).Topic())
+		tw, err := f.srv.Twin("dev")
+		require.NoError(t, err)
+		assert.Empty(t, tw.Reported, "a failed patch changes nothing")
+		c.publish(t, "$iothub/twin/PATCH/properties/reported/?$rid=c", 0, []byte(`{"x":1}`))
+		assert.Equal(t, "$iothub/twin/res/204/?$rid=c&$version=2", c.next(t).Topic())
+		c.Disconnect(0)
+	})
+
+	t.Run("disconnect", func(t *testing.T) {
+		c := f.mustConnect(t, clientConfig{id: "dev", cert: &cert})
+		require.NoError(t, f.srv.Disconnect("dev"))
+		c.waitLost(t)
+		f.mustConnect(t, clientConfig{id: "dev", cert: &cert}).Disconnect(0)
+		require.NoError(t, f.srv.Await(testContext(t), func() bool { return !f.srv.Connected("dev") }))
+		assert.ErrorIs(t, f.srv.Disconnect("dev"), hubtest.ErrDeviceNotOnline)
+		assert.ErrorIs(t, f.srv.Disconnect("nobody"), hubtest.ErrDeviceNotFound)
+	})
+}

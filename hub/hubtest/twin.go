@@ -199,6 +199,10 @@ func (h *Hub) twinGet(c *mqttsrv.Conn, d *device, topic string) error {
 	if !ok {
 		return h.violation(fmt.Errorf("twin GET without $rid: %q", topic))
 	}
+	if status, body := h.injectedTwinFailure(); status != 0 {
+		h.respond(c, d, subTwinRes, twinResponseTopic(status, rid, 0), body)
+		return nil
+	}
 	h.mu.Lock()
 	body, err := json.Marshal(d.twin.export())
 	h.mu.Unlock()
@@ -213,6 +217,10 @@ func (h *Hub) twinPatch(c *mqttsrv.Conn, d *device, topic string, payload []byte
 	rid, ok := requestID(topic)
 	if !ok {
 		return h.violation(fmt.Errorf("twin PATCH without $rid: %q", topic))
+	}
+	if status, body := h.injectedTwinFailure(); status != 0 {
+		h.respond(c, d, subTwinRes, twinResponseTopic(status, rid, 0), body)
+		return nil
 	}
 	patch, err := parsePatch(payload)
 	if err != nil {
