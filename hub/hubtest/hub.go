@@ -2,8 +2,9 @@
 // tests (NewServer, in the style of net/http/httptest) and for the unicity-emulator command
 // (New). It keeps a device registry with X.509 and SAS authentication, records telemetry,
 // queues cloud-to-device messages, serves device twins and invokes direct methods, with the
-// wire behaviour pinned by shared/protocol.md §5. It is not a broker: nothing a device
-// publishes reaches another device.
+// wire behaviour pinned by shared/protocol.md §5. A Fleet of hubs takes the assignments of a
+// dps/dpstest server; tests can inject transient faults. It is not a broker: nothing a
+// device publishes reaches another device.
 package hubtest
 
 import (
