@@ -29,7 +29,7 @@ import (
 )
 
 // cli runs the command in process and returns stdout and the exit code.
-func cli(t *testing.T, args ...string) (string, int) {
+func cli(t testing.TB, args ...string) (string, int) {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
 	err := run(testContext(t), args, &stdout, &stderr)
@@ -41,14 +41,14 @@ func cli(t *testing.T, args ...string) (string, int) {
 }
 
 // cliJSON runs a command that must succeed and decodes its output.
-func cliJSON(t *testing.T, out any, args ...string) {
+func cliJSON(t testing.TB, out any, args ...string) {
 	t.Helper()
 	stdout, code := cli(t, args...)
 	require.Equal(t, 0, code, "%v", args)
 	require.NoError(t, json.Unmarshal([]byte(stdout), out), stdout)
 }
 
-func testContext(t *testing.T) context.Context {
+func testContext(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	return ctx
@@ -66,7 +66,7 @@ type serveLine struct {
 }
 
 // serve runs 'serve' until the test ends and returns the line it printed.
-func serve(t *testing.T, dir string, args ...string) serveLine {
+func serve(t testing.TB, dir string, args ...string) serveLine {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	r, w := io.Pipe()
@@ -106,6 +106,7 @@ func TestUsageAndExitCodes(t *testing.T) {
 		{[]string{"init", "--dir", t.TempDir(), "--id-scope", "0ne/../x"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir(), "--quota", "many"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir(), "--unknown-device", "ignore"}, 2, ""},
+		{[]string{"serve", "--dir", t.TempDir(), "--poll-limit", "-1"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir(), "--hubs", "1", "--hub-addr", "a", "--hub-addr", "b"}, 2, ""},
 		{[]string{"serve", "--dir", t.TempDir()}, 1, ""},   // not initialised
 		{[]string{"devices", "--dir", t.TempDir()}, 1, ""}, // nothing serving
@@ -189,7 +190,7 @@ func TestInitAndSign(t *testing.T) {
 }
 
 // writeCSR makes a key and a CSR for cn and writes the CSR as PEM or DER.
-func writeCSR(t *testing.T, cn, form string) (string, *pki.Leaf) {
+func writeCSR(t testing.TB, cn, form string) (string, *pki.Leaf) {
 	t.Helper()
 	key, err := pki.NewKey(pki.ECDSAP256)
 	require.NoError(t, err)
@@ -212,7 +213,7 @@ type device struct {
 	sasKey    []byte // symmetric-key devices: the device key, and no certificate
 }
 
-func newDevice(t *testing.T, dir, id string) device {
+func newDevice(t testing.TB, dir, id string) device {
 	t.Helper()
 	csr, leaf := writeCSR(t, id, "PEM")
 	chainFile := filepath.Join(t.TempDir(), "chain.pem")
@@ -224,7 +225,7 @@ func newDevice(t *testing.T, dir, id string) device {
 	return device{id: id, cert: leaf.TLSCertificate(), chainFile: chainFile}
 }
 
-func trustPool(t *testing.T, bundle string) *x509.CertPool {
+func trustPool(t testing.TB, bundle string) *x509.CertPool {
 	certs, err := pki.ReadCertificates(bundle)
 	require.NoError(t, err)
 	p := x509.NewCertPool()
@@ -234,12 +235,12 @@ func trustPool(t *testing.T, bundle string) *x509.CertPool {
 	return p
 }
 
-func mqttClient(t *testing.T, broker, clientID, username, serverName string, roots *x509.CertPool, cert tls.Certificate, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
+func mqttClient(t testing.TB, broker, clientID, username, serverName string, roots *x509.CertPool, cert tls.Certificate, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
 	return mqttClientSAS(t, broker, clientID, username, "", serverName, roots, &cert, msgs, lost)
 }
 
 // mqttClientSAS connects with a password and, when cert is not nil, a client certificate.
-func mqttClientSAS(t *testing.T, broker, clientID, username, password, serverName string, roots *x509.CertPool, cert *tls.Certificate, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
+func mqttClientSAS(t testing.TB, broker, clientID, username, password, serverName string, roots *x509.CertPool, cert *tls.Certificate, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
 	tc := &tls.Config{RootCAs: roots, ServerName: serverName, MinVersion: tls.VersionTLS12}
 	if cert != nil {
 		tc.Certificates = []tls.Certificate{*cert}
@@ -265,7 +266,7 @@ func mqttClientSAS(t *testing.T, broker, clientID, username, password, serverNam
 
 // register runs one DPS registration as the SDKs do: subscribe, register, poll while
 // assigning. It returns the assigned hub.
-func register(t *testing.T, s serveLine, d device) string {
+func register(t testing.TB, s serveLine, d device) string {
 	t.Helper()
 	msgs := make(chan mqtt.Message, 10)
 	cert, password := &d.cert, ""
@@ -301,7 +302,7 @@ func register(t *testing.T, s serveLine, d device) string {
 	}
 }
 
-func connectHub(t *testing.T, s serveLine, hub string, d device, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
+func connectHub(t testing.TB, s serveLine, hub string, d device, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
 	cert, password := &d.cert, ""
 	if d.sasKey != nil {
 		cert, password = nil, attest.SASToken(d.sasKey, hub+"/devices/"+d.id, time.Now().Add(time.Hour), "")
@@ -310,7 +311,7 @@ func connectHub(t *testing.T, s serveLine, hub string, d device, msgs chan mqtt.
 		trustPool(t, s.TrustBundle), cert, msgs, lost)
 }
 
-func next(t *testing.T, msgs chan mqtt.Message) mqtt.Message {
+func next(t testing.TB, msgs chan mqtt.Message) mqtt.Message {
 	t.Helper()
 	select {
 	case m := <-msgs:

@@ -32,6 +32,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	retryAfter := fs.Int("retry-after", int(dpstest.DefaultRetryAfter/time.Second), "retry-after `seconds` DPS announces while assigning")
 	assignDelay := fs.Duration("assign-delay", 0, "how long after a register request DPS completes the assignment")
 	quota := fs.String("quota", "", "DPS registrations per minute, `N/min` (default: unlimited)")
+	pollLimit := fs.Int("poll-limit", dpstest.DefaultPollLimit, "DPS polls one device may send per 10 s before 429 (`N`; 0: unlimited)")
 	unknown := fs.String("unknown-device", "connack", "how DPS refuses unenrolled devices and bad credentials: `connack` (return code 5) or 401 (a response)")
 	verbose := fs.Bool("verbose", false, "trace DPS connections and requests on stderr")
 	if err := parse(e, fs, "--dir DIR [--dps-addr ADDR] [--hub-addr ADDR]... [--hubs N] [--hub-host HOST] [--retry-after S] [--assign-delay D] [--quota N/min]", args); err != nil {
@@ -52,8 +53,8 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	if !ok {
 		return usageErrorf("serve: --unknown-device is connack or 401, not %q", *unknown)
 	}
-	if *retryAfter < 0 || *assignDelay < 0 {
-		return usageErrorf("serve: --retry-after and --assign-delay cannot be negative")
+	if *retryAfter < 0 || *assignDelay < 0 || *pollLimit < 0 {
+		return usageErrorf("serve: --retry-after, --assign-delay and --poll-limit cannot be negative")
 	}
 	d, err := loadDir(*dir)
 	if err != nil {
@@ -87,6 +88,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	cfg.RetryAfter = time.Duration(*retryAfter) * time.Second
 	cfg.AssignDelay = *assignDelay
 	cfg.RegistrationsPerMinute = perMinute
+	cfg.PollLimit = *pollLimit
 	cfg.Registrar = fleet
 	cfg.UnknownDevice = refusal
 	if *verbose {
