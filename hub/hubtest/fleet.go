@@ -15,7 +15,14 @@ import (
 // Fleet is the set of hubs a DPS emulator assigns devices to, each found by any of its
 // names. Assign makes it a dpstest.Registrar: assignments register devices in the hub
 // registry. Allocate is a dpstest.AllocateFunc that keeps devices where an operator moved
-// them.
+// them. In a test, with one CA so that one trust bundle covers everything:
+//
+//	ca, _ := pki.NewRoot("test root")
+//	a, b := hubtest.NewServer(t, hubtest.WithCA(ca)), hubtest.NewServer(t, hubtest.WithCA(ca))
+//	fleet := hubtest.NewFleet(a.Hub, b.Hub)
+//	dps := dpstest.NewServer(t, func(c *dpstest.Config) {
+//		c.ServerCA, c.Hubs, c.Registrar = ca, fleet.Names(), fleet
+//	})
 type Fleet struct {
 	mu   sync.Mutex
 	hubs []*Hub

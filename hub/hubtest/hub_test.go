@@ -134,6 +134,11 @@ func TestClientDetailsRecorded(t *testing.T) {
 	assert.Equal(t, "2021-04-12", info.APIVersion)
 	assert.True(t, info.Connected)
 	assert.Equal(t, []string{"x509-ca"}, info.Auth)
+
+	bundle, err := pki.ParseCertificates(f.srv.TrustBundle())
+	require.NoError(t, err)
+	require.Len(t, bundle, 1)
+	assert.True(t, bundle[0].Equal(f.srv.CA.Root()))
 }
 
 func TestNewConnectionKicksOld(t *testing.T) {

@@ -129,6 +129,9 @@ func NewNamed(host string, ca *pki.CA, l, ws net.Listener, extra []string, now f
 // RootCAs is a pool holding the server certificate's root, for device TLS configs.
 func (s *Server) RootCAs() *x509.CertPool { return s.CA.Pool() }
 
+// TrustBundle is RootCAs as PEM, for a client's trust_bundle file.
+func (s *Server) TrustBundle() []byte { return pki.EncodeCertificates(s.CA.Root()) }
+
 func hostPort(host string, l net.Listener) string {
 	_, port, _ := net.SplitHostPort(l.Addr().String())
 	return net.JoinHostPort(host, port)
