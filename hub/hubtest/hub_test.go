@@ -329,7 +329,7 @@ func TestTwin(t *testing.T) {
 			assert.Equal(t, tc.topic, m.Topic())
 		})
 	}
-	tw, err := f.srv.Twin("dev")
+	tw, err := f.srv.WaitReported(testContext(t), "dev", 3)
 	require.NoError(t, err)
 	assert.Equal(t, 3, tw.ReportedVersion)
 	got, err := json.Marshal(tw)
@@ -564,4 +564,18 @@ func TestFaults(t *testing.T) {
 		assert.ErrorIs(t, f.srv.Disconnect("dev"), hubtest.ErrDeviceNotOnline)
 		assert.ErrorIs(t, f.srv.Disconnect("nobody"), hubtest.ErrDeviceNotFound)
 	})
+}
+
+// TestHostNameAlias checks WithHostNames: the extra name is in the certificate and accepted
+// in usernames and SAS resources, while the hub keeps its localhost name.
+func TestHostNameAlias(t *testing.T) {
+	f := newFixture(t, hubtest.WithHostNames("myhub.azure-devices.net"))
+	assert.True(t, strings.HasPrefix(f.srv.Name(), "localhost:"))
+	key := []byte("k")
+	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev", SymmetricKeys: [][]byte{key}}))
+	c, err := f.connect(t, clientConfig{id: "dev", tlsServerName: "myhub.azure-devices.net",
+		username: "myhub.azure-devices.net/dev/?api-version=2021-04-12",
+		password: attest.SASToken(key, "myhub.azure-devices.net/devices/dev", time.Now().Add(time.Hour), "")})
+	require.NoError(t, err)
+	c.Disconnect(0)
 }
