@@ -425,6 +425,18 @@ func TestServeEndToEnd(t *testing.T) {
 	cliJSON(t, &info, "disable", "--dir", dir, "--device", "gw-1", "--enable")
 	assert.Equal(t, "enabled", info.Status)
 
+	for _, args := range [][]string{
+		{"twin", "--device", "gw-1", "--desired", `{"bad.name":1}`}, // IoT Hub's property-name rules
+		{"twin", "--device", "gw-1", "--desired", `[1]`},
+		{"move", "--device", "gw-1", "--hub", "nowhere:1"},
+		{"disable", "--device", "nobody"},
+		{"invoke", "--device", "nobody", "--method", "m"},
+		{"c2d", "--device", "gw-1", "--payload", strings.Repeat("x", 65<<10)},
+	} {
+		_, code = cli(t, append([]string{args[0], "--dir", dir}, args[1:]...)...)
+		assert.Equal(t, 1, code, "%v", args)
+	}
+
 	var del map[string]string
 	cliJSON(t, &del, "delete", "--dir", dir, "--device", "gw-1")
 	assert.Equal(t, other, del["deleted_from"])
