@@ -355,6 +355,17 @@ func TestTwin(t *testing.T) {
 	_, err = f.srv.PatchDesired("nobody", []byte(`{}`))
 	assert.ErrorIs(t, err, hubtest.ErrDeviceNotFound)
 
+	// A twin handed out is a copy: changing it changes nothing in the hub.
+	_, err = f.srv.PatchDesired("dev", []byte(`{"list":[{"a":1}]}`))
+	require.NoError(t, err)
+	c.next(t)
+	tw, err = f.srv.Twin("dev")
+	require.NoError(t, err)
+	tw.Desired["list"].([]any)[0].(map[string]any)["a"] = "changed"
+	tw, err = f.srv.Twin("dev")
+	require.NoError(t, err)
+	assert.Equal(t, json.Number("1"), tw.Desired["list"].([]any)[0].(map[string]any)["a"])
+
 	initial, err := f.srv.Twin("with-initial")
 	require.NoError(t, err)
 	assert.Equal(t, map[string]any{"mode": "eco"}, initial.Desired)

@@ -66,12 +66,23 @@ func (t twin) export() Twin {
 func deepCopy(m map[string]any) map[string]any {
 	out := make(map[string]any, len(m))
 	for k, v := range m {
-		if sub, ok := v.(map[string]any); ok {
-			v = deepCopy(sub)
-		}
-		out[k] = v
+		out[k] = deepCopyValue(v)
 	}
 	return out
+}
+
+func deepCopyValue(v any) any {
+	switch v := v.(type) {
+	case map[string]any:
+		return deepCopy(v)
+	case []any:
+		out := make([]any, len(v))
+		for i, e := range v {
+			out[i] = deepCopyValue(e)
+		}
+		return out
+	}
+	return v // strings, json.Number, bools: immutable
 }
 
 // unmarshalObject decodes one JSON object (numbers as json.Number) and nothing after it.
