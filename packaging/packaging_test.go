@@ -538,7 +538,7 @@ func TestRecipesMatchTheMakefile(t *testing.T) {
 
 // guides are the documents whose `sh walkthrough` blocks form one session, in this order: a
 // newcomer's path from an empty gateway to a connected device, then its operation.
-var guides = []string{"../docs/oem.md", "../docs/technicians.md"}
+var guides = []string{"../docs/oem.md", "../docs/technicians.md", "../docs/operators.md"}
 
 var walkthroughBlock = regexp.MustCompile("(?ms)^```sh walkthrough\n(.*?)^```")
 
