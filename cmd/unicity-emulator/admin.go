@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -19,7 +18,6 @@ import (
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
 	"github.com/unicity-iot/unicity/hub/hubtest"
-	"github.com/unicity-iot/unicity/internal/pki"
 )
 
 // The admin socket speaks JSON over HTTP on a unix socket in the emulator directory. These
@@ -76,12 +74,12 @@ type enrollRequest struct {
 }
 
 type admin struct {
-	fleet *hubtest.Fleet
-	dps   *dpstest.Server
+	fleet       *hubtest.Fleet
+	dps         *dpstest.Server
+	enrollments *enrollments
 }
 
-func newAdminHandler(fleet *hubtest.Fleet, dps *dpstest.Server) http.Handler {
-	a := &admin{fleet: fleet, dps: dps}
+func newAdminHandler(a *admin) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/devices", a.devices)
 	mux.HandleFunc("GET /v1/refusals", a.refusals)
@@ -290,24 +288,7 @@ func (a *admin) enroll(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	policy := dpstest.Policy{Disabled: req.Disabled, InitialTwin: req.InitialTwin, Allocate: a.fleet.Allocate}
-	var err error
-	if req.Group != "" {
-		g := dpstest.Group{ID: req.Group, SymmetricKey: req.SymmetricKey, Policy: policy}
-		if req.CAPEM != "" {
-			var certs []*x509.Certificate
-			if certs, err = pki.ParseCertificates([]byte(req.CAPEM)); err == nil {
-				g.CA = certs[0]
-			}
-		}
-		if err == nil {
-			err = a.dps.AddGroup(g)
-		}
-	} else {
-		err = a.dps.AddIndividual(dpstest.Individual{RegistrationID: req.RegistrationID, Thumbprint: req.Thumbprint,
-			SymmetricKey: req.SymmetricKey, DeviceID: req.DeviceID, Policy: policy})
-	}
-	if err != nil {
+	if err := a.enrollments.add(a.dps, a.fleet.Allocate, req); err != nil {
 		httpError(w, http.StatusBadRequest, err)
 		return
 	}

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -68,6 +69,14 @@ type serveLine struct {
 // serve runs 'serve' until the test ends and returns the line it printed.
 func serve(t testing.TB, dir string, args ...string) serveLine {
 	t.Helper()
+	line, stop := startServe(t, dir, args...)
+	t.Cleanup(stop)
+	return line
+}
+
+// startServe runs 'serve' until stop is called (once, before the test ends).
+func startServe(t testing.TB, dir string, args ...string) (serveLine, func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	r, w := io.Pipe()
 	done := make(chan error, 1)
@@ -75,18 +84,24 @@ func serve(t testing.TB, dir string, args ...string) serveLine {
 		done <- run(ctx, append([]string{"serve", "--dir", dir}, args...), w, io.Discard)
 		w.Close()
 	}()
-	t.Cleanup(func() {
-		cancel()
-		assert.NoError(t, <-done)
-		_, err := os.Stat(filepath.Join(dir, adminSocketFile))
-		assert.ErrorIs(t, err, os.ErrNotExist, "the admin socket is removed")
-	})
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			assert.NoError(t, <-done)
+			_, err := os.Stat(filepath.Join(dir, adminSocketFile))
+			assert.ErrorIs(t, err, os.ErrNotExist, "the admin socket is removed")
+		})
+	}
 	line, err := bufio.NewReader(r).ReadString('\n')
-	require.NoError(t, err)
+	if err != nil {
+		stop()
+		t.Fatalf("serve printed no line: %v", err)
+	}
 	go io.Copy(io.Discard, r)
 	var out serveLine
 	require.NoError(t, json.Unmarshal([]byte(line), &out), line)
-	return out
+	return out, stop
 }
 
 func TestUsageAndExitCodes(t *testing.T) {
@@ -452,7 +467,8 @@ func TestEnroll(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "emu")
 	_, code := cli(t, "init", "--dir", dir)
 	require.Equal(t, 0, code)
-	s := serve(t, dir, "--retry-after", "0")
+	first, stop := startServe(t, dir, "--retry-after", "0")
+	s := first
 
 	foreign, err := pki.NewRoot("foreign")
 	require.NoError(t, err)
@@ -474,6 +490,9 @@ func TestEnroll(t *testing.T) {
 	var twin map[string]map[string]any
 	cliJSON(t, &twin, "twin", "--dir", dir, "--device", "outsider")
 	assert.Equal(t, "lab", twin["desired"]["site"])
+	fi, err := os.Stat(filepath.Join(dir, enrollmentsFile))
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
 
 	caFile := filepath.Join(t.TempDir(), "ca.pem")
 	require.NoError(t, pki.WriteCertificates(caFile, foreign.Certificate))
@@ -486,6 +505,16 @@ func TestEnroll(t *testing.T) {
 	assert.Equal(t, 2, code)
 	_, code = cli(t, "enroll", "--dir", dir, "--group", "nothing")
 	assert.Equal(t, 1, code, "a group needs a CA or a key")
+
+	// Enrollments survive a restart; registrations do not, so the device registers again.
+	cliJSON(t, &out, "enroll", "--dir", dir, "--registration-id", "OUTSIDER", "--cert", certFile)
+	stop()
+	s = serve(t, dir, "--retry-after", "0")
+	assert.Equal(t, s.Hub, register(t, s, dev))
+	assert.Equal(t, s.Hub, register(t, s, device{id: "outsider-2", cert: second.TLSCertificate()}))
+	doc, err := loadEnrollments(filepath.Join(dir, enrollmentsFile))
+	require.NoError(t, err)
+	assert.Len(t, doc.list, 2, "re-enrolling the same registration ID replaces it")
 }
 
 func TestUnknownDeviceGets401(t *testing.T) {
@@ -554,4 +583,17 @@ func TestSymmetricKeyGroup(t *testing.T) {
 		attest.SASToken(wrong.sasKey, s.IDScope+"/registrations/sas-8", time.Now().Add(time.Hour), "registration"),
 		"localhost", trustPool(t, s.TrustBundle), nil, msgs, nil)
 	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised)
+}
+
+func TestCorruptEnrollmentsRefused(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "emu")
+	_, code := cli(t, "init", "--dir", dir)
+	require.Equal(t, 0, code)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, enrollmentsFile), []byte(`{"version":1,"enrollments":[{"group":"g"}]}`), 0o600))
+	var stderr bytes.Buffer
+	err := run(testContext(t), []string{"serve", "--dir", dir}, io.Discard, &stderr)
+	assert.ErrorContains(t, err, enrollmentsFile, "a group with neither CA nor key")
+	require.NoError(t, os.WriteFile(filepath.Join(dir, enrollmentsFile), []byte(`{"version":2}`), 0o600))
+	err = run(testContext(t), []string{"serve", "--dir", dir}, io.Discard, &stderr)
+	assert.ErrorContains(t, err, "unsupported version")
 }

@@ -102,18 +102,25 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		Policy: dpstest.Policy{Allocate: fleet.Allocate}}); err != nil {
 		return err
 	}
+	saved, err := loadEnrollments(d.file(enrollmentsFile))
+	if err != nil {
+		return err
+	}
+	if err := saved.applyAll(dps, fleet.Allocate); err != nil {
+		return err
+	}
 	if err := dps.Start(); err != nil {
 		return err
 	}
 	defer dps.Close()
 
-	admin, err := listenAdmin(d.file(adminSocketFile))
+	adminL, err := listenAdmin(d.file(adminSocketFile))
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: newAdminHandler(fleet, dps), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: newAdminHandler(&admin{fleet: fleet, dps: dps, enrollments: saved}), ReadHeaderTimeout: 10 * time.Second}
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(admin) }()
+	go func() { served <- srv.Serve(adminL) }()
 	defer os.Remove(d.file(adminSocketFile))
 	defer srv.Close()
 

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/unicity-iot/unicity/dps/dpstest"
+	"github.com/unicity-iot/unicity/internal/pki"
+)
+
+// enrollmentsFile keeps the enrollments added with 'enroll', so that a restarted emulator
+// still admits the devices enrolled on it. Registrations, twins and telemetry are not kept:
+// devices refused by a restarted hub register again, as they would after a reassignment.
+const enrollmentsFile = "enrollments.json"
+
+type enrollmentsDoc struct {
+	Version     int             `json:"version"`
+	Enrollments []enrollRequest `json:"enrollments"`
+}
+
+// enrollments is the enrollments file, loaded.
+type enrollments struct {
+	path string
+	mu   sync.Mutex
+	list []enrollRequest
+}
+
+func loadEnrollments(path string) (*enrollments, error) {
+	e := &enrollments{path: path}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return e, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var doc enrollmentsDoc
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&doc); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if doc.Version != configVersion {
+		return nil, fmt.Errorf("%s: unsupported version %d", path, doc.Version)
+	}
+	e.list = doc.Enrollments
+	return e, nil
+}
+
+// applyAll enrolls every saved enrollment with dps.
+func (e *enrollments) applyAll(dps *dpstest.Server, allocate dpstest.AllocateFunc) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, req := range e.list {
+		if err := applyEnrollment(dps, allocate, req); err != nil {
+			return fmt.Errorf("%s: %w", e.path, err)
+		}
+	}
+	return nil
+}
+
+// add enrolls req with dps and saves it, replacing a saved enrollment with the same ID.
+func (e *enrollments) add(dps *dpstest.Server, allocate dpstest.AllocateFunc, req enrollRequest) error {
+	if err := applyEnrollment(dps, allocate, req); err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	list := make([]enrollRequest, 0, len(e.list)+1)
+	for _, old := range e.list {
+		if old.key() != req.key() {
+			list = append(list, old)
+		}
+	}
+	list = append(list, req)
+	data, err := json.MarshalIndent(enrollmentsDoc{Version: configVersion, Enrollments: list}, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := writePrivate(e.path, append(data, '\n')); err != nil {
+		return fmt.Errorf("cannot save the enrollment: %w", err)
+	}
+	e.list = list
+	return nil
+}
+
+// key identifies an enrollment as DPS does: a group by its ID, an individual enrollment by
+// its registration ID, case-insensitively.
+func (r enrollRequest) key() string {
+	if r.Group != "" {
+		return "group/" + r.Group
+	}
+	return "individual/" + strings.ToLower(r.RegistrationID)
+}
+
+func applyEnrollment(dps *dpstest.Server, allocate dpstest.AllocateFunc, req enrollRequest) error {
+	policy := dpstest.Policy{Disabled: req.Disabled, InitialTwin: req.InitialTwin, Allocate: allocate}
+	if req.Group == "" {
+		return dps.AddIndividual(dpstest.Individual{RegistrationID: req.RegistrationID, Thumbprint: req.Thumbprint,
+			SymmetricKey: req.SymmetricKey, DeviceID: req.DeviceID, Policy: policy})
+	}
+	g := dpstest.Group{ID: req.Group, SymmetricKey: req.SymmetricKey, Policy: policy}
+	if req.CAPEM != "" {
+		certs, err := pki.ParseCertificates([]byte(req.CAPEM))
+		if err != nil {
+			return err
+		}
+		g.CA = certs[0]
+	}
+	return dps.AddGroup(g)
+}
+
+// writePrivate replaces path with data, mode 0600, so that a crash leaves the old file whole.
+func writePrivate(path string, data []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name()) // no-op after the rename
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}
