@@ -15,23 +15,24 @@ import (
 	"github.com/unicity-iot/unicity/internal/mqttsrv"
 )
 
-// Device is a registry entry as a test or DPS creates it. A device authenticates with any of
-// the credentials it has.
+// Device is a registry entry as a test or DPS creates it. A device may hold several kinds
+// of credential: a presented certificate is checked against CAs and Thumbprints, otherwise
+// the password against SymmetricKeys.
 type Device struct {
-	ID string `json:"device_id"`
+	ID string
 	// CAs authenticate "CA-signed" devices: the presented chain must verify up to one of
 	// them (intermediates come from the TLS handshake) and the leaf's CN must equal ID.
-	CAs []*x509.Certificate `json:"-"`
+	CAs []*x509.Certificate
 	// Thumbprints authenticate "self-signed" devices: the leaf's SHA-256 or SHA-1 hex
 	// thumbprint, case-insensitive.
-	Thumbprints []string `json:"thumbprints,omitempty"`
+	Thumbprints []string
 	// SymmetricKeys are the primary and secondary keys for SAS tokens.
-	SymmetricKeys [][]byte `json:"-"`
+	SymmetricKeys [][]byte
 	// Disabled devices are refused with CONNACK 5.
-	Disabled bool `json:"disabled,omitempty"`
+	Disabled bool
 	// InitialTwin is the desired-properties object a new device starts with (DPS enrollments
 	// carry one); ignored when the device exists.
-	InitialTwin json.RawMessage `json:"-"`
+	InitialTwin json.RawMessage
 }
 
 // DeviceInfo is a registry entry as the controls report it.
