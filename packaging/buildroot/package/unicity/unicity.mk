@@ -11,8 +11,8 @@ UNICITY_SITE_METHOD = git
 # The repository carries no license file yet: set these when it does.
 UNICITY_LICENSE = PROPRIETARY
 UNICITY_GOMOD = github.com/unicity-iot/unicity
+# One target: golang-package names the binary after it and installs it as /usr/bin/unicity.
 UNICITY_BUILD_TARGETS = cmd/unicity
-UNICITY_INSTALL_BINS = unicity
 # The agent links no C code: built as by `make cross`, with the Makefile's version variables.
 # CommitUnix is the agent's lower bound for a sane clock; Buildroot strips at target-finalize.
 UNICITY_GO_ENV = CGO_ENABLED=0

@@ -31,6 +31,13 @@ GO_EXTRA_LDFLAGS:append = " \
     -X ${GO_IMPORT}/internal/version.CommitUnix=${SOURCE_DATE_EPOCH} \
 "
 
+# Go links a position-independent executable without cgo only on some targets (go.bbclass
+# asks for one everywhere): elsewhere the agent is a plain static executable.
+python () {
+    if d.getVar('TARGET_GOARCH') not in ('amd64', 'arm64', 'ppc64le', 's390x', 'loong64'):
+        d.setVar('GOBUILDFLAGS:remove', '-buildmode=pie')
+}
+
 # Modules come through GOPROXY at compile time. Offline builds: docs/oem.md.
 do_compile[network] = "1"
 
