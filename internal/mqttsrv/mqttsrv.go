@@ -1,5 +1,6 @@
 // Package mqttsrv accepts MQTT 3.1.1 connections over TLS and WebSocket and hands each one's
-// packets to a Handler. It is the framing, keep-alive and acknowledgement layer under the DPS
+// packets to a Handler. One TLS port serves both: a connection that opens with an HTTP
+// request is upgraded to a WebSocket, anything else is read as MQTT. It is the framing, keep-alive and acknowledgement layer under the DPS
 // and IoT Hub emulators, which are request/response services and not brokers: nothing is
 // routed between connections here, a handler answers the connection that asked.
 // Packets are encoded and decoded by paho's codec; this package only frames and bounds them.
@@ -34,6 +35,14 @@ type Handler interface {
 	Disconnected(c *Conn, err error)
 }
 
+// ConnectedHandler is implemented by handlers that act once the CONNACK is on the wire, such
+// as a hub delivering what a resumed session has queued: a message sent from Connect would
+// reach the client before the CONNACK. Connected must not wait for the client, whose
+// packets are read only after it returns.
+type ConnectedHandler interface {
+	Connected(c *Conn)
+}
+
 // Message is one application message in either direction.
 type Message struct {
 	Topic   string
@@ -64,6 +73,8 @@ type Server struct {
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
+	http      *http.Server // WebSocket upgrades arriving on Serve's port
+	upgrades  *connListener
 	closed    bool
 	wg        sync.WaitGroup
 }
@@ -94,18 +105,28 @@ func (s *Server) Serve(l net.Listener) error {
 				return
 			}
 			state := conn.ConnectionState()
-			s.serve(conn, &state, false)
+			pc := &peekedConn{Conn: conn, r: bufio.NewReader(conn), state: &state}
+			if first, err := pc.r.Peek(1); err == nil && first[0] == 'G' {
+				s.serveHTTP(pc)
+				return
+			}
+			s.serve(pc, &state, false)
 		}()
 	}
 }
 
-// WebSocket returns the handler to mount on an HTTPS server for MQTT over WebSocket. It
-// answers on "/" and "/$iothub/websocket" (the Azure SDKs use both) with subprotocol "mqtt".
+// WebSocket returns the handler for MQTT over WebSocket. Serve already answers WebSocket
+// upgrades on its port; mount this on an HTTPS server only to serve them on another one.
+// It answers on "/" and "/$iothub/websocket" (the Azure SDKs use both) with subprotocol "mqtt".
 func (s *Server) WebSocket() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/" && r.URL.Path != "/$iothub/websocket" {
 			http.NotFound(w, r)
 			return
+		}
+		state := r.TLS
+		if state == nil {
+			state, _ = r.Context().Value(tlsStateKey{}).(*tls.ConnectionState)
 		}
 		ws, err := upgrader.Upgrade(w, r, nil)
 		if err != nil {
@@ -113,7 +134,7 @@ func (s *Server) WebSocket() http.Handler {
 		}
 		s.wg.Add(1)
 		defer s.wg.Done()
-		s.serve(newWSConn(ws), r.TLS, true)
+		s.serve(newWSConn(ws), state, true)
 	})
 }
 
@@ -123,6 +144,9 @@ func (s *Server) Close() error {
 	s.closed = true
 	for l := range s.listeners {
 		l.Close()
+	}
+	if s.http != nil {
+		s.http.Close()
 	}
 	for c := range s.conns {
 		c.Close()
@@ -213,6 +237,9 @@ func (s *Server) serve(nc net.Conn, state *tls.ConnectionState, ws bool) {
 	code, present := s.Handler.Connect(c)
 	if err := c.writeConnack(code, present && code == packets.Accepted); err != nil || code != packets.Accepted {
 		return
+	}
+	if ch, ok := s.Handler.(ConnectedHandler); ok {
+		ch.Connected(c)
 	}
 	err = s.loop(c, r)
 	c.end()

@@ -78,6 +78,13 @@ func (h *echoHandler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
 
 func (h *echoHandler) Disconnected(_ *mqttsrv.Conn, err error) { h.disconnected <- err }
 
+// Connected greets a "welcome" client, which must see the greeting after its CONNACK.
+func (h *echoHandler) Connected(c *mqttsrv.Conn) {
+	if c.Username == "welcome" {
+		c.Publish(mqttsrv.Message{Topic: "greeting", Payload: []byte("hello")})
+	}
+}
+
 type fixture struct {
 	srv     *mqttsrv.Server
 	addr    string
@@ -115,7 +122,12 @@ func (f *fixture) clientTLS() *tls.Config {
 
 func (f *fixture) connect(t *testing.T, broker, username string) (mqtt.Client, error) {
 	t.Helper()
-	opts := mqtt.NewClientOptions().AddBroker(broker).SetClientID("device-1").SetUsername(username).
+	return f.connectWith(t, broker, username, mqtt.NewClientOptions())
+}
+
+func (f *fixture) connectWith(t *testing.T, broker, username string, opts *mqtt.ClientOptions) (mqtt.Client, error) {
+	t.Helper()
+	opts = opts.AddBroker(broker).SetClientID("device-1").SetUsername(username).
 		SetTLSConfig(f.clientTLS()).SetAutoReconnect(false).SetConnectRetry(false).
 		SetConnectTimeout(5 * time.Second).SetProtocolVersion(4)
 	c := mqtt.NewClient(opts)
@@ -194,6 +206,35 @@ func TestRequestReplyOverWebSocket(t *testing.T) {
 			assert.True(t, f.handler.connected[0].WebSocket)
 			assert.Equal(t, "device-1", f.handler.connected[0].TLS.PeerCertificates[0].Subject.CommonName)
 		})
+	}
+}
+
+func TestWebSocketOnTheMQTTPort(t *testing.T) {
+	for _, path := range []string{"/", "/$iothub/websocket"} {
+		t.Run(path, func(t *testing.T) {
+			f := newFixture(t)
+			c, err := f.connect(t, "wss://"+f.addr+path, "user")
+			require.NoError(t, err)
+			requestReply(t, c)
+			f.handler.mu.Lock()
+			defer f.handler.mu.Unlock()
+			assert.True(t, f.handler.connected[0].WebSocket)
+			assert.Equal(t, "device-1", f.handler.connected[0].TLS.PeerCertificates[0].Subject.CommonName)
+		})
+	}
+}
+
+func TestConnectedRunsAfterConnack(t *testing.T) {
+	f := newFixture(t)
+	got := make(chan mqtt.Message, 1)
+	opts := mqtt.NewClientOptions().SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) { got <- m })
+	_, err := f.connectWith(t, "ssl://"+f.addr, "welcome", opts)
+	require.NoError(t, err)
+	select {
+	case m := <-got:
+		assert.Equal(t, "greeting", m.Topic())
+	case <-time.After(5 * time.Second):
+		t.Fatal("no message from Connected")
 	}
 }
 
