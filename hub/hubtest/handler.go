@@ -44,11 +44,15 @@ func (hd handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 	d.conn = c
 	d.lastSeen = h.now()
 	c.Value = &session{dev: d}
-	if _, ok := d.subs[subC2D]; ok && present {
-		h.after(connackGrace, c, func() { h.deliverC2D(d) })
-	}
 	h.broadcast()
 	return packets.Accepted, present
+}
+
+// Connected redelivers what a resumed session has queued, now that the CONNACK is out.
+func (hd handler) Connected(c *mqttsrv.Conn) {
+	if s, ok := c.Value.(*session); ok {
+		hd.h.deliverC2D(s.dev)
+	}
 }
 
 // maxRefusals bounds the refusals a hub remembers; the oldest is dropped.

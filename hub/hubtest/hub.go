@@ -38,11 +38,6 @@ const (
 	MaxMethodPayload = 128 << 10
 )
 
-// connackGrace is how long a resumed session waits before redelivering cloud-to-device
-// messages: mqttsrv writes the CONNACK after Handler.Connect returns and offers no hook for
-// "CONNACK sent", and a PUBLISH must not overtake it.
-const connackGrace = 50 * time.Millisecond
-
 // Config is what New needs.
 type Config struct {
 	// Names are the host names devices use for this hub in the CONNECT username and in SAS
