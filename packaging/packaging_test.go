@@ -1,23 +1,21 @@
-// Package packaging_test checks what OEM images install: the systemd unit (its contract with
-// the agent and its hardening, through systemd's own analyzers), the sysusers.d and tmpfiles.d
-// entries, the shipped configuration, and the Debian package installed into a scratch root.
+// Package packaging_test checks what OEM images get, with the tools that will handle it: the
+// systemd unit (its contract with the agent, and its hardening through systemd-analyze), the
+// sysusers.d and tmpfiles.d entries and the shipped configuration (here), the Debian package
+// installed into a scratch root (deb_test.go), the Yocto and Buildroot recipes against the
+// Makefile (recipes_test.go), and the guides' walkthrough on swtpm and the emulator
+// (walkthrough_test.go).
 package packaging_test
 
 import (
 	"bufio"
-	"context"
-	"debug/elf"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -329,264 +327,9 @@ func TestShippedConfig(t *testing.T) {
 	})
 }
 
-// TestDebianPackage builds the package with `make deb` and installs it with dpkg into a
-// scratch root the way image builders do (chrootless: the maintainer scripts run with
-// DPKG_ROOT), then checks what a gateway gets: files, modes, owners, the service user, the
-// enabled unit, and what upgrades, removal and purge keep.
-func TestDebianPackage(t *testing.T) {
-	for _, tool := range []string{"make", "dpkg", "dpkg-deb", "dpkg-query", "systemd-sysusers", "systemd-tmpfiles", "systemctl", "systemd-analyze"} {
-		attesttest.RequireTool(t, tool)
-	}
-	requireRoot(t)
-
-	dist := t.TempDir()
-	run(t, "make", "-C", "..", "--no-print-directory", "deb", "DIST="+dist)
-	debs, err := filepath.Glob(filepath.Join(dist, "unicity_*.deb"))
-	require.NoError(t, err)
-	require.Len(t, debs, 1)
-	deb := debs[0]
-
-	t.Run("control", func(t *testing.T) {
-		ctrl := t.TempDir()
-		run(t, "dpkg-deb", "--control", deb, ctrl)
-		fields := run(t, "dpkg-deb", "--field", deb, "Package", "Architecture", "Recommends")
-		assert.Contains(t, fields, "Package: unicity\n")
-		assert.Contains(t, fields, "Architecture: "+debArch()+"\n")
-		assert.Contains(t, fields, "Recommends: tpm-udev\n")
-		conffiles, err := os.ReadFile(filepath.Join(ctrl, "conffiles"))
-		require.NoError(t, err)
-		assert.Equal(t, []string{"/etc/unicity/config.toml"}, strings.Fields(string(conffiles)))
-		for _, script := range []string{"postinst", "prerm", "postrm"} {
-			assertOwnerMode(t, filepath.Join(ctrl, script), 0, 0, 0o755)
-		}
-	})
-
-	root := scratchRootWithSystemUnits(t)
-	for _, dir := range []string{"var/lib/dpkg/info", "var/lib/dpkg/updates", "var/log", "etc"} {
-		require.NoError(t, os.MkdirAll(filepath.Join(root, dir), 0o755))
-	}
-	require.NoError(t, os.WriteFile(filepath.Join(root, "var/lib/dpkg/status"), nil, 0o644))
-	dpkg := func(args ...string) string {
-		return run(t, "dpkg", append([]string{"--root=" + root, "--force-script-chrootless"}, args...)...)
-	}
-	at := func(p string) string { return filepath.Join(root, p) }
-	const (
-		config   = "etc/unicity/config.toml"
-		wantsDir = "etc/systemd/system/multi-user.target.wants"
-		enabled  = wantsDir + "/unicity.service"
-		stateDir = "var/lib/unicity"
-	)
-
-	dpkg("--install", deb)
-	uid, gid := checkServiceUser(t, root)
-
-	t.Run("installed", func(t *testing.T) {
-		assert.Equal(t, "install ok installed", run(t, "dpkg-query", "--root="+root, "--show", "--showformat=${Status}", "unicity"))
-		files := []struct {
-			path     string
-			mode     os.FileMode
-			uid, gid int
-		}{
-			{"usr/bin/unicity", 0o755, 0, 0},
-			{"usr/lib/systemd/system/unicity.service", 0o644, 0, 0},
-			{"usr/lib/sysusers.d/unicity.conf", 0o644, 0, 0},
-			{"usr/lib/tmpfiles.d/unicity.conf", 0o644, 0, 0},
-			{"etc/unicity", os.ModeDir | 0o755, 0, 0},
-			{config, 0o644, 0, 0},
-			{stateDir, os.ModeDir | 0o700, uid, gid},
-		}
-		for _, f := range files {
-			assertOwnerMode(t, at(f.path), f.uid, f.gid, f.mode)
-		}
-		for src, dst := range map[string]string{
-			"systemd/unicity.service":  "usr/lib/systemd/system/unicity.service",
-			"systemd/unicity.sysusers": "usr/lib/sysusers.d/unicity.conf",
-			"systemd/unicity.tmpfiles": "usr/lib/tmpfiles.d/unicity.conf",
-			"config.toml":              config,
-		} {
-			assertSameContent(t, src, at(dst))
-		}
-	})
-	t.Run("enabled, not started", func(t *testing.T) {
-		target, err := os.Readlink(at(enabled))
-		require.NoError(t, err)
-		assert.Equal(t, "/usr/lib/systemd/system/unicity.service", target)
-	})
-	t.Run("static agent", func(t *testing.T) {
-		assertStatic(t, at("usr/bin/unicity"))
-		out := run(t, at("usr/bin/unicity"), "version")
-		assert.Contains(t, out, "unicity")
-	})
-	t.Run("unit verifies as installed", func(t *testing.T) {
-		out := run(t, "systemd-analyze", "verify", "--no-pager", "--root="+root, "unicity.service")
-		assert.Empty(t, strings.TrimSpace(out))
-	})
-
-	// An administrator edits the configuration and disables the service; an upgrade (here a
-	// reinstallation, which runs the same scripts) keeps both.
-	edited := append(readFile(t, at(config)), "# edited on this gateway\n"...)
-	require.NoError(t, os.WriteFile(at(config), edited, 0o644))
-	require.NoError(t, os.Remove(at(enabled)))
-	dpkg("--install", deb)
-	t.Run("upgrade keeps the administrator's choices", func(t *testing.T) {
-		assert.Equal(t, string(edited), string(readFile(t, at(config))))
-		assert.NoFileExists(t, at(enabled))
-	})
-
-	require.NoError(t, os.Symlink("/usr/lib/systemd/system/unicity.service", at(enabled)))
-	identity := at(stateDir + "/identity.pem")
-	require.NoError(t, os.WriteFile(identity, []byte("factory-installed"), 0o600))
-	dpkg("--remove", "unicity")
-	t.Run("remove", func(t *testing.T) {
-		assert.NoFileExists(t, at("usr/bin/unicity"))
-		assert.NoFileExists(t, at("usr/lib/systemd/system/unicity.service"))
-		assert.FileExists(t, at(config), "a conffile stays until purge")
-		assert.FileExists(t, identity, "the identity is the factory's, not the package's")
-	})
-	dpkg("--purge", "unicity")
-	t.Run("purge", func(t *testing.T) {
-		assert.NoFileExists(t, at(config))
-		assert.NoFileExists(t, at(enabled))
-		assert.FileExists(t, identity, "the identity is the factory's, not the package's")
-		checkServiceUser(t, root)
-	})
-}
-
-// debArch is Debian's name for the architecture `make deb` builds for by default.
-func debArch() string {
-	if runtime.GOARCH == "arm" {
-		return "armhf"
-	}
-	return runtime.GOARCH
-}
-
-// assertStatic checks that an executable needs no dynamic loader nor shared library, so it
-// runs on any gateway libc (or none).
-func assertStatic(t *testing.T, path string) {
-	t.Helper()
-	f, err := elf.Open(path)
-	require.NoError(t, err)
-	defer f.Close()
-	for _, p := range f.Progs {
-		assert.NotEqual(t, elf.PT_INTERP, p.Type, "%s asks for a dynamic loader", path)
-	}
-	libs, err := f.ImportedLibraries()
-	require.NoError(t, err)
-	assert.Empty(t, libs, "%s needs shared libraries", path)
-}
-
-func assertSameContent(t *testing.T, want, got string) {
-	t.Helper()
-	assert.Equal(t, string(readFile(t, want)), string(readFile(t, got)), "%s differs from %s", got, want)
-}
-
 func readFile(t *testing.T, path string) []byte {
 	t.Helper()
 	data, err := os.ReadFile(path)
 	require.NoError(t, err)
 	return data
-}
-
-// TestRecipesMatchTheMakefile keeps the Yocto and Buildroot recipes, which cannot be built
-// here, in step with what is: the files they install exist, and they set the same version
-// variables as `make` and build the agent without cgo, as its user in group tss.
-func TestRecipesMatchTheMakefile(t *testing.T) {
-	versionVar := regexp.MustCompile(`internal/version\.(\w+)=`)
-	varsIn := func(path string) []string {
-		var names []string
-		for _, m := range versionVar.FindAllStringSubmatch(string(readFile(t, path)), -1) {
-			names = append(names, m[1])
-		}
-		return names
-	}
-	makeVars := varsIn("../Makefile")
-	require.NotEmpty(t, makeVars)
-	packagingPath := regexp.MustCompile(`packaging/[\w./-]+`)
-	recipes := []struct {
-		path      string
-		userInTSS *regexp.Regexp
-		noCgo     string
-	}{
-		{"yocto/meta-unicity/recipes-core/unicity/unicity_git.bb", regexp.MustCompile(`(?s)USERADD_PARAM:\${PN} = "--system --user-group --groups tss .*? unicity"`), `export CGO_ENABLED = "0"`},
-		{"buildroot/package/unicity/unicity.mk", regexp.MustCompile(`(?m)^\tunicity -1 unicity -1 \* /var/lib/unicity - tss `), "UNICITY_GO_ENV = CGO_ENABLED=0"},
-	}
-	for _, r := range recipes {
-		t.Run(filepath.Base(r.path), func(t *testing.T) {
-			text := string(readFile(t, r.path))
-			assert.ElementsMatch(t, makeVars, varsIn(r.path))
-			assert.Contains(t, text, "cmd/unicity")
-			assert.Contains(t, text, r.noCgo)
-			assert.Regexp(t, r.userInTSS, text)
-			installs := packagingPath.FindAllString(text, -1)
-			assert.Subset(t, installs, []string{"packaging/systemd/unicity.service", "packaging/systemd/unicity.sysusers", "packaging/systemd/unicity.tmpfiles", "packaging/config.toml"})
-			for _, p := range installs {
-				assert.FileExists(t, filepath.Join("..", p))
-			}
-		})
-	}
-	t.Run("buildroot external tree", func(t *testing.T) {
-		assert.Contains(t, string(readFile(t, "buildroot/external.desc")), "name: UNICITY\n")
-		assert.Contains(t, string(readFile(t, "buildroot/Config.in")), `"$BR2_EXTERNAL_UNICITY_PATH/package/unicity/Config.in"`)
-		assert.FileExists(t, "buildroot/package/unicity/Config.in")
-	})
-	t.Run("yocto layer", func(t *testing.T) {
-		conf := string(readFile(t, "yocto/meta-unicity/conf/layer.conf"))
-		assert.Contains(t, conf, `BBFILE_COLLECTIONS += "unicity"`)
-		assert.Contains(t, conf, "LAYERSERIES_COMPAT_unicity")
-	})
-}
-
-// guides are the documents whose `sh walkthrough` blocks form one session, in this order: a
-// newcomer's path from an empty gateway to a connected device, then its operation.
-var guides = []string{"../docs/oem.md", "../docs/technicians.md", "../docs/operators.md"}
-
-var walkthroughBlock = regexp.MustCompile("(?ms)^```sh walkthrough\n(.*?)^```")
-
-// TestGuidesWalkthrough runs the guides' walkthrough blocks, in order, as one bash session
-// started in the repository with an empty home directory: the commands a newcomer types,
-// against swtpm and the emulator. Every process the session starts is killed at the end.
-func TestGuidesWalkthrough(t *testing.T) {
-	for _, tool := range []string{"bash", "make", "swtpm", "jq", "curl", "timeout"} {
-		attesttest.RequireTool(t, tool)
-	}
-	var script strings.Builder
-	script.WriteString("set -euxo pipefail\n")
-	for _, guide := range guides {
-		blocks := walkthroughBlock.FindAllSubmatch(readFile(t, guide), -1)
-		require.NotEmpty(t, blocks, "%s has no walkthrough block", guide)
-		for i, b := range blocks {
-			fmt.Fprintf(&script, "\n# %s, block %d\n%s", filepath.Base(guide), i+1, b[1])
-		}
-	}
-
-	repo, err := filepath.Abs("..")
-	require.NoError(t, err)
-	// The guide builds with make: keep the build and module caches of the real home.
-	env := append(os.Environ(), "HOME="+t.TempDir())
-	for _, v := range []string{"GOCACHE", "GOMODCACHE", "GOPATH"} {
-		env = append(env, v+"="+strings.TrimSpace(run(t, "go", "env", v)))
-	}
-	logPath := filepath.Join(t.TempDir(), "walkthrough.log")
-	logFile, err := os.Create(logPath)
-	require.NoError(t, err)
-	defer logFile.Close()
-
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "bash", "-c", script.String())
-	cmd.Dir, cmd.Env = repo, env
-	// Output to a file, not a pipe: background processes keep a pipe open after bash exits.
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	// Its own process group, so that the emulator, swtpm and the agent it starts in the
-	// background go with it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	err = cmd.Run()
-	if cmd.Process != nil {
-		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-	}
-	if err != nil {
-		t.Fatalf("walkthrough failed: %v\n%s", err, readFile(t, logPath))
-	}
-	t.Logf("walkthrough:\n%s", readFile(t, logPath))
 }
