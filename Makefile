@@ -31,7 +31,7 @@ DEB_ARCH      ?= $(if $(filter arm,$(DEB_GOARCH)),armhf,$(DEB_GOARCH))
 DEB_VERSION   ?= $(shell v='$(VERSION)'; case "$$v" in (v[0-9]*) ;; (*) v="0.0.0+git$(COMMIT_UNIX)+$$v";; esac; echo "$$v" | sed 's/^v//; s/-/+/g')
 DEB_MAINTAINER ?= unicity maintainers <unicity@unicity-iot.invalid>
 
-.PHONY: all build test lint demo install clean cross deb
+.PHONY: all build test lint demo install clean cross deb bench
 
 all: build
 
@@ -49,6 +49,13 @@ lint:
 
 demo: build
 	./scripts/demo.sh
+
+# The benchmark suite (bench/README.md): the built agent against the emulator on loopback, one
+# table on stdout and the same as JSON in BENCH_JSON. BENCH_FLAGS=-short is the CI variant.
+BENCH_JSON  ?= bin/bench.json
+BENCH_FLAGS ?=
+bench: build
+	$(GO) run ./bench/cmd/unicity-bench -bin bin -dist $(DIST) -json $(BENCH_JSON) $(BENCH_FLAGS)
 
 install: build
 	install -d $(DESTDIR)$(BINDIR)
