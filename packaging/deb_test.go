@@ -3,6 +3,7 @@ package packaging_test
 import (
 	"debug/elf"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -163,4 +164,12 @@ func assertStatic(t *testing.T, path string) {
 func assertSameContent(t *testing.T, want, got string) {
 	t.Helper()
 	assert.Equal(t, string(readFile(t, want)), string(readFile(t, got)), "%s differs from %s", got, want)
+}
+
+// TestMaintainerScriptShellcheck holds the maintainer script to shellcheck as POSIX sh: it runs
+// under dash on Debian and in image builders' chroots.
+func TestMaintainerScriptShellcheck(t *testing.T) {
+	shellcheck := attesttest.RequireTool(t, "shellcheck")
+	out, err := exec.Command(shellcheck, "--shell=sh", "deb/maintscript").CombinedOutput()
+	assert.NoError(t, err, "%s", out)
 }

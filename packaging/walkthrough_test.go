@@ -24,13 +24,10 @@ var guides = []string{"../docs/oem.md", "../docs/technicians.md", "../docs/opera
 
 var walkthroughBlock = regexp.MustCompile("(?ms)^```sh walkthrough\n(.*?)^```")
 
-// TestGuidesWalkthrough runs the guides' walkthrough blocks, in order, as one bash session
-// started in the repository with an empty home directory: the commands a newcomer types,
-// against swtpm and the emulator. Every process the session starts is killed at the end.
-func TestGuidesWalkthrough(t *testing.T) {
-	for _, tool := range []string{"bash", "make", "swtpm", "jq", "curl", "timeout"} {
-		attesttest.RequireTool(t, tool)
-	}
+// walkthroughScript joins the guides' walkthrough blocks into one bash script that stops at
+// the first failing command and traces each one.
+func walkthroughScript(t *testing.T) string {
+	t.Helper()
 	var script strings.Builder
 	script.WriteString("set -euxo pipefail\n")
 	for _, guide := range guides {
@@ -40,6 +37,27 @@ func TestGuidesWalkthrough(t *testing.T) {
 			fmt.Fprintf(&script, "\n# %s, block %d\n%s", filepath.Base(guide), i+1, b[1])
 		}
 	}
+	return script.String()
+}
+
+// TestGuidesWalkthroughShellcheck holds the walkthrough to shellcheck: a newcomer copies
+// these lines, quoting mistakes and all.
+func TestGuidesWalkthroughShellcheck(t *testing.T) {
+	shellcheck := attesttest.RequireTool(t, "shellcheck")
+	cmd := exec.Command(shellcheck, "--shell=bash", "-")
+	cmd.Stdin = strings.NewReader(walkthroughScript(t))
+	out, err := cmd.CombinedOutput()
+	assert.NoError(t, err, "%s", out)
+}
+
+// TestGuidesWalkthrough runs the guides' walkthrough blocks, in order, as one bash session
+// started in the repository with an empty home directory: the commands a newcomer types,
+// against swtpm and the emulator. Every process the session starts is killed at the end.
+func TestGuidesWalkthrough(t *testing.T) {
+	for _, tool := range []string{"bash", "make", "swtpm", "jq", "curl", "timeout"} {
+		attesttest.RequireTool(t, tool)
+	}
+	script := walkthroughScript(t)
 
 	repo, err := filepath.Abs("..")
 	require.NoError(t, err)
@@ -55,7 +73,7 @@ func TestGuidesWalkthrough(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "bash", "-c", script.String())
+	cmd := exec.CommandContext(ctx, "bash", "-c", script)
 	cmd.Dir, cmd.Env = repo, env
 	// Output to a file, not a pipe: background processes keep a pipe open after bash exits.
 	cmd.Stdout, cmd.Stderr = logFile, logFile
