@@ -35,7 +35,7 @@ func APISocket(cfg *Config) string { return filepath.Join(cfg.Runtime.Dir, APISo
 func ListenAPI(cfg *Config) (net.Listener, error) {
 	path := APISocket(cfg)
 	if err := os.MkdirAll(cfg.Runtime.Dir, 0o755); err != nil {
-		return nil, fmt.Errorf("cannot create the runtime directory: %w", err)
+		return nil, &ConfigError{File: cfg.Path, Key: "runtime.dir", Err: fmt.Errorf("cannot create the runtime directory: %w", err)}
 	}
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
@@ -46,7 +46,11 @@ func ListenAPI(cfg *Config) (net.Listener, error) {
 	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
-		return nil, fmt.Errorf("cannot listen on the API socket: %w", err)
+		err = fmt.Errorf("cannot listen on the API socket: %w", err)
+		if errors.Is(err, os.ErrPermission) {
+			return nil, &ConfigError{File: cfg.Path, Key: "runtime.dir", Err: err}
+		}
+		return nil, err
 	}
 	if err := os.Chmod(path, 0o660); err != nil {
 		ln.Close()
