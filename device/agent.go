@@ -253,8 +253,9 @@ func (a *Agent) awaitIdentity(ctx context.Context, creds *Credentials) (*attest.
 		}
 		a.setStatus(func(s *Status) {
 			s.Phase = PhaseWaitingClock
-			s.Message = fmt.Sprintf("waiting for a valid clock: the time is %s, the identity is valid from %s",
-				now.UTC().Format(time.RFC3339), validFrom.UTC().Format(time.RFC3339))
+			// The date only: a message that changed every second would flood the log.
+			s.Message = fmt.Sprintf("waiting for a valid clock: it says %s, the identity is valid from %s",
+				now.UTC().Format(time.DateOnly), validFrom.UTC().Format(time.RFC3339))
 		})
 		req, err := a.pause(ctx, clockPoll)
 		if err != nil {
