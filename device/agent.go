@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -55,7 +56,7 @@ type Agent struct {
 	// Optional.
 	Credentials func(*Config) (*Credentials, error) // default OpenCredentials
 	Clock       Clock                               // default SystemClock
-	Backoff     Backoff                             // default FullJitter over the [agent] retry bounds
+	Backoff     hub.Backoff                         // default hub.FullJitter over the [agent] retry bounds
 	Notifier    Notifier                            // default: none
 	// Watchdog is systemd's watchdog period (WATCHDOG_USEC); zero disables the pings.
 	Watchdog time.Duration
@@ -108,7 +109,7 @@ func (a *Agent) init() {
 		a.Clock = SystemClock{}
 	}
 	if a.Backoff == nil {
-		a.Backoff = FullJitter(a.Config.Agent.RetryMin, a.Config.Agent.RetryMax)
+		a.Backoff = hub.FullJitter(a.Config.Agent.RetryMin, a.Config.Agent.RetryMax)
 	}
 	if a.AttemptTimeout == 0 {
 		a.AttemptTimeout = defaultAttemptTimeout

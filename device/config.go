@@ -19,10 +19,6 @@ import (
 	"github.com/unicity-iot/unicity/attest"
 )
 
-// DefaultConfigPath is where the service and every command look for the configuration
-// unless --config says otherwise.
-const DefaultConfigPath = "/etc/unicity/config.toml"
-
 // ErrConfigNotExist reports that the configuration file is missing, as distinct from present
 // but invalid: an installer can tell "not configured yet" from "configured wrongly".
 var ErrConfigNotExist = errors.New("configuration file does not exist")
