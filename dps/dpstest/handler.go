@@ -283,7 +283,7 @@ type registerRequest struct {
 }
 
 func (s *Server) register(st *connState, body []byte) reply {
-	if ra, ok := s.admitRegister(); !ok {
+	if ra, ok := s.admitRegister(strings.ToLower(st.regID)); !ok {
 		return s.errorReply(429, 429001, "Registration quota of the service exceeded.", ra)
 	}
 	if st.enroll == nil {
@@ -385,14 +385,55 @@ func (s *Server) poll(st *connState, opID string) reply {
 	return reply{status: status, body: body, retryAfter: noRetryAfter}
 }
 
-// admitRegister applies the instance's register quota.
-func (s *Server) admitRegister() (time.Duration, bool) {
+// admitRegister applies the instance's register quota, a sliding window of
+// RegistrationsPerMinute. A device refused for it is told when a slot frees up for it, and
+// that slot is kept for it until then: the next device refused is told a later slot. Telling
+// every refused device the same first free slot would bring them back together to be refused
+// again, all but one, on every round.
+func (s *Server) admitRegister(key string) (time.Duration, bool) {
+	n := s.cfg.RegistrationsPerMinute
+	if n <= 0 {
+		return 0, true
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var wait time.Duration
-	var ok bool
-	s.quota, wait, ok = slide(s.quota, s.cfg.Now(), s.cfg.RegistrationsPerMinute, time.Minute)
-	return wait, ok
+	now := s.cfg.Now()
+	cutoff := now.Add(-time.Minute)
+	if slot, ok := s.reserved[key]; ok && slot.After(cutoff) {
+		if now.Before(slot) {
+			return slot.Sub(now), false // early: the same slot, still kept
+		}
+		delete(s.reserved, key)
+		return 0, true // the slot is in the window already
+	}
+	i := 0
+	for i < len(s.quota) && !s.quota[i].After(cutoff) {
+		i++
+	}
+	if s.quota = s.quota[i:]; i > 0 {
+		for k, slot := range s.reserved {
+			if !slot.After(cutoff) {
+				delete(s.reserved, k) // kept for a device that did not come back
+			}
+		}
+	}
+	// The window holds past registrations and kept slots, in order. A new one goes after
+	// them all, at the first time the window has room: a minute after the n-th latest.
+	slot := now
+	if len(s.quota) > 0 && s.quota[len(s.quota)-1].After(slot) {
+		slot = s.quota[len(s.quota)-1]
+	}
+	if len(s.quota) >= n {
+		if free := s.quota[len(s.quota)-n].Add(time.Minute); free.After(slot) {
+			slot = free
+		}
+	}
+	s.quota = append(s.quota, slot)
+	if slot.After(now) {
+		s.reserved[key] = slot
+		return slot.Sub(now), false
+	}
+	return 0, true
 }
 
 // admitPoll applies the per-device poll limit.

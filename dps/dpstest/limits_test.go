@@ -87,6 +87,53 @@ func TestRegistrationQuota(t *testing.T) {
 	assert.Equal(t, int64(5), s.Stats().Registrations)
 }
 
+// TestRegistrationQuotaKeepsSlots: devices refused for the quota are each told a slot of
+// their own, so that none of them is refused again when it comes back as told, and a newcomer
+// queues behind them.
+func TestRegistrationQuotaKeepsSlots(t *testing.T) {
+	now := newClock()
+	s := dpstest.NewServer(t, fast, func(c *dpstest.Config) { c.Now = now.Now; c.RegistrationsPerMinute = 2 })
+	dev := map[string]*device{}
+	register := func(id string) response {
+		if dev[id] == nil {
+			dev[id] = mustDial(t, s, dialOpts{regID: id, cert: factoryCert(t, s, id)})
+		}
+		return dev[id].register(id)
+	}
+	start := now.Now()
+	at := func(sec int) { now.Advance(start.Add(time.Duration(sec) * time.Second).Sub(now.Now())) }
+
+	require.Equal(t, 202, register("a").status) // t=0
+	at(10)
+	require.Equal(t, 202, register("b").status)
+	for _, c := range []struct {
+		id         string
+		at, replay int // when it asks, and the retry-after it must get
+	}{{"c", 20, 40}, {"d", 21, 49}, {"e", 22, 98}} {
+		at(c.at)
+		r := register(c.id)
+		require.Equal(t, 429, r.status, c.id)
+		assert.Equal(t, c.replay, r.retryAfter, "%s: the slot a minute after the registration or slot it follows", c.id)
+	}
+	at(30)
+	r := register("c")
+	assert.Equal(t, 429, r.status, "early")
+	assert.Equal(t, 30, r.retryAfter, "early: the same slot")
+
+	at(60)
+	assert.Equal(t, 202, register("c").status, "c at its slot")
+	r = register("f")
+	assert.Equal(t, 429, r.status, "a newcomer queues behind the slots kept")
+	assert.Equal(t, 70, r.retryAfter)
+	at(70)
+	assert.Equal(t, 202, register("d").status, "d at its slot")
+	at(120)
+	assert.Equal(t, 202, register("e").status, "e at its slot")
+	at(130)
+	assert.Equal(t, 202, register("f").status, "f at its slot")
+	assert.Equal(t, int64(5), s.Stats().Throttled)
+}
+
 func TestMessageLimit(t *testing.T) {
 	s := dpstest.NewServer(t, fast)
 	body := func(size int) string {

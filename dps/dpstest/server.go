@@ -81,7 +81,8 @@ type Config struct {
 	UnknownDevice UnknownDevice
 	// PollLimit is the most polls one registration ID may send per PollWindow before 429
 	// (0: unlimited); RegistrationsPerMinute bounds register requests for the whole instance
-	// (0: unlimited); MaxMessageSize closes a connection that publishes a larger payload
+	// (0: unlimited), and tells each device it refuses a slot of its own to come back at;
+	// MaxMessageSize closes a connection that publishes a larger payload
 	// (0: unlimited).
 	PollLimit              int
 	RegistrationsPerMinute int
@@ -146,7 +147,8 @@ type Server struct {
 	ops         map[string]*operation  // by operation ID
 	latestOp    map[string]string      // lower-case registration ID → operation ID
 	polls       map[string][]time.Time // lower-case registration ID → recent polls
-	quota       []time.Time            // recent register requests
+	quota       []time.Time            // register requests in the last minute and slots kept, in order
+	reserved    map[string]time.Time   // lower-case registration ID → slot kept after a 429
 	faults      []*armedFault
 
 	closing   chan struct{}
@@ -163,6 +165,7 @@ func New(cfg Config) (*Server, error) {
 		ops:         make(map[string]*operation),
 		latestOp:    make(map[string]string),
 		polls:       make(map[string][]time.Time),
+		reserved:    make(map[string]time.Time),
 		closing:     make(chan struct{}),
 		log:         cfg.Logger,
 	}
