@@ -432,6 +432,10 @@ func (a *Agent) serve(ctx context.Context, lock *storage.Locked, id *attest.Iden
 		}
 		if failures >= a.Config.Agent.HubFailures && a.mayReprovision(st) {
 			a.noteError(err)
+			a.setStatus(func(s *Status) {
+				s.Phase, s.NextRetry = PhaseProvisioning, time.Time{}
+				s.Message = fmt.Sprintf("%s could not be reached %d times in a row; asking DPS whether the assignment changed", st.AssignedHub, failures)
+			})
 			failures = 0
 			next, rerr := a.registerOnce(ctx, lock, id, thumb, st)
 			if rerr == nil {
