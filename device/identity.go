@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/unicity-iot/unicity/attest"
@@ -63,9 +64,14 @@ func needsTPM(cfg *Config) bool {
 }
 
 // classifyIdentityError marks what only a person can fix. A TPM device node or socket that
-// does not exist is a configuration error; a TPM that exists but does not answer yet is not.
+// does not exist is a configuration error; a TPM that exists but does not answer yet, or
+// answers with a warning, is not.
 func classifyIdentityError(err error) error {
+	var rc tpm2.TPMRC
 	switch {
+	case errors.As(err, &rc) && rc.IsWarning():
+		// Testing, retry, yielded, out of memory: the TPM's way of saying "later".
+		return err
 	case errors.Is(err, attest.ErrNoTPM) && !errors.Is(err, fs.ErrNotExist):
 		return err
 	case errors.Is(err, attest.ErrClockNotSet):
