@@ -654,3 +654,127 @@ func (r *relay) drop() {
 func (r *relay) forward(target string) { r.mu.Lock(); r.target = target; r.mu.Unlock() }
 func (r *relay) block()                { r.mu.Lock(); r.blocked = true; r.mu.Unlock() }
 func (r *relay) unblock()              { r.mu.Lock(); r.blocked = false; r.mu.Unlock() }
+
+func TestTwinErrorStatus(t *testing.T) {
+	srv := hubtest.NewServer(t)
+	ca := newDeviceCA(t)
+	c := start(t, config(srv, "gw-te", ca.softwareDevice(t, srv.Hub, "gw-te")))
+	c.connected(t)
+	ctx := testContext(t)
+	tests := []struct {
+		status    int
+		temporary bool
+		call      func() error
+	}{
+		{429, true, func() error { _, err := c.Twin(ctx); return err }},
+		{503, true, func() error { _, err := c.UpdateReported(ctx, json.RawMessage(`{"a":1}`)); return err }},
+		{400, false, func() error { _, err := c.UpdateReported(ctx, json.RawMessage(`{"a":1}`)); return err }},
+	}
+	for _, tt := range tests {
+		t.Run(itoa(tt.status), func(t *testing.T) {
+			srv.FailTwin(1, tt.status)
+			err := tt.call()
+			var se *hub.StatusError
+			require.ErrorAs(t, err, &se)
+			assert.Equal(t, tt.status, se.Status)
+			assert.Equal(t, tt.temporary, se.Temporary())
+			_, err = c.Twin(ctx)
+			assert.NoError(t, err, "the next request succeeds")
+		})
+	}
+}
+
+func TestServerUnavailableIsRetried(t *testing.T) {
+	srv := hubtest.NewServer(t)
+	ca := newDeviceCA(t)
+	cert := ca.softwareDevice(t, srv.Hub, "gw-su")
+	srv.FailConnects(2, 3)
+	var mu sync.Mutex
+	var failures []error
+	cfg := config(srv, "gw-su", cert)
+	cfg.OnState = func(s hub.State) {
+		if s.Err != nil {
+			mu.Lock()
+			failures = append(failures, s.Err)
+			mu.Unlock()
+		}
+	}
+	c := start(t, cfg)
+	c.connected(t)
+	mu.Lock()
+	defer mu.Unlock()
+	require.Len(t, failures, 2)
+	for _, err := range failures {
+		var ce *hub.ConnectError
+		require.ErrorAs(t, err, &ce)
+		assert.True(t, ce.Temporary())
+		assert.NotErrorIs(t, err, hub.ErrNotAuthorized)
+	}
+	assert.Equal(t, 2, srv.Stats().Refused)
+}
+
+func TestOfflineDeadlines(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	l.Close()
+	ca := newDeviceCA(t)
+	leaf, err := ca.NewDevice("gw-o")
+	require.NoError(t, err)
+	cert := leaf.TLSCertificate()
+	c := start(t, hub.Config{
+		Hub: addr, DeviceID: "gw-o",
+		Dial:           dial.Config{Transport: dial.TransportMQTT, RootCAs: ca.Pool(), Certificate: &cert},
+		Backoff:        fastBackoff,
+		RequestTimeout: 50 * time.Millisecond,
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	err = c.Send(ctx, hub.Message{Payload: []byte("x")})
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Contains(t, err.Error(), "not sent")
+	n, _ := c.Queue().Len()
+	assert.Zero(t, n, "a message that never left is not sent later behind the caller's back")
+
+	_, err = c.Twin(context.Background())
+	require.ErrorIs(t, err, hub.ErrTimeout)
+	assert.False(t, c.State().Connected)
+}
+
+// TestCloudToDeviceRedeliveredIfNotHandled cuts the connection while the application still
+// holds a message: the hub's copy was never completed, so it comes again on the next one.
+func TestCloudToDeviceRedeliveredIfNotHandled(t *testing.T) {
+	relay := newRelay(t)
+	srv := hubtest.NewServer(t, hubtest.WithHostNames(relay.name))
+	relay.forward(srv.Addr)
+	ca := newDeviceCA(t)
+	cert := ca.softwareDevice(t, srv.Hub, "gw-rd")
+	got := make(chan hub.Message, 10)
+	release := make(chan struct{})
+	cfg := config(srv, "gw-rd", cert)
+	cfg.Hub = relay.name
+	cfg.OnMessage = func(m hub.Message) {
+		got <- m
+		<-release
+	}
+	c := start(t, cfg)
+	c.connected(t)
+
+	id, err := srv.SendC2D("gw-rd", []byte("once"), nil)
+	require.NoError(t, err)
+	first := <-got
+	relay.drop()
+	close(release)
+	select {
+	case again := <-got:
+		assert.Equal(t, id, again.Properties[hub.PropMessageID])
+		assert.Equal(t, first.Payload, again.Payload)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the unfinished message was not redelivered")
+	}
+	require.NoError(t, srv.Await(testContext(t), func() bool {
+		p, _ := srv.PendingC2D("gw-rd")
+		return len(p) == 0
+	}))
+}
