@@ -532,6 +532,10 @@ func (a *Agent) reprovision(ctx context.Context, lock *storage.Locked, id *attes
 			req.reply <- result{err: Mark(fmt.Errorf("%s; the agent is about to register again", why), ErrTemporary)}
 			continue
 		}
+		a.setStatus(func(s *Status) {
+			s.NextRetry = time.Time{}
+			s.Message = fmt.Sprintf("registering %s with DPS again, as asked", id.RegistrationID)
+		})
 		fresh, err := a.registerOnce(ctx, lock, id, thumb, st)
 		req.reply <- result{state: fresh, err: err}
 		if err == nil {
