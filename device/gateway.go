@@ -47,7 +47,7 @@ type Gateway struct {
 	reportNow chan struct{}
 
 	mu       sync.Mutex
-	ctx      context.Context // the agent's, once run has started
+	ctx      context.Context // the agent's, once run has started (for unicity.reprovision)
 	subs     map[*subscriber]struct{}
 	backlog  []hub.Message
 	space    chan struct{} // closed and replaced when the backlog shrinks or a subscriber comes
@@ -191,29 +191,26 @@ func (g *Gateway) report(ctx context.Context) error {
 }
 
 // onMessage hands a cloud-to-device message to every listening application, or keeps it
-// until one listens. The hub's copy is acknowledged when this returns.
-func (g *Gateway) onMessage(m hub.Message) {
+// until one listens. With the backlog full it waits for room; if the session ends first the
+// hub's copy stays pending and comes again on the next connection.
+func (g *Gateway) onMessage(ctx context.Context, m hub.Message) bool {
 	for {
 		g.mu.Lock()
 		if g.broadcast(eventOf(m), func(s *subscriber) bool { return s.c2d }) {
 			g.mu.Unlock()
-			return
+			return true
 		}
 		if len(g.backlog) < c2dBacklog {
 			g.backlog = append(g.backlog, m)
 			g.mu.Unlock()
-			return
+			return true
 		}
-		space, ctx := g.space, g.ctx
+		space := g.space
 		g.mu.Unlock()
-		var done <-chan struct{}
-		if ctx != nil {
-			done = ctx.Done()
-		}
 		select {
 		case <-space:
-		case <-done:
-			return
+		case <-ctx.Done():
+			return false
 		}
 	}
 }

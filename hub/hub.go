@@ -88,10 +88,12 @@ type Config struct {
 	// Queue holds outgoing telemetry; nil gives the client its own default-sized queue.
 	Queue *Queue
 
-	// OnMessage receives cloud-to-device messages in order; the hub's copy is acknowledged
-	// when it returns, so a message is redelivered if the agent dies before handing it on.
-	// It runs on the client's dispatch goroutine with OnDesired: keep it short.
-	OnMessage func(Message)
+	// OnMessage receives cloud-to-device messages in order, on the client's dispatch
+	// goroutine (shared with OnDesired). It may wait, until ctx ends (Run is returning),
+	// for room to keep the message. Returning true completes the hub's copy; false leaves it
+	// pending, and the hub delivers it again on the next connection. Nil leaves every
+	// message pending.
+	OnMessage func(ctx context.Context, m Message) bool
 	// OnDesired receives desired-property patches, and after every (re)connect a full
 	// desired section when its version moved while the device was away.
 	OnDesired func(Desired)

@@ -196,7 +196,7 @@ func TestCloudToDevice(t *testing.T) {
 	cert := ca.softwareDevice(t, srv.Hub, "gw-c2d")
 	got := make(chan hub.Message, 10)
 	cfg := config(srv, "gw-c2d", cert)
-	cfg.OnMessage = func(m hub.Message) { got <- m }
+	cfg.OnMessage = func(_ context.Context, m hub.Message) bool { got <- m; return true }
 	c := start(t, cfg)
 	c.connected(t)
 
@@ -754,9 +754,10 @@ func TestCloudToDeviceRedeliveredIfNotHandled(t *testing.T) {
 	release := make(chan struct{})
 	cfg := config(srv, "gw-rd", cert)
 	cfg.Hub = relay.name
-	cfg.OnMessage = func(m hub.Message) {
+	cfg.OnMessage = func(_ context.Context, m hub.Message) bool {
 		got <- m
 		<-release
+		return true
 	}
 	c := start(t, cfg)
 	c.connected(t)

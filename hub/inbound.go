@@ -116,8 +116,9 @@ func (c *Client) inbound(r *runState, cn *conn) mqtt.MessageHandler {
 			// it on the next session.
 			if c.cfg.OnMessage != nil {
 				r.deliver(func() {
-					c.cfg.OnMessage(msg)
-					m.Ack()
+					if c.cfg.OnMessage(r.ctx, msg) {
+						m.Ack()
+					}
 				})
 			}
 		default:
