@@ -166,6 +166,8 @@ func sendError(w http.ResponseWriter, err error) {
 		apiError(w, http.StatusRequestEntityTooLarge, err.Error())
 	case errors.Is(err, context.DeadlineExceeded):
 		apiError(w, http.StatusGatewayTimeout, err.Error())
+	case errors.Is(err, context.Canceled):
+		apiError(w, http.StatusServiceUnavailable, err.Error()) // the agent is stopping
 	default:
 		apiError(w, http.StatusBadRequest, err.Error())
 	}

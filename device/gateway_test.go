@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
@@ -295,4 +296,29 @@ func (s *eventStream) close() {
 	s.resp.Body.Close()
 	for range s.ch {
 	}
+}
+
+func TestGatewayQueueFull(t *testing.T) {
+	gb := newGatewayBed(t)
+	// A queue no session drains: what does not fit is refused, never dropped.
+	gb.agent.Gateway.Hubs.Queue = hub.NewQueue(1, 0)
+	var res map[string]any
+	assert.Equal(t, http.StatusAccepted, gb.call(t, "POST", "/v1/telemetry?wait=0", `{"payload":1}`, &res))
+	req, err := http.NewRequest("POST", "http://unicity/v1/telemetry", strings.NewReader(`{"payload":2}`))
+	require.NoError(t, err)
+	resp, err := gb.api.http.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
+	assert.Equal(t, "5", resp.Header.Get("Retry-After"))
+
+	err = gb.api.SendTelemetry(ctxFor(t), []byte("3"), nil, time.Second)
+	require.ErrorIs(t, err, ErrTemporary, "unicity send exits 75")
+	assert.Contains(t, err.Error(), "queue full")
+
+	// Waiting for an acknowledgement that cannot come: 504, and the message is taken back.
+	gb.agent.Gateway.Hubs.Queue = hub.NewQueue(0, 0)
+	var e struct{ Error string }
+	assert.Equal(t, http.StatusGatewayTimeout, gb.call(t, "POST", "/v1/telemetry?timeout=50ms", `{"payload":4}`, &e))
+	assert.Contains(t, e.Error, "not sent")
 }
