@@ -21,6 +21,7 @@ import (
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/dial"
+	"github.com/unicity-iot/unicity/internal/dial/dialtest"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -778,4 +779,16 @@ func TestCloudToDeviceRedeliveredIfNotHandled(t *testing.T) {
 		p, _ := srv.PendingC2D("gw-rd")
 		return len(p) == 0
 	}))
+}
+
+func TestTelemetryThroughProxy(t *testing.T) {
+	srv := hubtest.NewServer(t)
+	proxy := dialtest.NewProxy(t, dialtest.WithAuth("gw", "s3cret"))
+	ca := newDeviceCA(t)
+	cfg := config(srv, "gw-p", ca.softwareDevice(t, srv.Hub, "gw-p"))
+	cfg.Dial.Proxy = proxy.URL.String()
+	c := start(t, cfg)
+	require.NoError(t, c.Send(testContext(t), hub.Message{Payload: []byte("via proxy")}))
+	assert.Equal(t, "via proxy", string(srv.Telemetry("gw-p")[0].Payload))
+	assert.Equal(t, []string{srv.Name()}, proxy.Tunnels())
 }
