@@ -17,6 +17,7 @@ import (
 	"fmt"
 	mathrand "math/rand/v2"
 	"net/url"
+	"strings"
 	"time"
 
 	"github.com/unicity-iot/unicity/attest"
@@ -322,6 +323,10 @@ func (r *registration) handle(rep *reply) (*Assignment, error) {
 }
 
 func (r *registration) assignment(st *registrationState) (*Assignment, error) {
+	if st.RegistrationID != "" && !strings.EqualFold(st.RegistrationID, r.regID) {
+		// Not this device's record: storing it would connect as someone else's device.
+		return nil, malformed(fmt.Errorf("the assignment is for registration ID %s, this device is %s", quote(st.RegistrationID), quote(r.regID)))
+	}
 	a := &Assignment{
 		AssignedHub:    st.AssignedHub,
 		DeviceID:       st.DeviceID,

@@ -154,3 +154,19 @@ func FuzzParseResponse(f *testing.F) {
 		}
 	})
 }
+
+// TestAssignmentForAnotherDevice: an assignment whose registration state names another
+// registration ID is not this device's and is not used; the ID's case does not matter.
+func TestAssignmentForAnotherDevice(t *testing.T) {
+	rep, err := parseReply("$dps/registrations/res/200/?$rid=1", []byte(bodyAssigned))
+	require.NoError(t, err)
+	_, err = (&registration{regID: "someone-else"}).handle(rep)
+	var e *Error
+	require.ErrorAs(t, err, &e)
+	assert.True(t, e.Temporary())
+	assert.Contains(t, err.Error(), "the assignment is for registration ID 'myRegistrationId', this device is 'someone-else'")
+
+	a, err := (&registration{regID: "myregistrationid"}).handle(rep)
+	require.NoError(t, err)
+	assert.Equal(t, "contoso.azure-devices.net", a.AssignedHub)
+}
