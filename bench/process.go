@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -225,9 +226,9 @@ type logLine struct {
 type agent struct {
 	*process
 	start time.Time
-	lines chan logLine
+	events chan logLine // the lines, for waitPhase
 	mu    sync.Mutex
-	tail  []string // the latest lines, for errors
+	log   []logLine // every line so far
 }
 
 // startAgent starts `unicity run` for d; its log goes to logPath as well.
@@ -243,7 +244,7 @@ func (h *harness) startAgent(d *device, logPath string) (*agent, error) {
 		logFile.Close()
 		return nil, err
 	}
-	a := &agent{lines: make(chan logLine, 4096)}
+	a := &agent{events: make(chan logLine, 4096)}
 	a.start = time.Now()
 	if a.process, err = startProcess(cmd); err != nil {
 		logFile.Close()
@@ -251,19 +252,16 @@ func (h *harness) startAgent(d *device, logPath string) (*agent, error) {
 	}
 	go func() {
 		defer logFile.Close()
-		defer close(a.lines)
+		defer close(a.events)
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
 			l := logLine{at: time.Now(), text: sc.Text()}
 			fmt.Fprintln(logFile, l.text)
 			a.mu.Lock()
-			a.tail = append(a.tail, l.text)
-			if len(a.tail) > 20 {
-				a.tail = a.tail[1:]
-			}
+			a.log = append(a.log, l)
 			a.mu.Unlock()
 			select {
-			case a.lines <- l:
+			case a.events <- l:
 			default: // nobody waits for this phase; the file has it
 			}
 		}
@@ -279,7 +277,7 @@ func (a *agent) waitPhase(ctx context.Context, phase string, timeout time.Durati
 	defer timer.Stop()
 	for {
 		select {
-		case l, ok := <-a.lines:
+		case l, ok := <-a.events:
 			if !ok {
 				<-a.exited
 				return time.Time{}, fmt.Errorf("the agent exited (%v) before %q:\n%s", a.err, phase, a.lastLines())
@@ -295,10 +293,30 @@ func (a *agent) waitPhase(ctx context.Context, phase string, timeout time.Durati
 	}
 }
 
-func (a *agent) lastLines() string {
+// lines returns what the agent logged so far.
+func (a *agent) lines() []logLine {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return "  " + strings.Join(a.tail, "\n  ")
+	return slices.Clone(a.log)
+}
+
+// firstLine is when the agent logged a line holding text, from its start; false if it did not.
+func (a *agent) firstLine(text string) (time.Duration, bool) {
+	for _, l := range a.lines() {
+		if strings.Contains(l.text, text) {
+			return l.at.Sub(a.start), true
+		}
+	}
+	return 0, false
+}
+
+func (a *agent) lastLines() string {
+	lines := a.lines()
+	var b strings.Builder
+	for _, l := range lines[max(len(lines)-20, 0):] {
+		b.WriteString("  " + l.text + "\n")
+	}
+	return b.String()
 }
 
 // hasField reports whether a logfmt line has key=value.

@@ -139,6 +139,25 @@ func (r *Report) WriteTable(w io.Writer) error {
 	return nil
 }
 
+// WriteMarkdown writes the figures as a Markdown table, for the README.
+func (r *Report) WriteMarkdown(w io.Writer) error {
+	fmt.Fprintf(w, "Measured %s on %s (%d CPUs, load %s), %s; `make bench` took %s.\n\n",
+		r.Date.UTC().Format("2006-01-02 15:04 MST"), r.Machine.CPU, r.Machine.NProc, r.Machine.Load, r.Machine.Go, r.Elapsed)
+	fmt.Fprintln(w, "| figure | unit | median | min | max | runs | target |")
+	fmt.Fprintln(w, "|---|---|--:|--:|--:|--:|---|")
+	for _, f := range r.Figures {
+		target := f.Target
+		if f.Met != nil {
+			target += map[bool]string{true: " ✓", false: " **missed**"}[*f.Met]
+		}
+		if _, err := fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %d | %s |\n", f.Name, f.Unit, formatValue(f.Median),
+			formatValue(f.Min), formatValue(f.Max), len(f.Samples), strings.TrimSpace(target)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // WriteJSON writes the report to path.
 func (r *Report) WriteJSON(path string) error {
 	data, err := json.MarshalIndent(r, "", "  ")

@@ -53,6 +53,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&opts.TPM, "tpm", opts.TPM, "measure with swtpm too")
 	fs.StringVar(&opts.Work, "work", "", "keep keys, configurations and logs in `dir` (default: a temporary directory, removed)")
 	out := fs.String("json", filepath.Join("bin", "bench.json"), "write the report as JSON to `file`")
+	markdown := fs.String("markdown", "", "also write the figures as a Markdown table to `file` (for the README)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -74,6 +75,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stdout, "JSON: %s\n", *out)
+	if *markdown != "" {
+		f, err := os.Create(*markdown)
+		if err != nil {
+			return err
+		}
+		if err := errors.Join(report.WriteMarkdown(f), f.Close()); err != nil {
+			return err
+		}
+	}
 	if len(report.Failures) > 0 {
 		return fmt.Errorf("%d scenarios failed", len(report.Failures))
 	}
