@@ -45,6 +45,9 @@ const (
 	inflightWindow = 32
 	// maxMethods bounds method calls handled at once; more are answered 429 at once.
 	maxMethods = 16
+	// stableSession is how long a connection must last for the next one to start the
+	// backoff afresh.
+	stableSession = 30 * time.Second
 	// methodDrain is how long shutdown waits for method handlers to answer before it
 	// disconnects, so that a call that triggered the shutdown gets its answer.
 	methodDrain = 5 * time.Second
@@ -76,7 +79,7 @@ type Config struct {
 	// Embedded C SDK's bounds.
 	Backoff Backoff
 	// MaxFailures ends Run with ErrGaveUp after this many failed connection attempts in a
-	// row; zero retries for ever.
+	// row (a connection that drops within 30 s counts as one); zero retries for ever.
 	MaxFailures int
 	// RequestTimeout bounds a twin request, waiting for the connection included.
 	RequestTimeout time.Duration
@@ -112,7 +115,8 @@ type State struct {
 	Transport string
 	// Since is when the connection came up or went down.
 	Since time.Time
-	// Failures counts failed connection attempts in a row.
+	// Failures counts failed connection attempts in a row, connections that dropped within
+	// 30 s included.
 	Failures int
 	// Err says why the last attempt failed or the last connection ended; nil when connected.
 	Err error
@@ -235,35 +239,41 @@ func (c *Client) Run(ctx context.Context) error {
 	}()
 
 	failures := 0
+	down := func(err error, retry time.Duration) {
+		c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Failures: failures, Err: err, Retry: retry})
+	}
 	for {
-		connected, err := c.session(ctx, r)
+		up, err := c.session(ctx, r)
 		if ctx.Err() != nil {
-			c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Err: ctx.Err()})
+			failures = 0
+			down(ctx.Err(), 0)
 			return ctx.Err()
 		}
-		if connected {
+		// A connection that drops at once (kicked by a twin with the same identity, a hub
+		// that accepts and then fails) counts as a failure, so that it backs off too.
+		if up >= stableSession {
 			failures = 0
-		} else {
-			failures++
 		}
+		failures++
 		var ce *ConnectError
 		if errors.As(err, &ce) && !ce.Temporary() {
-			c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Failures: failures, Err: err})
+			down(err, 0)
 			return err
 		}
 		if c.cfg.MaxFailures > 0 && failures >= c.cfg.MaxFailures {
 			err = fmt.Errorf("%w after %d attempts: %w", ErrGaveUp, failures, err)
-			c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Failures: failures, Err: err})
+			down(err, 0)
 			return err
 		}
-		wait := c.cfg.Backoff(max(failures, 1))
-		c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Failures: failures, Err: err, Retry: wait})
+		wait := c.cfg.Backoff(failures)
+		down(err, wait)
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			c.setState(State{Transport: c.lastTransport(), Since: time.Now(), Err: ctx.Err()})
+			failures = 0
+			down(ctx.Err(), 0)
 			return ctx.Err()
 		}
 	}
@@ -285,9 +295,9 @@ func (cn *conn) end(err error) {
 	})
 }
 
-// session makes one connection and serves it until it ends; connected reports whether it
-// came up (CONNACK accepted and subscriptions granted).
-func (c *Client) session(ctx context.Context, r *runState) (connected bool, err error) {
+// session makes one connection and serves it until it ends; up is how long it was up
+// (CONNACK accepted and subscriptions granted), zero if it never came up.
+func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, err error) {
 	cn := &conn{lost: make(chan struct{})}
 	var transport string
 	dc := c.cfg.Dial
@@ -321,13 +331,13 @@ func (c *Client) session(ctx context.Context, r *runState) (connected bool, err 
 		if tok.Error() == nil {
 			cn.mc.Disconnect(0)
 		}
-		return false, ctx.Err()
+		return 0, ctx.Err()
 	}
 	if err := tok.Error(); err != nil {
 		if rc := tok.(*mqtt.ConnectToken).ReturnCode(); rc != packets.Accepted && rc != packets.ErrNetworkError {
-			return false, &ConnectError{ReturnCode: rc}
+			return 0, &ConnectError{ReturnCode: rc}
 		}
-		return false, fmt.Errorf("cannot connect to hub %s: %w", c.cfg.Hub, err)
+		return 0, fmt.Errorf("cannot connect to hub %s: %w", c.cfg.Hub, err)
 	}
 	c.mu.Lock()
 	c.transport = transport
@@ -336,13 +346,14 @@ func (c *Client) session(ctx context.Context, r *runState) (connected bool, err 
 	if err := c.subscribe(ctx, cn); err != nil {
 		cn.mc.Disconnect(0)
 		if ctx.Err() != nil {
-			return false, ctx.Err()
+			return 0, ctx.Err()
 		}
-		return false, err
+		return 0, err
 	}
 
 	c.setConn(cn)
-	c.setState(State{Connected: true, Transport: transport, Since: time.Now()})
+	since := time.Now()
+	c.setState(State{Connected: true, Transport: transport, Since: since})
 
 	sctx, scancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -367,7 +378,7 @@ func (c *Client) session(ctx context.Context, r *runState) (connected bool, err 
 	scancel()
 	wg.Wait()
 	c.queue.requeue()
-	return true, err
+	return max(time.Since(since), time.Nanosecond), err
 }
 
 func (c *Client) subscribe(ctx context.Context, cn *conn) error {
