@@ -155,4 +155,3 @@ func TestNoSecretInSASMessages(t *testing.T) {
 		assertNoSecret(t, "dps messages for "+tc.regID, strings.Join(msgs, "\n"), secrets)
 	}
 }
-
