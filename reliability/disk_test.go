@@ -1,0 +1,107 @@
+package reliability_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/storage"
+)
+
+// mountTmpfs mounts a tmpfs of size bytes at dir (root only), unmounted when the test ends.
+func mountTmpfs(t *testing.T, dir string, size string) {
+	t.Helper()
+	require.NoError(t, os.MkdirAll(dir, 0o700))
+	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size+",mode=0700", "tmpfs", dir).CombinedOutput()
+	if err != nil {
+		if strict() && os.Geteuid() == 0 {
+			t.Fatalf("mount tmpfs: %v: %s", err, out)
+		}
+		t.Skipf("cannot mount a tmpfs (%v: %s): needs root", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+}
+
+// fill writes to dir until the file system is full.
+func fill(t *testing.T, dir string) {
+	f, err := os.Create(filepath.Join(dir, "filler"))
+	require.NoError(t, err)
+	defer f.Close()
+	buf := make([]byte, 4096)
+	for {
+		if _, err := f.Write(buf); err != nil {
+			require.ErrorContains(t, err, "no space left on device")
+			return
+		}
+	}
+}
+
+// TestStateDiskFullAndReadOnly provisions onto a real tmpfs state directory, then fills it,
+// then makes it read-only: a re-registration fails with the reason and the stored
+// assignment stays as it was; the service keeps running on it while the disk is full.
+func TestStateDiskFullAndReadOnly(t *testing.T) {
+	e := startEmulator(t, "--poll-limit", "0")
+	g := x509Gateway(t, e, "gw-disk", "")
+	mountTmpfs(t, g.state, "256k")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	c, out := g.command(ctx, "provision")
+	require.NoError(t, c.Run(), "%s", out)
+	before, err := os.ReadFile(filepath.Join(g.state, storage.FileName))
+	require.NoError(t, err)
+
+	t.Run("disk full", func(t *testing.T) {
+		fill(t, g.state)
+		c, out := g.command(ctx, "reprovision", "--force")
+		err := c.Run()
+		var ee *exec.ExitError
+		require.True(t, errors.As(err, &ee), "reprovision fails: %v\n%s", err, out)
+		assert.Contains(t, out.String(), "no space left on device", "the reason is given")
+		after, err := os.ReadFile(filepath.Join(g.state, storage.FileName))
+		require.NoError(t, err)
+		assert.Equal(t, before, after, "the stored assignment is intact")
+		tmp, _ := filepath.Glob(filepath.Join(g.state, ".state.json.tmp-*"))
+		assert.Empty(t, tmp, "no partial temporary file left")
+
+		// The service needs no disk to run on a stored assignment.
+		agent, _, exited := g.runAgent(t, ctx)
+		g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
+		agent.Process.Signal(os.Interrupt)
+		<-exited
+		require.NoError(t, os.Remove(filepath.Join(g.state, "filler")))
+	})
+
+	t.Run("read-only", func(t *testing.T) {
+		out, err := exec.Command("mount", "-o", "remount,ro", g.state).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		defer exec.Command("mount", "-o", "remount,rw", g.state).Run()
+		c, cout := g.command(ctx, "reprovision", "--force")
+		err = c.Run()
+		var ee *exec.ExitError
+		require.True(t, errors.As(err, &ee), "reprovision fails: %v\n%s", err, cout)
+		assert.Contains(t, cout.String(), "read-only file system", "the reason is given")
+		t.Logf("reprovision on a read-only state directory: exit %d: %s", ee.ExitCode(), cout)
+		after, err := os.ReadFile(filepath.Join(g.state, storage.FileName))
+		require.NoError(t, err)
+		assert.Equal(t, before, after, "the stored assignment is intact")
+
+		// The service cannot take the state lock: it says so and stops with the
+		// configuration exit code (no restart loop), rather than running unlocked.
+		rctx, rcancel := context.WithTimeout(ctx, 20*time.Second)
+		defer rcancel()
+		run, rout := g.command(rctx, "run")
+		err = run.Run()
+		require.True(t, errors.As(err, &ee), "run fails: %v\n%s", err, rout)
+		assert.Equal(t, 78, ee.ExitCode(), "%s", rout)
+		assert.Contains(t, rout.String(), "read-only file system")
+	})
+}
