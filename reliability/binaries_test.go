@@ -173,6 +173,13 @@ retry_max = "500ms"
 	require.NoError(t, os.WriteFile(g.config, []byte(cfg), 0o600))
 }
 
+// policy adds lines to the config's [agent] table.
+func (g *gateway) policy(t *testing.T, lines string) {
+	b, err := os.ReadFile(g.config)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(g.config, append(b, []byte(lines+"\n")...), 0o600))
+}
+
 // command is a unicity process of this gateway.
 func (g *gateway) command(ctx context.Context, args ...string) (*exec.Cmd, *bytes.Buffer) {
 	cmd := exec.CommandContext(ctx, g.bin, append(args, "--config", g.config)...)
