@@ -15,6 +15,10 @@ LDFLAGS  := -s -w -X $(PKG)/internal/version.Version=$(VERSION) \
             -X $(PKG)/internal/version.CommitUnix=$(COMMIT_UNIX)
 GOBUILD  := CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)'
 STATICCHECK_VERSION ?= v0.8.2
+GOVULNCHECK_VERSION ?= v1.9.0
+# How long `make fuzz` runs each fuzz target; README "Reliability" has a 10-minute run.
+FUZZTIME ?= 10s
+FUZZ_PKGS := ./dps ./hub ./storage ./device ./attest
 
 # Packaging (docs/oem.md). cross: static binaries for the gateway architectures, with the
 # arm64 agent held to a flash budget. deb: a Debian package built by nfpm, fetched through the
@@ -31,7 +35,7 @@ DEB_ARCH      ?= $(if $(filter arm,$(DEB_GOARCH)),armhf,$(DEB_GOARCH))
 DEB_VERSION   ?= $(shell v='$(VERSION)'; case "$$v" in (v[0-9]*) ;; (*) v="0.0.0+git$(COMMIT_UNIX)+$$v";; esac; echo "$$v" | sed 's/^v//; s/-/+/g')
 DEB_MAINTAINER ?= unicity maintainers <unicity@unicity-iot.invalid>
 
-.PHONY: all build test lint demo install clean cross deb bench
+.PHONY: all build test lint demo install clean cross deb reliability fuzz vulncheck bench
 
 all: build
 
@@ -46,6 +50,24 @@ test:
 lint:
 	$(GO) vet ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+# The fault suites' long forms (reliability/): every stall at every TLS record, 200 power
+# cuts of the real agent. Their short forms run in `make test`.
+reliability:
+	RELIABILITY_LONG=1 CGO_ENABLED=1 $(GO) test -count=1 -timeout 60m -v ./reliability/ ./internal/faultnet/
+
+# Every fuzz target for FUZZTIME each (go test fuzzes one target per run).
+fuzz:
+	@set -e; for pkg in $(FUZZ_PKGS); do \
+		for f in $$(CGO_ENABLED=1 $(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "fuzz $$pkg $$f for $(FUZZTIME)"; \
+			CGO_ENABLED=1 $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+# Known vulnerabilities in the code paths the module reaches (needs vuln.go.dev).
+vulncheck:
+	$(GO) run golang.org/x/vuln/cmd/govulncheck@$(GOVULNCHECK_VERSION) ./...
 
 demo: build
 	./scripts/demo.sh
