@@ -85,8 +85,9 @@ type Config struct {
 	RequestTimeout time.Duration
 	// MethodTimeout bounds one direct method handler.
 	MethodTimeout time.Duration
-	// WriteTimeout bounds writing one packet; zero means DefaultWriteTimeout. A publish that
-	// races a dying connection is abandoned after it too (Run waits for it when it returns).
+	// WriteTimeout bounds writing one packet; zero means DefaultWriteTimeout. paho also
+	// holds a publish or subscribe that races a dying connection for that long: the next
+	// connection does not wait for it, but Run does before it returns.
 	WriteTimeout time.Duration
 	// Queue holds outgoing telemetry; nil gives the client its own default-sized queue.
 	Queue *Queue
@@ -131,7 +132,7 @@ type Client struct {
 	queue    *Queue
 	username string
 
-	publishers sync.WaitGroup // telemetry publishes in progress
+	publishers sync.WaitGroup // handoffs made by Run's own goroutines
 
 	mu        sync.Mutex
 	running   bool
@@ -288,6 +289,14 @@ type conn struct {
 	err     error // why it ended; read after lost is closed
 }
 
+// cause says why the connection ended; call it after lost is closed.
+func (cn *conn) cause() error {
+	if cn.err == nil {
+		return errors.New("connection closed")
+	}
+	return cn.err
+}
+
 func (cn *conn) end(err error) {
 	cn.endOnce.Do(func() {
 		cn.err = err
@@ -373,7 +382,7 @@ func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, er
 	case <-cn.lost:
 		c.setConn(nil)
 		cn.mc.Disconnect(0) // closes the socket when a failed publish, not paho, ended it
-		err = fmt.Errorf("connection to hub %s lost: %w", c.cfg.Hub, cn.err)
+		err = fmt.Errorf("connection to hub %s lost: %w", c.cfg.Hub, cn.cause())
 	}
 	scancel()
 	wg.Wait()
@@ -388,13 +397,21 @@ func (c *Client) subscribe(ctx context.Context, cn *conn) error {
 		desiredPatchPrefix + "#": 1,
 		methodPrefix + "#":       0,
 	}
-	tok := cn.mc.SubscribeMultiple(filters, nil)
-	select {
-	case <-tok.Done():
-	case <-cn.lost:
-		return fmt.Errorf("connection to hub %s lost while subscribing: %w", c.cfg.Hub, cn.err)
-	case <-ctx.Done():
-		return ctx.Err()
+	tok, err := c.handoff(ctx, cn, &c.publishers, func() mqtt.Token { return cn.mc.SubscribeMultiple(filters, nil) })
+	if err == nil {
+		select {
+		case <-tok.Done():
+		case <-cn.lost:
+			err = cn.cause()
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	if err != nil {
+		return fmt.Errorf("connection to hub %s lost while subscribing: %w", c.cfg.Hub, err)
 	}
 	if err := tok.Error(); err != nil {
 		return fmt.Errorf("cannot subscribe at hub %s: %w", c.cfg.Hub, err)
@@ -437,22 +454,11 @@ loop:
 		if !ok {
 			break
 		}
-		// paho's Publish blocks for up to WriteTimeout when the connection dies under it;
-		// the next connection must not wait for that, so it runs on its own goroutine
-		// (Run waits for it before returning).
-		published := make(chan mqtt.Token, 1)
-		c.publishers.Add(1)
-		go func() {
-			defer c.publishers.Done()
-			published <- cn.mc.Publish(eventsTopic(c.cfg.DeviceID, e.msg.Properties), 1, false, e.msg.Payload)
-		}()
-		var tok mqtt.Token
-		select {
-		case tok = <-published:
-		case <-cn.lost:
-			break loop
-		case <-ctx.Done():
-			break loop
+		tok, err := c.handoff(ctx, cn, &c.publishers, func() mqtt.Token {
+			return cn.mc.Publish(eventsTopic(c.cfg.DeviceID, e.msg.Properties), 1, false, e.msg.Payload)
+		})
+		if err != nil {
+			break
 		}
 		select {
 		case flights <- flight{e, tok}:
@@ -464,6 +470,31 @@ loop:
 	}
 	close(flights)
 	<-ackerDone
+}
+
+// handoff makes a paho call that hands a packet to the connection's writer. paho blocks such
+// a call for up to WriteTimeout when the connection dies under it (nobody takes the packet
+// any more), so it runs on its own goroutine, tracked by wg when not nil, and handoff stops
+// waiting for it when the connection or ctx ends.
+func (c *Client) handoff(ctx context.Context, cn *conn, wg *sync.WaitGroup, call func() mqtt.Token) (mqtt.Token, error) {
+	handed := make(chan mqtt.Token, 1)
+	if wg != nil {
+		wg.Add(1)
+	}
+	go func() {
+		if wg != nil {
+			defer wg.Done()
+		}
+		handed <- call()
+	}()
+	select {
+	case tok := <-handed:
+		return tok, nil
+	case <-cn.lost:
+		return nil, cn.cause()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 func (c *Client) setConn(cn *conn) {

@@ -92,6 +92,9 @@ func config(srv *hubtest.Server, id string, cert tls.Certificate) hub.Config {
 		DeviceID: id,
 		Dial:     dial.Config{Transport: dial.TransportMQTT, RootCAs: srv.RootCAs(), Certificate: &cert},
 		Backoff:  fastBackoff,
+		// Bounds the paho calls abandoned when a test cuts a connection under them, which
+		// Run waits for before it returns.
+		WriteTimeout: time.Second,
 	}
 }
 
@@ -523,7 +526,6 @@ func TestDropsMidPublish(t *testing.T) {
 	cert := ca.softwareDevice(t, srv.Hub, "gw-d")
 	cfg := config(srv, "gw-d", cert)
 	cfg.Hub = relay.name
-	cfg.WriteTimeout = time.Second // bounds publishes abandoned at a cut
 	c := start(t, cfg)
 	c.connected(t)
 	ctx := testContext(t)
@@ -791,4 +793,31 @@ func TestTelemetryThroughProxy(t *testing.T) {
 	require.NoError(t, c.Send(testContext(t), hub.Message{Payload: []byte("via proxy")}))
 	assert.Equal(t, "via proxy", string(srv.Telemetry("gw-p")[0].Payload))
 	assert.Equal(t, []string{srv.Name()}, proxy.Tunnels())
+}
+
+// TestShortSessionsBackOff: connections the hub drops at once (a second agent with the same
+// identity, a hub that accepts and then fails) grow the backoff as failed attempts do.
+func TestShortSessionsBackOff(t *testing.T) {
+	srv := hubtest.NewServer(t)
+	ca := newDeviceCA(t)
+	cfg := config(srv, "gw-s", ca.softwareDevice(t, srv.Hub, "gw-s"))
+	var mu sync.Mutex
+	var attempts []int
+	cfg.Backoff = func(attempt int) time.Duration {
+		mu.Lock()
+		attempts = append(attempts, attempt)
+		mu.Unlock()
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c := start(t, cfg)
+	c.connected(t)
+	for i := 1; i <= 3; i++ {
+		require.NoError(t, srv.Disconnect("gw-s"))
+		require.NoError(t, srv.Await(ctx, func() bool { return srv.Stats().Connections == i+1 && srv.Connected("gw-s") }), "%+v %v", srv.Stats(), srv.Connected("gw-s"))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Equal(t, []int{1, 2, 3}, attempts)
 }

@@ -6,6 +6,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
 )
 
 // MethodCall is a direct method invocation from the cloud.
@@ -74,7 +76,11 @@ func (c *Client) respond(rid string, resp MethodResponse) {
 	if cn == nil {
 		return
 	}
-	tok := cn.mc.Publish("$iothub/methods/res/"+strconv.Itoa(resp.Status)+"/?$rid="+url.QueryEscape(rid), 0, false, []byte(resp.Payload))
+	topic := "$iothub/methods/res/" + strconv.Itoa(resp.Status) + "/?$rid=" + url.QueryEscape(rid)
+	tok, err := c.handoff(context.Background(), cn, nil, func() mqtt.Token { return cn.mc.Publish(topic, 0, false, []byte(resp.Payload)) })
+	if err != nil {
+		return
+	}
 	select {
 	case <-tok.Done():
 	case <-cn.lost:

@@ -8,6 +8,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
 )
 
 // Twin is the device twin as the device sees it: the desired and reported sections, each
@@ -95,7 +97,16 @@ func (c *Client) request(ctx context.Context, op string, topic func(rid string) 
 		c.mu.Lock()
 		c.pending[rid] = ch
 		c.mu.Unlock()
-		tok := cn.mc.Publish(topic(rid), 0, false, body)
+		tok, err := c.handoff(ctx, cn, nil, func() mqtt.Token { return cn.mc.Publish(topic(rid), 0, false, body) })
+		if err != nil {
+			c.mu.Lock()
+			delete(c.pending, rid)
+			c.mu.Unlock()
+			if ctx.Err() != nil {
+				return fail()
+			}
+			continue // the connection ended: send it again on the next one
+		}
 		published := tok.Done()
 		r, ok, err := func() (response, bool, error) {
 			defer func() {
