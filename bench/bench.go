@@ -7,6 +7,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -81,6 +82,9 @@ type harness struct {
 func Run(ctx context.Context, opts Options) (*Report, error) {
 	if opts.Log == nil {
 		opts.Log = io.Discard
+	}
+	if opts.Runs < 1 || opts.Messages < 1 || opts.Idle <= 0 {
+		return nil, errors.New("runs, messages and idle must be positive")
 	}
 	h := &harness{opts: opts, report: &Report{Date: time.Now().UTC(), Options: opts}}
 	h.report.Machine = machine()
