@@ -34,6 +34,9 @@ const (
 	// agent closes it (the application reconnects; nothing is dropped behind its back).
 	subscriberBuffer = 64
 	reportTimeout    = time.Minute
+	// reprovisionAnswer is how long unicity.reprovision waits for the registration's outcome:
+	// under the service's default method response timeout of 30 s.
+	reprovisionAnswer = 20 * time.Second
 )
 
 // Gateway is the connected agent's side towards the cloud and the gateway's applications:
@@ -249,7 +252,7 @@ func (g *Gateway) onMethod(ctx context.Context, call hub.MethodCall) hub.MethodR
 			Health Health `json:"health"`
 		}{g.Agent.Status(), g.health()})
 	case MethodReprovision:
-		return g.reprovision(call)
+		return g.reprovision(ctx, call)
 	}
 	g.mu.Lock()
 	var owner *subscriber
@@ -302,10 +305,12 @@ func (g *Gateway) answer(id string, r hub.MethodResponse) bool {
 	return true
 }
 
-// reprovision asks the agent loop for a registration and answers at once: the session this
-// answer travels on ends when the new assignment is in force. The outcome shows in the
-// reported properties under ReportedKey.
-func (g *Gateway) reprovision(call hub.MethodCall) hub.MethodResponse {
+// reprovision asks the agent loop for a registration and answers with its outcome: 200 with
+// the new assignment (the session this answer travels on then ends, and the device connects
+// where DPS sent it), or the reason it failed. A registration still running when
+// reprovisionAnswer has passed is answered 202, its outcome shown in the reported
+// properties under ReportedKey.
+func (g *Gateway) reprovision(ctx context.Context, call hub.MethodCall) hub.MethodResponse {
 	var args struct {
 		Force bool `json:"force"`
 	}
@@ -315,17 +320,58 @@ func (g *Gateway) reprovision(call hub.MethodCall) hub.MethodResponse {
 		}
 	}
 	g.mu.Lock()
-	ctx := g.ctx
+	agentCtx := g.ctx
 	g.mu.Unlock()
-	if ctx == nil {
+	if agentCtx == nil {
 		return jsonResponse(503, map[string]string{"message": "the agent is not ready"})
 	}
+	done := make(chan result, 1)
 	go func() {
-		if _, err := g.Agent.ask(ctx, &request{force: args.Force}); err != nil && ctx.Err() == nil {
+		st, err := g.Agent.ask(agentCtx, &request{force: args.Force})
+		if err != nil && agentCtx.Err() == nil {
 			g.Agent.noteError(fmt.Errorf("%s: %w", MethodReprovision, err))
 		}
+		done <- result{st, err}
 	}()
+	t := time.NewTimer(reprovisionAnswer)
+	defer t.Stop()
+	var r result
+	answered := false
+	select {
+	case r = <-done:
+		answered = true
+	case <-t.C:
+	case <-ctx.Done():
+		// The session ends once the new assignment is stored, just after the agent replied:
+		// the reply is on its way (the session waits for this answer before it disconnects).
+		grace := time.NewTimer(time.Second)
+		defer grace.Stop()
+		select {
+		case r = <-done:
+			answered = true
+		case <-grace.C:
+		}
+	}
+	switch {
+	case answered && r.err != nil:
+		return jsonResponse(reprovisionStatus(r.err), map[string]string{"message": r.err.Error()})
+	case answered:
+		return jsonResponse(200, map[string]Assignment{"assignment": AssignmentOf(r.state)})
+	}
 	return jsonResponse(202, map[string]string{"message": "registering again with DPS; the device reconnects once the new assignment is in force"})
+}
+
+// reprovisionStatus is the method status for a failed registration, in HTTP's terms.
+func reprovisionStatus(err error) int {
+	switch {
+	case errors.Is(err, ErrRateLimited):
+		return 429
+	case errors.Is(err, ErrRefused):
+		return 403
+	case errors.Is(err, ErrUnreachable), errors.Is(err, ErrTemporary):
+		return 503
+	}
+	return 500
 }
 
 func jsonResponse(status int, v any) hub.MethodResponse {

@@ -245,11 +245,21 @@ func TestGatewayAgentMethods(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 400, res.Status)
 
-	// The answer comes back before the agent disconnects to register again.
+	// Registered moments ago: rate limited unless forced.
+	res, err = gb.srv.Invoke(ctx, "gw-0001", MethodReprovision, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 429, res.Status)
+	assert.Contains(t, string(res.Payload), "reprovision_interval")
+	assert.Equal(t, 1, gb.dps.Calls())
+
+	// The outcome comes back before the agent disconnects to use the new assignment.
 	res, err = gb.srv.Invoke(ctx, "gw-0001", MethodReprovision, []byte(`{"force":true}`))
 	require.NoError(t, err)
-	assert.Equal(t, 202, res.Status)
-	require.Eventually(t, func() bool { return gb.dps.Calls() == 2 }, 10*time.Second, 10*time.Millisecond)
+	assert.Equal(t, 200, res.Status)
+	var asg struct{ Assignment Assignment }
+	require.NoError(t, json.Unmarshal(res.Payload, &asg), "%s", res.Payload)
+	assert.Equal(t, gb.srv.Name(), asg.Assignment.AssignedHub)
+	assert.Equal(t, 2, gb.dps.Calls())
 	require.NoError(t, gb.srv.Await(ctx, func() bool { return gb.srv.Stats().Connections >= 2 && gb.srv.Connected("gw-0001") }))
 	gb.waitPhase(PhaseConnected)
 }
