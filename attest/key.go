@@ -44,6 +44,8 @@ type Key struct {
 	signer crypto.Signer
 	tpm    transport.TPM
 	flush  tpm2.TPMHandle // transient handle to flush on Close; 0 for none
+	// keyfile reloads a keyfile key after a TPM reset (swtpm restarted) dropped its handle.
+	keyfile *keyfile.TPMKey
 
 	mu     sync.RWMutex // Sign holds it shared; Close exclusively, so no Sign uses a flushed handle
 	closed bool
@@ -90,6 +92,7 @@ func LoadKey(tpm transport.TPMCloser, spec string) (*Key, error) {
 		return nil, fmt.Errorf("cannot load key %s: %w", path, err)
 	}
 	key.Location = keySpecTPM + path
+	key.keyfile = k
 	return key, nil
 }
 
@@ -243,15 +246,60 @@ func (k *Key) Sign(rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 		}
 	}
 	k.mu.RLock()
-	defer k.mu.RUnlock()
-	if k.closed {
+	signer, closed := k.signer, k.closed
+	k.mu.RUnlock()
+	if closed {
 		return nil, ErrKeyClosed
 	}
-	sig, err := k.signer.Sign(rand, digest, opts)
+	sig, err := k.signSerialised(signer, rand, digest, opts)
+	if err != nil && k.keyfile != nil {
+		// The TPM may have been reset under us (swtpm restarted): its transient handle is
+		// gone, but the keyfile loads again. Only once: a TPM that refuses it stays an error.
+		if rerr := k.reload(signer); rerr == nil {
+			k.mu.RLock()
+			signer = k.signer
+			k.mu.RUnlock()
+			sig, err = k.signSerialised(signer, rand, digest, opts)
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("cannot sign with %s: %w", k.Location, err)
 	}
 	return sig, nil
+}
+
+// signSerialised signs unless Close has begun: Close waits for it, so no signature uses a
+// flushed handle.
+func (k *Key) signSerialised(signer crypto.Signer, rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	if k.closed {
+		return nil, ErrKeyClosed
+	}
+	return signer.Sign(rand, digest, opts)
+}
+
+// reload loads the keyfile again in place of failed, unless another Sign already did.
+func (k *Key) reload(failed crypto.Signer) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return ErrKeyClosed
+	}
+	if k.signer != failed {
+		return nil
+	}
+	fresh, err := loadKeyfile(k.tpm.(transport.TPMCloser), k.keyfile)
+	if err != nil {
+		return err
+	}
+	// The old handle is flushed if the TPM still has it; after a reset it is gone, and its
+	// number may be the fresh key's.
+	if k.flush != 0 && k.flush != fresh.flush {
+		tpm2.FlushContext{FlushHandle: k.flush}.Execute(k.tpm)
+	}
+	k.signer, k.flush = fresh.signer, fresh.flush
+	return nil
 }
 
 // Close flushes the key from the TPM (a persistent key stays). It does not close the TPM.

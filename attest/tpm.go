@@ -52,7 +52,7 @@ func OpenTPM(spec string) (transport.TPMCloser, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w at %s: %w (is swtpm running?)", ErrNoTPM, spec, err)
 		}
-		return Locked(transport.FromReadWriteCloser(&wholeResponseConn{Conn: conn})), nil
+		return Locked(&swtpmConn{network: network, addr: addr, tpm: transport.FromReadWriteCloser(&wholeResponseConn{Conn: conn})}), nil
 	}
 	return nil, fmt.Errorf("%w: invalid TPM device %q: want /dev/tpmrm0, /dev/tpm0, swtpm:HOST:PORT or swtpm:/path/to/socket", ErrNoTPM, spec)
 }
@@ -94,6 +94,37 @@ func (l *lockedTPM) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.tpm.Close()
+}
+
+// swtpmConn is a connection to swtpm that is dialled again after it broke (swtpm was
+// restarted), so that the agent recovers without a restart of its own. A command that
+// failed is not sent again: it may have run.
+type swtpmConn struct {
+	network, addr string
+	tpm           transport.TPMCloser // nil after a failure
+}
+
+func (c *swtpmConn) Send(cmd []byte) ([]byte, error) {
+	if c.tpm == nil {
+		conn, err := net.Dial(c.network, c.addr)
+		if err != nil {
+			return nil, fmt.Errorf("%w at swtpm:%s: %w (is swtpm running?)", ErrNoTPM, c.addr, err)
+		}
+		c.tpm = transport.FromReadWriteCloser(&wholeResponseConn{Conn: conn})
+	}
+	rsp, err := c.tpm.Send(cmd)
+	if err != nil {
+		c.tpm.Close()
+		c.tpm = nil
+	}
+	return rsp, err
+}
+
+func (c *swtpmConn) Close() error {
+	if c.tpm == nil {
+		return nil
+	}
+	return c.tpm.Close()
 }
 
 // wholeResponseConn makes each Read return one complete TPM response: go-tpm reads a
