@@ -1,0 +1,93 @@
+package reliability_test
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/unicity-iot/unicity/attest/attesttest"
+	"github.com/unicity-iot/unicity/device"
+)
+
+// swtpmGateway starts swtpm and makes a device whose key lives in it, through the real
+// factory commands. It returns the gateway and a function that restarts swtpm on the same
+// state (a TPM reset: transient objects are gone, the seeds and NV stay).
+func swtpmGateway(t *testing.T, e *emulator, regID string) (*gateway, func(), func()) {
+	t.Helper()
+	bin, err := exec.LookPath("swtpm")
+	if err != nil {
+		if strict() {
+			t.Fatal("swtpm is not installed")
+		}
+		t.Skip("swtpm is not installed")
+	}
+	dir, err := os.MkdirTemp("", "swtpm") // a socket path must stay under 108 bytes
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	p, err := attesttest.Start(bin, dir)
+	require.NoError(t, err)
+	t.Cleanup(func() { p.Stop() })
+	tpm := "swtpm:" + p.Addr
+
+	g := newGateway(t, e)
+	key, csr, cert, ident := filepath.Join(g.dir, "identity.key"), filepath.Join(g.dir, "identity.csr"), filepath.Join(g.dir, "cert.pem"), filepath.Join(g.dir, "identity.pem")
+	for _, args := range [][]string{
+		{g.bin, "factory", "keygen", "--tpm", tpm, "--out", key},
+		{g.bin, "factory", "csr", "--tpm", tpm, "--key", key, "--cn", regID, "--out", csr},
+		{e.bin, "sign", "--dir", e.dir, "--csr", csr, "--out", cert},
+		{g.bin, "factory", "install", "--tpm", tpm, "--key", key, "--cert", cert, "--out", ident},
+	} {
+		out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+		require.NoError(t, err, "%v: %s", args, out)
+	}
+	g.writeConfig(t, e, "[attestation]\nidentity_cert = \""+ident+"\"\nidentity_key = \"tpmkey:"+key+"\"\n[tpm]\ndevice = \""+tpm+"\"\n")
+	stop := func() { p.Stop() }
+	start := func() {
+		p, err = attesttest.Start(bin, dir)
+		require.NoError(t, err)
+	}
+	return g, stop, start
+}
+
+// TestTPMRestartWhileRunning kills swtpm under the connected agent and makes it reconnect
+// (the emulator restarts, so the TLS handshake needs a signature): the status says the TPM
+// is the problem. swtpm then comes back on the same state, and the agent must connect again
+// without being restarted.
+func TestTPMRestartWhileRunning(t *testing.T) {
+	e := startEmulator(t, "--poll-limit", "0")
+	g, stopTPM, startTPM := swtpmGateway(t, e, "gw-tpm")
+	g.policy(t, `reprovision_interval = "1s"`)
+	ctx, cancel := context.WithTimeout(context.Background(), 180*time.Second)
+	defer cancel()
+	agent, _, exited := g.runAgent(t, ctx)
+	g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
+
+	stopTPM()
+	e.restart()
+	var last *device.Status
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if s, err := device.ReadStatus(g.run); err == nil && s.Phase != device.PhaseConnected && s.LastError != "" {
+			last = s
+			if strings.Contains(strings.ToLower(s.LastError), "tpm") {
+				break
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	require.NotNil(t, last, "the agent noticed")
+	t.Logf("status without the TPM: %s: %s (last error: %s)", last.Phase, last.Message, last.LastError)
+	assert.Contains(t, strings.ToLower(last.LastError), "tpm", "the status names the TPM")
+
+	startTPM()
+	g.awaitPhase(t, agent, exited, device.PhaseConnected, 60*time.Second)
+	agent.Process.Signal(os.Interrupt)
+	<-exited
+}
