@@ -290,15 +290,22 @@ func (gb *gatewayBed) subscribe(t *testing.T, ctx context.Context, query string)
 	return s
 }
 
+// next returns the next event but the full desired section that follows every connection,
+// which reaches a subscriber whenever the session's resync completes.
 func (s *eventStream) next(t *testing.T) Event {
 	t.Helper()
-	select {
-	case e, ok := <-s.ch:
-		require.True(t, ok, "event stream ended")
-		return e
-	case <-time.After(10 * time.Second):
-		t.Fatal("no event")
-		return Event{}
+	for {
+		select {
+		case e, ok := <-s.ch:
+			require.True(t, ok, "event stream ended")
+			if e.Type == "desired" && e.Full {
+				continue
+			}
+			return e
+		case <-time.After(10 * time.Second):
+			t.Fatal("no event")
+			return Event{}
+		}
 	}
 }
 
