@@ -141,7 +141,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 
 // WriteMarkdown writes the figures as a Markdown table, for the README.
 func (r *Report) WriteMarkdown(w io.Writer) error {
-	fmt.Fprintf(w, "Measured %s on %s (%d CPUs, load %s), %s; `make bench` took %s.\n\n",
+	fmt.Fprintf(w, "Measured %s on %s (%d CPUs, load %s), %s; the run took %s.\n\n",
 		r.Date.UTC().Format("2006-01-02 15:04 MST"), r.Machine.CPU, r.Machine.NProc, r.Machine.Load, r.Machine.Go, r.Elapsed)
 	fmt.Fprintln(w, "| figure | unit | median | min | max | runs | target |")
 	fmt.Fprintln(w, "|---|---|--:|--:|--:|--:|---|")
