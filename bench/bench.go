@@ -220,9 +220,9 @@ type bootSample struct {
 	// configuration), DPS from the registration's start until the poll wait (TCP, TLS,
 	// CONNECT, SUBSCRIBE, register), and the hub from phase connecting to connected.
 	firstLine, dpsSession, hubConnect time.Duration
-	peakRSS           int64
-	dps, hub          proxy.TCPCounts
-	tpm               proxy.TPMCounts
+	peakRSS                           int64
+	dps, hub                          proxy.TCPCounts
+	tpm                               proxy.TPMCounts
 }
 
 // boot starts the agent for d, waits until it is connected and measures; the agent is left

@@ -225,10 +225,10 @@ type logLine struct {
 // agent is a running `unicity run`.
 type agent struct {
 	*process
-	start time.Time
+	start  time.Time
 	events chan logLine // the lines, for waitPhase
-	mu    sync.Mutex
-	log   []logLine // every line so far
+	mu     sync.Mutex
+	log    []logLine // every line so far
 }
 
 // startAgent starts `unicity run` for d; its log goes to logPath as well.
