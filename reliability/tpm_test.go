@@ -9,9 +9,12 @@ import (
 	"testing"
 	"time"
 
+	keyfile "github.com/foxboron/go-tpm-keyfiles"
+	"github.com/google/go-tpm/tpm2"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/attest/attesttest"
 	"github.com/unicity-iot/unicity/device"
 )
@@ -87,6 +90,69 @@ func TestTPMRestartWhileRunning(t *testing.T) {
 	assert.Contains(t, strings.ToLower(last.LastError), "tpm", "the status names the TPM")
 
 	startTPM()
+	g.awaitPhase(t, agent, exited, device.PhaseConnected, 60*time.Second)
+	agent.Process.Signal(os.Interrupt)
+	<-exited
+}
+
+// TestTPMObjectSlotsExhausted: another program fills the TPM's transient object slots (swtpm
+// has no resource manager, like /dev/tpm0): the agent starting then says the TPM is out of
+// memory and waits; once the slots are freed it loads its key and connects, unrestarted.
+func TestTPMObjectSlotsExhausted(t *testing.T) {
+	e := startEmulator(t, "--poll-limit", "0")
+	g, _, _ := swtpmGateway(t, e, "gw-slots")
+	cfg, err := os.ReadFile(g.config)
+	require.NoError(t, err)
+	spec := strings.Split(strings.SplitAfter(string(cfg), "device = \"")[1], "\"")[0]
+	// swtpm serves one connection at a time: the other program fills the slots and exits
+	// without flushing, as a crashed one would; without a resource manager they stay taken.
+	other, err := attest.OpenTPM(spec)
+	require.NoError(t, err)
+	var held []tpm2.TPMHandle
+	for {
+		srk, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(keyfile.ECCSRK_H2_Template)}.Execute(other)
+		if err != nil {
+			require.ErrorIs(t, err, tpm2.TPMRCObjectMemory)
+			break
+		}
+		held = append(held, srk.ObjectHandle)
+	}
+	require.NoError(t, other.Close())
+	t.Logf("another program left %d transient objects behind", len(held))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	agent, _, exited := g.runAgent(t, ctx)
+	var last *device.Status
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if s, err := device.ReadStatus(g.run); err == nil && strings.Contains(s.LastError, "out of memory") {
+			last = s
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if last == nil {
+		s, _ := device.ReadStatus(g.run)
+		t.Fatalf("the status does not say the TPM is out of memory: %+v", s)
+	}
+	assert.Equal(t, device.PhaseLoading, last.Phase)
+	t.Logf("status: %s: %s (last error: %s)", last.Phase, last.Message, last.LastError)
+
+	// An operator frees them (tpm2_flushcontext -t), between two of the agent's attempts.
+	freed := 0
+	for freed < len(held) && time.Now().Before(deadline.Add(30*time.Second)) {
+		other, err := attest.OpenTPM(spec)
+		require.NoError(t, err)
+		for _, h := range held[freed:] {
+			if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(other); err != nil {
+				break
+			}
+			freed++
+		}
+		other.Close()
+	}
+	require.Equal(t, len(held), freed)
 	g.awaitPhase(t, agent, exited, device.PhaseConnected, 60*time.Second)
 	agent.Process.Signal(os.Interrupt)
 	<-exited
