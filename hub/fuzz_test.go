@@ -14,12 +14,12 @@ func FuzzPropertyBag(f *testing.F) {
 	f.Add("a&b=&=c&&%zz=100%&x=1+1/", "$.ct", "application/json")
 	f.Add("%E0%A4%A=%", "ünï", "çödé & = / ? %")
 	f.Fuzz(func(t *testing.T, bag, key, value string) {
-		decodeProperties(bag)
+		DecodeProperties(bag)
 		if key == "" {
 			return
 		}
 		props := map[string]string{key: value}
-		got := decodeProperties(encodeProperties(props))
+		got := DecodeProperties(EncodeProperties(props))
 		if len(got) != 1 || got[key] != value {
 			t.Fatalf("round trip of %q=%q gave %q", key, value, got)
 		}

@@ -111,7 +111,7 @@ func (c *Client) inbound(r *runState, cn *conn) mqtt.MessageHandler {
 			m.Ack()
 		case strings.Contains(topic, "/messages/devicebound/"):
 			_, bag, _ := strings.Cut(topic, "/messages/devicebound/")
-			msg := Message{Payload: m.Payload(), Properties: decodeProperties(bag)}
+			msg := Message{Payload: m.Payload(), Properties: DecodeProperties(bag)}
 			// Not acknowledged when the inbox is full or nobody listens: the hub redelivers
 			// it on the next session.
 			if c.cfg.OnMessage != nil {

@@ -59,12 +59,13 @@ func (m Message) validate() error {
 
 // eventsTopic is where telemetry goes: devices/{id}/messages/events/{property bag}.
 func eventsTopic(deviceID string, props map[string]string) string {
-	return "devices/" + deviceID + "/messages/events/" + encodeProperties(props)
+	return "devices/" + deviceID + "/messages/events/" + EncodeProperties(props)
 }
 
-// encodeProperties builds a property bag with names and values percent-encoded, system
-// properties first, each group sorted so that the same message always makes the same topic.
-func encodeProperties(props map[string]string) string {
+// EncodeProperties builds an IoT Hub property bag (the tail of a telemetry or C2D topic) with
+// names and values percent-encoded, system properties first, each group sorted so that the
+// same message always makes the same topic. The emulator encodes C2D topics with it too.
+func EncodeProperties(props map[string]string) string {
 	keys := make([]string, 0, len(props))
 	for k := range props {
 		keys = append(keys, k)
@@ -88,9 +89,9 @@ func encodeProperties(props map[string]string) string {
 	return b.String()
 }
 
-// decodeProperties reads a property bag: k=v pairs joined by '&', a name alone standing for
+// DecodeProperties reads a property bag: k=v pairs joined by '&', a name alone standing for
 // a property without value. A trailing '/' (the C# SDK's habit) is not part of the last value.
-func decodeProperties(bag string) map[string]string {
+func DecodeProperties(bag string) map[string]string {
 	bag = strings.TrimSuffix(bag, "/")
 	if bag == "" {
 		return nil

@@ -74,7 +74,7 @@ func TestDecodeProperties(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			assert.Equal(t, tt.want, decodeProperties(tt.bag))
+			assert.Equal(t, tt.want, DecodeProperties(tt.bag))
 		})
 	}
 }
@@ -83,7 +83,7 @@ func TestPropertiesRoundTrip(t *testing.T) {
 	props := map[string]string{"$.ct": "application/json", "ünï": "çödé & = / ? %", "": "x"}
 	delete(props, "")
 	topic := eventsTopic("d", props)
-	assert.Equal(t, props, decodeProperties(strings.TrimPrefix(topic, "devices/d/messages/events/")))
+	assert.Equal(t, props, DecodeProperties(strings.TrimPrefix(topic, "devices/d/messages/events/")))
 }
 
 func TestConnectError(t *testing.T) {

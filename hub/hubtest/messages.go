@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/internal/mqttsrv"
 )
 
@@ -153,7 +154,7 @@ func (h *Hub) deliverC2D(d *device) {
 		}
 		props["$.mid"] = m.ID
 		props["$.to"] = "/devices/" + d.ID + "/messages/deviceBound"
-		acked, err := conn.Publish(mqttsrv.Message{Topic: c2dPrefix(d.ID) + encodeProperties(props), QoS: qos, Payload: m.Payload})
+		acked, err := conn.Publish(mqttsrv.Message{Topic: c2dPrefix(d.ID) + hub.EncodeProperties(props), QoS: qos, Payload: m.Payload})
 		if err != nil {
 			h.mu.Lock()
 			for _, m := range batch[i:] {

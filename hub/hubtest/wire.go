@@ -7,10 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/unicity-iot/unicity/hub"
 )
 
 // Topic names and filters of IoT Hub's MQTT surface (protocol.md §5).
@@ -89,18 +90,11 @@ func unescape(s string) string {
 	return s
 }
 
-// escape percent-encodes a property-bag name or value the way the SDKs' decoders expect
-// (space as %20, '$' as %24).
-func escape(s string) string {
-	return strings.ReplaceAll(url.QueryEscape(s), "+", "%20")
-}
-
 // parseProperties splits a telemetry property bag into application and system ($.-prefixed)
-// properties. The C# SDK ends the bag with '/', which is not part of the last value.
+// properties.
 func parseProperties(bag string) (app, sys map[string]string) {
-	bag = strings.TrimSuffix(strings.TrimPrefix(bag, "/"), "/")
 	app, sys = map[string]string{}, map[string]string{}
-	for k, v := range parseQuery(bag) {
+	for k, v := range hub.DecodeProperties(strings.TrimPrefix(bag, "/")) {
 		if strings.HasPrefix(k, "$.") {
 			sys[k] = v
 		} else {
@@ -108,32 +102,6 @@ func parseProperties(bag string) (app, sys map[string]string) {
 		}
 	}
 	return app, sys
-}
-
-// encodeProperties builds a property bag: system properties first, then application ones,
-// each group sorted so that topics are reproducible.
-func encodeProperties(props map[string]string) string {
-	keys := make([]string, 0, len(props))
-	for k := range props {
-		keys = append(keys, k)
-	}
-	sort.Slice(keys, func(i, j int) bool {
-		si, sj := strings.HasPrefix(keys[i], "$."), strings.HasPrefix(keys[j], "$.")
-		if si != sj {
-			return si
-		}
-		return keys[i] < keys[j]
-	})
-	var b strings.Builder
-	for i, k := range keys {
-		if i > 0 {
-			b.WriteByte('&')
-		}
-		b.WriteString(escape(k))
-		b.WriteByte('=')
-		b.WriteString(escape(props[k]))
-	}
-	return b.String()
 }
 
 // requestID returns the $rid of a request topic such as "$iothub/twin/GET/?$rid=7".

@@ -53,10 +53,8 @@ func TestProperties(t *testing.T) {
 	assert.Equal(t, map[string]string{"$.to": "/devices/useragent_c/messages/deviceBound"}, sys)
 	assert.Equal(t, map[string]string{"abc": "123", "ghi": "/some/thing", "jkl": "/some/thing/?bla=bla"}, app)
 
-	bag := encodeProperties(map[string]string{"b": "x y", "$.mid": "1", "a": "/?&=", "$.cid": "c"})
-	assert.Equal(t, "%24.cid=c&%24.mid=1&a=%2F%3F%26%3D&b=x%20y", bag)
-	app, sys = parseProperties(bag)
-	assert.Equal(t, map[string]string{"a": "/?&=", "b": "x y"}, app)
+	app, sys = parseProperties("/%24.cid=c&%24.mid=1&a=%2F%3F%26%3D&b=x%20y/")
+	assert.Equal(t, map[string]string{"a": "/?&=", "b": "x y"}, app, "leading and trailing slashes (C# SDK) are not part of the bag")
 	assert.Equal(t, map[string]string{"$.mid": "1", "$.cid": "c"}, sys)
 }
 
