@@ -12,6 +12,7 @@ import (
 	"io"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -32,7 +33,7 @@ type Options struct {
 	// Runs is how many times each boot is measured.
 	Runs int `json:"runs"`
 	// Idle is how long the connected agent is watched for memory and CPU.
-	Idle time.Duration `json:"idle"`
+	Idle time.Duration `json:"idle_ns"`
 	// Fleet devices start within one second against a DPS quota of Quota registrations a
 	// minute.
 	Fleet int `json:"fleet"`
@@ -96,7 +97,11 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 			return nil, fmt.Errorf("%s: %w (run make build)", filepath.Join(opts.Bin, b), err)
 		}
 	}
-	var err error
+	version, err := exec.CommandContext(ctx, filepath.Join(opts.Bin, "unicity"), "version").Output()
+	if err != nil {
+		return nil, fmt.Errorf("unicity version: %w", err)
+	}
+	h.report.Agent = strings.TrimSpace(string(version))
 	if h.work = opts.Work; h.work == "" {
 		if h.work, err = os.MkdirTemp("", "unicity-bench-"); err != nil {
 			return nil, err

@@ -38,13 +38,15 @@ type Machine struct {
 
 // Report is the result of a benchmark run.
 type Report struct {
-	Date     time.Time `json:"date"`
-	Machine  Machine   `json:"machine"`
-	Options  Options   `json:"options"`
-	Elapsed  string    `json:"elapsed"`
-	Figures  []Figure  `json:"figures"`
-	Notes    []string  `json:"notes,omitempty"`
-	Failures []string  `json:"failures,omitempty"` // scenarios that could not run
+	Date time.Time `json:"date"`
+	// Agent is what `unicity version` says of the measured binary.
+	Agent    string   `json:"agent"`
+	Machine  Machine  `json:"machine"`
+	Options  Options  `json:"options"`
+	Elapsed  string   `json:"elapsed"`
+	Figures  []Figure `json:"figures"`
+	Notes    []string `json:"notes,omitempty"`
+	Failures []string `json:"failures,omitempty"` // scenarios that could not run
 }
 
 // Figure returns the figure called name, or nil.
@@ -109,8 +111,8 @@ func formatValue(v float64) string {
 
 // WriteTable prints the report as one table, then its notes and failures.
 func (r *Report) WriteTable(w io.Writer) error {
-	fmt.Fprintf(w, "unicity bench, %s: %s, %d CPUs, load %s, %s\n\n", r.Date.UTC().Format("2006-01-02 15:04 MST"),
-		r.Machine.CPU, r.Machine.NProc, r.Machine.Load, r.Machine.Go)
+	fmt.Fprintf(w, "unicity bench, %s: %s\n%s, %d CPUs, load %s\n\n", r.Date.UTC().Format("2006-01-02 15:04 MST"),
+		r.Agent, r.Machine.CPU, r.Machine.NProc, r.Machine.Load)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "figure\tunit\tmedian\tmin\tmax\truns\ttarget\t\t")
 	for _, f := range r.Figures {
@@ -141,8 +143,8 @@ func (r *Report) WriteTable(w io.Writer) error {
 
 // WriteMarkdown writes the figures as a Markdown table, for the README.
 func (r *Report) WriteMarkdown(w io.Writer) error {
-	fmt.Fprintf(w, "Measured %s on %s (%d CPUs, load %s), %s; the run took %s.\n\n",
-		r.Date.UTC().Format("2006-01-02 15:04 MST"), r.Machine.CPU, r.Machine.NProc, r.Machine.Load, r.Machine.Go, r.Elapsed)
+	fmt.Fprintf(w, "Measured %s on %s (%d CPUs, load %s); %s; the run took %s.\n\n",
+		r.Date.UTC().Format("2006-01-02 15:04 MST"), r.Machine.CPU, r.Machine.NProc, r.Machine.Load, r.Agent, r.Elapsed)
 	fmt.Fprintln(w, "| figure | unit | median | min | max | runs | target |")
 	fmt.Fprintln(w, "|---|---|--:|--:|--:|--:|---|")
 	for _, f := range r.Figures {
