@@ -12,11 +12,13 @@ import (
 	"net/url"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/internal/version"
 )
@@ -36,6 +38,9 @@ const (
 	// up by then.
 	DefaultMethodTimeout = 300 * time.Second
 	DefaultWriteTimeout  = 30 * time.Second
+	// DefaultTokenLifetime is the Azure SDKs' SAS token lifetime: long enough that renewals
+	// are rare, short enough that a leaked token is soon worthless.
+	DefaultTokenLifetime = time.Hour
 )
 
 const (
@@ -61,8 +66,8 @@ const (
 	methodPrefix       = "$iothub/methods/POST/"
 )
 
-// Config describes the session. Hub, DeviceID and Dial.Certificate (or whatever the hub
-// authenticates) are required; the handlers are optional.
+// Config describes the session. Hub, DeviceID and either Dial.Certificate or SymmetricKey
+// are required; the handlers are optional.
 type Config struct {
 	// Hub is the assigned hub exactly as DPS returned it; it may carry a port (the emulator).
 	Hub      string
@@ -72,6 +77,16 @@ type Config struct {
 	// Dial says how to reach the hub (transport, proxy, roots, client certificate); its Host
 	// is ignored in favour of Hub.
 	Dial dial.Config
+	// SymmetricKey, when set, authenticates the device with SAS tokens signed by this key
+	// (the device key, decoded) instead of a client certificate. Every connection presents a
+	// fresh token valid for TokenLifetime, and, since the hub disconnects a device whose
+	// token expires, the session reconnects with a new token before that.
+	SymmetricKey []byte
+	// TokenLifetime is a SAS token's validity; zero means DefaultTokenLifetime. Sessions
+	// are renewed after four fifths of it.
+	TokenLifetime time.Duration
+	// Clock dates SAS tokens and times their renewal; nil means the system clock.
+	Clock Clock
 	// KeepAlive is the MQTT keep-alive; zero means DefaultKeepAlive, more than MaxKeepAlive
 	// is capped.
 	KeepAlive time.Duration
@@ -108,6 +123,20 @@ type Config struct {
 	// block or call Run.
 	OnState func(State)
 }
+
+// Clock is the wall clock and timers for SAS tokens.
+type Clock interface {
+	Now() time.Time
+	After(d time.Duration) <-chan time.Time
+}
+
+type systemClock struct{}
+
+func (systemClock) Now() time.Time                         { return time.Now() }
+func (systemClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
+
+// errRenew ends a session whose SAS token is due for renewal; Run reconnects at once.
+var errRenew = errors.New("SAS token due for renewal")
 
 // State is the connection as the agent reports it.
 type State struct {
@@ -153,6 +182,14 @@ func New(cfg Config) (*Client, error) {
 		return nil, errors.New("hub: no hub host")
 	case cfg.DeviceID == "":
 		return nil, errors.New("hub: no device ID")
+	case cfg.Dial.Certificate != nil && cfg.SymmetricKey != nil:
+		return nil, errors.New("hub: both a client certificate and a symmetric key given; choose one")
+	}
+	if cfg.TokenLifetime <= 0 {
+		cfg.TokenLifetime = DefaultTokenLifetime
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = systemClock{}
 	}
 	if cfg.KeepAlive <= 0 {
 		cfg.KeepAlive = DefaultKeepAlive
@@ -192,6 +229,12 @@ func Username(hub, deviceID, modelID string) string {
 		u += "&model-id=" + url.QueryEscape(modelID)
 	}
 	return u
+}
+
+// Password is the CONNECT password of a symmetric-key device (protocol.md §5.2): a SAS token
+// for the resource "{hub}/devices/{deviceId}", signed with key, valid until expiry.
+func Password(hub, deviceID string, key []byte, expiry time.Time) string {
+	return attest.SASToken(key, hub+"/devices/"+deviceID, expiry, "")
 }
 
 // Queue returns the client's telemetry queue.
@@ -249,6 +292,11 @@ func (c *Client) Run(ctx context.Context) error {
 			failures = 0
 			down(ctx.Err(), 0)
 			return ctx.Err()
+		}
+		if errors.Is(err, errRenew) {
+			failures = 0
+			down(err, 0)
+			continue
 		}
 		// A connection that drops at once (kicked by a twin with the same identity, a hub
 		// that accepts and then fails) counts as a failure, so that it backs off too.
@@ -328,6 +376,16 @@ func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, er
 		SetDefaultPublishHandler(c.inbound(r, cn)).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) { cn.end(err) }).
 		SetCustomOpenConnectionFn(dial.Opener(ctx, dc, func(t string) { transport = t }))
+	// The token is made when paho connects, so that its lifetime starts then; expiry (unix
+	// nanoseconds) is the one the connection was made with.
+	var expiry atomic.Int64
+	if c.cfg.SymmetricKey != nil {
+		opts.SetCredentialsProvider(func() (string, string) {
+			exp := c.cfg.Clock.Now().Add(c.cfg.TokenLifetime)
+			expiry.Store(exp.UnixNano())
+			return c.username, Password(c.cfg.Hub, c.cfg.DeviceID, c.cfg.SymmetricKey, exp)
+		})
+	}
 	cn.mc = mqtt.NewClient(opts)
 
 	tok := cn.mc.Connect()
@@ -364,6 +422,12 @@ func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, er
 	since := time.Now()
 	c.setState(State{Connected: true, Transport: transport, Since: since})
 
+	var renew <-chan time.Time
+	if c.cfg.SymmetricKey != nil {
+		renewAt := time.Unix(0, expiry.Load()).Add(-c.cfg.TokenLifetime / 5)
+		renew = c.cfg.Clock.After(renewAt.Sub(c.cfg.Clock.Now()))
+	}
+
 	sctx, scancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Add(2)
@@ -383,6 +447,14 @@ func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, er
 		c.setConn(nil)
 		cn.mc.Disconnect(0) // closes the socket when a failed publish, not paho, ended it
 		err = fmt.Errorf("connection to hub %s lost: %w", c.cfg.Hub, cn.cause())
+	case <-renew:
+		// A planned reconnect: method calls in flight get their answer first, unacknowledged
+		// telemetry is requeued below and sent again on the new connection.
+		r.drainMethods(methodDrain)
+		c.setConn(nil)
+		cn.mc.Disconnect(250)
+		cn.end(errRenew)
+		err = errRenew
 	}
 	scancel()
 	wg.Wait()
