@@ -20,14 +20,14 @@ import (
 // the identity binding and the times). Failures are marked with ErrRefused, ErrUnreachable or
 // ErrTemporary, and wrapped in a *RetryAfterError when DPS said when to come back.
 type Provisioner interface {
-	Register(ctx context.Context, id *attest.Identity, prev *storage.State) (*storage.State, error)
+	Register(ctx context.Context, id *Identity, prev *storage.State) (*storage.State, error)
 }
 
 // Hub opens sessions with the assigned IoT Hub.
 type Hub interface {
 	// Connect returns once the session is up, or fails; a refused identity is marked
 	// ErrIdentityRejected, an unreachable hub ErrUnreachable.
-	Connect(ctx context.Context, id *attest.Identity, st *storage.State) (Session, error)
+	Connect(ctx context.Context, id *Identity, st *storage.State) (Session, error)
 }
 
 // Session is one live connection to the hub.
@@ -186,7 +186,7 @@ func (a *Agent) run(ctx context.Context) error {
 		return err
 	}
 	a.setStatus(func(s *Status) { s.RegistrationID = id.RegistrationID })
-	thumb := creds.Thumbprint()
+	thumb := creds.StateBinding()
 
 	st, firstBoot := a.loadState(lock, id, thumb)
 	for {
@@ -242,7 +242,7 @@ func (a *Agent) openCredentials(ctx context.Context) (*Credentials, error) {
 }
 
 // awaitIdentity waits until the clock is plausible for the identity, then checks it.
-func (a *Agent) awaitIdentity(ctx context.Context, creds *Credentials) (*attest.Identity, error) {
+func (a *Agent) awaitIdentity(ctx context.Context, creds *Credentials) (*Identity, error) {
 	validFrom := creds.ValidFrom()
 	for {
 		now := a.Clock.Now()
@@ -270,7 +270,7 @@ func (a *Agent) awaitIdentity(ctx context.Context, creds *Credentials) (*attest.
 
 // loadState returns the stored assignment if it belongs to this identity. firstBoot reports
 // that the device never registered (as opposed to a state that had to be discarded).
-func (a *Agent) loadState(lock *storage.Locked, id *attest.Identity, thumb string) (st *storage.State, firstBoot bool) {
+func (a *Agent) loadState(lock *storage.Locked, id *Identity, thumb string) (st *storage.State, firstBoot bool) {
 	st, err := lock.Load()
 	switch {
 	case errors.Is(err, storage.ErrNotExist):
@@ -287,7 +287,7 @@ func (a *Agent) loadState(lock *storage.Locked, id *attest.Identity, thumb strin
 
 // provision registers until DPS assigns a hub, then stores the assignment. With prev set
 // (re-registration), prev stays stored until the new assignment replaces it.
-func (a *Agent) provision(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, prev *storage.State, firstBoot bool) (*storage.State, error) {
+func (a *Agent) provision(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, prev *storage.State, firstBoot bool) (*storage.State, error) {
 	var pending []*request
 	answer := func(r result) {
 		for _, req := range pending {
@@ -346,13 +346,13 @@ func (a *Agent) provision(ctx context.Context, lock *storage.Locked, id *attest.
 }
 
 // registerOnce makes one registration and stores its result.
-func (a *Agent) registerOnce(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, prev *storage.State) (*storage.State, error) {
+func (a *Agent) registerOnce(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, prev *storage.State) (*storage.State, error) {
 	return a.register(ctx, lock, id, thumb, prev, 1, a.Clock.Now())
 }
 
 // register makes attempt number attempt of a registration that began at start, and stores
 // its result.
-func (a *Agent) register(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, prev *storage.State, attempt int, start time.Time) (*storage.State, error) {
+func (a *Agent) register(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, prev *storage.State, attempt int, start time.Time) (*storage.State, error) {
 	var st *storage.State
 	err := a.bounded(ctx, func(ctx context.Context) error {
 		var err error
@@ -367,7 +367,7 @@ func (a *Agent) register(ctx context.Context, lock *storage.Locked, id *attest.I
 }
 
 // registerAndStore makes one registration and stores the assignment, bound to the identity.
-func registerAndStore(ctx context.Context, p Provisioner, lock *storage.Locked, id *attest.Identity, thumb string, prev *storage.State, now func() time.Time, attempt int, start time.Time) (*storage.State, error) {
+func registerAndStore(ctx context.Context, p Provisioner, lock *storage.Locked, id *Identity, thumb string, prev *storage.State, now func() time.Time, attempt int, start time.Time) (*storage.State, error) {
 	st, err := p.Register(ctx, id, prev)
 	if err != nil {
 		return nil, err
@@ -396,7 +396,7 @@ func (a *Agent) park(ctx context.Context, cause error) (*request, error) {
 
 // serve keeps the device connected to its hub. It returns the new assignment when the
 // device had to register again.
-func (a *Agent) serve(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, st *storage.State) (*storage.State, error) {
+func (a *Agent) serve(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, st *storage.State) (*storage.State, error) {
 	a.setStatus(func(s *Status) { s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID })
 	failures := 0
 	for {
@@ -460,7 +460,7 @@ func (a *Agent) serve(ctx context.Context, lock *storage.Locked, id *attest.Iden
 
 // connected waits on a live session. It returns a new assignment when a request made the
 // device register again, or (nil, nil) when the connection was lost.
-func (a *Agent) connected(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, st *storage.State, sess Session) (*storage.State, error) {
+func (a *Agent) connected(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, st *storage.State, sess Session) (*storage.State, error) {
 	defer sess.Close()
 	now := a.Clock.Now()
 	a.markReady()
@@ -486,7 +486,7 @@ func (a *Agent) connected(ctx context.Context, lock *storage.Locked, id *attest.
 
 // handle answers a request made while the device has an assignment. It returns the new
 // assignment if one was obtained; the old one stays in force otherwise.
-func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, st *storage.State, req *request) *storage.State {
+func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, st *storage.State, req *request) *storage.State {
 	if req.provision {
 		req.reply <- result{state: st}
 		return nil
@@ -510,7 +510,7 @@ func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *attest.Ide
 // reprovision registers again because the hub refused the identity: the old assignment is
 // useless, so it keeps trying, paced by the rate limit, then by the usual backoff, parking on
 // refusals. A request by hand skips the rate limit.
-func (a *Agent) reprovision(ctx context.Context, lock *storage.Locked, id *attest.Identity, thumb string, st *storage.State, why string) (*storage.State, error) {
+func (a *Agent) reprovision(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, st *storage.State, why string) (*storage.State, error) {
 	for {
 		wait := st.ProvisionedAt.Add(a.Config.Agent.ReprovisionInterval).Sub(a.Clock.Now())
 		if wait <= 0 {

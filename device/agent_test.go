@@ -92,7 +92,7 @@ func failing(err error) func() (*storage.State, error) {
 	return func() (*storage.State, error) { return nil, err }
 }
 
-func (f *fakeDPS) Register(ctx context.Context, id *attest.Identity, prev *storage.State) (*storage.State, error) {
+func (f *fakeDPS) Register(ctx context.Context, id *Identity, prev *storage.State) (*storage.State, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	i := min(f.calls, len(f.script)-1)
@@ -136,7 +136,7 @@ func (s *fakeSession) end(err error) {
 	})
 }
 
-func (h *fakeHub) Connect(ctx context.Context, id *attest.Identity, st *storage.State) (Session, error) {
+func (h *fakeHub) Connect(ctx context.Context, id *Identity, st *storage.State) (Session, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.hubs = append(h.hubs, st.AssignedHub)

@@ -59,7 +59,7 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 	if err != nil {
 		return nil, false, err
 	}
-	thumb := creds.Thumbprint()
+	thumb := creds.StateBinding()
 
 	prev, err := lock.Load()
 	switch {

@@ -80,6 +80,9 @@ type Attestation struct {
 	IdentityCert string `toml:"identity_cert"`
 	IdentityKey  string `toml:"identity_key"`
 	SymmetricKey string `toml:"symmetric_key"`
+	// SymmetricKeyGroup says the symmetric_key file holds an enrollment group's key: the
+	// device's own key is derived from it and the registration ID.
+	SymmetricKeyGroup bool `toml:"symmetric_key_group"`
 }
 
 // TPMConfig is the [tpm] table.
@@ -305,6 +308,9 @@ func (c *Config) validate() error {
 		}
 	default:
 		return invalid("attestation.method", "%q is not one of x509, symmetric_key", a.Method)
+	}
+	if a.SymmetricKeyGroup && a.Method != "symmetric_key" {
+		return invalid("attestation.symmetric_key_group", "only with method = \"symmetric_key\"")
 	}
 
 	if err := validateTPMDevice(c.TPM.Device); err != nil {

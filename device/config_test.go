@@ -99,6 +99,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"key source", scope + "[attestation]\nidentity_key = \"pkcs11:foo\"\n", 4, "attestation.identity_key", "unknown key source"},
 		{"cert nv handle", scope + "[attestation]\nidentity_cert = \"tpm-nv:0x81000000\"\n", 4, "attestation.identity_cert", "0x01000000 to 0x01FFFFFF"},
 		{"symmetric without regid", scope + "[attestation]\nmethod = \"symmetric_key\"\nsymmetric_key = \"/k\"\n", 0, "provisioning.registration_id", "missing"},
+		{"group key for x509", scope + "[attestation]\nsymmetric_key_group = true\n", 4, "attestation.symmetric_key_group", "symmetric_key"},
 		{"empty swtpm", scope + "[tpm]\ndevice = \"swtpm:\"\n", 4, "tpm.device", "swtpm"},
 		{"empty state dir", scope + "[state]\ndir = \"\"\n", 4, "state.dir", "empty"},
 		{"retry bounds", scope + "[agent]\nretry_min = \"10s\"\nretry_max = \"1s\"\n", 5, "agent.retry_max", "less than"},

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/dps"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/storage"
@@ -50,8 +49,7 @@ func RootCAs(cfg *Config) (*x509.CertPool, error) {
 }
 
 // Register makes one dps.Register call and marks its errors for the lifecycle.
-func (p *DPS) Register(ctx context.Context, id *attest.Identity, prev *storage.State) (*storage.State, error) {
-	cert := id.TLSCertificate()
+func (p *DPS) Register(ctx context.Context, id *Identity, prev *storage.State) (*storage.State, error) {
 	pc := p.Config.Provisioning
 	req := dps.Request{
 		Endpoint:       pc.GlobalEndpoint,
@@ -60,8 +58,12 @@ func (p *DPS) Register(ctx context.Context, id *attest.Identity, prev *storage.S
 		Transport:      pc.Transport,
 		Proxy:          pc.Proxy,
 		RootCAs:        p.RootCAs,
-		Certificate:    &cert,
+		SymmetricKey:   id.SymmetricKey,
 		Progress:       p.Progress,
+	}
+	if id.X509 != nil {
+		cert := id.X509.TLSCertificate()
+		req.Certificate = &cert
 	}
 	if pc.Payload != "" {
 		req.Payload = json.RawMessage(pc.Payload)

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"sync"
 
-	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/storage"
@@ -28,6 +27,8 @@ type HubSessions struct {
 	Configure func(*hub.Config)
 	// OnState, when set, learns of the live session's connection changes (reconnects).
 	OnState func(hub.State)
+	// Clock dates SAS tokens; nil means the system clock.
+	Clock Clock
 
 	mu      sync.Mutex
 	current *hub.Client
@@ -48,24 +49,28 @@ func (h *HubSessions) Client() *hub.Client {
 // Connect starts a session with the assigned hub and returns once it is connected. The
 // session then reconnects by itself until the hub refuses the identity (ErrIdentityRejected)
 // or [agent] hub_failures attempts fail in a row (ErrStale).
-func (h *HubSessions) Connect(ctx context.Context, id *attest.Identity, st *storage.State) (Session, error) {
-	cert := id.TLSCertificate()
+func (h *HubSessions) Connect(ctx context.Context, id *Identity, st *storage.State) (Session, error) {
 	pc := h.Config.Provisioning
 	hc := hub.Config{
 		Hub:      st.AssignedHub,
 		DeviceID: st.DeviceID,
 		ModelID:  h.Config.Hub.ModelID,
 		Dial: dial.Config{
-			Transport:   pc.Transport,
-			Prefer:      st.Transport,
-			Proxy:       pc.Proxy,
-			RootCAs:     h.RootCAs,
-			Certificate: &cert,
+			Transport: pc.Transport,
+			Prefer:    st.Transport,
+			Proxy:     pc.Proxy,
+			RootCAs:   h.RootCAs,
 		},
-		MaxFailures: h.Config.Agent.HubFailures,
-		Backoff:     hub.FullJitter(h.Config.Agent.RetryMin, h.Config.Agent.RetryMax),
-		Queue:       h.Queue,
-		OnState:     h.OnState,
+		SymmetricKey: id.SymmetricKey,
+		Clock:        h.Clock,
+		MaxFailures:  h.Config.Agent.HubFailures,
+		Backoff:      hub.FullJitter(h.Config.Agent.RetryMin, h.Config.Agent.RetryMax),
+		Queue:        h.Queue,
+		OnState:      h.OnState,
+	}
+	if id.X509 != nil {
+		cert := id.X509.TLSCertificate()
+		hc.Dial.Certificate = &cert
 	}
 	if h.Configure != nil {
 		h.Configure(&hc)

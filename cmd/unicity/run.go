@@ -38,6 +38,7 @@ func runRun(ctx context.Context, e *env, args []string) error {
 		return configErrorf("%w", err)
 	}
 	hubs := device.NewHubSessions(cfg, prov.RootCAs)
+	hubs.Clock = agentClock
 	api, err := device.ListenAPI(cfg)
 	if err != nil {
 		return err
