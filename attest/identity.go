@@ -151,7 +151,7 @@ func LoadChain(tpm transport.TPM, spec string) ([]*x509.Certificate, error) {
 		}
 		der, err := ReadNV(tpm, idx)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %w", ErrInvalidIdentity, err)
+			return nil, fmt.Errorf("%w: %w", tpmErrorKind(err, ErrInvalidIdentity), err)
 		}
 		chain, err := parseDERChain(der)
 		if err != nil {

@@ -151,26 +151,28 @@ func loadKeyfile(tpm transport.TPMCloser, k *keyfile.TPMKey) (*Key, error) {
 	if !keyfile.IsMSO(k.Parent, keyfile.TPM_HT_PERMANENT) && !keyfile.IsMSO(k.Parent, keyfile.TPM_HT_PERSISTENT) {
 		return nil, fmt.Errorf("%w: keyfile parent %#x is neither a hierarchy nor a persistent key", ErrInvalidKey, uint32(k.Parent))
 	}
-	// GetParentHandle + LoadKeyWithParent rather than keyfile.LoadKey, which leaks the
-	// transient SRK when Load fails.
+	// Each step by hand rather than through keyfile.LoadKey, which leaks the transient SRK
+	// when Load fails and keeps only the text of the TPM's errors, so that a TPM that is
+	// busy or gone could not be told from one that refuses the keyfile.
 	var kh *tpm2.AuthHandle
 	err = inSequence(tpm, func() error {
-		sess := keyfile.NewTPMSession(tpm)
-		parent, err := keyfile.GetParentHandle(sess, k.Parent, nil)
+		parent, salt, err := loadParent(tpm, k.Parent)
 		if err != nil {
-			return fmt.Errorf("cannot create the storage root key: %w", err)
+			return err
 		}
-		// tpm2.Load rather than keyfile.LoadKeyWithParent, which drops the TPM's response
-		// code from its error.
-		lr, err := tpm2.Load{ParentHandle: *parent, InPrivate: k.Privkey, InPublic: k.Pubkey}.Execute(tpm, sess.GetHMAC())
+		// Salted and encrypted, as tpm2-tss loads keyfiles, so the bus sees no key material.
+		sess := tpm2.HMAC(tpm2.TPMAlgSHA256, 16, tpm2.AESEncryption(128, tpm2.EncryptInOut), salt)
+		lr, err := tpm2.Load{ParentHandle: parent, InPrivate: k.Privkey, InPublic: k.Pubkey}.Execute(tpm, sess)
 		if keyfile.IsMSO(parent.Handle, keyfile.TPM_HT_TRANSIENT) {
-			keyfile.FlushHandle(tpm, parent)
+			tpm2.FlushContext{FlushHandle: parent.Handle}.Execute(tpm)
 		}
 		switch {
 		case errors.Is(err, tpm2.TPMRCObjectMemory), errors.Is(err, tpm2.TPMRCSessionMemory), errors.Is(err, tpm2.TPMRCMemory):
-			return fmt.Errorf("the TPM is out of memory (another program holds its slots?): %w", err)
-		case err != nil:
+			return fmt.Errorf("%w: the TPM is out of memory (another program holds its slots?): %w", ErrTPMUnavailable, err)
+		case tpmRefused(err):
 			return fmt.Errorf("%w: the TPM refused the keyfile (made on another TPM, or under another parent?): %w", ErrInvalidKey, err)
+		case err != nil:
+			return fmt.Errorf("%w: cannot load the keyfile: %w", ErrTPMUnavailable, err)
 		}
 		kh = &tpm2.AuthHandle{Handle: lr.ObjectHandle, Name: lr.Name, Auth: tpm2.PasswordAuth(nil)}
 		return nil
@@ -181,10 +183,37 @@ func loadKeyfile(tpm transport.TPMCloser, k *keyfile.TPMKey) (*Key, error) {
 	return newTPMKey(tpm, *kh, contents, pk, kh.Handle), nil
 }
 
+// loadParent makes a keyfile's parent usable: for a hierarchy, the H-2 storage root key that
+// tpm2-tss derives (transient: the caller flushes it); otherwise the persistent key. It also
+// returns the salt for the session that loads the key under it.
+func loadParent(tpm transport.TPM, parent tpm2.TPMHandle) (tpm2.AuthHandle, tpm2.AuthOption, error) {
+	if keyfile.IsMSO(parent, keyfile.TPM_HT_PERMANENT) {
+		srk, err := createSRK(tpm, parent)
+		if err != nil {
+			return tpm2.AuthHandle{}, nil, fmt.Errorf("%w: %w", tpmErrorKind(err, ErrInvalidKey), err)
+		}
+		pub, err := srk.OutPublic.Contents()
+		if err != nil {
+			tpm2.FlushContext{FlushHandle: srk.ObjectHandle}.Execute(tpm)
+			return tpm2.AuthHandle{}, nil, fmt.Errorf("%w: unreadable storage root key: %w", ErrTPMUnavailable, err)
+		}
+		return tpm2.AuthHandle{Handle: srk.ObjectHandle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)}, tpm2.Salted(srk.ObjectHandle, *pub), nil
+	}
+	rp, err := tpm2.ReadPublic{ObjectHandle: parent}.Execute(tpm)
+	if err != nil {
+		return tpm2.AuthHandle{}, nil, fmt.Errorf("%w: the keyfile's parent %#x: %w", tpmErrorKind(err, ErrInvalidKey), uint32(parent), err)
+	}
+	pub, err := rp.OutPublic.Contents()
+	if err != nil {
+		return tpm2.AuthHandle{}, nil, fmt.Errorf("%w: the keyfile's parent %#x: %w", ErrInvalidKey, uint32(parent), err)
+	}
+	return tpm2.AuthHandle{Handle: parent, Name: rp.Name, Auth: tpm2.PasswordAuth(nil)}, tpm2.Salted(parent, *pub), nil
+}
+
 func loadPersistent(tpm transport.TPMCloser, h tpm2.TPMHandle, spec string) (*Key, error) {
 	rp, err := tpm2.ReadPublic{ObjectHandle: h}.Execute(tpm)
 	if err != nil {
-		return nil, fmt.Errorf("%w: no key at handle %#x: %w", ErrInvalidKey, uint32(h), err)
+		return nil, fmt.Errorf("%w: no key at handle %#x: %w", tpmErrorKind(err, ErrInvalidKey), uint32(h), err)
 	}
 	contents, pk, err := publicKey(rp.OutPublic)
 	if err != nil {

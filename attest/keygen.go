@@ -63,12 +63,12 @@ func keyTemplate(alg KeyAlgorithm) tpm2.TPMTPublic {
 	return t
 }
 
-// createSRK creates the storage root key that tpm2-tss and tpm2-openssl derive for parent
-// 0x40000001 (the TCG H-2 ECC P-256 template), so keyfiles interoperate both ways. The
-// caller flushes it.
-func createSRK(tpm transport.TPM) (*tpm2.CreatePrimaryResponse, error) {
+// createSRK creates the storage root key that tpm2-tss and tpm2-openssl derive for a
+// hierarchy such as the owner's, 0x40000001 (the TCG H-2 ECC P-256 template), so keyfiles
+// interoperate both ways. The caller flushes it.
+func createSRK(tpm transport.TPM, hierarchy tpm2.TPMHandle) (*tpm2.CreatePrimaryResponse, error) {
 	srk, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.TPMRHOwner,
+		PrimaryHandle: hierarchy,
 		InPublic:      tpm2.New2B(keyfile.ECCSRK_H2_Template),
 	}.Execute(tpm)
 	if err != nil {
@@ -85,7 +85,7 @@ func CreateKey(tpm transport.TPMCloser, alg KeyAlgorithm) (*keyfile.TPMKey, erro
 	}
 	var cr *tpm2.CreateResponse
 	err := inSequence(tpm, func() error {
-		srk, err := createSRK(tpm)
+		srk, err := createSRK(tpm, tpm2.TPMRHOwner)
 		if err != nil {
 			return err
 		}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
 )
@@ -23,6 +24,32 @@ const DefaultTPM = "/dev/tpmrm0"
 
 // ErrNoTPM means the TPM named by the configuration cannot be opened or the spec is malformed.
 var ErrNoTPM = errors.New("no TPM")
+
+// ErrTPMUnavailable means the TPM did not answer a command for now: it is busy, not ready
+// (self-test, lockout, out of memory) or no longer reachable. The TPM's response code or the
+// transport's error stays wrapped. Unlike ErrInvalidKey or ErrInvalidIdentity, it may clear
+// up: callers retry later.
+var ErrTPMUnavailable = errors.New("TPM unavailable")
+
+// tpmRefused reports whether err is the TPM's answer that it will not do what was asked (no
+// such handle, a keyfile of another TPM) rather than a TPM that asks to be tried again later
+// (a warning: busy, self-testing, locked out, out of memory), is not started or in failure
+// mode, or did not answer at all (a transport error, a garbled response).
+func tpmRefused(err error) bool {
+	var rc tpm2.TPMRC
+	if !errors.As(err, &rc) {
+		return false
+	}
+	return !rc.IsWarning() && !errors.Is(rc, tpm2.TPMRCInitialize) && !errors.Is(rc, tpm2.TPMRCFailure)
+}
+
+// tpmErrorKind is refused if the TPM refused what err reports, and ErrTPMUnavailable if not.
+func tpmErrorKind(err, refused error) error {
+	if tpmRefused(err) {
+		return refused
+	}
+	return ErrTPMUnavailable
+}
 
 // OpenTPM opens the TPM named by spec: a character device ("/dev/tpmrm0", the default when
 // spec is empty, or "/dev/tpm0"), "swtpm:HOST:PORT" (swtpm's TCP data port) or

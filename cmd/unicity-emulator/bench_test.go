@@ -13,7 +13,7 @@ import (
 // Client and server share this process and the machine's cores.
 func BenchmarkProvision(b *testing.B) {
 	dir := filepath.Join(b.TempDir(), "emu")
-	if _, code := cli(b, "init", "--dir", dir); code != 0 {
+	if _, code := runCLI(b, "init", "--dir", dir); code != 0 {
 		b.Fatal("init failed")
 	}
 	s := serve(b, dir, "--hubs", "2", "--retry-after", "0", "--poll-limit", "0")

@@ -16,6 +16,8 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+
+	"github.com/unicity-iot/unicity/internal/cli"
 )
 
 func main() {
@@ -25,11 +27,7 @@ func main() {
 	os.Exit(report(err, os.Stderr))
 }
 
-type command struct {
-	name    string
-	summary string
-	run     func(ctx context.Context, e *env, args []string) error
-}
+type command = cli.Command[*env]
 
 // env is what a command may touch of the process.
 type env struct {
@@ -38,45 +36,24 @@ type env struct {
 
 func commands() []command {
 	return []command{
-		{"init", "write a server PKI and a factory CA enrolled as a group enrollment", runInit},
-		{"serve", "serve DPS and IoT Hub; print one JSON line once listening", runServe},
-		{"sign", "sign a device CSR with the factory CA", runSign},
-		{"devices", "list the devices of every hub", runDevices},
-		{"telemetry", "print the telemetry received", runTelemetry},
-		{"c2d", "send a cloud-to-device message", runC2D},
-		{"invoke", "invoke a direct method and print the device's answer", runInvoke},
-		{"twin", "print a device twin, or patch its desired properties", runTwin},
-		{"disable", "disable (or re-enable) a device on its hub", runDisable},
-		{"delete", "delete a device from its hub", runDelete},
-		{"move", "move a device to another hub", runMove},
-		{"enroll", "add a DPS enrollment", runEnroll},
+		{Name: "init", Summary: "write a server PKI and a factory CA enrolled as a group enrollment", Run: runInit},
+		{Name: "serve", Summary: "serve DPS and IoT Hub; print one JSON line once listening", Run: runServe},
+		{Name: "sign", Summary: "sign a device CSR with the factory CA", Run: runSign},
+		{Name: "devices", Summary: "list the devices of every hub", Run: runDevices},
+		{Name: "telemetry", Summary: "print the telemetry received", Run: runTelemetry},
+		{Name: "c2d", Summary: "send a cloud-to-device message", Run: runC2D},
+		{Name: "invoke", Summary: "invoke a direct method and print the device's answer", Run: runInvoke},
+		{Name: "twin", Summary: "print a device twin, or patch its desired properties", Run: runTwin},
+		{Name: "disable", Summary: "disable (or re-enable) a device on its hub", Run: runDisable},
+		{Name: "delete", Summary: "delete a device from its hub", Run: runDelete},
+		{Name: "move", Summary: "move a device to another hub", Run: runMove},
+		{Name: "enroll", Summary: "add a DPS enrollment", Run: runEnroll},
 	}
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	e := &env{stdout: stdout, stderr: stderr}
-	cmds := commands()
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		w := stdout
-		if len(args) == 0 {
-			w = stderr
-		}
-		fmt.Fprintf(w, "Usage: unicity-emulator <command> --dir DIR [flags]\n\nCommands:\n")
-		for _, c := range cmds {
-			fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
-		}
-		fmt.Fprintf(w, "\nRun 'unicity-emulator <command> --help' for a command's flags.\n")
-		if len(args) == 0 {
-			return usageErrorf("missing command")
-		}
-		return nil
-	}
-	for _, c := range cmds {
-		if c.name == args[0] {
-			return c.run(ctx, e, args[1:])
-		}
-	}
-	return usageErrorf("unknown command %q (run 'unicity-emulator --help')", args[0])
+	return cli.Dispatch(ctx, e, stdout, stderr, "unicity-emulator", commands(), args)
 }
 
 // newFlags returns a command's flag set with the --dir flag every command requires. Parse
@@ -123,23 +100,14 @@ type multiFlag []string
 func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
-// usageError marks a mistake in the command line: exit code 2.
-type usageError struct{ err error }
-
-func (e *usageError) Error() string { return e.err.Error() }
-func (e *usageError) Unwrap() error { return e.err }
-
-func usageErrorf(format string, a ...any) error {
-	return &usageError{fmt.Errorf(format, a...)}
-}
+func usageErrorf(format string, a ...any) error { return cli.Usagef(format, a...) }
 
 // exitCode: 0 for success and --help, 2 for usage errors, 1 for everything else.
 func exitCode(err error) int {
-	var ue *usageError
 	switch {
 	case err == nil, errors.Is(err, flag.ErrHelp):
 		return 0
-	case errors.As(err, &ue):
+	case cli.IsUsage(err):
 		return 2
 	}
 	return 1

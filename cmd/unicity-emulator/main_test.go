@@ -29,8 +29,8 @@ import (
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
-// cli runs the command in process and returns stdout and the exit code.
-func cli(t testing.TB, args ...string) (string, int) {
+// runCLI runs the command in process and returns stdout and the exit code.
+func runCLI(t testing.TB, args ...string) (string, int) {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
 	err := run(testContext(t), args, &stdout, &stderr)
@@ -44,7 +44,7 @@ func cli(t testing.TB, args ...string) (string, int) {
 // cliJSON runs a command that must succeed and decodes its output.
 func cliJSON(t testing.TB, out any, args ...string) {
 	t.Helper()
-	stdout, code := cli(t, args...)
+	stdout, code := runCLI(t, args...)
 	require.Equal(t, 0, code, "%v", args)
 	require.NoError(t, json.Unmarshal([]byte(stdout), out), stdout)
 }
@@ -129,7 +129,7 @@ func TestUsageAndExitCodes(t *testing.T) {
 		{[]string{"enroll", "--dir", t.TempDir()}, 2, ""},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
-			out, code := cli(t, tc.args...)
+			out, code := runCLI(t, tc.args...)
 			assert.Equal(t, tc.code, code)
 			assert.Contains(t, out, tc.out)
 		})
@@ -161,7 +161,7 @@ func TestInitAndSign(t *testing.T) {
 	fi, err := os.Stat(dir)
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o700), fi.Mode().Perm())
-	_, code := cli(t, "init", "--dir", dir)
+	_, code := runCLI(t, "init", "--dir", dir)
 	assert.Equal(t, 1, code, "an initialised directory is not overwritten")
 
 	trust, err := pki.ReadCertificates(out["trust_bundle"])
@@ -186,20 +186,20 @@ func TestInitAndSign(t *testing.T) {
 	})
 	t.Run("DER CSR", func(t *testing.T) {
 		csr, _ := writeCSR(t, "gw-0002", "DER")
-		_, code := cli(t, "sign", "--dir", dir, "--csr", csr, "--out", filepath.Join(t.TempDir(), "c.pem"))
+		_, code := runCLI(t, "sign", "--dir", dir, "--csr", csr, "--out", filepath.Join(t.TempDir(), "c.pem"))
 		assert.Equal(t, 0, code)
 	})
 	for _, cn := range []string{"", "has space", "ends-with.", strings.Repeat("x", 65)} {
 		t.Run("CN "+strconv.Quote(cn), func(t *testing.T) {
 			csr, _ := writeCSR(t, cn, "PEM")
 			out := filepath.Join(t.TempDir(), "c.pem")
-			_, code := cli(t, "sign", "--dir", dir, "--csr", csr, "--out", out)
+			_, code := runCLI(t, "sign", "--dir", dir, "--csr", csr, "--out", out)
 			assert.Equal(t, 1, code)
 			assert.NoFileExists(t, out)
 		})
 	}
 	t.Run("not a CSR", func(t *testing.T) {
-		_, code := cli(t, "sign", "--dir", dir, "--csr", out["trust_bundle"], "--out", filepath.Join(t.TempDir(), "c.pem"))
+		_, code := runCLI(t, "sign", "--dir", dir, "--csr", out["trust_bundle"], "--out", filepath.Join(t.TempDir(), "c.pem"))
 		assert.Equal(t, 1, code)
 	})
 }
@@ -232,7 +232,7 @@ func newDevice(t testing.TB, dir, id string) device {
 	t.Helper()
 	csr, leaf := writeCSR(t, id, "PEM")
 	chainFile := filepath.Join(t.TempDir(), "chain.pem")
-	_, code := cli(t, "sign", "--dir", dir, "--csr", csr, "--out", chainFile)
+	_, code := runCLI(t, "sign", "--dir", dir, "--csr", csr, "--out", chainFile)
 	require.Equal(t, 0, code)
 	chain, err := pki.ReadCertificates(chainFile)
 	require.NoError(t, err)
@@ -341,13 +341,13 @@ func next(t testing.TB, msgs chan mqtt.Message) mqtt.Message {
 // it to its hub and drives every operator command against it.
 func TestServeEndToEnd(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := cli(t, "init", "--dir", dir)
+	_, code := runCLI(t, "init", "--dir", dir)
 	require.Equal(t, 0, code)
 	s := serve(t, dir, "--hubs", "2", "--retry-after", "0")
 	require.Len(t, s.Hubs, 2)
 	assert.Equal(t, s.Hubs[0], s.Hub)
 	assert.Regexp(t, `^0ne[0-9A-F]{8}$`, s.IDScope)
-	_, code = cli(t, "serve", "--dir", dir)
+	_, code = runCLI(t, "serve", "--dir", dir)
 	assert.Equal(t, 1, code, "a second emulator on the same directory is refused")
 
 	dev := newDevice(t, dir, "gw-1")
@@ -379,7 +379,7 @@ func TestServeEndToEnd(t *testing.T) {
 	assert.Equal(t, `{"temp":21}`, tel[0].Payload)
 	assert.Equal(t, map[string]string{"kind": "boot"}, tel[0].Properties)
 	assert.Equal(t, "application/json", tel[0].System["$.ct"])
-	_, code = cli(t, "telemetry", "--dir", dir, "--device", "gw-1", "--wait", "5", "--timeout", "100ms")
+	_, code = runCLI(t, "telemetry", "--dir", dir, "--device", "gw-1", "--wait", "5", "--timeout", "100ms")
 	assert.Equal(t, 1, code, "waiting for more than arrives times out")
 
 	var sent map[string]string
@@ -401,7 +401,7 @@ func TestServeEndToEnd(t *testing.T) {
 	cliJSON(t, &res, "invoke", "--dir", dir, "--device", "gw-1", "--method", "uptime", "--payload", `{"unit":"s"}`)
 	assert.Equal(t, 200, res.Status)
 	assert.JSONEq(t, `{"uptime":{"unit":"s"}}`, string(res.Payload))
-	_, code = cli(t, "invoke", "--dir", dir, "--device", "gw-1", "--method", "silent", "--timeout", "100ms")
+	_, code = runCLI(t, "invoke", "--dir", dir, "--device", "gw-1", "--method", "silent", "--timeout", "100ms")
 	assert.Equal(t, 1, code, "no answer in time")
 	<-msgs
 
@@ -448,16 +448,16 @@ func TestServeEndToEnd(t *testing.T) {
 		{"invoke", "--device", "nobody", "--method", "m"},
 		{"c2d", "--device", "gw-1", "--payload", strings.Repeat("x", 65<<10)},
 	} {
-		_, code = cli(t, append([]string{args[0], "--dir", dir}, args[1:]...)...)
+		_, code = runCLI(t, append([]string{args[0], "--dir", dir}, args[1:]...)...)
 		assert.Equal(t, 1, code, "%v", args)
 	}
 
 	var del map[string]string
 	cliJSON(t, &del, "delete", "--dir", dir, "--device", "gw-1")
 	assert.Equal(t, other, del["deleted_from"])
-	_, code = cli(t, "delete", "--dir", dir, "--device", "gw-1")
+	_, code = runCLI(t, "delete", "--dir", dir, "--device", "gw-1")
 	assert.Equal(t, 1, code)
-	_, code = cli(t, "twin", "--dir", dir, "--device", "gw-1")
+	_, code = runCLI(t, "twin", "--dir", dir, "--device", "gw-1")
 	assert.Equal(t, 1, code)
 }
 
@@ -465,7 +465,7 @@ func TestServeEndToEnd(t *testing.T) {
 // factory group does not admit.
 func TestEnroll(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := cli(t, "init", "--dir", dir)
+	_, code := runCLI(t, "init", "--dir", dir)
 	require.Equal(t, 0, code)
 	first, stop := startServe(t, dir, "--retry-after", "0")
 	s := first
@@ -501,9 +501,9 @@ func TestEnroll(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, s.Hub, register(t, s, device{id: "outsider-2", cert: second.TLSCertificate()}))
 
-	_, code = cli(t, "enroll", "--dir", dir, "--group", "g", "--registration-id", "r")
+	_, code = runCLI(t, "enroll", "--dir", dir, "--group", "g", "--registration-id", "r")
 	assert.Equal(t, 2, code)
-	_, code = cli(t, "enroll", "--dir", dir, "--group", "nothing")
+	_, code = runCLI(t, "enroll", "--dir", dir, "--group", "nothing")
 	assert.Equal(t, 1, code, "a group needs a CA or a key")
 
 	// Enrollments survive a restart; registrations do not, so the device registers again.
@@ -519,7 +519,7 @@ func TestEnroll(t *testing.T) {
 
 func TestUnknownDeviceGets401(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := cli(t, "init", "--dir", dir)
+	_, code := runCLI(t, "init", "--dir", dir)
 	require.Equal(t, 0, code)
 	s := serve(t, dir, "--unknown-device", "401")
 	stranger, err := pki.NewRoot("stranger")
@@ -541,7 +541,7 @@ func TestUnknownDeviceGets401(t *testing.T) {
 // services present certificates valid for it.
 func TestServeHubHost(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := cli(t, "init", "--dir", dir)
+	_, code := runCLI(t, "init", "--dir", dir)
 	require.Equal(t, 0, code)
 	s := serve(t, dir, "--hub-host", "emulator.test")
 	require.True(t, strings.HasPrefix(s.Hub, "emulator.test:"), s.Hub)
@@ -557,7 +557,7 @@ func TestServeHubHost(t *testing.T) {
 // key derived from the group key, is assigned, and the hub accepts the same device key.
 func TestSymmetricKeyGroup(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := cli(t, "init", "--dir", dir)
+	_, code := runCLI(t, "init", "--dir", dir)
 	require.Equal(t, 0, code)
 	s := serve(t, dir, "--retry-after", "0")
 	groupKey := []byte("0123456789abcdef0123456789abcdef")
@@ -587,7 +587,7 @@ func TestSymmetricKeyGroup(t *testing.T) {
 
 func TestCorruptEnrollmentsRefused(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := cli(t, "init", "--dir", dir)
+	_, code := runCLI(t, "init", "--dir", dir)
 	require.Equal(t, 0, code)
 	require.NoError(t, os.WriteFile(filepath.Join(dir, enrollmentsFile), []byte(`{"version":1,"enrollments":[{"group":"g"}]}`), 0o600))
 	var stderr bytes.Buffer

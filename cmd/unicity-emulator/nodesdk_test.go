@@ -93,7 +93,7 @@ func TestNodeSDK(t *testing.T) {
 	sdk := installNodeSDK(t, npm)
 
 	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := cli(t, "init", "--dir", dir)
+	_, code := runCLI(t, "init", "--dir", dir)
 	require.Equal(t, 0, code)
 	s := serve(t, dir, "--hubs", "2", "--retry-after", "1")
 
@@ -183,7 +183,7 @@ func TestNodeSDK(t *testing.T) {
 		Payload map[string]any `json:"payload"`
 	}
 	for i := 0; ; i++ {
-		stdout, code := cli(t, "invoke", "--dir", dir, "--device", regID, "--method", "reboot", "--payload", `{"delay":1}`, "--timeout", "5s")
+		stdout, code := runCLI(t, "invoke", "--dir", dir, "--device", regID, "--method", "reboot", "--payload", `{"delay":1}`, "--timeout", "5s")
 		if code == 0 {
 			require.NoError(t, json.Unmarshal([]byte(stdout), &method))
 			break

@@ -52,6 +52,9 @@ func exitCode(err error) int {
 		return exitOK
 	case errors.As(err, &ee):
 		return ee.code
+	case errors.Is(err, attest.ErrTPMUnavailable):
+		// Before isIdentityError: a TPM gone for a moment may also say ErrNoTPM.
+		return exitTempFail
 	case isIdentityError(err):
 		return exitConfig
 	case isConfigError(err), errors.Is(err, device.ErrIdentity):

@@ -32,10 +32,10 @@ var now = time.Now
 
 func factoryCommands() []command {
 	return []command{
-		{name: "keygen", summary: "create a non-exportable device key inside the TPM", run: runFactoryKeygen},
-		{name: "csr", summary: "make a certificate signing request signed inside the TPM", run: runFactoryCSR},
-		{name: "install", summary: "check and install the device certificate; print the manifest line", run: runFactoryInstall},
-		{name: "verify", summary: "end-of-line check of the configured identity", run: runFactoryVerify},
+		{Name: "keygen", Summary: "create a non-exportable device key inside the TPM", Run: runFactoryKeygen},
+		{Name: "csr", Summary: "make a certificate signing request signed inside the TPM", Run: runFactoryCSR},
+		{Name: "install", Summary: "check and install the device certificate; print the manifest line", Run: runFactoryInstall},
+		{Name: "verify", Summary: "end-of-line check of the configured identity", Run: runFactoryVerify},
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 
+	"github.com/unicity-iot/unicity/internal/cli"
 	"github.com/unicity-iot/unicity/internal/version"
 )
 
@@ -37,7 +38,7 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 		err = fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	if err != nil && !errors.Is(err, flag.ErrHelp) {
-		return &exitError{code: exitUsage, err: err}
+		return &cli.UsageError{Err: err}
 	}
 	return err
 }
