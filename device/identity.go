@@ -1,10 +1,17 @@
 package device
 
 import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
+	"os"
 	"strings"
 	"time"
 
@@ -16,24 +23,46 @@ import (
 	"github.com/unicity-iot/unicity/internal/version"
 )
 
+// Identity is what the agent registers and connects with: a checked X.509 identity, or the
+// key of a symmetric-key device. Exactly one of X509 and SymmetricKey is set.
+type Identity struct {
+	RegistrationID string
+	X509           *attest.Identity
+	// SymmetricKey is the device's own key, decoded (derived already when the configured
+	// file holds an enrollment group's key). A secret: it goes to dps and hub, nowhere else.
+	SymmetricKey []byte
+}
+
 // Credentials is the configured identity, opened: the certificate chain and the key, with the
-// TPM they need held open. The checked attest.Identity comes from Identity once the clock
-// can judge the certificate.
+// TPM they need held open, or a symmetric key. The checked Identity comes from Identity once
+// the clock can judge the certificate (or, for a symmetric key, date a token).
 type Credentials struct {
 	Chain []*x509.Certificate
 	Key   *attest.Key
 	// RegistrationID is the configured one, when set; Identity checks it against the CN.
 	RegistrationID string
 
-	tpm transport.TPMCloser
+	symmetricKey []byte
+	tpm          transport.TPMCloser
 }
 
-// OpenCredentials opens the TPM, the key and the certificate chain the configuration names.
-// Errors that configuration or factory work must fix are marked ErrIdentity; others (a TPM
-// that is not ready yet) may clear up on a retry.
+// OpenCredentials opens the TPM, the key and the certificate chain the configuration names,
+// or reads the symmetric key. Errors that configuration or factory work must fix are marked
+// ErrIdentity; others (a TPM that is not ready yet) may clear up on a retry.
 func OpenCredentials(cfg *Config) (*Credentials, error) {
-	if cfg.Attestation.Method != "x509" {
-		return nil, Mark(fmt.Errorf("attestation method %q is not supported by the agent yet", cfg.Attestation.Method), ErrIdentity)
+	switch cfg.Attestation.Method {
+	case "x509":
+	case "symmetric_key":
+		key, err := ReadSymmetricKey(cfg.Attestation.SymmetricKey)
+		if err != nil {
+			return nil, Mark(err, ErrIdentity)
+		}
+		if cfg.Attestation.SymmetricKeyGroup {
+			key = attest.DeriveDeviceKey(key, cfg.Provisioning.RegistrationID)
+		}
+		return &Credentials{RegistrationID: cfg.Provisioning.RegistrationID, symmetricKey: key}, nil
+	default:
+		return nil, Mark(fmt.Errorf("attestation method %q is not supported", cfg.Attestation.Method), ErrIdentity)
 	}
 	c := &Credentials{RegistrationID: cfg.Provisioning.RegistrationID}
 	if needsTPM(cfg) {
@@ -107,7 +136,13 @@ func (c *Credentials) ValidFrom() time.Time {
 
 // Identity checks the credentials at time now and returns the identity to register and
 // connect with.
-func (c *Credentials) Identity(now time.Time) (*attest.Identity, error) {
+func (c *Credentials) Identity(now time.Time) (*Identity, error) {
+	if c.symmetricKey != nil {
+		if now.Before(version.CommitTime()) {
+			return nil, fmt.Errorf("%w: it says %s, before this build was made", attest.ErrClockNotSet, now.UTC().Format(time.RFC3339))
+		}
+		return &Identity{RegistrationID: c.RegistrationID, SymmetricKey: c.symmetricKey}, nil
+	}
 	id, err := attest.NewIdentity(c.Chain, c.Key, now)
 	if err != nil {
 		return nil, classifyIdentityError(err)
@@ -115,12 +150,77 @@ func (c *Credentials) Identity(now time.Time) (*attest.Identity, error) {
 	if c.RegistrationID != "" && !strings.EqualFold(c.RegistrationID, id.RegistrationID) {
 		return nil, Mark(fmt.Errorf("registration ID %q in the configuration does not match the certificate's CN %q (DPS requires them equal for X.509)", c.RegistrationID, id.RegistrationID), ErrIdentity)
 	}
-	return id, nil
+	return &Identity{RegistrationID: id.RegistrationID, X509: id}, nil
 }
 
-// Thumbprint is the SHA-256 thumbprint of the leaf certificate, which the state is bound to.
-func (c *Credentials) Thumbprint() string {
+// Symmetric reports a symmetric-key device.
+func (c *Credentials) Symmetric() bool { return c.symmetricKey != nil }
+
+// StateBinding is what the stored assignment is bound to, so that another identity does not
+// reuse it: the leaf certificate's SHA-256 thumbprint, or for a symmetric key a one-way digest
+// of it (see SymmetricKeyBinding).
+func (c *Credentials) StateBinding() string {
+	if c.symmetricKey != nil {
+		return SymmetricKeyBinding(c.symmetricKey)
+	}
 	return pki.Thumbprint(c.Chain[0])
+}
+
+// SymmetricKeyBinding binds the state to a symmetric key without storing the key or anything
+// a key could be checked against offline more cheaply than by HMAC: "sas:" and the SHA-256 of
+// HMAC-SHA256(key, "unicity-state-binding"), in upper-case hex. A new key (rotated in the
+// portal and installed) changes it, and the device registers again.
+func SymmetricKeyBinding(key []byte) string {
+	mac := hmac.New(sha256.New, key)
+	mac.Write([]byte("unicity-state-binding"))
+	sum := sha256.Sum256(mac.Sum(nil))
+	return "sas:" + strings.ToUpper(hex.EncodeToString(sum[:]))
+}
+
+// Symmetric keys as Azure makes them are 16 to 64 bytes; the portal shows them in base64.
+const (
+	minSymmetricKey = 16
+	maxSymmetricKey = 64
+)
+
+// ReadSymmetricKey reads a symmetric key file: the key in base64, as the Azure portal shows
+// it, surrounding white space ignored. The file must be readable by its owner only (mode 0600
+// or 0400): a key other users can read is refused, as ssh refuses such private keys. Errors
+// name the file and never its content.
+func ReadSymmetricKey(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("cannot read the symmetric key: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("cannot read the symmetric key: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("symmetric key %s is not a regular file", path)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("symmetric key %s is readable by other users (mode %04o): make it the service user's alone (chmod 0600)", path, perm)
+	}
+	raw, err := io.ReadAll(io.LimitReader(f, 1024))
+	if err != nil {
+		return nil, fmt.Errorf("cannot read the symmetric key %s: %w", path, err)
+	}
+	defer clear(raw)
+	text := bytes.TrimSpace(raw)
+	key := make([]byte, base64.StdEncoding.DecodedLen(len(text)))
+	n, err := base64.StdEncoding.Decode(key, text)
+	if err != nil {
+		clear(key)
+		return nil, fmt.Errorf("symmetric key %s does not hold a key in base64 (as the Azure portal shows it)", path)
+	}
+	key = key[:n]
+	if n < minSymmetricKey || n > maxSymmetricKey {
+		clear(key)
+		return nil, fmt.Errorf("symmetric key %s holds %d bytes; Azure's keys are %d to %d bytes", path, n, minSymmetricKey, maxSymmetricKey)
+	}
+	return key, nil
 }
 
 // Close releases the key and the TPM.
