@@ -96,8 +96,43 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 	}
 	c.pass("config", "%s", cfg.Path)
 
+	// What the stored assignment must be bound to, once the identity checks out.
+	var regID, binding string
+	var cert *tls.Certificate
+	if cfg.Attestation.Method == "symmetric_key" {
+		regID, binding = c.symmetricKey(cfg)
+	} else {
+		var release func()
+		cert, regID, binding, release = c.x509(cfg, tf)
+		defer release()
+	}
+
+	roots, err := device.RootCAs(cfg)
+	if err != nil {
+		c.fail("tls", &exitError{code: exitConfig, err: err})
+		return
+	}
+	c.endpoint(ctx, "dps", cfg, cfg.Provisioning.GlobalEndpoint, "", roots, cert)
+
+	st, err := storage.New(cfg.State.Dir).Load()
+	switch {
+	case errors.Is(err, storage.ErrNotExist):
+		c.warn("hub", "not provisioned yet: no hub to check")
+	case err != nil:
+		c.warn("hub", "%v: the agent will register again", err)
+	case binding != "" && !st.BelongsTo(regID, binding):
+		c.warn("hub", "the stored assignment belongs to another identity (%s): the agent will register again", st.RegistrationID)
+	default:
+		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, roots, cert)
+	}
+}
+
+// x509 checks the TPM, the key, the certificate chain and the clock; it returns the TLS
+// identity, the registration ID and the state binding when they pass. release closes the key
+// and the TPM once the network checks are done with them.
+func (c *checker) x509(cfg *device.Config, tf *tpmFlags) (cert *tls.Certificate, regID, binding string, release func()) {
 	tpm := &lazyTPM{spec: tf.device(cfg)}
-	defer tpm.Close()
+	release = func() { tpm.Close() }
 	if strings.HasPrefix(cfg.Attestation.IdentityKey, "file:") && !strings.HasPrefix(cfg.Attestation.IdentityCert, "tpm-nv:") {
 		c.warn("tpm", "not used: the key is a software key (development only)")
 	} else if _, err := tpm.get(); err != nil {
@@ -109,11 +144,12 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 	chain, chainErr := tpm.loadChain(cfg.Attestation.IdentityCert)
 	var key *attest.Key
 	if c.failure == nil {
+		var err error
 		key, err = attest.LoadKey(tpm.tpm, cfg.Attestation.IdentityKey)
 		if err != nil {
 			c.fail("key", err)
 		} else {
-			defer key.Close()
+			release = func() { key.Close(); tpm.Close() }
 		}
 	}
 	if chainErr != nil {
@@ -127,7 +163,6 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 		}
 	}
 
-	var id *attest.Identity
 	t := now()
 	if chainErr == nil {
 		validFrom := (&device.Credentials{Chain: chain}).ValidFrom()
@@ -138,7 +173,7 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 		}
 	}
 	if key != nil && chainErr == nil {
-		id, err = attest.NewIdentity(chain, key, t)
+		id, err := attest.NewIdentity(chain, key, t)
 		switch {
 		case err != nil:
 			c.fail("chain", err)
@@ -147,31 +182,37 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 		default:
 			c.pass("chain", "%s, %d certificate(s), valid until %s", id.RegistrationID, len(chain), chain[0].NotAfter.UTC().Format(time.RFC3339))
 		}
+		if err == nil {
+			tc := id.TLSCertificate()
+			cert = &tc
+			regID, binding = id.RegistrationID, pki.Thumbprint(chain[0])
+		}
 	}
+	return cert, regID, binding, release
+}
 
-	roots, err := device.RootCAs(cfg)
+// symmetricKey checks the key file of a symmetric-key device and the clock its tokens are
+// dated by; it returns the registration ID and state binding when both pass.
+func (c *checker) symmetricKey(cfg *device.Config) (regID, binding string) {
+	creds, err := device.OpenCredentials(cfg)
 	if err != nil {
-		c.fail("tls", &exitError{code: exitConfig, err: err})
-		return
+		c.fail("key", err)
+		return "", ""
 	}
-	var cert *tls.Certificate
-	if id != nil {
-		tc := id.TLSCertificate()
-		cert = &tc
+	defer creds.Close()
+	detail := "device key"
+	if cfg.Attestation.SymmetricKeyGroup {
+		detail = "enrollment group key; the device key is derived for " + cfg.Provisioning.RegistrationID
 	}
-	c.endpoint(ctx, "dps", cfg, cfg.Provisioning.GlobalEndpoint, "", roots, cert)
-
-	st, err := storage.New(cfg.State.Dir).Load()
-	switch {
-	case errors.Is(err, storage.ErrNotExist):
-		c.warn("hub", "not provisioned yet: no hub to check")
-	case err != nil:
-		c.warn("hub", "%v: the agent will register again", err)
-	case id != nil && !st.BelongsTo(id.RegistrationID, pki.Thumbprint(chain[0])):
-		c.warn("hub", "the stored assignment belongs to another identity (%s): the agent will register again", st.RegistrationID)
-	default:
-		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, roots, cert)
+	c.pass("key", "%s: symmetric key (%s), readable by its owner only; no TPM or certificate used", cfg.Attestation.SymmetricKey, detail)
+	t := now()
+	id, err := creds.Identity(t)
+	if err != nil {
+		c.fail("clock", fmt.Errorf("%w; is time sync working?", err))
+		return "", ""
 	}
+	c.pass("clock", "%s", t.UTC().Format(time.RFC3339))
+	return id.RegistrationID, creds.StateBinding()
 }
 
 // endpoint checks DNS, TCP and TLS (with the device's certificate, when it has one) to host.

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/device"
 )
 
 // identityReport is `unicity identity --json`.
@@ -44,6 +45,9 @@ func runIdentity(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if cfg.Attestation.Method == "symmetric_key" {
+		return symmetricIdentity(e, cfg, *asJSON)
+	}
 	tpm := &lazyTPM{spec: tf.device(cfg)}
 	defer tpm.Close()
 	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
@@ -78,6 +82,54 @@ func runIdentity(_ context.Context, e *env, args []string) error {
 		}
 	} else {
 		printIdentity(e.stdout, r)
+	}
+	return problem
+}
+
+// symmetricIdentityReport is `unicity identity --json` for a symmetric-key device. The key
+// itself is never shown, in any form.
+type symmetricIdentityReport struct {
+	Attestation       string `json:"attestation"`
+	RegistrationID    string `json:"registration_id"`
+	SymmetricKey      string `json:"symmetric_key"`
+	SymmetricKeyGroup bool   `json:"symmetric_key_group"`
+	StateBinding      string `json:"state_binding,omitempty"`
+	Problem           string `json:"problem,omitempty"`
+}
+
+// symmetricIdentity shows a symmetric-key identity: where the key is, whether it is usable,
+// and what the stored assignment is bound to.
+func symmetricIdentity(e *env, cfg *device.Config, asJSON bool) error {
+	r := symmetricIdentityReport{
+		Attestation:       cfg.Attestation.Method,
+		RegistrationID:    cfg.Provisioning.RegistrationID,
+		SymmetricKey:      cfg.Attestation.SymmetricKey,
+		SymmetricKeyGroup: cfg.Attestation.SymmetricKeyGroup,
+	}
+	creds, problem := device.OpenCredentials(cfg)
+	if problem == nil {
+		r.StateBinding = creds.StateBinding()
+		creds.Close()
+	} else {
+		r.Problem = problem.Error()
+	}
+	if asJSON {
+		if err := json.NewEncoder(e.stdout).Encode(r); err != nil {
+			return err
+		}
+		return problem
+	}
+	kind := "device key"
+	if r.SymmetricKeyGroup {
+		kind = "enrollment group key; the device key is derived from it and the registration ID"
+	}
+	fmt.Fprintf(e.stdout, "Registration ID:    %s\n", r.RegistrationID)
+	fmt.Fprintf(e.stdout, "Attestation:        symmetric key (no certificate, no TPM)\n")
+	fmt.Fprintf(e.stdout, "Key file:           %s (%s)\n", r.SymmetricKey, kind)
+	if r.Problem != "" {
+		fmt.Fprintf(e.stdout, "Problem:            %s\n", r.Problem)
+	} else {
+		fmt.Fprintf(e.stdout, "State binding:      %s\n", r.StateBinding)
 	}
 	return problem
 }

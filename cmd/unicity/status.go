@@ -17,6 +17,7 @@ import (
 // statusReport is `unicity status --json`.
 type statusReport struct {
 	RegistrationID   string    `json:"registration_id"`
+	Attestation      string    `json:"attestation"`
 	SHA256Thumbprint string    `json:"sha256_thumbprint,omitempty"`
 	NotAfter         time.Time `json:"not_after,omitzero"`
 	IdentityError    string    `json:"identity_error,omitempty"`
@@ -52,16 +53,32 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	var r statusReport
+	r := statusReport{Attestation: cfg.Attestation.Method}
 
-	tpm := &lazyTPM{spec: tf.device(cfg)}
-	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
-	tpm.Close()
-	if err != nil {
-		r.IdentityError = err.Error()
+	// binding is what the stored assignment must be bound to, when known.
+	var binding string
+	if cfg.Attestation.Method == "symmetric_key" {
+		r.RegistrationID = cfg.Provisioning.RegistrationID
+		// The key file is the service user's alone: a technician without access sees the
+		// assignment, unchecked, and why.
+		creds, err := device.OpenCredentials(cfg)
+		if err != nil {
+			r.IdentityError = err.Error()
+		} else {
+			binding = creds.StateBinding()
+			creds.Close()
+		}
 	} else {
-		leaf := chain[0]
-		r.RegistrationID, r.SHA256Thumbprint, r.NotAfter = leaf.Subject.CommonName, pki.Thumbprint(leaf), leaf.NotAfter
+		tpm := &lazyTPM{spec: tf.device(cfg)}
+		chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
+		tpm.Close()
+		if err != nil {
+			r.IdentityError = err.Error()
+		} else {
+			leaf := chain[0]
+			r.RegistrationID, r.SHA256Thumbprint, r.NotAfter = leaf.Subject.CommonName, pki.Thumbprint(leaf), leaf.NotAfter
+			binding = r.SHA256Thumbprint
+		}
 	}
 
 	st, err := storage.New(cfg.State.Dir).Load()
@@ -70,7 +87,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 		r.StateProblem = "not provisioned yet"
 	case err != nil:
 		r.StateProblem = err.Error() + " (the agent will set it aside and register again)"
-	case r.SHA256Thumbprint != "" && !st.BelongsTo(r.RegistrationID, r.SHA256Thumbprint):
+	case binding != "" && !st.BelongsTo(r.RegistrationID, binding):
 		r.StateProblem = fmt.Sprintf("the stored assignment belongs to another identity (%s); the agent will register again", st.RegistrationID)
 	default:
 		r.AssignedHub, r.DeviceID, r.Substatus, r.ProvisionedAt = st.AssignedHub, st.DeviceID, st.Substatus, st.ProvisionedAt
@@ -112,7 +129,13 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 
 func printStatus(w io.Writer, r statusReport) {
 	fmt.Fprintln(w, "Identity")
-	if r.IdentityError != "" {
+	if r.Attestation == "symmetric_key" {
+		fmt.Fprintf(w, "  registration ID:  %s\n", r.RegistrationID)
+		fmt.Fprintf(w, "  attestation:      symmetric key (no certificate)\n")
+		if r.IdentityError != "" {
+			fmt.Fprintf(w, "  problem:          %s\n", r.IdentityError)
+		}
+	} else if r.IdentityError != "" {
 		fmt.Fprintf(w, "  problem:          %s\n", r.IdentityError)
 	} else {
 		fmt.Fprintf(w, "  registration ID:  %s\n", r.RegistrationID)
