@@ -1,7 +1,9 @@
 package device
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"os"
@@ -112,6 +114,7 @@ type fakeHub struct {
 	refuse   map[string]error
 	sessions []*fakeSession
 	hubs     []string
+	ids      []*Identity
 }
 
 type fakeSession struct {
@@ -140,6 +143,7 @@ func (h *fakeHub) Connect(ctx context.Context, id *Identity, st *storage.State) 
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.hubs = append(h.hubs, st.AssignedHub)
+	h.ids = append(h.ids, id)
 	if err := h.refuse[st.AssignedHub]; err != nil {
 		return nil, err
 	}
@@ -648,4 +652,36 @@ func TestWatchdogStopsWhenTheLoopIsStuck(t *testing.T) {
 	close(release)
 	require.Eventually(t, func() bool { return tb.notify.count("WATCHDOG=1") > stuck }, 5*time.Second, time.Millisecond,
 		"pings resume with the loop")
+}
+
+// A symmetric-key device: the key reaches the hub, the state is bound to a digest of it, and a
+// new key (rotated in the enrollment and installed) makes the agent register again.
+func TestSymmetricKeyDevice(t *testing.T) {
+	tb := newTestbed(t)
+	key, rotated := bytes.Repeat([]byte{9}, 32), bytes.Repeat([]byte{10}, 32)
+	path := writeKeyFile(t, base64.StdEncoding.EncodeToString(key), 0o600)
+	tb.cfg.Attestation = Attestation{Method: "symmetric_key", SymmetricKey: path}
+	tb.cfg.Provisioning.RegistrationID = "gw-0001"
+
+	tb.start()
+	tb.waitPhase(PhaseConnected)
+	require.NoError(t, tb.stop())
+	st := tb.loadState()
+	assert.Equal(t, SymmetricKeyBinding(key), st.CertSHA256)
+	tb.hub.mu.Lock()
+	assert.Equal(t, key, tb.hub.ids[0].SymmetricKey)
+	assert.Nil(t, tb.hub.ids[0].X509)
+	tb.hub.mu.Unlock()
+	assert.Equal(t, 1, tb.dps.Calls())
+
+	require.NoError(t, os.WriteFile(path, []byte(base64.StdEncoding.EncodeToString(rotated)), 0o600))
+	tb.agent = tb.newAgent()
+	tb.start()
+	tb.waitPhase(PhaseConnected)
+	assert.Equal(t, 2, tb.dps.Calls(), "the state belonged to the old key")
+	assert.Equal(t, SymmetricKeyBinding(rotated), tb.loadState().CertSHA256)
+	assert.Contains(t, tb.agent.Status().LastError, "belongs to another identity")
+	for _, form := range []string{base64.StdEncoding.EncodeToString(key), base64.StdEncoding.EncodeToString(rotated)} {
+		assert.NotContains(t, fmt.Sprintf("%+v", tb.agent.Status()), form)
+	}
 }
