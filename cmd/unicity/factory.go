@@ -346,6 +346,9 @@ func runFactoryVerify(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if cfg.Attestation.Method != "x509" {
+		return configErrorf("factory verify checks an X.509 identity; %s configures %s attestation (see `unicity identity` and `unicity check`)", cfg.Path, cfg.Attestation.Method)
+	}
 	tpm := &lazyTPM{spec: tf.device(cfg)}
 	defer tpm.Close()
 	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
