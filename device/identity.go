@@ -33,6 +33,18 @@ type Identity struct {
 	SymmetricKey []byte
 }
 
+// String names the identity without its key, so that printing it (%v, %+v, %#v, a log
+// attribute) cannot leak the key.
+func (id *Identity) String() string {
+	if id.SymmetricKey != nil {
+		return id.RegistrationID + " (symmetric key)"
+	}
+	return id.RegistrationID + " (X.509)"
+}
+
+// GoString is String, for %#v.
+func (id *Identity) GoString() string { return id.String() }
+
 // Credentials is the configured identity, opened: the certificate chain and the key, with the
 // TPM they need held open, or a symmetric key. The checked Identity comes from Identity once
 // the clock can judge the certificate (or, for a symmetric key, date a token).
@@ -152,6 +164,17 @@ func (c *Credentials) Identity(now time.Time) (*Identity, error) {
 	}
 	return &Identity{RegistrationID: id.RegistrationID, X509: id}, nil
 }
+
+// String names the credentials without the key they hold; see Identity.String.
+func (c *Credentials) String() string {
+	if c.symmetricKey != nil {
+		return "credentials of " + c.RegistrationID + " (symmetric key)"
+	}
+	return "credentials of " + c.RegistrationID + " (X.509)"
+}
+
+// GoString is String, for %#v.
+func (c *Credentials) GoString() string { return c.String() }
 
 // Symmetric reports a symmetric-key device.
 func (c *Credentials) Symmetric() bool { return c.symmetricKey != nil }

@@ -131,6 +131,14 @@ func TestSymmetricKeyCredentials(t *testing.T) {
 			assert.Nil(t, id.X509)
 			assert.Equal(t, want, id.SymmetricKey)
 			assert.Equal(t, SymmetricKeyBinding(want), creds.StateBinding())
+			for _, format := range []string{"%v", "%+v", "%#v", "%s", "%x"} {
+				for _, v := range []any{id, creds} {
+					printed := fmt.Sprintf(format, v)
+					assert.NotContains(t, printed, base64.StdEncoding.EncodeToString(want)[:12], format)
+					assert.NotContains(t, strings.ToLower(printed), hex.EncodeToString(want)[:12], format)
+					assert.NotContains(t, printed, strings.Trim(fmt.Sprint(want[:8]), "[]"), format)
+				}
+			}
 		})
 	}
 	t.Run("exposed key file", func(t *testing.T) {
