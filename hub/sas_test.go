@@ -3,6 +3,7 @@ package hub_test
 import (
 	"crypto/rand"
 	"encoding/base64"
+	"net"
 	"net/url"
 	"slices"
 	"strings"
@@ -64,6 +65,20 @@ func TestSymmetricKey(t *testing.T) {
 			c.stop(t)
 		})
 	}
+}
+
+func TestSymmetricKeyOverWebSocket(t *testing.T) {
+	srv := hubtest.NewServer(t)
+	key := newKey(t)
+	require.NoError(t, srv.Register(hubtest.Device{ID: "sas-ws", SymmetricKeys: [][]byte{key}}))
+	cfg := sasConfig(srv, "sas-ws", key)
+	_, port, _ := net.SplitHostPort(srv.WebSocketAddr)
+	cfg.Hub = "localhost:" + port
+	cfg.Dial.Transport = dial.TransportWebSocket
+	c := start(t, cfg)
+	require.NoError(t, c.Send(testContext(t), hub.Message{Payload: []byte("over 443")}))
+	assert.Equal(t, "over 443", string(srv.Telemetry("sas-ws")[0].Payload))
+	assert.Equal(t, dial.TransportWebSocket, c.State().Transport)
 }
 
 func TestSymmetricKeyRefused(t *testing.T) {
