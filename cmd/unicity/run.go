@@ -18,9 +18,11 @@ import (
 var agentClock device.Clock = device.SystemClock{}
 
 func runRun(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "run", "[--config FILE]")
+	fs := newFlagSet(e, "run", "[--config FILE] [--log-level LEVEL]")
 	var tf tpmFlags
 	tf.register(fs)
+	var level slog.Level
+	fs.TextVar(&level, "log-level", slog.LevelInfo, "`LEVEL` of the service log: debug (every DPS step and hub connection change), info, warn or error")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -31,7 +33,7 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	if tf.tpm != "" {
 		cfg.TPM.Device = tf.tpm
 	}
-	log := serviceLogger(e.stderr)
+	log := serviceLogger(e.stderr, level)
 
 	prov, err := device.NewDPS(cfg)
 	if err != nil {
@@ -57,8 +59,12 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	}
 	agent.Gateway = device.NewGateway(agent, hubs)
 	prov.Clock = agentClock
-	prov.Progress = func(p dps.Progress) { agent.Progress(p.Message, p.Wait, p.Err) }
+	prov.Progress = func(p dps.Progress) {
+		log.Debug("dps: "+p.Message, "wait", p.Wait, "err", p.Err)
+		agent.Progress(p.Message, p.Wait, p.Err)
+	}
 	hubs.OnState = func(s hub.State) {
+		log.Debug("hub connection", "connected", s.Connected, "transport", s.Transport, "failures", s.Failures, "retry", s.Retry, "err", s.Err)
 		if s.Connected {
 			agent.Progress(fmt.Sprintf("connected to the hub over %s", s.Transport), 0, nil)
 		} else if s.Err != nil && s.Retry > 0 {
@@ -66,6 +72,9 @@ func runRun(ctx context.Context, e *env, args []string) error {
 		}
 	}
 	log.Info("starting", "config", cfg.Path, "state", cfg.State.Dir, "runtime", cfg.Runtime.Dir)
+	log.Debug("identity", "attestation", cfg.Attestation.Method, "registration_id", cfg.Provisioning.RegistrationID,
+		"identity_cert", cfg.Attestation.IdentityCert, "identity_key", cfg.Attestation.IdentityKey,
+		"symmetric_key", cfg.Attestation.SymmetricKey, "symmetric_key_group", cfg.Attestation.SymmetricKeyGroup)
 	if err := agent.Run(ctx); err != nil {
 		return configErrorf("%w", err)
 	}
@@ -73,10 +82,10 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
-// serviceLogger logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps, which
-// the journal adds itself.
-func serviceLogger(w io.Writer) *slog.Logger {
-	opts := &slog.HandlerOptions{}
+// serviceLogger logs to stderr from level up; under systemd (JOURNAL_STREAM set) without
+// timestamps, which the journal adds itself.
+func serviceLogger(w io.Writer, level slog.Level) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
 	if os.Getenv("JOURNAL_STREAM") != "" {
 		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
 			if len(groups) == 0 && a.Key == slog.TimeKey {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -21,7 +22,7 @@ func TestServiceLogLeavesTimestampsToTheJournal(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Setenv("JOURNAL_STREAM", tt.journal)
 			var buf bytes.Buffer
-			logStatus := statusLogger(serviceLogger(&buf))
+			logStatus := statusLogger(serviceLogger(&buf, slog.LevelInfo))
 			logStatus(device.Status{Phase: device.PhaseProvisioning, Message: "registering gw-0001 with DPS (attempt 1)"})
 			logStatus(device.Status{Phase: device.PhaseProvisioning, Message: "cannot register with DPS: refused; retrying in 2s",
 				LastError: "connection refused", NextRetry: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)})
