@@ -101,8 +101,9 @@ type Config struct {
 	// MethodTimeout bounds one direct method handler.
 	MethodTimeout time.Duration
 	// WriteTimeout bounds writing one packet; zero means DefaultWriteTimeout. paho also
-	// holds a publish or subscribe that races a dying connection for that long: the next
-	// connection does not wait for it, but Run does before it returns.
+	// holds a publish or subscribe that races a dying connection for that long: neither the
+	// next connection nor Run's return waits for it (its goroutine ends by itself), so the
+	// agent stops within its budget, and a slow link still gets time to write a large message.
 	WriteTimeout time.Duration
 	// Queue holds outgoing telemetry; nil gives the client its own default-sized queue.
 	Queue *Queue
@@ -160,8 +161,6 @@ type Client struct {
 	cfg      Config
 	queue    *Queue
 	username string
-
-	publishers sync.WaitGroup // handoffs made by Run's own goroutines
 
 	mu        sync.Mutex
 	running   bool
@@ -279,7 +278,6 @@ func (c *Client) Run(ctx context.Context) error {
 	defer func() {
 		cancel() // ends the dispatcher and method handlers, which wait for it
 		r.wait()
-		c.publishers.Wait()
 	}()
 
 	failures := 0
@@ -469,7 +467,7 @@ func (c *Client) subscribe(ctx context.Context, cn *conn) error {
 		desiredPatchPrefix + "#": 1,
 		methodPrefix + "#":       0,
 	}
-	tok, err := c.handoff(ctx, cn, &c.publishers, func() mqtt.Token { return cn.mc.SubscribeMultiple(filters, nil) })
+	tok, err := c.handoff(ctx, cn, func() mqtt.Token { return cn.mc.SubscribeMultiple(filters, nil) })
 	if err == nil {
 		select {
 		case <-tok.Done():
@@ -526,7 +524,7 @@ loop:
 		if !ok {
 			break
 		}
-		tok, err := c.handoff(ctx, cn, &c.publishers, func() mqtt.Token {
+		tok, err := c.handoff(ctx, cn, func() mqtt.Token {
 			return cn.mc.Publish(eventsTopic(c.cfg.DeviceID, e.msg.Properties), 1, false, e.msg.Payload)
 		})
 		if err != nil {
@@ -546,19 +544,12 @@ loop:
 
 // handoff makes a paho call that hands a packet to the connection's writer. paho blocks such
 // a call for up to WriteTimeout when the connection dies under it (nobody takes the packet
-// any more), so it runs on its own goroutine, tracked by wg when not nil, and handoff stops
-// waiting for it when the connection or ctx ends.
-func (c *Client) handoff(ctx context.Context, cn *conn, wg *sync.WaitGroup, call func() mqtt.Token) (mqtt.Token, error) {
+// any more), so it runs on its own goroutine, and handoff stops waiting for it when the
+// connection or ctx ends. Nobody waits for that goroutine, not even Run before it returns:
+// it only hands its token to a buffer nobody reads, and ends within WriteTimeout.
+func (c *Client) handoff(ctx context.Context, cn *conn, call func() mqtt.Token) (mqtt.Token, error) {
 	handed := make(chan mqtt.Token, 1)
-	if wg != nil {
-		wg.Add(1)
-	}
-	go func() {
-		if wg != nil {
-			defer wg.Done()
-		}
-		handed <- call()
-	}()
+	go func() { handed <- call() }()
 	select {
 	case tok := <-handed:
 		return tok, nil

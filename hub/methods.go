@@ -77,7 +77,7 @@ func (c *Client) respond(rid string, resp MethodResponse) {
 		return
 	}
 	topic := "$iothub/methods/res/" + strconv.Itoa(resp.Status) + "/?$rid=" + url.QueryEscape(rid)
-	tok, err := c.handoff(context.Background(), cn, nil, func() mqtt.Token { return cn.mc.Publish(topic, 0, false, []byte(resp.Payload)) })
+	tok, err := c.handoff(context.Background(), cn, func() mqtt.Token { return cn.mc.Publish(topic, 0, false, []byte(resp.Payload)) })
 	if err != nil {
 		return
 	}

@@ -97,7 +97,7 @@ func (c *Client) request(ctx context.Context, op string, topic func(rid string) 
 		c.mu.Lock()
 		c.pending[rid] = ch
 		c.mu.Unlock()
-		tok, err := c.handoff(ctx, cn, nil, func() mqtt.Token { return cn.mc.Publish(topic(rid), 0, false, body) })
+		tok, err := c.handoff(ctx, cn, func() mqtt.Token { return cn.mc.Publish(topic(rid), 0, false, body) })
 		if err != nil {
 			c.mu.Lock()
 			delete(c.pending, rid)
