@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -66,6 +67,10 @@ func (f fileClock) Now() time.Time {
 
 func (fileClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
 
+// harnessWait bounds what the harness waits for from a program that should answer at once,
+// so that a wedged one fails its script instead of hanging the test binary.
+const harnessWait = 30 * time.Second
+
 var (
 	emulatorOnce sync.Once
 	emulatorBin  string
@@ -121,7 +126,9 @@ func cmdEmulator(ts *testscript.TestScript, neg bool, args []string) {
 		ts.Check(err)
 		ts.Setenv("PATH", filepath.Dir(bin)+string(os.PathListSeparator)+ts.Getenv("PATH"))
 		dir := ts.MkAbs("emu")
-		out, err := exec.Command(bin, "init", "--dir", dir).CombinedOutput()
+		ctx, cancel := context.WithTimeout(context.Background(), harnessWait)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, bin, "init", "--dir", dir).CombinedOutput()
 		if err != nil {
 			ts.Fatalf("unicity-emulator init: %v\n%s", err, out)
 		}
@@ -139,18 +146,27 @@ func cmdEmulator(ts *testscript.TestScript, neg bool, args []string) {
 		ts.Check(cmd.Start())
 		r := &runningEmulator{cmd: cmd, done: make(chan struct{})}
 		lines := bufio.NewScanner(stdout)
-		if !lines.Scan() {
-			cmd.Process.Kill()
-			cmd.Wait()
-			ts.Fatalf("unicity-emulator serve printed nothing")
-		}
-		first := append([]byte(nil), lines.Bytes()...)
+		firstLine := make(chan []byte, 1)
 		go func() {
+			if lines.Scan() {
+				firstLine <- append([]byte(nil), lines.Bytes()...)
+			}
+			close(firstLine)
 			for lines.Scan() {
 			}
 			cmd.Wait()
 			close(r.done)
 		}()
+		var first []byte
+		select {
+		case first = <-firstLine:
+		case <-time.After(harnessWait):
+		}
+		if first == nil {
+			cmd.Process.Kill()
+			<-r.done
+			ts.Fatalf("unicity-emulator serve printed nothing within %s", harnessWait)
+		}
 		emulators.Store(ts, r)
 		ts.Defer(func() {
 			if _, ok := emulators.LoadAndDelete(ts); ok {
