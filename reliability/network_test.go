@@ -174,12 +174,13 @@ func TestHubNetworkFaults(t *testing.T) {
 		if f.Action == faultnet.Stall && f.AfterRecords > 1 && !long() {
 			continue // seconds each: the short form stalls the first records only
 		}
-		before := len(p.Fired())
+		before, accepted := len(p.Fired()), p.Accepted()
 		p.Inject(f)
 		sent++
 		t.Run(tc.name, func(t *testing.T) { session(t, sent) })
 		if len(p.Fired()) > before {
 			survived++
+			assert.LessOrEqual(t, p.Accepted()-accepted, 6, "%s: bounded reconnections", tc.name)
 		}
 	}
 	t.Logf("hub: %d faults survived", survived)
