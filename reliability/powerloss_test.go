@@ -34,7 +34,12 @@ func TestPowerLoss(t *testing.T) {
 	e := startEmulator(t, "--assign-delay", "150ms", "--retry-after", "1", "--poll-limit", "0")
 	g := x509Gateway(t, e, "gw-power", "")
 	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
+	if v := os.Getenv("RELIABILITY_SEED"); v != "" { // replays a failed run's kill times
+		n, err := strconv.ParseUint(v, 10, 64)
+		require.NoError(t, err)
+		seed = n
+	}
+	t.Logf("seed %d (RELIABILITY_SEED replays it)", seed)
 	rng := rand.New(rand.NewPCG(seed, 1))
 
 	phases := map[string]int{}
