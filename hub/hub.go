@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"strconv"
 	"sync"
@@ -355,6 +356,7 @@ func (cn *conn) end(err error) {
 func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, err error) {
 	cn := &conn{lost: make(chan struct{})}
 	var transport string
+	var opened openedConn
 	dc := c.cfg.Dial
 	dc.Prefer = c.lastTransport()
 	opts := mqtt.NewClientOptions().
@@ -373,7 +375,7 @@ func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, er
 		SetAutoAckDisabled(true).
 		SetDefaultPublishHandler(c.inbound(r, cn)).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) { cn.end(err) }).
-		SetCustomOpenConnectionFn(dial.Opener(ctx, dc, func(t string) { transport = t }))
+		SetCustomOpenConnectionFn(opened.recording(ctx, dial.Opener(ctx, dc, func(t string) { transport = t })))
 	// The token is made when paho connects, so that its lifetime starts then; expiry (unix
 	// nanoseconds) is the one the connection was made with.
 	var expiry atomic.Int64
@@ -390,8 +392,9 @@ func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, er
 	select {
 	case <-tok.Done():
 	case <-ctx.Done():
-		// The dial is bound to ctx and the handshake to connectTimeout: wait it out so that
-		// no connection outlives Run.
+		// The dial is bound to ctx, but paho waits for CONNACK up to connectTimeout: closing
+		// the connection ends that wait now. Then no connection outlives Run.
+		opened.close()
 		<-tok.Done()
 		if tok.Error() == nil {
 			cn.mc.Disconnect(0)
@@ -458,6 +461,42 @@ func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, er
 	wg.Wait()
 	c.queue.requeue()
 	return max(time.Since(since), time.Nanosecond), err
+}
+
+// openedConn is the connection paho opened for a session, so that it can be closed when ctx
+// ends before CONNACK.
+type openedConn struct {
+	mu     sync.Mutex
+	nc     net.Conn
+	closed bool
+}
+
+// recording opens with open and records the connection; one that opens after close is
+// closed at once.
+func (o *openedConn) recording(ctx context.Context, open mqtt.OpenConnectionFunc) mqtt.OpenConnectionFunc {
+	return func(u *url.URL, opts mqtt.ClientOptions) (net.Conn, error) {
+		nc, err := open(u, opts)
+		if err != nil {
+			return nil, err
+		}
+		o.mu.Lock()
+		defer o.mu.Unlock()
+		if o.closed {
+			nc.Close()
+			return nil, ctx.Err()
+		}
+		o.nc = nc
+		return nc, nil
+	}
+}
+
+func (o *openedConn) close() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.closed = true
+	if o.nc != nil {
+		o.nc.Close()
+	}
 }
 
 func (c *Client) subscribe(ctx context.Context, cn *conn) error {

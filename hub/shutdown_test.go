@@ -3,6 +3,7 @@ package hub_test
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"io"
 	"net"
 	"runtime"
@@ -175,4 +176,70 @@ func awaitBlockedPublish(t *testing.T) {
 		}
 	}
 	t.Fatal("no publish got stuck behind the dead link")
+}
+
+// TestRunStopsPromptlyWhileConnecting: a hub that completes TLS and then never answers
+// CONNECT (a dead link after the handshake) holds paho for its connect timeout (30 s).
+// Cancelling Run must end the attempt at once.
+func TestRunStopsPromptlyWhileConnecting(t *testing.T) {
+	const budget = 5 * time.Second
+	srv := hubtest.NewServer(t)
+	leaf, err := srv.CA.IssueServer([]string{"localhost"})
+	require.NoError(t, err)
+	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{leaf.TLSCertificate()}})
+	require.NoError(t, err)
+	got := make(chan struct{}, 1) // CONNECT bytes arrived
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				if _, err := c.Read(make([]byte, 1)); err != nil {
+					return
+				}
+				select {
+				case got <- struct{}{}:
+				default:
+				}
+				io.Copy(io.Discard, c) // and never answer
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		wg.Wait()
+	})
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	ca := newDeviceCA(t)
+	cfg := config(srv, "gw-silent", ca.softwareDevice(t, srv.Hub, "gw-silent"))
+	cfg.Hub = "localhost:" + port
+	c, err := hub.New(cfg)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	select {
+	case <-got:
+	case <-testContext(t).Done():
+		t.Fatal("no CONNECT sent")
+	}
+
+	cancel()
+	start := time.Now()
+	select {
+	case err := <-done:
+		assert.ErrorIs(t, err, context.Canceled)
+		assert.Less(t, time.Since(start), budget, "Run returned late after cancel")
+	case <-time.After(time.Minute):
+		t.Fatal("Run did not return after cancel")
+	}
 }
