@@ -11,6 +11,7 @@ import (
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/dps"
 	"github.com/unicity-iot/unicity/hub"
+	"github.com/unicity-iot/unicity/internal/cli"
 	"github.com/unicity-iot/unicity/internal/dial"
 )
 
@@ -35,9 +36,7 @@ type exitError struct {
 func (e *exitError) Error() string { return e.err.Error() }
 func (e *exitError) Unwrap() error { return e.err }
 
-func usageErrorf(format string, a ...any) error {
-	return &exitError{code: exitUsage, err: fmt.Errorf(format, a...)}
-}
+func usageErrorf(format string, a ...any) error { return cli.Usagef(format, a...) }
 
 func configErrorf(format string, a ...any) error {
 	return &exitError{code: exitConfig, err: fmt.Errorf(format, a...)}
@@ -52,6 +51,8 @@ func exitCode(err error) int {
 		return exitOK
 	case errors.As(err, &ee):
 		return ee.code
+	case cli.IsUsage(err):
+		return exitUsage
 	case errors.Is(err, attest.ErrTPMUnavailable):
 		// Before isIdentityError: a TPM gone for a moment may also say ErrNoTPM.
 		return exitTempFail
