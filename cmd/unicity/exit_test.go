@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"fmt"
+	"io"
 	"syscall"
 	"testing"
 
@@ -29,4 +32,21 @@ func TestTPMExitCodes(t *testing.T) {
 			assert.Equal(t, tt.code, exitCode(fmt.Errorf("cannot load key: %w", tt.err)))
 		})
 	}
+}
+
+// TestUsageExitCode: every way of mistyping a command line exits 2, what scripts test for.
+func TestUsageExitCode(t *testing.T) {
+	for _, args := range [][]string{
+		nil,
+		{"bogus"},
+		{"factory"},
+		{"factory", "bogus"},
+		{"version", "--no-such-flag"},
+		{"version", "extra"},
+	} {
+		var stdout, stderr bytes.Buffer
+		err := run(context.Background(), args, &stdout, &stderr)
+		assert.Equal(t, exitUsage, exitCode(err), "unicity %q: %v", args, err)
+	}
+	assert.Equal(t, exitOK, exitCode(run(context.Background(), []string{"--help"}, io.Discard, io.Discard)))
 }
