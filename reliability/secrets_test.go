@@ -7,7 +7,9 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/pem"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -61,65 +63,94 @@ func assertNoSecret(t *testing.T, where, text string, secrets map[string][]strin
 	}
 }
 
-// TestNoSecretInLogs runs the real agent with a software key (file:) through provisioning, a
-// hub connection, a lost DPS and hub and a reprovision, and checks everything it wrote (its
-// log at every level it has, the status file, status and identity commands) for the private
-// key in PEM, DER, hex and base64 forms and for its scalar.
-func TestNoSecretInLogs(t *testing.T) {
-	e := startEmulator(t)
-	g := x509Gateway(t, e, "gw-secret", "")
-	keyPEM, err := os.ReadFile(filepath.Join(g.dir, "identity.key"))
-	require.NoError(t, err)
-	block, _ := pem.Decode(keyPEM)
-	require.NotNil(t, block)
-	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-	if err != nil {
-		k, err = x509.ParseECPrivateKey(block.Bytes)
-	}
-	require.NoError(t, err)
-	scalar, err := k.(*ecdsa.PrivateKey).Bytes()
-	require.NoError(t, err)
-	secrets := map[string][]string{
-		"key PEM":    pemLines(keyPEM),
-		"key DER":    secretForms(block.Bytes),
-		"key scalar": secretForms(scalar),
-	}
-
+// exercise runs the real agent at debug level through provisioning, a hub connection, a
+// restarted emulator (failures logged as warnings) and a forced reprovision, then the
+// status, identity and check commands, and returns everything they printed or wrote.
+func exercise(t *testing.T, e *emulator, g *gateway) map[string]string {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	agent, out, exited := g.runAgent(t, ctx)
+	agent, out, exited := g.runAgent(t, ctx, "--log-level", "debug")
 	g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
-	// Failures are logged at warning level: lose the hub for a moment.
 	e.restart()
 	g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
 	rc, rout := g.command(ctx, "reprovision", "--force")
 	require.NoError(t, rc.Run(), "%s", rout)
-	var outputs []string
+	texts := map[string]string{"reprovision's output": rout.String()}
 	for _, args := range [][]string{{"status"}, {"status", "--json"}, {"identity"}, {"identity", "--json"}, {"check"}} {
 		c, o := g.command(ctx, args...)
 		c.Run()
-		outputs = append(outputs, strings.Join(args, " ")+":\n"+o.String())
+		texts[strings.Join(args, " ")] = o.String()
 	}
 	agent.Process.Signal(os.Interrupt)
 	<-exited
-	log := out.String()
-	require.Contains(t, log, "level=WARN", "the log has failures in it")
-	assertNoSecret(t, "the agent's log", log, secrets)
-	assertNoSecret(t, "reprovision's output", rout.String(), secrets)
-	for _, o := range outputs {
-		assertNoSecret(t, o[:strings.Index(o, ":")], o, secrets)
+	texts["the agent's log"] = out.String()
+	require.Contains(t, out.String(), "level=DEBUG", "the log is at debug level")
+	require.Contains(t, out.String(), "level=WARN", "the log has failures in it")
+	for name, path := range map[string]string{"the status file": filepath.Join(g.run, device.StatusFileName), "the state file": filepath.Join(g.state, "state.json")} {
+		b, err := os.ReadFile(path)
+		require.NoError(t, err)
+		texts[name] = string(b)
 	}
-	status, err := os.ReadFile(filepath.Join(g.run, device.StatusFileName))
-	require.NoError(t, err)
-	assertNoSecret(t, "the status file", string(status), secrets)
-	state, err := os.ReadFile(filepath.Join(g.state, "state.json"))
-	require.NoError(t, err)
-	assertNoSecret(t, "the state file", string(state), secrets)
+	return texts
 }
 
-// TestNoSecretInSASMessages: the agent does not take symmetric keys yet (config method
-// symmetric_key is refused), so the check is on what the dps client hands a logger, its
-// progress messages and errors, for a right key, a wrong one and a group-derived one.
+// TestNoSecretInLogs runs the real agent at debug level with a software key (file:), with a
+// symmetric key and with an enrollment group's key, and looks for the secret in everything
+// it and the commands wrote: the private key in PEM, DER, hex and base64 and its scalar; the
+// symmetric key and the derived device key raw, in hex and in base64; SAS signatures.
+func TestNoSecretInLogs(t *testing.T) {
+	t.Run("software key", func(t *testing.T) {
+		e := startEmulator(t)
+		g := x509Gateway(t, e, "gw-secret", "")
+		keyPEM, err := os.ReadFile(filepath.Join(g.dir, "identity.key"))
+		require.NoError(t, err)
+		block, _ := pem.Decode(keyPEM)
+		require.NotNil(t, block)
+		k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+		if err != nil {
+			k, err = x509.ParseECPrivateKey(block.Bytes)
+		}
+		require.NoError(t, err)
+		scalar, err := k.(*ecdsa.PrivateKey).Bytes()
+		require.NoError(t, err)
+		secrets := map[string][]string{
+			"key PEM":    pemLines(keyPEM),
+			"key DER":    secretForms(block.Bytes),
+			"key scalar": secretForms(scalar),
+		}
+		for where, text := range exercise(t, e, g) {
+			assertNoSecret(t, where, text, secrets)
+		}
+	})
+	for _, group := range []bool{false, true} {
+		name := map[bool]string{false: "symmetric key", true: "group key"}[group]
+		t.Run(name, func(t *testing.T) {
+			e := startEmulator(t)
+			key := []byte("secret-" + name + "-0123456789abcdef")
+			regID := map[bool]string{false: "sas-secret", true: "sas-member"}[group]
+			enroll := []string{"enroll", "--dir", e.dir, "--registration-id", regID, "--symmetric-key", base64.StdEncoding.EncodeToString(key)}
+			if group {
+				enroll = []string{"enroll", "--dir", e.dir, "--group", "sas-group", "--symmetric-key", base64.StdEncoding.EncodeToString(key)}
+			}
+			out, err := exec.Command(e.bin, enroll...).CombinedOutput()
+			require.NoError(t, err, "%s", out)
+			g := newGateway(t, e)
+			keyPath := filepath.Join(g.dir, "device.key")
+			require.NoError(t, os.WriteFile(keyPath, []byte(base64.StdEncoding.EncodeToString(key)+"\n"), 0o600))
+			g.writeConfig(t, e, fmt.Sprintf("registration_id = %q\n[attestation]\nmethod = \"symmetric_key\"\nsymmetric_key = %q\nsymmetric_key_group = %t\n", regID, keyPath, group))
+			secrets := map[string][]string{"symmetric key": secretForms(key)}
+			if group {
+				secrets["derived key"] = secretForms(attest.DeriveDeviceKey(key, regID))
+			}
+			for where, text := range exercise(t, e, g) {
+				assertNoSecret(t, where, text, secrets)
+			}
+		})
+	}
+}
+
+// TestNoSecretInSASMessages: what the dps client hands the agent's log (progress messages and
+// errors) for a right key, a wrong one and a group-derived one carries none of them.
 func TestNoSecretInSASMessages(t *testing.T) {
 	s := dpstest.NewServer(t, func(c *dpstest.Config) { c.PollLimit = 0 })
 	right, wrong, group := []byte("right-key-0123456789abcdef"), []byte("wrong-key-0123456789abcdef"), []byte("group-key-0123456789abcdef")
