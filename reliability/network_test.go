@@ -50,6 +50,9 @@ func sweepFaults(maxRecords int, stallHandshake bool) []sweepCase {
 	for _, a := range []faultnet.Action{faultnet.Drop, faultnet.Reset, faultnet.Stall} {
 		for _, d := range []faultnet.Direction{faultnet.Up, faultnet.Down} {
 			for n := 0; n <= maxRecords; n++ {
+				if n == 0 && d == faultnet.Down {
+					continue // at accept, before any byte: the same fault as up's
+				}
 				if a == faultnet.Stall && (n == 0 || inHandshake(d, n)) && !stallHandshake {
 					continue
 				}
