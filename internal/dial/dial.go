@@ -1,7 +1,9 @@
 // Package dial opens the network connection an MQTT client runs over: MQTT over TLS on 8883,
 // or MQTT over a TLS WebSocket on 443, directly or through an HTTP CONNECT proxy. It builds the
 // TLS configuration (Azure's roots plus an optional extra bundle, TLS 1.2 floor, the device's
-// client certificate) and never speaks MQTT itself. Shared by dps and hub.
+// client certificate). It does not speak MQTT, but it bounds the size of the packets read
+// from the connection, since the MQTT codec would allocate any announced size. Shared by dps
+// and hub.
 package dial
 
 import (
@@ -63,6 +65,9 @@ type Config struct {
 	Certificate *tls.Certificate
 	// Timeout bounds one attempt; zero means DefaultTimeout.
 	Timeout time.Duration
+	// MaxPacket bounds an incoming MQTT packet (bytes); a larger one ends the connection with
+	// ErrPacketTooLarge. Zero means DefaultMaxPacket.
+	MaxPacket int
 }
 
 // Dial connects to cfg.Host and returns the connection and the transport that carried it, to
@@ -87,7 +92,7 @@ func Dial(ctx context.Context, cfg Config) (net.Conn, string, error) {
 		}
 		conn, err := a.dial(ctx)
 		if err == nil {
-			return conn, a.transport, nil
+			return limitPackets(conn, cfg.MaxPacket), a.transport, nil
 		}
 		if ctx.Err() != nil {
 			return nil, "", fmt.Errorf("cannot connect to %s: %w", cfg.Host, context.Cause(ctx))

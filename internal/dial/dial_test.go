@@ -1,6 +1,7 @@
 package dial_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -18,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/eclipse/paho.mqtt.golang/packets"
 	"github.com/gorilla/websocket"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -373,6 +375,28 @@ func TestDialCancel(t *testing.T) {
 			require.ErrorIs(t, err, context.Canceled)
 			assert.NotErrorIs(t, err, dial.ErrUnreachable)
 			assert.Less(t, time.Since(start), 10*time.Second)
+		})
+	}
+}
+
+// TestDialBoundsIncomingPackets: what Dial returns refuses an incoming MQTT packet over
+// MaxPacket, on both transports (the test servers echo what they receive).
+func TestDialBoundsIncomingPackets(t *testing.T) {
+	s := startServers(t)
+	big := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
+	big.TopicName, big.Payload = "devices/gw-01/messages/devicebound/", bytes.Repeat([]byte("x"), 2000)
+	for _, cfg := range []dial.Config{
+		{Host: s.tlsAddr, Transport: dial.TransportMQTT},
+		{Host: s.wsAddr, Transport: dial.TransportWebSocket},
+	} {
+		t.Run(cfg.Transport, func(t *testing.T) {
+			cfg.RootCAs, cfg.Certificate, cfg.MaxPacket = s.roots, &s.device, 1000
+			conn, _, err := dial.Dial(t.Context(), cfg)
+			require.NoError(t, err)
+			defer conn.Close()
+			require.NoError(t, big.Write(conn))
+			_, err = packets.ReadPacket(conn)
+			assert.ErrorIs(t, err, dial.ErrPacketTooLarge)
 		})
 	}
 }
