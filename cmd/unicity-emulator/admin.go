@@ -178,9 +178,8 @@ func (a *admin) c2d(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	h, err := a.fleet.Find(req.Device)
-	if err != nil {
-		reply(w, nil, err)
+	h, ok := a.hubOf(w, req.Device)
+	if !ok {
 		return
 	}
 	id, err := h.SendC2D(req.Device, []byte(req.Payload), req.Properties)
@@ -192,9 +191,8 @@ func (a *admin) invoke(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	h, err := a.fleet.Find(req.Device)
-	if err != nil {
-		reply(w, nil, err)
+	h, ok := a.hubOf(w, req.Device)
+	if !ok {
 		return
 	}
 	timeout := time.Duration(req.TimeoutSeconds * float64(time.Second))
@@ -209,9 +207,8 @@ func (a *admin) invoke(w http.ResponseWriter, r *http.Request) {
 
 func (a *admin) twin(w http.ResponseWriter, r *http.Request) {
 	device := r.URL.Query().Get("device")
-	h, err := a.fleet.Find(device)
-	if err != nil {
-		reply(w, nil, err)
+	h, ok := a.hubOf(w, device)
+	if !ok {
 		return
 	}
 	tw, err := h.Twin(device)
@@ -223,9 +220,8 @@ func (a *admin) patchTwin(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	h, err := a.fleet.Find(req.Device)
-	if err != nil {
-		reply(w, nil, err)
+	h, ok := a.hubOf(w, req.Device)
+	if !ok {
 		return
 	}
 	if _, err := h.PatchDesired(req.Device, req.Desired); err != nil {
@@ -268,15 +264,23 @@ func (a *admin) move(w http.ResponseWriter, r *http.Request) {
 	a.deviceReply(w, req.Device, a.fleet.Move(req.Device, req.Hub))
 }
 
+// hubOf finds the hub that holds device, or answers the request with why it cannot.
+func (a *admin) hubOf(w http.ResponseWriter, device string) (*hubtest.Hub, bool) {
+	h, err := a.fleet.Find(device)
+	if err != nil {
+		reply(w, nil, err)
+	}
+	return h, err == nil
+}
+
 // deviceReply answers with the device's registry entry after a change.
 func (a *admin) deviceReply(w http.ResponseWriter, device string, err error) {
 	if err != nil {
 		reply(w, nil, err)
 		return
 	}
-	h, err := a.fleet.Find(device)
-	if err != nil {
-		reply(w, nil, err)
+	h, ok := a.hubOf(w, device)
+	if !ok {
 		return
 	}
 	info, err := h.Device(device)
