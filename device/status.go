@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/unicity-iot/unicity/internal/atomicfile"
 )
 
 // Phase is where the agent is in its lifecycle.
@@ -47,7 +49,7 @@ type Status struct {
 }
 
 // WriteStatus replaces the status file in dir. Readers see one whole status or the previous
-// one; durability does not matter for a file in /run.
+// one.
 func WriteStatus(dir string, s Status) error {
 	data, err := json.Marshal(s)
 	if err != nil {
@@ -56,23 +58,7 @@ func WriteStatus(dir string, s Status) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("cannot create the runtime directory: %w", err)
 	}
-	tmp, err := os.CreateTemp(dir, ".status.json.tmp-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), filepath.Join(dir, StatusFileName))
+	return atomicfile.Write(filepath.Join(dir, StatusFileName), append(data, '\n'), 0o644)
 }
 
 // ReadStatus reads the status file the agent last wrote in dir. The agent may have stopped

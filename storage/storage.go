@@ -15,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/unicity-iot/unicity/internal/atomicfile"
 )
 
 // Version is the state file format this package writes and reads.
@@ -24,7 +26,6 @@ const Version = 1
 const (
 	FileName = "state.json"
 	lockName = "state.lock"
-	tmpGlob  = ".state.json.tmp-*"
 )
 
 var (
@@ -173,7 +174,7 @@ func (s *Store) TryLock() (*Locked, error) {
 		}
 		return nil, fmt.Errorf("cannot lock the state: %w", err)
 	}
-	stale, _ := filepath.Glob(filepath.Join(s.dir, tmpGlob))
+	stale, _ := filepath.Glob(atomicfile.TempGlob(s.Path()))
 	for _, p := range stale {
 		os.Remove(p)
 	}
@@ -213,10 +214,7 @@ func (l *Locked) Load() (*State, error) {
 
 func (l *Locked) setAside() (string, error) {
 	aside := l.store.Path() + ".corrupt-" + time.Now().UTC().Format("20060102T150405.000000000Z")
-	if err := os.Rename(l.store.Path(), aside); err != nil {
-		return "", err
-	}
-	return aside, syncDir(l.store.dir)
+	return aside, atomicfile.Rename(l.store.Path(), aside)
 }
 
 // Save replaces the state with st, atomically: a reader, or a process killed at any point,
@@ -231,48 +229,9 @@ func (l *Locked) Save(st *State) error {
 	if err != nil {
 		return fmt.Errorf("cannot encode the provisioning state: %w", err)
 	}
-	if err := writeAtomic(l.store.dir, FileName, append(data, '\n')); err != nil {
+	if err := atomicfile.Write(l.store.Path(), append(data, '\n'), 0o600); err != nil {
 		return fmt.Errorf("cannot save the provisioning state: %w", err)
 	}
 	st.Version = Version
 	return nil
-}
-
-func writeAtomic(dir, name string, data []byte) (err error) {
-	f, err := os.CreateTemp(dir, strings.Replace(tmpGlob, "*", "", 1))
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
-	if err := f.Chmod(0o600); err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), filepath.Join(dir, name)); err != nil {
-		return err
-	}
-	return syncDir(dir)
-}
-
-// syncDir makes a rename in dir durable across a power cut.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -14,6 +14,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/unicity-iot/unicity/internal/atomicfile"
 )
 
 func sample(hub string) *State {
@@ -76,7 +78,7 @@ func TestSaveReplacesAndLeavesNoTemporaryFiles(t *testing.T) {
 	got, err := s.Load()
 	require.NoError(t, err)
 	assert.Equal(t, "hub-b", got.AssignedHub)
-	leftovers, _ := filepath.Glob(filepath.Join(s.dir, tmpGlob))
+	leftovers, _ := filepath.Glob(atomicfile.TempGlob(s.Path()))
 	assert.Empty(t, leftovers)
 }
 

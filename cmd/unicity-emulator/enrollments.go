@@ -7,11 +7,11 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
+	"github.com/unicity-iot/unicity/internal/atomicfile"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -84,7 +84,7 @@ func (e *enrollments) add(dps *dpstest.Server, allocate dpstest.AllocateFunc, re
 	if err != nil {
 		return err
 	}
-	if err := writePrivate(e.path, append(data, '\n')); err != nil {
+	if err := atomicfile.Write(e.path, append(data, '\n'), 0o600); err != nil {
 		return fmt.Errorf("cannot save the enrollment: %w", err)
 	}
 	e.list = list
@@ -115,25 +115,4 @@ func applyEnrollment(dps *dpstest.Server, allocate dpstest.AllocateFunc, req enr
 		g.CA = certs[0]
 	}
 	return dps.AddGroup(g)
-}
-
-// writePrivate replaces path with data, mode 0600, so that a crash leaves the old file whole.
-func writePrivate(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name()) // no-op after the rename
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }

@@ -8,7 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
+
+	"github.com/unicity-iot/unicity/internal/atomicfile"
 )
 
 // EncodeCertificates returns the certificates as concatenated PEM blocks, in the order given.
@@ -90,7 +91,7 @@ func ParsePrivateKey(data []byte) (crypto.Signer, error) {
 
 // WriteCertificates writes the certificates as PEM to path (mode 0644: certificates are public).
 func WriteCertificates(path string, certs ...*x509.Certificate) error {
-	return writeAtomic(path, EncodeCertificates(certs...), 0o644)
+	return atomicfile.Write(path, EncodeCertificates(certs...), 0o644)
 }
 
 // WritePrivateKey writes the key as PKCS#8 PEM to path with mode 0600.
@@ -99,7 +100,7 @@ func WritePrivateKey(path string, key crypto.Signer) error {
 	if err != nil {
 		return err
 	}
-	return writeAtomic(path, data, 0o600)
+	return atomicfile.Write(path, data, 0o600)
 }
 
 // ReadCertificates reads a PEM certificate file.
@@ -155,31 +156,4 @@ func LoadCA(certPath, keyPath string) (*CA, error) {
 		return nil, fmt.Errorf("%s: %q is not a CA certificate", certPath, chain[0].Subject.CommonName)
 	}
 	return &CA{Certificate: chain[0], Key: key, Issuers: chain[1:]}, nil
-}
-
-// writeAtomic replaces path so that readers never see a partial file and a crash leaves the
-// old one; the mode is set before any byte is written.
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after a successful rename
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
