@@ -12,6 +12,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/hub"
+	"github.com/unicity-iot/unicity/internal/backoff"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -56,7 +57,7 @@ type Agent struct {
 	// Optional.
 	Credentials func(*Config) (*Credentials, error) // default OpenCredentials
 	Clock       Clock                               // default SystemClock
-	Backoff     hub.Backoff                         // default hub.FullJitter over the [agent] retry bounds
+	Backoff     hub.Backoff                         // default backoff.FullJitter over the [agent] retry bounds
 	Notifier    Notifier                            // default: none
 	// Watchdog is systemd's watchdog period (WATCHDOG_USEC); zero disables the pings.
 	Watchdog time.Duration
@@ -109,7 +110,7 @@ func (a *Agent) init() {
 		a.Clock = SystemClock{}
 	}
 	if a.Backoff == nil {
-		a.Backoff = hub.FullJitter(a.Config.Agent.RetryMin, a.Config.Agent.RetryMax)
+		a.Backoff = backoff.FullJitter(a.Config.Agent.RetryMin, a.Config.Agent.RetryMax)
 	}
 	if a.AttemptTimeout == 0 {
 		a.AttemptTimeout = defaultAttemptTimeout
@@ -298,7 +299,7 @@ func (a *Agent) provision(ctx context.Context, lock *storage.Locked, id *Identit
 	defer func() { answer(result{err: Mark(errors.New("the agent is stopping"), ErrTemporary)}) }()
 
 	if firstBoot && a.Config.Agent.FirstBootDelay > 0 {
-		d := spread(a.Config.Agent.FirstBootDelay)
+		d := backoff.Jitter(a.Config.Agent.FirstBootDelay)
 		a.setStatus(func(s *Status) {
 			s.Phase, s.NextRetry = PhaseProvisioning, a.Clock.Now().Add(d)
 			s.Message = fmt.Sprintf("first boot: waiting %s before registering with DPS, to spread the fleet's registrations", d.Round(time.Second))

@@ -1,7 +1,6 @@
 package device
 
 import (
-	"math/rand/v2"
 	"time"
 )
 
@@ -18,11 +17,3 @@ type SystemClock struct{}
 
 func (SystemClock) Now() time.Time                         { return time.Now() }
 func (SystemClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
-
-// spread is a uniform random delay in [0, window], to stagger a fleet.
-func spread(window time.Duration) time.Duration {
-	if window <= 0 {
-		return 0
-	}
-	return time.Duration(rand.Int64N(int64(window) + 1))
-}

@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/unicity-iot/unicity/hub"
+	"github.com/unicity-iot/unicity/internal/backoff"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/storage"
 )
@@ -64,7 +65,7 @@ func (h *HubSessions) Connect(ctx context.Context, id *Identity, st *storage.Sta
 		SymmetricKey: id.SymmetricKey,
 		Clock:        h.Clock,
 		MaxFailures:  h.Config.Agent.HubFailures,
-		Backoff:      hub.FullJitter(h.Config.Agent.RetryMin, h.Config.Agent.RetryMax),
+		Backoff:      backoff.FullJitter(h.Config.Agent.RetryMin, h.Config.Agent.RetryMax),
 		Queue:        h.Queue,
 		OnState:      h.OnState,
 	}

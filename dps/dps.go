@@ -15,12 +15,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	mathrand "math/rand/v2"
 	"net/url"
 	"strings"
 	"time"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/internal/backoff"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/internal/version"
 )
@@ -151,12 +151,7 @@ func newRegistration(req Request) (*registration, error) {
 		r.clock = realClock{}
 	}
 	if r.jitter == nil {
-		r.jitter = func(d time.Duration) time.Duration {
-			if d <= 0 {
-				return 0
-			}
-			return mathrand.N(d)
-		}
+		r.jitter = backoff.Jitter
 	}
 	if r.replyTimeout <= 0 {
 		r.replyTimeout = DefaultReplyTimeout
@@ -411,7 +406,7 @@ func (r *registration) pollInterval(rep *reply) time.Duration {
 // pause waits before retrying after a temporary failure: exponential backoff with full
 // jitter, capped, and never less than DPS's retry-after or, once DPS answered, its poll limit.
 func (r *registration) pause(ctx context.Context, e *Error) error {
-	ceiling := min(backoffCap, backoffBase<<min(r.failures, 8))
+	ceiling := backoff.Ceiling(backoffBase, backoffCap, r.failures+1)
 	wait := r.jitter(ceiling)
 	if e.Status != 0 {
 		wait = max(wait, minPollInterval)

@@ -20,6 +20,7 @@ import (
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/internal/backoff"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/internal/version"
 )
@@ -91,8 +92,8 @@ type Config struct {
 	// KeepAlive is the MQTT keep-alive; zero means DefaultKeepAlive, more than MaxKeepAlive
 	// is capped.
 	KeepAlive time.Duration
-	// Backoff paces reconnection; nil means FullJitter(time.Second, 100*time.Second), the
-	// Embedded C SDK's bounds.
+	// Backoff paces reconnection; nil means full jitter under a ceiling that doubles from
+	// 1 s to 100 s, the Embedded C SDK's bounds.
 	Backoff Backoff
 	// MaxFailures ends Run with ErrGaveUp after this many failed connection attempts in a
 	// row (a connection that drops within 30 s counts as one); zero retries for ever.
@@ -125,6 +126,10 @@ type Config struct {
 	// block or call Run.
 	OnState func(State)
 }
+
+// Backoff returns how long to wait before connection attempt number attempt (1 for the first
+// retry after a failure).
+type Backoff func(attempt int) time.Duration
 
 // Clock is the wall clock and timers for SAS tokens.
 type Clock interface {
@@ -196,7 +201,7 @@ func New(cfg Config) (*Client, error) {
 	}
 	cfg.KeepAlive = min(cfg.KeepAlive, MaxKeepAlive)
 	if cfg.Backoff == nil {
-		cfg.Backoff = FullJitter(time.Second, 100*time.Second)
+		cfg.Backoff = backoff.FullJitter(time.Second, 100*time.Second)
 	}
 	if cfg.RequestTimeout <= 0 {
 		cfg.RequestTimeout = DefaultRequestTimeout

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -93,23 +92,6 @@ func TestConnectError(t *testing.T) {
 		assert.Equal(t, rc == 3, err.(*ConnectError).Temporary(), "code %d", rc)
 		assert.Contains(t, err.Error(), "CONNACK")
 	}
-}
-
-func TestFullJitter(t *testing.T) {
-	b := FullJitter(time.Second, 10*time.Second)
-	for attempt, limit := range map[int]time.Duration{1: time.Second, 2: 2 * time.Second, 4: 8 * time.Second, 5: 10 * time.Second, 60: 10 * time.Second} {
-		for range 200 {
-			d := b(attempt)
-			require.GreaterOrEqual(t, d, time.Duration(0))
-			require.LessOrEqual(t, d, limit, "attempt %d", attempt)
-		}
-	}
-	// Full jitter spreads a fleet: the waits of one attempt are not all alike.
-	seen := map[time.Duration]bool{}
-	for range 20 {
-		seen[b(5)] = true
-	}
-	assert.Greater(t, len(seen), 1)
 }
 
 func TestQueueBounds(t *testing.T) {
