@@ -1,19 +1,10 @@
 package device
 
-import (
-	"time"
-)
+import "github.com/unicity-iot/unicity/internal/clock"
 
 // Clock is the wall clock and timers as the agent sees them, so that tests (and the
-// "clock in 1970" scenario) control time.
-type Clock interface {
-	Now() time.Time
-	// After delivers once d has passed.
-	After(d time.Duration) <-chan time.Time
-}
+// "clock in 1970" scenario) control time. The agent hands it to dps and hub too.
+type Clock = clock.Clock
 
 // SystemClock is the real clock.
-type SystemClock struct{}
-
-func (SystemClock) Now() time.Time                         { return time.Now() }
-func (SystemClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
+type SystemClock = clock.System

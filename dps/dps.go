@@ -21,6 +21,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/backoff"
+	"github.com/unicity-iot/unicity/internal/clock"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/internal/version"
 )
@@ -75,14 +76,8 @@ type Request struct {
 	// ReplyTimeout bounds each wait for DPS; zero means DefaultReplyTimeout.
 	ReplyTimeout time.Duration
 	// Clock and Jitter pace polls and retries; nil means real time and math/rand.
-	Clock  Clock
+	Clock  clock.Clock
 	Jitter func(max time.Duration) time.Duration
-}
-
-// Clock is the time source for waits between requests.
-type Clock interface {
-	Now() time.Time
-	After(d time.Duration) <-chan time.Time
 }
 
 // Progress reports a step of a registration, for the agent's status line.
@@ -132,7 +127,7 @@ type registration struct {
 	body         []byte
 	csrPublic    crypto.PublicKey
 	dial         dial.Config
-	clock        Clock
+	clock        clock.Clock
 	jitter       func(time.Duration) time.Duration
 	replyTimeout time.Duration
 
@@ -148,7 +143,7 @@ func newRegistration(req Request) (*registration, error) {
 	}
 	r := &registration{req: req, regID: req.RegistrationID, clock: req.Clock, jitter: req.Jitter, replyTimeout: req.ReplyTimeout}
 	if r.clock == nil {
-		r.clock = realClock{}
+		r.clock = clock.System{}
 	}
 	if r.jitter == nil {
 		r.jitter = backoff.Jitter
@@ -456,8 +451,3 @@ func seconds(d time.Duration) string {
 	}
 	return fmt.Sprintf("%.1f s", d.Seconds())
 }
-
-type realClock struct{}
-
-func (realClock) Now() time.Time                         { return time.Now() }
-func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/backoff"
+	"github.com/unicity-iot/unicity/internal/clock"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/internal/version"
 )
@@ -87,8 +88,9 @@ type Config struct {
 	// TokenLifetime is a SAS token's validity; zero means DefaultTokenLifetime. Sessions
 	// are renewed after four fifths of it.
 	TokenLifetime time.Duration
-	// Clock dates SAS tokens and times their renewal; nil means the system clock.
-	Clock Clock
+	// Clock dates SAS tokens, times their renewal and paces reconnects; nil means the
+	// system clock.
+	Clock clock.Clock
 	// KeepAlive is the MQTT keep-alive; zero means DefaultKeepAlive, more than MaxKeepAlive
 	// is capped.
 	KeepAlive time.Duration
@@ -130,17 +132,6 @@ type Config struct {
 // Backoff returns how long to wait before connection attempt number attempt (1 for the first
 // retry after a failure).
 type Backoff func(attempt int) time.Duration
-
-// Clock is the wall clock and timers for SAS tokens.
-type Clock interface {
-	Now() time.Time
-	After(d time.Duration) <-chan time.Time
-}
-
-type systemClock struct{}
-
-func (systemClock) Now() time.Time                         { return time.Now() }
-func (systemClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
 
 // errRenew ends a session whose SAS token is due for renewal; Run reconnects at once.
 var errRenew = errors.New("SAS token due for renewal")
@@ -194,7 +185,7 @@ func New(cfg Config) (*Client, error) {
 		cfg.TokenLifetime = DefaultTokenLifetime
 	}
 	if cfg.Clock == nil {
-		cfg.Clock = systemClock{}
+		cfg.Clock = clock.System{}
 	}
 	if cfg.KeepAlive <= 0 {
 		cfg.KeepAlive = DefaultKeepAlive
@@ -320,11 +311,9 @@ func (c *Client) Run(ctx context.Context) error {
 		}
 		wait := c.cfg.Backoff(failures)
 		down(err, wait)
-		t := time.NewTimer(wait)
 		select {
-		case <-t.C:
+		case <-c.cfg.Clock.After(wait):
 		case <-ctx.Done():
-			t.Stop()
 			failures = 0
 			down(ctx.Err(), 0)
 			return ctx.Err()

@@ -824,3 +824,33 @@ func TestShortSessionsBackOff(t *testing.T) {
 	defer mu.Unlock()
 	assert.Equal(t, []int{1, 2, 3}, attempts)
 }
+
+// TestReconnectWaitsOnTheClock: the backoff before a reconnect is waited on the injected
+// clock, so an hour's backoff passes when the test moves the clock, not in real time.
+func TestReconnectWaitsOnTheClock(t *testing.T) {
+	srv := hubtest.NewServer(t)
+	ca := newDeviceCA(t)
+	cfg := config(srv, "gw-clock", ca.softwareDevice(t, srv.Hub, "gw-clock"))
+	start0 := time.Now()
+	clock := &manualClock{now: start0, armed: make(chan time.Duration, 4)}
+	cfg.Clock = clock
+	cfg.Backoff = func(int) time.Duration { return time.Hour }
+	c := start(t, cfg)
+	c.connected(t)
+
+	require.NoError(t, srv.Disconnect("gw-clock"))
+	select {
+	case d := <-clock.armed:
+		assert.Equal(t, time.Hour, d, "the backoff, waited on the clock")
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reconnect did not wait on the clock")
+	}
+	assert.False(t, c.State().Connected)
+	assert.Equal(t, time.Hour, c.State().Retry)
+	assert.Equal(t, 1, srv.Stats().Connections, "no reconnect before the backoff has passed")
+
+	clock.set(start0.Add(time.Hour))
+	ctx := testContext(t)
+	require.NoError(t, srv.Await(ctx, func() bool { return srv.Stats().Connections == 2 && srv.Connected("gw-clock") }))
+	c.connected(t)
+}
