@@ -1,7 +1,8 @@
 // Package attest holds the device's identity: it opens the TPM, creates and loads the device
-// key as a crypto.Signer, loads and checks the identity certificate chain, applies the DPS
-// registration ID rules and makes symmetric-key SAS tokens. It knows nothing of MQTT, DPS or
-// files other than key and certificate material, and it does not log.
+// key as a crypto.Signer, loads and checks the identity certificate chain and applies the DPS
+// registration ID rules. It knows nothing of MQTT, DPS or files other than key and
+// certificate material, and it does not log. Symmetric-key devices need none of it: their
+// SAS tokens are package sas's.
 package attest
 
 import (

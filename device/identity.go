@@ -21,6 +21,7 @@ import (
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/internal/version"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 // Identity is what the agent registers and connects with: a checked X.509 identity, or the
@@ -70,7 +71,7 @@ func OpenCredentials(cfg *Config) (*Credentials, error) {
 			return nil, Mark(err, ErrIdentity)
 		}
 		if cfg.Attestation.SymmetricKeyGroup {
-			key = attest.DeriveDeviceKey(key, cfg.Provisioning.RegistrationID)
+			key = sas.DeviceKey(key, cfg.Provisioning.RegistrationID)
 		}
 		return &Credentials{RegistrationID: cfg.Provisioning.RegistrationID, symmetricKey: key}, nil
 	default:

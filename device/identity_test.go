@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 func TestIdentityErrorsNeedingAPersonAreMarked(t *testing.T) {
@@ -123,7 +124,7 @@ func TestSymmetricKeyCredentials(t *testing.T) {
 			assert.True(t, creds.Symmetric())
 			want := fileKey
 			if group {
-				want = attest.DeriveDeviceKey(fileKey, "sas-0001")
+				want = sas.DeviceKey(fileKey, "sas-0001")
 			}
 			id, err := creds.Identity(time.Now())
 			require.NoError(t, err)

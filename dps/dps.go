@@ -19,11 +19,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/backoff"
 	"github.com/unicity-iot/unicity/internal/clock"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/internal/version"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 const (
@@ -172,7 +172,7 @@ func newRegistration(req Request) (*registration, error) {
 		}
 		r.symmetricKey = req.SymmetricKey
 		if req.GroupKey {
-			r.symmetricKey = attest.DeriveDeviceKey(req.SymmetricKey, r.regID)
+			r.symmetricKey = sas.DeviceKey(req.SymmetricKey, r.regID)
 		}
 	default:
 		return nil, errors.New("cannot register: no certificate and no symmetric key")
@@ -442,7 +442,7 @@ func (r *registration) password() string {
 	if r.symmetricKey == nil {
 		return ""
 	}
-	return attest.SASToken(r.symmetricKey, r.req.IDScope+"/registrations/"+r.regID, r.clock.Now().Add(sasLifetime), "registration")
+	return sas.Token(r.symmetricKey, r.req.IDScope+"/registrations/"+r.regID, r.clock.Now().Add(sasLifetime), "registration")
 }
 
 func seconds(d time.Duration) string {

@@ -15,8 +15,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 func testCert(t *testing.T, cn string) *tls.Certificate {
@@ -57,7 +57,7 @@ func TestRequestWire(t *testing.T) {
 		req.RegistrationID, req.SymmetricKey, req.Clock = "myRegistrationId", []byte("device key"), fixedClock(now)
 		r, err := newRegistration(req)
 		require.NoError(t, err)
-		assert.Equal(t, attest.SASToken([]byte("device key"), "0neFEEDC0DE/registrations/myRegistrationId", time.Unix(1578941692, 0), "registration"), r.password())
+		assert.Equal(t, sas.Token([]byte("device key"), "0neFEEDC0DE/registrations/myRegistrationId", time.Unix(1578941692, 0), "registration"), r.password())
 		assert.Contains(t, r.password(), "&se=1578941692&skn=registration")
 	})
 	t.Run("group key", func(t *testing.T) {
@@ -65,7 +65,7 @@ func TestRequestWire(t *testing.T) {
 		req.RegistrationID, req.SymmetricKey, req.GroupKey = "dev-7", []byte("group key"), true
 		r, err := newRegistration(req)
 		require.NoError(t, err)
-		assert.Equal(t, attest.DeriveDeviceKey([]byte("group key"), "dev-7"), r.symmetricKey)
+		assert.Equal(t, sas.DeviceKey([]byte("group key"), "dev-7"), r.symmetricKey)
 	})
 	t.Run("certificate request", func(t *testing.T) {
 		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)

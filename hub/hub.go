@@ -19,11 +19,11 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
-	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/backoff"
 	"github.com/unicity-iot/unicity/internal/clock"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/internal/version"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 // apiVersion is the IoT Hub MQTT API the agent speaks (protocol.md §5.2).
@@ -230,7 +230,7 @@ func Username(hub, deviceID, modelID string) string {
 // Password is the CONNECT password of a symmetric-key device (protocol.md §5.2): a SAS token
 // for the resource "{hub}/devices/{deviceId}", signed with key, valid until expiry.
 func Password(hub, deviceID string, key []byte, expiry time.Time) string {
-	return attest.SASToken(key, hub+"/devices/"+deviceID, expiry, "")
+	return sas.Token(key, hub+"/devices/"+deviceID, expiry, "")
 }
 
 // Queue returns the client's telemetry queue.

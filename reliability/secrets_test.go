@@ -18,11 +18,11 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/dps"
 	"github.com/unicity-iot/unicity/dps/dpstest"
 	"github.com/unicity-iot/unicity/internal/dial"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 // secretForms is every way a secret could be printed: raw, hex (both cases), standard and
@@ -140,7 +140,7 @@ func TestNoSecretInLogs(t *testing.T) {
 			g.writeConfig(t, e, fmt.Sprintf("registration_id = %q\n[attestation]\nmethod = \"symmetric_key\"\nsymmetric_key = %q\nsymmetric_key_group = %t\n", regID, keyPath, group))
 			secrets := map[string][]string{"symmetric key": secretForms(key)}
 			if group {
-				secrets["derived key"] = secretForms(attest.DeriveDeviceKey(key, regID))
+				secrets["derived key"] = secretForms(sas.DeviceKey(key, regID))
 			}
 			for where, text := range exercise(t, e, g) {
 				assertNoSecret(t, where, text, secrets)
@@ -156,7 +156,7 @@ func TestNoSecretInSASMessages(t *testing.T) {
 	right, wrong, group := []byte("right-key-0123456789abcdef"), []byte("wrong-key-0123456789abcdef"), []byte("group-key-0123456789abcdef")
 	require.NoError(t, s.AddIndividual(dpstest.Individual{RegistrationID: "sas-1", SymmetricKey: right}))
 	require.NoError(t, s.AddGroup(dpstest.Group{ID: "sas-group", SymmetricKey: group}))
-	derived := attest.DeriveDeviceKey(group, "sas-2")
+	derived := sas.DeviceKey(group, "sas-2")
 	secrets := map[string][]string{"right key": secretForms(right), "wrong key": secretForms(wrong), "group key": secretForms(group), "derived key": secretForms(derived)}
 	for _, tc := range []struct {
 		regID string

@@ -25,8 +25,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 // runCLI runs the command in process and returns stdout and the exit code.
@@ -286,7 +286,7 @@ func register(t testing.TB, s serveLine, d device) string {
 	msgs := make(chan mqtt.Message, 10)
 	cert, password := &d.cert, ""
 	if d.sasKey != nil {
-		cert, password = nil, attest.SASToken(d.sasKey, s.IDScope+"/registrations/"+d.id, time.Now().Add(time.Hour), "registration")
+		cert, password = nil, sas.Token(d.sasKey, s.IDScope+"/registrations/"+d.id, time.Now().Add(time.Hour), "registration")
 	}
 	c, err := mqttClientSAS(t, "tls://"+s.DPS, d.id, s.IDScope+"/registrations/"+d.id+"/api-version=2019-03-31", password,
 		"global.azure-devices-provisioning.net", trustPool(t, s.TrustBundle), cert, msgs, nil)
@@ -320,7 +320,7 @@ func register(t testing.TB, s serveLine, d device) string {
 func connectHub(t testing.TB, s serveLine, hub string, d device, msgs chan mqtt.Message, lost chan error) (mqtt.Client, error) {
 	cert, password := &d.cert, ""
 	if d.sasKey != nil {
-		cert, password = nil, attest.SASToken(d.sasKey, hub+"/devices/"+d.id, time.Now().Add(time.Hour), "")
+		cert, password = nil, sas.Token(d.sasKey, hub+"/devices/"+d.id, time.Now().Add(time.Hour), "")
 	}
 	return mqttClientSAS(t, "tls://"+hub, d.id, hub+"/"+d.id+"/?api-version=2021-04-12", password, "localhost",
 		trustPool(t, s.TrustBundle), cert, msgs, lost)
@@ -564,7 +564,7 @@ func TestSymmetricKeyGroup(t *testing.T) {
 	var out map[string]any
 	cliJSON(t, &out, "enroll", "--dir", dir, "--group", "sas-fleet", "--symmetric-key", base64.StdEncoding.EncodeToString(groupKey))
 
-	dev := device{id: "sas-7", sasKey: attest.DeriveDeviceKey(groupKey, "sas-7")}
+	dev := device{id: "sas-7", sasKey: sas.DeviceKey(groupKey, "sas-7")}
 	hub := register(t, s, dev)
 	msgs := make(chan mqtt.Message, 1)
 	c, err := connectHub(t, s, hub, dev, msgs, nil)
@@ -580,7 +580,7 @@ func TestSymmetricKeyGroup(t *testing.T) {
 
 	wrong := device{id: "sas-8", sasKey: []byte("not derived from the group key")}
 	_, err = mqttClientSAS(t, "tls://"+s.DPS, wrong.id, s.IDScope+"/registrations/sas-8/api-version=2019-03-31",
-		attest.SASToken(wrong.sasKey, s.IDScope+"/registrations/sas-8", time.Now().Add(time.Hour), "registration"),
+		sas.Token(wrong.sasKey, s.IDScope+"/registrations/sas-8", time.Now().Add(time.Hour), "registration"),
 		"localhost", trustPool(t, s.TrustBundle), nil, msgs, nil)
 	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised)
 }

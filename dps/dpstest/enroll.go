@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 // Allocation chooses a hub among an enrollment's linked hubs.
@@ -107,13 +108,6 @@ type Individual struct {
 	// DeviceID is the hub device ID; empty means the registration ID.
 	DeviceID string
 	Policy
-}
-
-// DeviceKey derives a device's symmetric key from its enrollment group's key, as Azure does.
-func DeviceKey(groupKey []byte, registrationID string) []byte {
-	m := hmac.New(sha256.New, groupKey)
-	m.Write([]byte(registrationID))
-	return m.Sum(nil)
 }
 
 // AddGroup enrolls a group, replacing one with the same ID.
@@ -296,7 +290,7 @@ func (s *Server) authSASLocked(regID, token string, now time.Time) (*enrollment,
 		if g.SymmetricKey == nil {
 			continue
 		}
-		if key := DeviceKey(g.SymmetricKey, regID); valid(key) {
+		if key := sas.DeviceKey(g.SymmetricKey, regID); valid(key) {
 			return &enrollment{id: g.ID, auth: DeviceAuth{SymmetricKey: key}}, ""
 		}
 	}

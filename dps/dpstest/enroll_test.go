@@ -19,6 +19,7 @@ import (
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
 	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 // sasToken builds a DPS SAS token (protocol.md §1.2); lowerEscapes writes %2f as ESDK-C does.
@@ -195,7 +196,7 @@ func TestSymmetricKeyEnrollments(t *testing.T) {
 	}{
 		{"individual", "sas-ind", indKey, false, ""},
 		{"individual, ESDK-C lower-case escapes", "sas-ind", indKey, true, ""},
-		{"group-derived key", "sas-member-1", dpstest.DeviceKey(groupKey, "sas-member-1"), false, "sas-group"},
+		{"group-derived key", "sas-member-1", sas.DeviceKey(groupKey, "sas-member-1"), false, "sas-group"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := mustDial(t, s, dialOpts{regID: tc.regID, password: sasToken(s.IDScope(), tc.regID, tc.key, exp, tc.lower)})

@@ -19,9 +19,9 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
-	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -49,7 +49,7 @@ func TestConnectAuthentication(t *testing.T) {
 	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev-sas", SymmetricKeys: [][]byte{[]byte("old key"), key}}))
 	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev-off", SymmetricKeys: [][]byte{key}, Disabled: true}))
 	sas := func(id string, k []byte, exp time.Duration) string {
-		return attest.SASToken(k, f.srv.Name()+"/devices/"+id, time.Now().Add(exp), "")
+		return sas.Token(k, f.srv.Name()+"/devices/"+id, time.Now().Add(exp), "")
 	}
 
 	for _, tc := range []struct {
@@ -501,7 +501,7 @@ func TestRegisterUpdatesCredentials(t *testing.T) {
 	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev", SymmetricKeys: [][]byte{key}}))
 	_, err := f.connect(t, clientConfig{id: "dev", cert: &cert})
 	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised, "the certificate is no longer a credential")
-	f.mustConnect(t, clientConfig{id: "dev", password: attest.SASToken(key, f.srv.Name()+"/devices/dev", time.Now().Add(time.Hour), "")})
+	f.mustConnect(t, clientConfig{id: "dev", password: sas.Token(key, f.srv.Name()+"/devices/dev", time.Now().Add(time.Hour), "")})
 	tw, err := f.srv.Twin("dev")
 	require.NoError(t, err)
 	assert.Equal(t, 2, tw.ReportedVersion)
@@ -586,7 +586,7 @@ func TestHostNameAlias(t *testing.T) {
 	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev", SymmetricKeys: [][]byte{key}}))
 	c, err := f.connect(t, clientConfig{id: "dev", tlsServerName: "myhub.azure-devices.net",
 		username: "myhub.azure-devices.net/dev/?api-version=2021-04-12",
-		password: attest.SASToken(key, "myhub.azure-devices.net/devices/dev", time.Now().Add(time.Hour), "")})
+		password: sas.Token(key, "myhub.azure-devices.net/devices/dev", time.Now().Add(time.Hour), "")})
 	require.NoError(t, err)
 	c.Disconnect(0)
 }

@@ -7,7 +7,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 // The usernames SDKs send (protocol.md §5.2, §5.9).
@@ -62,7 +62,7 @@ func TestCheckSAS(t *testing.T) {
 	key := []byte("secret")
 	now := time.Unix(1578941000, 0)
 	res := []string{"myiothub.azure-devices.net/devices/my_device"}
-	good := attest.SASToken(key, "myiothub.azure-devices.net/devices/my_device", time.Unix(1578941692, 0), "")
+	good := sas.Token(key, "myiothub.azure-devices.net/devices/my_device", time.Unix(1578941692, 0), "")
 	assert.Contains(t, good, "sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device&sig=")
 	assert.NoError(t, checkSAS(good, res, [][]byte{key}, now))
 	assert.NoError(t, checkSAS(good+"&skn=device", res, [][]byte{key}, now), "unknown fields ignored")
