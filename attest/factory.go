@@ -9,7 +9,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 // CreateCSR makes a certificate signing request for registrationID (the subject CN), signed
@@ -44,7 +44,7 @@ type Manifest struct {
 func NewManifest(leaf *x509.Certificate) Manifest {
 	return Manifest{
 		RegistrationID:   leaf.Subject.CommonName,
-		SHA256Thumbprint: pki.Thumbprint(leaf),
+		SHA256Thumbprint: certcodec.Thumbprint(leaf),
 		SHA1Thumbprint:   SHA1Thumbprint(leaf),
 		PublicKeySHA256:  PublicKeySHA256(leaf.PublicKey),
 		Serial:           strings.ToUpper(leaf.SerialNumber.Text(16)),

@@ -10,6 +10,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/attest/attesttest"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -24,10 +25,10 @@ func seedPEM(f *testing.F) (chain, key []byte) {
 		f.Fatal(err)
 	}
 	dir := f.TempDir()
-	if err := pki.WriteCertificates(filepath.Join(dir, "c.pem"), leaf.Chain...); err != nil {
+	if err := certcodec.WriteCertificates(filepath.Join(dir, "c.pem"), leaf.Chain...); err != nil {
 		f.Fatal(err)
 	}
-	if err := pki.WritePrivateKey(filepath.Join(dir, "k.pem"), leaf.Key); err != nil {
+	if err := certcodec.WritePrivateKey(filepath.Join(dir, "k.pem"), leaf.Key); err != nil {
 		f.Fatal(err)
 	}
 	chain, _ = os.ReadFile(filepath.Join(dir, "c.pem"))

@@ -20,7 +20,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2/transport"
 
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/version"
 )
 
@@ -163,7 +163,7 @@ func LoadChain(tpm transport.TPM, spec string) ([]*x509.Certificate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidIdentity, err)
 	}
-	chain, err := pki.ParseCertificates(b)
+	chain, err := certcodec.ParseCertificates(b)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidIdentity, spec, err)
 	}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/attest/attesttest"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/internal/version"
 )
@@ -148,7 +149,7 @@ func TestLoadChainFile(t *testing.T) {
 	require.NoError(t, err)
 	dir := t.TempDir()
 	path := filepath.Join(dir, "identity.pem")
-	require.NoError(t, pki.WriteCertificates(path, leaf.Chain...))
+	require.NoError(t, certcodec.WriteCertificates(path, leaf.Chain...))
 	got, err := attest.LoadChain(nil, path)
 	require.NoError(t, err)
 	assert.Len(t, got, 2)
@@ -174,7 +175,7 @@ func TestManifest(t *testing.T) {
 	assert.Regexp(t, `^[0-9A-F]{64}$`, m.SHA256Thumbprint)
 	assert.Regexp(t, `^[0-9A-F]{40}$`, m.SHA1Thumbprint)
 	assert.Regexp(t, `^[0-9a-f]{64}$`, m.PublicKeySHA256)
-	assert.Equal(t, pki.Thumbprint(leaf), m.SHA256Thumbprint)
+	assert.Equal(t, certcodec.Thumbprint(leaf), m.SHA256Thumbprint)
 	assert.Equal(t, strings.ToUpper(leaf.SerialNumber.Text(16)), m.Serial)
 	assert.Equal(t, "CN=unicity test factory CA", m.Issuer)
 	assert.True(t, m.NotBefore.Equal(leaf.NotBefore))

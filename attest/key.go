@@ -17,7 +17,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 // ErrInvalidKey means the configured key cannot be used: a malformed spec, an unreadable or
@@ -238,7 +238,7 @@ func loadSoftware(path, spec string) (*Key, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidKey, err)
 	}
-	s, err := pki.ParsePrivateKey(b)
+	s, err := certcodec.ParsePrivateKey(b)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidKey, path, err)
 	}

@@ -26,6 +26,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/attest/attesttest"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -389,7 +390,7 @@ func TestLoadKeyErrors(t *testing.T) {
 	ecSoft, err := pki.NewKey(pki.ECDSAP256)
 	require.NoError(t, err)
 	softPath := filepath.Join(dir, "soft.pem")
-	require.NoError(t, pki.WritePrivateKey(softPath, ecSoft))
+	require.NoError(t, certcodec.WritePrivateKey(softPath, ecSoft))
 
 	for _, c := range []struct {
 		name string

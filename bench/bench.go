@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/bench/proxy"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -184,10 +185,10 @@ func (h *harness) softwareDevice(name string, s *stack) (*device, error) {
 		return nil, err
 	}
 	cert, key := filepath.Join(d.dir, "identity.pem"), filepath.Join(d.dir, "identity.key")
-	if err := pki.WriteCertificates(cert, leaf.Chain...); err != nil {
+	if err := certcodec.WriteCertificates(cert, leaf.Chain...); err != nil {
 		return nil, err
 	}
-	if err := pki.WritePrivateKey(key, leaf.Key); err != nil {
+	if err := certcodec.WritePrivateKey(key, leaf.Key); err != nil {
 		return nil, err
 	}
 	return d, h.writeConfig(d, s, cert, "file:"+key, "")

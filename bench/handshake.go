@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/bench/proxy"
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 // handshakeRecords are the TLS application-data records of a handshake alone, each way.
@@ -19,7 +19,7 @@ type handshakeRecords struct{ up, down int }
 // after ServerHello, so its records look like application data. A boot's records less these,
 // once per connection, are its MQTT packets.
 func (h *harness) handshakeCost(ctx context.Context, p *proxy.TCP, bundle string) (handshakeRecords, error) {
-	roots, err := pki.ReadCertificates(bundle)
+	roots, err := certcodec.ReadCertificates(bundle)
 	if err != nil {
 		return handshakeRecords{}, err
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/storage"
 )
@@ -221,8 +222,8 @@ func newTestbed(t *testing.T, dpsScript ...func() (*storage.State, error)) *test
 	leaf, err := ca.NewDevice("gw-0001")
 	require.NoError(t, err)
 	certPath, keyPath := filepath.Join(dir, "identity.pem"), filepath.Join(dir, "identity.key")
-	require.NoError(t, pki.WriteCertificates(certPath, leaf.Chain...))
-	require.NoError(t, pki.WritePrivateKey(keyPath, leaf.Key))
+	require.NoError(t, certcodec.WriteCertificates(certPath, leaf.Chain...))
+	require.NoError(t, certcodec.WritePrivateKey(keyPath, leaf.Key))
 
 	cfg, err := ParseConfig("test.toml", fmt.Appendf(nil, `
 [provisioning]
@@ -332,7 +333,7 @@ func TestFirstBootProvisionsAndConnects(t *testing.T) {
 	assert.Equal(t, 1, tb.notify.count("READY=1"))
 
 	st := tb.loadState()
-	assert.True(t, st.BelongsTo("gw-0001", pki.Thumbprint(tb.leaf.Certificate())))
+	assert.True(t, st.BelongsTo("gw-0001", certcodec.Thumbprint(tb.leaf.Certificate())))
 	assert.Equal(t, "hub-a.example", st.AssignedHub)
 	assert.Equal(t, 1, st.Attempts)
 
@@ -352,7 +353,7 @@ func TestFirstBootProvisionsAndConnects(t *testing.T) {
 func TestSecondBootUsesStoredAssignment(t *testing.T) {
 	tb := newTestbed(t)
 	tb.saveState(&storage.State{
-		RegistrationID: "GW-0001", CertSHA256: pki.Thumbprint(tb.leaf.Certificate()),
+		RegistrationID: "GW-0001", CertSHA256: certcodec.Thumbprint(tb.leaf.Certificate()),
 		AssignedHub: "hub-b.example", DeviceID: "gw-0001", ProvisionedAt: tb.clock.Now().Add(-time.Hour),
 	})
 	tb.start()
@@ -371,7 +372,7 @@ func TestStateNotUsableRegistersAgain(t *testing.T) {
 			tb.saveState(&storage.State{RegistrationID: "gw-0001", CertSHA256: strings.Repeat("AB", 32), AssignedHub: "hub-old", DeviceID: "gw-0001"})
 		}, "another identity"},
 		{"another device (cloned image)", func(tb *testbed) {
-			tb.saveState(&storage.State{RegistrationID: "gw-0002", CertSHA256: pki.Thumbprint(tb.leaf.Certificate()), AssignedHub: "hub-old", DeviceID: "gw-0002"})
+			tb.saveState(&storage.State{RegistrationID: "gw-0002", CertSHA256: certcodec.Thumbprint(tb.leaf.Certificate()), AssignedHub: "hub-old", DeviceID: "gw-0002"})
 		}, "another identity"},
 		{"corrupt", func(tb *testbed) {
 			require.NoError(t, os.MkdirAll(tb.cfg.State.Dir, 0o700))
@@ -465,7 +466,7 @@ func TestHubRefusingIdentityReprovisionsRateLimited(t *testing.T) {
 	tb := newTestbed(t, assigned("hub-b.example"))
 	provisioned := tb.clock.Now().Add(-time.Minute)
 	tb.saveState(&storage.State{
-		RegistrationID: "gw-0001", CertSHA256: pki.Thumbprint(tb.leaf.Certificate()),
+		RegistrationID: "gw-0001", CertSHA256: certcodec.Thumbprint(tb.leaf.Certificate()),
 		AssignedHub: "hub-a.example", DeviceID: "gw-0001", ProvisionedAt: provisioned,
 	})
 	tb.hub.setRefusal("hub-a.example", Mark(errors.New("CONNACK 5"), ErrIdentityRejected))

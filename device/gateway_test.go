@@ -14,7 +14,7 @@ import (
 
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/hub/hubtest"
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 // gatewayBed is the agent with its gateway, connected to an emulated hub over real TLS, with
@@ -29,7 +29,7 @@ func newGatewayBed(t *testing.T) *gatewayBed {
 	srv := hubtest.NewServer(t)
 	// DPS keeps assigning the same hub, so a re-registration lands back on it.
 	tb := newTestbed(t, assigned(srv.Name()))
-	require.NoError(t, srv.Register(hubtest.Device{ID: "gw-0001", Thumbprints: []string{pki.Thumbprint(tb.leaf.Certificate())}}))
+	require.NoError(t, srv.Register(hubtest.Device{ID: "gw-0001", Thumbprints: []string{certcodec.Thumbprint(tb.leaf.Certificate())}}))
 	hubs := NewHubSessions(tb.cfg, srv.RootCAs())
 	tb.agent.Hub = hubs
 	ln, err := ListenAPI(tb.cfg)

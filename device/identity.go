@@ -19,7 +19,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/unicity-iot/unicity/attest"
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/version"
 	"github.com/unicity-iot/unicity/sas"
 )
@@ -187,7 +187,7 @@ func (c *Credentials) StateBinding() string {
 	if c.symmetricKey != nil {
 		return SymmetricKeyBinding(c.symmetricKey)
 	}
-	return pki.Thumbprint(c.Chain[0])
+	return certcodec.Thumbprint(c.Chain[0])
 }
 
 // SymmetricKeyBinding binds the state to a symmetric key without storing the key or anything

@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -130,8 +131,8 @@ func x509Gateway(t *testing.T, e *emulator, regID string, extra string) *gateway
 	leaf, err := ca.NewDevice(regID)
 	require.NoError(t, err)
 	g := newGateway(t, e)
-	require.NoError(t, pki.WriteCertificates(filepath.Join(g.dir, "identity.pem"), leaf.Chain...))
-	require.NoError(t, pki.WritePrivateKey(filepath.Join(g.dir, "identity.key"), leaf.Key))
+	require.NoError(t, certcodec.WriteCertificates(filepath.Join(g.dir, "identity.pem"), leaf.Chain...))
+	require.NoError(t, certcodec.WritePrivateKey(filepath.Join(g.dir, "identity.key"), leaf.Key))
 	g.writeConfig(t, e, fmt.Sprintf(`
 [attestation]
 identity_cert = %q

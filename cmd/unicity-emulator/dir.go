@@ -17,6 +17,7 @@ import (
 	"strings"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -118,7 +119,7 @@ func runInit(_ context.Context, e *env, args []string) error {
 			return err
 		}
 	}
-	if err := pki.WriteCertificates(d.file(trustBundleFile), d.serverCA.Root()); err != nil {
+	if err := certcodec.WriteCertificates(d.file(trustBundleFile), d.serverCA.Root()); err != nil {
 		return err
 	}
 	cfg, err := json.MarshalIndent(d.cfg, "", "  ")
@@ -173,12 +174,12 @@ func runSign(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", *csrPath, err)
 	}
-	if err := pki.WriteCertificates(*out, leaf.Chain...); err != nil {
+	if err := certcodec.WriteCertificates(*out, leaf.Chain...); err != nil {
 		return err
 	}
 	return printJSON(e.stdout, map[string]string{
 		"registration_id":   leaf.Certificate().Subject.CommonName,
-		"sha256_thumbprint": pki.Thumbprint(leaf.Certificate()),
+		"sha256_thumbprint": certcodec.Thumbprint(leaf.Certificate()),
 		"not_after":         leaf.Certificate().NotAfter.UTC().Format("2006-01-02T15:04:05Z"),
 		"out":               *out,
 	})

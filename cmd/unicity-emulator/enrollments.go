@@ -12,7 +12,7 @@ import (
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
 	"github.com/unicity-iot/unicity/internal/atomicfile"
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 // enrollmentsFile keeps the enrollments added with 'enroll', so that a restarted emulator
@@ -108,7 +108,7 @@ func applyEnrollment(dps *dpstest.Server, allocate dpstest.AllocateFunc, req enr
 	}
 	g := dpstest.Group{ID: req.Group, SymmetricKey: req.SymmetricKey, Policy: policy}
 	if req.CAPEM != "" {
-		certs, err := pki.ParseCertificates([]byte(req.CAPEM))
+		certs, err := certcodec.ParseCertificates([]byte(req.CAPEM))
 		if err != nil {
 			return err
 		}

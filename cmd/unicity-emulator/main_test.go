@@ -25,6 +25,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/sas"
 )
@@ -164,7 +165,7 @@ func TestInitAndSign(t *testing.T) {
 	_, code := runCLI(t, "init", "--dir", dir)
 	assert.Equal(t, 1, code, "an initialised directory is not overwritten")
 
-	trust, err := pki.ReadCertificates(out["trust_bundle"])
+	trust, err := certcodec.ReadCertificates(out["trust_bundle"])
 	require.NoError(t, err)
 	roots := x509.NewCertPool()
 	roots.AddCert(trust[0])
@@ -175,10 +176,10 @@ func TestInitAndSign(t *testing.T) {
 		var res map[string]string
 		cliJSON(t, &res, "sign", "--dir", dir, "--csr", csr, "--out", chainFile)
 		assert.Equal(t, "gw-0001", res["registration_id"])
-		chain, err := pki.ReadCertificates(chainFile)
+		chain, err := certcodec.ReadCertificates(chainFile)
 		require.NoError(t, err)
 		require.Len(t, chain, 2, "leaf and factory CA")
-		assert.Equal(t, pki.Thumbprint(chain[0]), res["sha256_thumbprint"])
+		assert.Equal(t, certcodec.Thumbprint(chain[0]), res["sha256_thumbprint"])
 		inters := x509.NewCertPool()
 		inters.AddCert(chain[1])
 		_, err = chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inters, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
@@ -234,14 +235,14 @@ func newDevice(t testing.TB, dir, id string) device {
 	chainFile := filepath.Join(t.TempDir(), "chain.pem")
 	_, code := runCLI(t, "sign", "--dir", dir, "--csr", csr, "--out", chainFile)
 	require.Equal(t, 0, code)
-	chain, err := pki.ReadCertificates(chainFile)
+	chain, err := certcodec.ReadCertificates(chainFile)
 	require.NoError(t, err)
 	leaf.Chain = chain
 	return device{id: id, cert: leaf.TLSCertificate(), chainFile: chainFile}
 }
 
 func trustPool(t testing.TB, bundle string) *x509.CertPool {
-	certs, err := pki.ReadCertificates(bundle)
+	certs, err := certcodec.ReadCertificates(bundle)
 	require.NoError(t, err)
 	p := x509.NewCertPool()
 	for _, c := range certs {
@@ -475,7 +476,7 @@ func TestEnroll(t *testing.T) {
 	leaf, err := foreign.NewDevice("outsider")
 	require.NoError(t, err)
 	certFile := filepath.Join(t.TempDir(), "outsider.pem")
-	require.NoError(t, pki.WriteCertificates(certFile, leaf.Certificate()))
+	require.NoError(t, certcodec.WriteCertificates(certFile, leaf.Certificate()))
 	dev := device{id: "outsider", cert: leaf.TLSCertificate()}
 
 	msgs := make(chan mqtt.Message, 1)
@@ -495,7 +496,7 @@ func TestEnroll(t *testing.T) {
 	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
 
 	caFile := filepath.Join(t.TempDir(), "ca.pem")
-	require.NoError(t, pki.WriteCertificates(caFile, foreign.Certificate))
+	require.NoError(t, certcodec.WriteCertificates(caFile, foreign.Certificate))
 	cliJSON(t, &out, "enroll", "--dir", dir, "--group", "foreign", "--ca", caFile)
 	second, err := foreign.NewDevice("outsider-2")
 	require.NoError(t, err)

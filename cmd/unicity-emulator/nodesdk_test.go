@@ -17,7 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 // nodeSDKDir holds the pinned Node.js SDK check: package.json, package-lock.json and the
@@ -100,7 +100,7 @@ func TestNodeSDK(t *testing.T) {
 	const regID = "node-gw-1"
 	dev := newDevice(t, dir, regID)
 	keyFile := filepath.Join(t.TempDir(), "device.key")
-	require.NoError(t, pki.WritePrivateKey(keyFile, dev.cert.PrivateKey.(crypto.Signer)))
+	require.NoError(t, certcodec.WritePrivateKey(keyFile, dev.cert.PrivateKey.(crypto.Signer)))
 
 	dpsHost := "localhost:" + s.DPS[strings.LastIndex(s.DPS, ":")+1:]
 	cmd := exec.CommandContext(testContext(t), node, "provision.js")

@@ -12,7 +12,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 // The operator commands: each parses its flags, makes one admin call and prints the answer
@@ -220,11 +220,11 @@ func runEnroll(ctx context.Context, e *env, args []string) error {
 		req.CAPEM = string(data)
 	}
 	if *certFile != "" {
-		certs, err := pki.ReadCertificates(*certFile)
+		certs, err := certcodec.ReadCertificates(*certFile)
 		if err != nil {
 			return err
 		}
-		req.Thumbprint = pki.Thumbprint(certs[0])
+		req.Thumbprint = certcodec.Thumbprint(certs[0])
 	}
 	var out json.RawMessage
 	if err := newAdminClient(*dir).call(ctx, http.MethodPost, "/v1/enroll", nil, req, &out); err != nil {

@@ -14,8 +14,8 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/dial"
-	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -185,7 +185,7 @@ func (c *checker) x509(cfg *device.Config, tf *tpmFlags) (cert *tls.Certificate,
 		if err == nil {
 			tc := id.TLSCertificate()
 			cert = &tc
-			regID, binding = id.RegistrationID, pki.Thumbprint(chain[0])
+			regID, binding = id.RegistrationID, certcodec.Thumbprint(chain[0])
 		}
 	}
 	return cert, regID, binding, release

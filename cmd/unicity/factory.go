@@ -22,7 +22,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/device"
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 const defaultConfigPath = "/etc/unicity/config.toml"
@@ -297,7 +297,7 @@ func runFactoryInstall(_ context.Context, e *env, args []string) error {
 		if err := attest.WriteChainNV(t, idx, id.Chain); err != nil {
 			return configErrorf("cannot install the identity: %w", err)
 		}
-	} else if err := pki.WriteCertificates(*out, id.Chain...); err != nil {
+	} else if err := certcodec.WriteCertificates(*out, id.Chain...); err != nil {
 		return configErrorf("cannot install the identity: %w", err)
 	}
 	return json.NewEncoder(e.stdout).Encode(attest.NewManifest(id.Chain[0]))
@@ -372,7 +372,7 @@ func runFactoryVerify(_ context.Context, e *env, args []string) error {
 		RegistrationID:   id.RegistrationID,
 		Key:              key.Location,
 		SoftwareKey:      key.Software,
-		SHA256Thumbprint: pki.Thumbprint(id.Chain[0]),
+		SHA256Thumbprint: certcodec.Thumbprint(id.Chain[0]),
 		NotAfter:         id.Chain[0].NotAfter.UTC(),
 	}
 	if *asJSON {

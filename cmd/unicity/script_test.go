@@ -17,6 +17,7 @@ import (
 	"github.com/rogpeppe/go-internal/testscript"
 
 	"github.com/unicity-iot/unicity/attest/attesttest"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -131,8 +132,8 @@ func cmdTestCA(ts *testscript.TestScript, neg bool, args []string) {
 		ica, err := root.NewIntermediate("unicity test factory CA")
 		ts.Check(err)
 		ts.Check(ica.Save(filepath.Join(dir, "ca.pem"), filepath.Join(dir, "ca.key")))
-		ts.Check(pki.WriteCertificates(filepath.Join(dir, "root.pem"), root.Certificate))
-		ts.Check(pki.WriteCertificates(filepath.Join(dir, "chain.pem"), ica.Certificate))
+		ts.Check(certcodec.WriteCertificates(filepath.Join(dir, "root.pem"), root.Certificate))
+		ts.Check(certcodec.WriteCertificates(filepath.Join(dir, "chain.pem"), ica.Certificate))
 	case "sign":
 		fs := flag.NewFlagSet("testca sign", flag.ContinueOnError)
 		cn := fs.String("cn", "", "subject CN instead of the CSR's")
@@ -169,7 +170,7 @@ func cmdTestCA(ts *testscript.TestScript, neg bool, args []string) {
 		}
 		leaf, err := ca.SignCSR(csr, opts...)
 		ts.Check(err)
-		ts.Check(pki.WriteCertificates(out, leaf.Certificate()))
+		ts.Check(certcodec.WriteCertificates(out, leaf.Certificate()))
 	default:
 		ts.Fatalf("testca: unknown subcommand %q", args[0])
 	}

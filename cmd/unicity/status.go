@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/device"
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -76,7 +76,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 			r.IdentityError = err.Error()
 		} else {
 			leaf := chain[0]
-			r.RegistrationID, r.SHA256Thumbprint, r.NotAfter = leaf.Subject.CommonName, pki.Thumbprint(leaf), leaf.NotAfter
+			r.RegistrationID, r.SHA256Thumbprint, r.NotAfter = leaf.Subject.CommonName, certcodec.Thumbprint(leaf), leaf.NotAfter
 			binding = r.SHA256Thumbprint
 		}
 	}

@@ -10,7 +10,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 func TestMain(m *testing.M) {
@@ -71,7 +71,7 @@ func TestHappyPath(t *testing.T) {
 			a := reg.last(t)
 			assert.Equal(t, dpstest.Assignment{RegistrationID: "dev-1", DeviceID: "dev-1", Hub: dpstest.DefaultHub,
 				Substatus: "initialAssignment", Auth: dpstest.DeviceAuth{
-					Thumbprint: pki.Thumbprint(cert.Leaf), CA: s.FactoryCA().Certificate}}, a)
+					Thumbprint: certcodec.Thumbprint(cert.Leaf), CA: s.FactoryCA().Certificate}}, a)
 
 			rec, ok := s.Registration("DEV-1")
 			require.True(t, ok, "registration IDs are case-insensitive")

@@ -15,7 +15,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/sas"
 )
 
@@ -208,7 +208,7 @@ func (s *Server) authenticate(regID string, password []byte, peer []*x509.Certif
 			return nil, "certificate is outside its validity period"
 		}
 		return &enrollment{id: e.RegistrationID, individual: true, leaf: leaf,
-			auth: DeviceAuth{Thumbprint: pki.Thumbprint(leaf)}}, ""
+			auth: DeviceAuth{Thumbprint: certcodec.Thumbprint(leaf)}}, ""
 	}
 	inters := x509.NewCertPool()
 	for _, c := range peer[1:] {
@@ -239,7 +239,7 @@ func (s *Server) authenticate(regID string, password []byte, peer []*x509.Certif
 		return nil, "certificate matches no enrollment"
 	}
 	return &enrollment{id: best.ID, leaf: leaf,
-		auth: DeviceAuth{Thumbprint: pki.Thumbprint(leaf), CA: best.CA}}, ""
+		auth: DeviceAuth{Thumbprint: certcodec.Thumbprint(leaf), CA: best.CA}}, ""
 }
 
 func thumbprintMatches(want string, c *x509.Certificate) bool {

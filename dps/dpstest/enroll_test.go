@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/sas"
 )
@@ -58,7 +59,7 @@ func TestX509Enrollments(t *testing.T) {
 	selfish, err := stranger.NewDevice("pinned-1")
 	require.NoError(t, err)
 	require.NoError(t, s.AddIndividual(dpstest.Individual{RegistrationID: "pinned-1",
-		Thumbprint: pki.Thumbprint(selfish.Certificate()), DeviceID: "custom-device-id"}))
+		Thumbprint: certcodec.Thumbprint(selfish.Certificate()), DeviceID: "custom-device-id"}))
 	sha1Dev, err := stranger.NewDevice("pinned-sha1")
 	require.NoError(t, err)
 	sum := sha1.Sum(sha1Dev.Certificate().Raw)
@@ -68,7 +69,7 @@ func TestX509Enrollments(t *testing.T) {
 	both, err := line.NewDevice("both")
 	require.NoError(t, err)
 	require.NoError(t, s.AddIndividual(dpstest.Individual{RegistrationID: "both",
-		Thumbprint: pki.Thumbprint(both.Certificate()), Policy: dpstest.Policy{Hubs: []string{"individual.azure-devices.net"}}}))
+		Thumbprint: certcodec.Thumbprint(both.Certificate()), Policy: dpstest.Policy{Hubs: []string{"individual.azure-devices.net"}}}))
 
 	lineDev, err := line.NewDevice("line-dev")
 	require.NoError(t, err)
@@ -87,12 +88,12 @@ func TestX509Enrollments(t *testing.T) {
 		ca          *x509.Certificate
 	}{
 		{"factory group", "factory-dev", factoryCert(t, s, "factory-dev"), dpstest.DefaultHub, "factory-dev", "", s.FactoryCA().Certificate},
-		{"nearest group CA wins", "line-dev", tlsCert(lineDev), "line.azure-devices.net", "line-dev", pki.Thumbprint(lineDev.Certificate()), line.Certificate},
-		{"group on a root through an intermediate", "line8-dev", tlsCert(line8Dev), "root.azure-devices.net", "line8-dev", pki.Thumbprint(line8Dev.Certificate()), oem.Certificate},
-		{"group on a root", "root-dev", tlsCert(rootDev), "root.azure-devices.net", "root-dev", pki.Thumbprint(rootDev.Certificate()), oem.Certificate},
-		{"individual by SHA-256 thumbprint with device ID", "pinned-1", tlsCert(selfish), dpstest.DefaultHub, "custom-device-id", pki.Thumbprint(selfish.Certificate()), nil},
-		{"individual by SHA-1 thumbprint", "pinned-sha1", tlsCert(sha1Dev), dpstest.DefaultHub, "pinned-sha1", pki.Thumbprint(sha1Dev.Certificate()), nil},
-		{"individual before group", "both", tlsCert(both), "individual.azure-devices.net", "both", pki.Thumbprint(both.Certificate()), nil},
+		{"nearest group CA wins", "line-dev", tlsCert(lineDev), "line.azure-devices.net", "line-dev", certcodec.Thumbprint(lineDev.Certificate()), line.Certificate},
+		{"group on a root through an intermediate", "line8-dev", tlsCert(line8Dev), "root.azure-devices.net", "line8-dev", certcodec.Thumbprint(line8Dev.Certificate()), oem.Certificate},
+		{"group on a root", "root-dev", tlsCert(rootDev), "root.azure-devices.net", "root-dev", certcodec.Thumbprint(rootDev.Certificate()), oem.Certificate},
+		{"individual by SHA-256 thumbprint with device ID", "pinned-1", tlsCert(selfish), dpstest.DefaultHub, "custom-device-id", certcodec.Thumbprint(selfish.Certificate()), nil},
+		{"individual by SHA-1 thumbprint", "pinned-sha1", tlsCert(sha1Dev), dpstest.DefaultHub, "pinned-sha1", certcodec.Thumbprint(sha1Dev.Certificate()), nil},
+		{"individual before group", "both", tlsCert(both), "individual.azure-devices.net", "both", certcodec.Thumbprint(both.Certificate()), nil},
 		{"case-insensitive registration ID", "FACTORY-DEV-2", factoryCert(t, s, "factory-dev-2"), dpstest.DefaultHub, "FACTORY-DEV-2", "", s.FactoryCA().Certificate},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -274,11 +275,11 @@ func TestDisabled(t *testing.T) {
 	// factory group would admit it (DOC-X509: the first match decides).
 	both, err := s.FactoryCA().NewDevice("both")
 	require.NoError(t, err)
-	require.NoError(t, s.AddIndividual(dpstest.Individual{RegistrationID: "both", Thumbprint: pki.Thumbprint(both.Certificate()),
+	require.NoError(t, s.AddIndividual(dpstest.Individual{RegistrationID: "both", Thumbprint: certcodec.Thumbprint(both.Certificate()),
 		Policy: dpstest.Policy{Disabled: true}}))
 	pinned, err := stranger.NewDevice("pinned")
 	require.NoError(t, err)
-	require.NoError(t, s.AddIndividual(dpstest.Individual{RegistrationID: "pinned", Thumbprint: pki.Thumbprint(pinned.Certificate())}))
+	require.NoError(t, s.AddIndividual(dpstest.Individual{RegistrationID: "pinned", Thumbprint: certcodec.Thumbprint(pinned.Certificate())}))
 
 	disabledBody := func(regID string) string {
 		return `{"operationId":"","status":"disabled","registrationState":{"registrationId":"` + regID + `","status":"disabled"}}`

@@ -15,7 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 func csrFor(t *testing.T, cn string, key crypto.Signer) string {
@@ -67,7 +67,7 @@ func TestCertificateIssuance(t *testing.T) {
 			assert.NoError(t, err, "the issued chain verifies to the trust bundle")
 
 			a := reg.last(t)
-			assert.Equal(t, pki.Thumbprint(leaf), a.Auth.Thumbprint, "the hub expects the issued certificate")
+			assert.Equal(t, certcodec.Thumbprint(leaf), a.Auth.Thumbprint, "the hub expects the issued certificate")
 			assert.Equal(t, s.IssuingCA().Certificate, a.Auth.CA)
 		})
 	}

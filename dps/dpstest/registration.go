@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -305,7 +306,7 @@ func (s *Server) assign(op *operation, st *registrationState) (record, error) {
 		for _, c := range chain {
 			st.IssuedCertificateChain = append(st.IssuedCertificateChain, base64.StdEncoding.EncodeToString(c.Raw))
 		}
-		a.Auth.Thumbprint = pki.Thumbprint(leaf.Certificate())
+		a.Auth.Thumbprint = certcodec.Thumbprint(leaf.Certificate())
 		a.Auth.CA = s.issuingCA.Certificate
 	}
 

@@ -24,6 +24,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/mqttsrv"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
@@ -333,7 +334,7 @@ func (s *Server) IDScope() string { return s.cfg.IDScope }
 func (s *Server) RootCAs() *x509.CertPool { return s.serverCA.Pool() }
 
 // TrustBundle is RootCAs as PEM, for a client's trust_bundle file.
-func (s *Server) TrustBundle() []byte { return pki.EncodeCertificates(s.serverCA.Root()) }
+func (s *Server) TrustBundle() []byte { return certcodec.EncodeCertificates(s.serverCA.Root()) }
 
 // FactoryCA issues device certificates that the "factory" group enrollment accepts.
 func (s *Server) FactoryCA() *pki.CA { return s.factoryCA }

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -35,7 +36,7 @@ func TestNewStartClose(t *testing.T) {
 	assert.Equal(t, "0ne00C0FFEE", s.IDScope())
 	assert.Empty(t, s.WebSocketAddr())
 	assert.Same(t, factory, s.FactoryCA())
-	bundle, err := pki.ParseCertificates(s.TrustBundle())
+	bundle, err := certcodec.ParseCertificates(s.TrustBundle())
 	require.NoError(t, err)
 	require.Len(t, bundle, 1)
 	assert.True(t, bundle[0].Equal(root.Certificate))

@@ -11,7 +11,7 @@ import (
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
 	"github.com/unicity-iot/unicity/hub/hubtest"
-	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
 func TestFleetAssign(t *testing.T) {
@@ -23,7 +23,7 @@ func TestFleetAssign(t *testing.T) {
 	leaf, err := a.factory.NewDevice("dev")
 	require.NoError(t, err)
 	cert := leaf.TLSCertificate()
-	auth := dpstest.DeviceAuth{CA: a.factory.Certificate, Thumbprint: pki.Thumbprint(leaf.Certificate())}
+	auth := dpstest.DeviceAuth{CA: a.factory.Certificate, Thumbprint: certcodec.Thumbprint(leaf.Certificate())}
 
 	// Initial assignment with an Azure-shaped initial twin.
 	require.NoError(t, fleet.Assign(dpstest.Assignment{RegistrationID: "dev", DeviceID: "dev", Hub: a.srv.Name(),

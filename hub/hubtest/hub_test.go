@@ -20,6 +20,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/unicity-iot/unicity/hub/hubtest"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/sas"
 )
@@ -43,7 +44,7 @@ func TestConnectAuthentication(t *testing.T) {
 	self, err := otherRoot.NewDevice("dev-tp")
 	require.NoError(t, err)
 	selfCert := self.TLSCertificate()
-	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev-tp", Thumbprints: []string{strings.ToLower(pki.Thumbprint(self.Certificate()))}}))
+	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev-tp", Thumbprints: []string{strings.ToLower(certcodec.Thumbprint(self.Certificate()))}}))
 
 	key := []byte("0123456789abcdef0123456789abcdef")
 	require.NoError(t, f.srv.Register(hubtest.Device{ID: "dev-sas", SymmetricKeys: [][]byte{[]byte("old key"), key}}))
@@ -135,7 +136,7 @@ func TestClientDetailsRecorded(t *testing.T) {
 	assert.True(t, info.Connected)
 	assert.Equal(t, []string{"x509-ca"}, info.Auth)
 
-	bundle, err := pki.ParseCertificates(f.srv.TrustBundle())
+	bundle, err := certcodec.ParseCertificates(f.srv.TrustBundle())
 	require.NoError(t, err)
 	require.Len(t, bundle, 1)
 	assert.True(t, bundle[0].Equal(f.srv.CA.Root()))

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -130,7 +131,7 @@ func NewNamed(host string, ca *pki.CA, l, ws net.Listener, extra []string, now f
 func (s *Server) RootCAs() *x509.CertPool { return s.CA.Pool() }
 
 // TrustBundle is RootCAs as PEM, for a client's trust_bundle file.
-func (s *Server) TrustBundle() []byte { return pki.EncodeCertificates(s.CA.Root()) }
+func (s *Server) TrustBundle() []byte { return certcodec.EncodeCertificates(s.CA.Root()) }
 
 func hostPort(host string, l net.Listener) string {
 	_, port, _ := net.SplitHostPort(l.Addr().String())

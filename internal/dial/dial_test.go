@@ -25,6 +25,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/internal/dial/dialtest"
 	"github.com/unicity-iot/unicity/internal/pki"
@@ -69,7 +70,7 @@ func TestAzureRoots(t *testing.T) {
 func TestRootPool(t *testing.T) {
 	ca, err := pki.NewRoot("Test Root")
 	require.NoError(t, err)
-	pool, err := dial.RootPool(pki.EncodeCertificates(ca.Root()))
+	pool, err := dial.RootPool(certcodec.EncodeCertificates(ca.Root()))
 	require.NoError(t, err)
 	srv, err := ca.IssueServer([]string{azureHost})
 	require.NoError(t, err)

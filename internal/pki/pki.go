@@ -2,6 +2,7 @@
 // or intermediate CA with a software key, server certificates for the emulated endpoints, and
 // device certificates for a given public key (so a TPM-held key can be certified) or a CSR.
 // It does not decide who may have a certificate: registration-ID and CN rules are the caller's.
+// It does not ship in the agent; PEM files and thumbprints are internal/certcodec's.
 package pki
 
 import (
@@ -10,7 +11,6 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -336,11 +336,4 @@ func newSerial() (*big.Int, error) {
 		return nil, fmt.Errorf("cannot make serial number: %w", err)
 	}
 	return s.Add(s, big.NewInt(1)), nil
-}
-
-// Thumbprint is the SHA-256 hash of the certificate's DER in upper-case hex, the form Azure
-// shows and individual enrollments match on.
-func Thumbprint(c *x509.Certificate) string {
-	sum := sha256.Sum256(c.Raw)
-	return fmt.Sprintf("%X", sum[:])
 }

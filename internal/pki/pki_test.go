@@ -9,7 +9,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"net"
 	"os"
@@ -20,6 +19,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
@@ -237,8 +237,8 @@ func TestPEMFiles(t *testing.T) {
 		require.NoError(t, err)
 		b, err := pki.NewRoot("B")
 		require.NoError(t, err)
-		require.NoError(t, pki.WriteCertificates(filepath.Join(dir, "a.pem"), a.Certificate))
-		require.NoError(t, pki.WritePrivateKey(filepath.Join(dir, "b.key"), b.Key))
+		require.NoError(t, certcodec.WriteCertificates(filepath.Join(dir, "a.pem"), a.Certificate))
+		require.NoError(t, certcodec.WritePrivateKey(filepath.Join(dir, "b.key"), b.Key))
 		_, err = pki.LoadCA(filepath.Join(dir, "a.pem"), filepath.Join(dir, "b.key"))
 		assert.ErrorContains(t, err, "does not hold the key")
 	})
@@ -247,52 +247,14 @@ func TestPEMFiles(t *testing.T) {
 		require.NoError(t, err)
 		dev, err := a.NewDevice("leaf")
 		require.NoError(t, err)
-		require.NoError(t, pki.WriteCertificates(filepath.Join(dir, "leaf.pem"), dev.Chain...))
-		require.NoError(t, pki.WritePrivateKey(filepath.Join(dir, "leaf.key"), dev.Key))
+		require.NoError(t, certcodec.WriteCertificates(filepath.Join(dir, "leaf.pem"), dev.Chain...))
+		require.NoError(t, certcodec.WritePrivateKey(filepath.Join(dir, "leaf.key"), dev.Key))
 		_, err = pki.LoadCA(filepath.Join(dir, "leaf.pem"), filepath.Join(dir, "leaf.key"))
 		assert.ErrorContains(t, err, "not a CA")
 	})
 	t.Run("missing file", func(t *testing.T) {
-		_, err := pki.ReadCertificates(filepath.Join(dir, "nope.pem"))
+		_, err := certcodec.ReadCertificates(filepath.Join(dir, "nope.pem"))
 		assert.True(t, errors.Is(err, os.ErrNotExist))
-	})
-}
-
-func TestParse(t *testing.T) {
-	ecKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	sec1, err := x509.MarshalECPrivateKey(ecKey)
-	require.NoError(t, err)
-	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
-	require.NoError(t, err)
-
-	for _, tc := range []struct {
-		name    string
-		data    []byte
-		wantErr string
-	}{
-		{"sec1", pemBlock("EC PRIVATE KEY", sec1), ""},
-		{"pkcs1", pemBlock("RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(rsaKey)), ""},
-		{"skips other blocks", append(pemBlock("CERTIFICATE", []byte{1}), pemBlock("EC PRIVATE KEY", sec1)...), ""},
-		{"empty", nil, "no PEM private key"},
-		{"garbage", pemBlock("PRIVATE KEY", []byte{1, 2, 3}), "cannot parse PRIVATE KEY"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			k, err := pki.ParsePrivateKey(tc.data)
-			if tc.wantErr != "" {
-				assert.ErrorContains(t, err, tc.wantErr)
-				return
-			}
-			require.NoError(t, err)
-			assert.NotNil(t, k.Public())
-		})
-	}
-
-	t.Run("certificates", func(t *testing.T) {
-		_, err := pki.ParseCertificates([]byte("no pem here"))
-		assert.ErrorContains(t, err, "no PEM certificate")
-		_, err = pki.ParseCertificates(pemBlock("CERTIFICATE", []byte{1, 2}))
-		assert.ErrorContains(t, err, "cannot parse certificate 1")
 	})
 }
 
@@ -305,20 +267,6 @@ func TestErrors(t *testing.T) {
 	assert.Error(t, err)
 	missing := filepath.Join(t.TempDir(), "no", "such", "dir")
 	assert.Error(t, root.Save(filepath.Join(missing, "ca.pem"), filepath.Join(missing, "ca.key")))
-	_, err = pki.ReadPrivateKey(filepath.Join(missing, "ca.key"))
+	_, err = certcodec.ReadPrivateKey(filepath.Join(missing, "ca.key"))
 	assert.ErrorIs(t, err, os.ErrNotExist)
-}
-
-func TestThumbprint(t *testing.T) {
-	root, err := pki.NewRoot("Root")
-	require.NoError(t, err)
-	tp := pki.Thumbprint(root.Certificate)
-	assert.Regexp(t, "^[0-9A-F]{64}$", tp)
-	other, err := pki.NewRoot("Root")
-	require.NoError(t, err)
-	assert.NotEqual(t, tp, pki.Thumbprint(other.Certificate))
-}
-
-func pemBlock(typ string, der []byte) []byte {
-	return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
 }

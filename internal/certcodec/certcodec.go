@@ -1,8 +1,12 @@
-package pki
+// Package certcodec reads and writes certificates and software keys as PEM, in memory and in
+// files, and names a certificate by its thumbprint. It is what the agent and the factory
+// commands need of PKI; making CAs and certificates is internal/pki's, which does not ship.
+package certcodec
 
 import (
 	"bytes"
 	"crypto"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -129,31 +133,9 @@ func ReadPrivateKey(path string) (crypto.Signer, error) {
 	return key, nil
 }
 
-// Save writes the CA's chain (its certificate first, root last) and its key.
-func (ca *CA) Save(certPath, keyPath string) error {
-	if err := WritePrivateKey(keyPath, ca.Key); err != nil {
-		return err
-	}
-	return WriteCertificates(certPath, ca.Chain()...)
-}
-
-// LoadCA reads a CA written by Save (or by openssl: chain PEM with the CA first, and its key)
-// and checks that the key belongs to the certificate and that the certificate is a CA.
-func LoadCA(certPath, keyPath string) (*CA, error) {
-	chain, err := ReadCertificates(certPath)
-	if err != nil {
-		return nil, err
-	}
-	key, err := ReadPrivateKey(keyPath)
-	if err != nil {
-		return nil, err
-	}
-	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
-	if !ok || !pub.Equal(chain[0].PublicKey) {
-		return nil, fmt.Errorf("%s does not hold the key of the certificate in %s", keyPath, certPath)
-	}
-	if !chain[0].IsCA {
-		return nil, fmt.Errorf("%s: %q is not a CA certificate", certPath, chain[0].Subject.CommonName)
-	}
-	return &CA{Certificate: chain[0], Key: key, Issuers: chain[1:]}, nil
+// Thumbprint is the SHA-256 hash of the certificate's DER in upper-case hex, the form Azure
+// shows and individual enrollments match on.
+func Thumbprint(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.Raw)
+	return fmt.Sprintf("%X", sum[:])
 }
