@@ -42,10 +42,6 @@ type Identity struct {
 	Chain          []*x509.Certificate
 	Signer         crypto.Signer
 	RegistrationID string
-	// PinRSAToTLS12 restricts an RSA key to TLS 1.2 with PKCS #1 v1.5 signatures, for TPMs
-	// whose RSA-PSS signatures strict verifiers reject. The caller then also caps its TLS
-	// config at MaxTLSVersion. It has no effect on ECDSA keys.
-	PinRSAToTLS12 bool
 }
 
 // NewIdentity checks that chain and signer form a usable identity at time now and returns it.
@@ -119,22 +115,9 @@ func (id *Identity) TLSCertificate() tls.Certificate {
 		// Some TPMs lack SHA-512; one scheme leaves nothing to negotiate wrongly.
 		c.SupportedSignatureAlgorithms = []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256}
 	case *rsa.PublicKey:
-		if id.PinRSAToTLS12 {
-			c.SupportedSignatureAlgorithms = []tls.SignatureScheme{tls.PKCS1WithSHA256}
-		} else {
-			c.SupportedSignatureAlgorithms = []tls.SignatureScheme{tls.PSSWithSHA256, tls.PSSWithSHA384, tls.PKCS1WithSHA256, tls.PKCS1WithSHA384}
-		}
+		c.SupportedSignatureAlgorithms = []tls.SignatureScheme{tls.PSSWithSHA256, tls.PSSWithSHA384, tls.PKCS1WithSHA256, tls.PKCS1WithSHA384}
 	}
 	return c
-}
-
-// MaxTLSVersion is the highest TLS version the identity can authenticate with, or 0 for no
-// limit. With PKCS #1 v1.5 only, TLS 1.3 would send no client certificate at all.
-func (id *Identity) MaxTLSVersion() uint16 {
-	if _, isRSA := id.Signer.Public().(*rsa.PublicKey); isRSA && id.PinRSAToTLS12 {
-		return tls.VersionTLS12
-	}
-	return 0
 }
 
 // LoadChain reads the certificate chain named by spec: a PEM file (leaf first) or

@@ -81,7 +81,6 @@ func TestNewIdentityChecks(t *testing.T) {
 			tc := id.TLSCertificate()
 			assert.Len(t, tc.Certificate, len(c.chain))
 			assert.Equal(t, []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256}, tc.SupportedSignatureAlgorithms)
-			assert.Zero(t, id.MaxTLSVersion())
 		})
 	}
 }
@@ -93,17 +92,13 @@ func setCommitTime(t *testing.T, at time.Time) {
 	t.Cleanup(func() { version.CommitUnix = old })
 }
 
-func TestRSAPinning(t *testing.T) {
+func TestRSASchemes(t *testing.T) {
 	ca, _ := testCA(t)
 	leaf, err := ca.NewDevice("gw-rsa", pki.WithKeyType(pki.RSA2048))
 	require.NoError(t, err)
 	id, err := attest.NewIdentity(leaf.Chain, leaf.Key, time.Now())
 	require.NoError(t, err)
-	assert.Zero(t, id.MaxTLSVersion())
 	assert.NotContains(t, id.TLSCertificate().SupportedSignatureAlgorithms, tls.PSSWithSHA512, "sign-only TPM RSA keys cannot do SHA-512")
-	id.PinRSAToTLS12 = true
-	assert.Equal(t, uint16(tls.VersionTLS12), id.MaxTLSVersion())
-	assert.Equal(t, []tls.SignatureScheme{tls.PKCS1WithSHA256}, id.TLSCertificate().SupportedSignatureAlgorithms)
 }
 
 func TestChainInNV(t *testing.T) {
