@@ -646,8 +646,15 @@ func TestWatchdogStopsWhenTheLoopIsStuck(t *testing.T) {
 	}
 	tb.start()
 	require.Eventually(t, func() bool { return tb.hub.last() != nil }, 5*time.Second, time.Millisecond)
-	time.Sleep(60 * time.Millisecond) // let a ping that was already answered go out
+	// A ping answered before the loop hung may still go out: wait until none has for three
+	// watchdog periods.
 	stuck := tb.notify.count("WATCHDOG=1")
+	require.Eventually(t, func() bool {
+		n := tb.notify.count("WATCHDOG=1")
+		stopped := n == stuck
+		stuck = n
+		return stopped
+	}, 5*time.Second, 3*tb.agent.Watchdog)
 	assert.Never(t, func() bool { return tb.notify.count("WATCHDOG=1") > stuck }, 200*time.Millisecond, 5*time.Millisecond,
 		"no WATCHDOG=1 while the loop is stuck")
 	close(release)

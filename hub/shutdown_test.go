@@ -166,16 +166,18 @@ func awaitBlockedPublish(t *testing.T) {
 		}
 		return ids
 	}
-	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); {
-		before := publishing()
-		time.Sleep(200 * time.Millisecond)
-		for id := range publishing() {
+	// Each check compares with the one before, 200 ms earlier: a goroutine in both is stuck.
+	before := publishing()
+	require.Eventually(t, func() bool {
+		now := publishing()
+		for id := range now {
 			if before[id] {
-				return
+				return true
 			}
 		}
-	}
-	t.Fatal("no publish got stuck behind the dead link")
+		before = now
+		return false
+	}, 20*time.Second, 200*time.Millisecond, "no publish got stuck behind the dead link")
 }
 
 // TestRunStopsPromptlyWhileConnecting: a hub that completes TLS and then never answers

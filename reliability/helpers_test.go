@@ -1,12 +1,14 @@
 package reliability_test
 
 import (
+	"context"
 	"os"
 	"runtime"
 	"testing"
 	"time"
 
 	"github.com/unicity-iot/unicity/internal/faultnet"
+	"github.com/unicity-iot/unicity/internal/poll"
 )
 
 // long reports whether the full forms run (make reliability), not the short ones (make test).
@@ -26,15 +28,17 @@ func measure() resources {
 // settled waits up to 10 s for goroutines and descriptors to come back to within slack of
 // base (closing connections and ending timers takes a moment) and returns the last count.
 func settled(base resources, slack int) resources {
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		now := measure()
-		if now.goroutines <= base.goroutines+slack && now.fds <= base.fds+slack || time.Now().After(deadline) {
-			return now
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var now resources
+	_ = poll.Until(ctx, 20*time.Millisecond, func() bool {
+		if now = measure(); now.goroutines <= base.goroutines+slack && now.fds <= base.fds+slack {
+			return true
 		}
 		runtime.GC()
-		time.Sleep(20 * time.Millisecond)
-	}
+		return false
+	})
+	return now
 }
 
 func checkNoGrowth(t *testing.T, base resources, slack int, what string) {

@@ -17,6 +17,7 @@ import (
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/attest/attesttest"
 	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/internal/poll"
 )
 
 // swtpmGateway starts swtpm and makes a device whose key lives in it, through the real
@@ -75,16 +76,14 @@ func TestTPMRestartWhileRunning(t *testing.T) {
 	stopTPM()
 	e.restart()
 	var last *device.Status
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) {
+	noticed, cancelNoticed := context.WithTimeout(ctx, 20*time.Second)
+	defer cancelNoticed()
+	_ = poll.Until(noticed, 50*time.Millisecond, func() bool {
 		if s, err := device.ReadStatus(g.run); err == nil && s.Phase != device.PhaseConnected && s.LastError != "" {
 			last = s
-			if strings.Contains(strings.ToLower(s.LastError), "tpm") {
-				break
-			}
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return last != nil && strings.Contains(strings.ToLower(last.LastError), "tpm")
+	})
 	require.NotNil(t, last, "the agent noticed")
 	t.Logf("status without the TPM: %s: %s (last error: %s)", last.Phase, last.Message, last.LastError)
 	assert.Contains(t, strings.ToLower(last.LastError), "tpm", "the status names the TPM")
@@ -125,13 +124,14 @@ func TestTPMObjectSlotsExhausted(t *testing.T) {
 	agent, _, exited := g.runAgent(t, ctx)
 	var last *device.Status
 	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) {
+	noticed, cancelNoticed := context.WithDeadline(ctx, deadline)
+	defer cancelNoticed()
+	_ = poll.Until(noticed, 50*time.Millisecond, func() bool {
 		if s, err := device.ReadStatus(g.run); err == nil && strings.Contains(s.LastError, "out of memory") {
 			last = s
-			break
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return last != nil
+	})
 	if last == nil {
 		s, _ := device.ReadStatus(g.run)
 		t.Fatalf("the status does not say the TPM is out of memory: %+v", s)

@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/internal/certcodec"
+	"github.com/unicity-iot/unicity/internal/poll"
 )
 
 // nodeSDKDir holds the pinned Node.js SDK check: package.json, package-lock.json and the
@@ -182,15 +183,15 @@ func TestNodeSDK(t *testing.T) {
 		Status  int            `json:"status"`
 		Payload map[string]any `json:"payload"`
 	}
-	for i := 0; ; i++ {
+	invoked := poll.Until(testContext(t), 100*time.Millisecond, func() bool {
 		stdout, code := runCLI(t, "invoke", "--dir", dir, "--device", regID, "--method", "reboot", "--payload", `{"delay":1}`, "--timeout", "5s")
-		if code == 0 {
-			require.NoError(t, json.Unmarshal([]byte(stdout), &method))
-			break
+		if code != 0 {
+			return false
 		}
-		require.Less(t, i, 100, "the device never took the method call")
-		time.Sleep(100 * time.Millisecond)
-	}
+		require.NoError(t, json.Unmarshal([]byte(stdout), &method))
+		return true
+	})
+	require.NoError(t, invoked, "the device never took the method call")
 	assert.Equal(t, 200, method.Status)
 	assert.Equal(t, map[string]any{"rebooting": true, "request": map[string]any{"delay": float64(1)}}, method.Payload)
 	for marker := 1; got["desired"] == nil; marker++ {

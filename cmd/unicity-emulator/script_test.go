@@ -1,11 +1,14 @@
 package main
 
 import (
+	"context"
 	"os"
 	"testing"
 	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
+
+	"github.com/unicity-iot/unicity/internal/poll"
 )
 
 // The scenarios in testdata/script run the real unicity-emulator main as a program, so they
@@ -33,14 +36,13 @@ func cmdWaitSock(ts *testscript.TestScript, neg bool, args []string) {
 		ts.Fatalf("usage: waitsock PATH")
 	}
 	path := ts.MkAbs(args[0])
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, err := os.Stat(path); err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			ts.Fatalf("%s did not appear", path)
-		}
-		time.Sleep(20 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err := poll.Until(ctx, 20*time.Millisecond, func() bool {
+		_, err := os.Stat(path)
+		return err == nil
+	})
+	if err != nil {
+		ts.Fatalf("%s did not appear", path)
 	}
 }

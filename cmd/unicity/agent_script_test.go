@@ -18,6 +18,7 @@ import (
 	"github.com/rogpeppe/go-internal/testscript"
 
 	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/internal/poll"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -220,17 +221,18 @@ func cmdAwaitStatus(ts *testscript.TestScript, neg bool, args []string) {
 		timeout = d
 	}
 	dir, want := ts.MkAbs(args[0]), device.Phase(args[1])
-	deadline := time.Now().Add(timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
 	var last *device.Status
-	for time.Now().Before(deadline) {
+	err := poll.Until(ctx, 50*time.Millisecond, func() bool {
 		if s, err := device.ReadStatus(dir); err == nil {
 			last = s
-			if s.Phase == want {
-				ts.Logf("status: %s: %s", s.Phase, s.Message)
-				return
-			}
 		}
-		time.Sleep(50 * time.Millisecond)
+		return last != nil && last.Phase == want
+	})
+	if err == nil {
+		ts.Logf("status: %s: %s", last.Phase, last.Message)
+		return
 	}
 	if last == nil {
 		ts.Fatalf("no status in %s after %s", dir, timeout)
