@@ -2,6 +2,7 @@ package dps_test
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log"
@@ -11,8 +12,8 @@ import (
 	"github.com/unicity-iot/unicity/dps/dpstest"
 )
 
-// noWait lets the example skip DPS's pacing: the emulator assigns at once, so the 2 s
-// between polls that real DPS demands would only slow the example down.
+// noWait lets the examples skip DPS's pacing: the emulator assigns at once, so the 2 s
+// between polls that real DPS demands would only slow them down.
 type noWait struct{}
 
 func (noWait) Now() time.Time { return time.Now() }
@@ -22,23 +23,29 @@ func (noWait) After(time.Duration) <-chan time.Time {
 	return ch
 }
 
-// Register a device with an X.509 identity and learn which hub it belongs to. Here DPS is
-// the in-process emulator and the certificate comes from its factory CA, which it enrolls as
-// a group; on a device the certificate is attest.Identity.TLSCertificate, its key in the TPM.
-func ExampleRegister() {
-	emulator, err := dpstest.New(dpstest.DefaultConfig())
+// exampleDPS starts the in-process DPS emulator and returns it with a certificate for
+// registrationID from its factory CA. On a device the certificate is
+// attest.Identity.TLSCertificate, its key in the TPM.
+func exampleDPS(cfg dpstest.Config, registrationID string) (*dpstest.Server, tls.Certificate) {
+	emulator, err := dpstest.New(cfg)
 	if err != nil {
 		log.Fatal(err)
 	}
 	if err := emulator.Start(); err != nil {
 		log.Fatal(err)
 	}
-	defer emulator.Close()
-	leaf, err := emulator.FactoryCA().NewDevice("gw-0001")
+	leaf, err := emulator.FactoryCA().NewDevice(registrationID)
 	if err != nil {
 		log.Fatal(err)
 	}
-	cert := leaf.TLSCertificate()
+	return emulator, leaf.TLSCertificate()
+}
+
+// Register a device with an X.509 identity and learn which hub it belongs to. The
+// emulator enrolls its factory CA as a group, as an OEM enrolls its own in Azure.
+func ExampleRegister() {
+	emulator, cert := exampleDPS(dpstest.DefaultConfig(), "gw-0001")
+	defer emulator.Close()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -67,23 +74,12 @@ func ExampleRegister() {
 func ExampleRegister_refused() {
 	cfg := dpstest.DefaultConfig()
 	cfg.NoFactoryEnrollment = true
-	emulator, err := dpstest.New(cfg)
-	if err != nil {
-		log.Fatal(err)
-	}
-	if err := emulator.Start(); err != nil {
-		log.Fatal(err)
-	}
+	emulator, cert := exampleDPS(cfg, "gw-0002")
 	defer emulator.Close()
-	leaf, err := emulator.FactoryCA().NewDevice("gw-0002")
-	if err != nil {
-		log.Fatal(err)
-	}
-	cert := leaf.TLSCertificate()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	_, err = dps.Register(ctx, dps.Request{
+	_, err := dps.Register(ctx, dps.Request{
 		Endpoint:    emulator.Addr(),
 		IDScope:     emulator.IDScope(),
 		RootCAs:     emulator.RootCAs(),

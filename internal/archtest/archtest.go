@@ -25,8 +25,20 @@ func Deps(t testing.TB, pkgs ...string) []string {
 	return deps
 }
 
-// Within returns the packages of deps that are pkg or below it.
-func Within(deps []string, pkg string) []string {
+// NotLinked fails t for each package that pkgs link (see Deps) and that is one of denied or
+// below one of them.
+func NotLinked(t testing.TB, pkgs []string, denied ...string) {
+	t.Helper()
+	deps := Deps(t, pkgs...)
+	for _, d := range denied {
+		for _, linked := range within(deps, d) {
+			t.Errorf("%s links %s", strings.Join(pkgs, " and "), linked)
+		}
+	}
+}
+
+// within returns the packages of deps that are pkg or below it.
+func within(deps []string, pkg string) []string {
 	var found []string
 	for _, d := range deps {
 		if d == pkg || strings.HasPrefix(d, pkg+"/") {

@@ -144,7 +144,7 @@ func moduleOf(t *testing.T) (path, dir string) {
 
 func TestWithin(t *testing.T) {
 	deps := []string{"github.com/google/go-tpm", "github.com/google/go-tpm-tools/simulator", "github.com/google/go-tpm/tpm2", "fmt"}
-	assert.Equal(t, []string{"github.com/google/go-tpm", "github.com/google/go-tpm/tpm2"}, Within(deps, "github.com/google/go-tpm"),
+	assert.Equal(t, []string{"github.com/google/go-tpm", "github.com/google/go-tpm/tpm2"}, within(deps, "github.com/google/go-tpm"),
 		"a package and those below it, not those that merely share its prefix")
-	assert.Empty(t, Within(deps, "github.com/unicity-iot/unicity"))
+	assert.Empty(t, within(deps, "github.com/unicity-iot/unicity"))
 }
