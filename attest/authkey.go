@@ -73,14 +73,14 @@ func ParseAuthenticationKey(b []byte) (*AuthenticationKey, error) {
 	}
 	ak.Public = tpm2.New2B(*pub)
 	if len(rest) > 0 {
-		d, err := tpm2.Unmarshal[tpm2.TPM2BData](rest)
+		d, err := unmarshalSized(rest)
 		if err != nil {
 			return nil, fmt.Errorf("%w: %d bytes after the identity key's public area are not a TPM2B_DATA: %w", ErrInvalidChallenge, len(rest), err)
 		}
 		if extra := len(rest) - 2 - len(d.Buffer); extra > 0 {
 			return nil, fmt.Errorf("%w: %d bytes after the trailing TPM2B_DATA", ErrInvalidChallenge, extra)
 		}
-		ak.Data = d.Buffer
+		ak.Data = append([]byte{}, d.Buffer...) // present, if empty
 	}
 	return &ak, nil
 }
@@ -90,7 +90,7 @@ func nextSized(b []byte, n int, what string) (content, rest []byte, err error) {
 	if len(b) == 0 {
 		return nil, nil, fmt.Errorf("%w: structure %d, %s, is missing", ErrInvalidChallenge, n, what)
 	}
-	d, err := tpm2.Unmarshal[tpm2.TPM2BData](b)
+	d, err := unmarshalSized(b)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: structure %d, %s, is truncated: %w", ErrInvalidChallenge, n, what, err)
 	}
@@ -98,6 +98,14 @@ func nextSized(b []byte, n int, what string) (content, rest []byte, err error) {
 		return nil, nil, fmt.Errorf("%w: structure %d, %s, is empty", ErrInvalidChallenge, n, what)
 	}
 	return d.Buffer, b[2+len(d.Buffer):], nil
+}
+
+// unmarshalSized reads the TPM2B at the front of b. go-tpm reads a size field cut short as 0.
+func unmarshalSized(b []byte) (*tpm2.TPM2BData, error) {
+	if len(b) < 2 {
+		return nil, fmt.Errorf("%d byte where a 2-byte size is due", len(b))
+	}
+	return tpm2.Unmarshal[tpm2.TPM2BData](b)
 }
 
 // Marshal is the challenge as DPS sends it (before base64).
