@@ -10,7 +10,6 @@ import (
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
-	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -105,7 +104,8 @@ func TestEndorsementKeyMatchesTPM2Tools(t *testing.T) {
 
 // manufacturedSWTPM is a swtpm made by swtpm_setup as a TPM maker ships one: an RSA EK
 // persisted at 0x81010001 and its certificate, from a private local CA, in NV at 0x01c00002.
-func manufacturedSWTPM(t testing.TB) transport.TPMCloser {
+// It returns the data socket.
+func manufacturedSWTPM(t testing.TB) string {
 	t.Helper()
 	setup := attesttest.RequireTool(t, "swtpm_setup")
 	localCA := attesttest.RequireTool(t, "swtpm_localca")
@@ -131,16 +131,17 @@ func manufacturedSWTPM(t testing.TB) transport.TPMCloser {
 	p, err := attesttest.Start(bin, dir)
 	require.NoError(t, err)
 	t.Cleanup(p.Stop)
-	tpm, err := attest.OpenTPM("swtpm:" + p.Addr)
-	require.NoError(t, err)
-	t.Cleanup(func() { tpm.Close() })
-	return tpm
+	return p.Addr
 }
 
 // TestManufacturedTPM: on a TPM as its maker ships it, the persistent EK is used, its
-// certificate from NV is found, and attestation goes through that EK.
+// certificate from NV is found, and attestation goes through that EK. The identity key it
+// persists is an ordinary TPM HMAC key: tpm2_hmac signs with it as the agent does.
 func TestManufacturedTPM(t *testing.T) {
-	tpm := manufacturedSWTPM(t)
+	sock := manufacturedSWTPM(t)
+	tpm, err := attest.OpenTPM("swtpm:" + sock)
+	require.NoError(t, err)
+	defer tpm.Close()
 	d := newDevice(t, tpm, 0)
 	assert.Equal(t, attest.EKHandle, d.ek.Handle)
 	require.NotNil(t, d.ek.Certificate, "swtpm_setup wrote the EK certificate")
@@ -155,6 +156,17 @@ func TestManufacturedTPM(t *testing.T) {
 	before := loadedHandles(t, tpm)
 	challenge, err := dpstest.NewTPMChallenge(d.ek.Public, d.srk.Public)
 	require.NoError(t, err)
-	assertSignsFor(t, d.importKey(t, tpm, challenge, attest.DefaultIdentityKeyHandle), challenge.IdentityKey, d.ek.RegistrationID())
+	key := d.importKey(t, tpm, challenge, attest.DefaultIdentityKeyHandle)
+	assertSignsFor(t, key, challenge.IdentityKey, d.ek.RegistrationID())
 	assert.Equal(t, before, loadedHandles(t, tpm))
+	require.NoError(t, tpm.Close()) // swtpm serves one client at a time
+
+	dir := t.TempDir()
+	data, out := filepath.Join(dir, "data"), filepath.Join(dir, "hmac")
+	require.NoError(t, os.WriteFile(data, []byte("0ne00000001%2Fregistrations%2Fgw\n1700000000"), 0o600))
+	tpm2Tools(t, sock, "tpm2_hmac", "-c", "0x81000100", "-g", "sha256", "-o", out, data)
+	got, err := os.ReadFile(out)
+	require.NoError(t, err)
+	want, _ := attest.SymmetricKey(challenge.IdentityKey).Sign(context.Background(), must(os.ReadFile(data)))
+	assert.Equal(t, want, got)
 }
