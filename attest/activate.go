@@ -67,6 +67,9 @@ func ImportIdentityKey(ctx context.Context, tpm transport.TPM, ek *EndorsementKe
 
 // activateCredential recovers the credential with the EK; the caller holds the sequence.
 func activateCredential(ctx context.Context, tpm transport.TPM, ek *EndorsementKey, srk *StorageRootKey, ak *AuthenticationKey) ([]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	ekh, release, err := ek.load(tpm)
 	if err != nil {
 		return nil, err

@@ -6,9 +6,11 @@ import (
 	"crypto/rsa"
 	"encoding/base64"
 	"encoding/binary"
+	"errors"
 	"net/url"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -419,4 +421,43 @@ func TestBusyTPMDuringAttestation(t *testing.T) {
 		assert.ErrorIs(t, err, attest.ErrTPMUnavailable)
 		assert.NotErrorIs(t, err, attest.ErrNotThisTPM, "a TPM in failure mode refused nothing")
 	})
+}
+
+// TestHMACKeyConcurrentSign: hub and DPS tokens may be signed at once, and Close may come
+// in the middle: every signature is right or refused as closed, and nothing stays loaded.
+func TestHMACKeyConcurrentSign(t *testing.T) {
+	tpm := tpms[0].open(t)
+	d := newDevice(t, tpm, 0)
+	challenge, err := dpstest.NewTPMChallenge(d.ek.Public, d.srk.Public)
+	require.NoError(t, err)
+	before := loadedHandles(t, tpm)
+	key := d.importKey(t, tpm, challenge, 0)
+	signing := make(chan struct{})
+	var once sync.Once
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer once.Do(func() { close(signing) }) // a signer that stops early stops the wait
+			for i := 0; ; i++ {
+				data := []byte(strconv.Itoa(g) + "/" + strconv.Itoa(i))
+				sig, err := key.Sign(context.Background(), data)
+				if errors.Is(err, attest.ErrKeyClosed) {
+					return
+				}
+				want, _ := attest.SymmetricKey(challenge.IdentityKey).Sign(context.Background(), data)
+				if !assert.NoError(t, err) || !assert.Equal(t, want, sig) {
+					return
+				}
+				if i == 20 {
+					once.Do(func() { close(signing) })
+				}
+			}
+		}()
+	}
+	<-signing
+	require.NoError(t, key.Close())
+	wg.Wait()
+	assert.Equal(t, before, loadedHandles(t, tpm))
 }
