@@ -4,6 +4,7 @@
 package sas
 
 import (
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
@@ -21,6 +22,22 @@ func Token(key []byte, resourceURI string, expiry time.Time, keyName string) str
 	mac := hmac.New(sha256.New, key)
 	mac.Write([]byte(stringToSign(resourceURI, se)))
 	return format(resourceURI, base64.StdEncoding.EncodeToString(mac.Sum(nil)), se, keyName)
+}
+
+// Signer makes the HMAC-SHA256 of a token's string to sign with a key it holds: a TPM-held
+// identity key (TPM attestation), where the key never leaves the TPM.
+type Signer interface {
+	Sign(ctx context.Context, data []byte) ([]byte, error)
+}
+
+// SignedToken is Token with the signature made by signer.
+func SignedToken(ctx context.Context, signer Signer, resourceURI string, expiry time.Time, keyName string) (string, error) {
+	se := strconv.FormatInt(expiry.Unix(), 10)
+	sig, err := signer.Sign(ctx, []byte(stringToSign(resourceURI, se)))
+	if err != nil {
+		return "", err
+	}
+	return format(resourceURI, base64.StdEncoding.EncodeToString(sig), se, keyName), nil
 }
 
 // stringToSign is the URL-encoded resource URI, a newline and the expiry in Unix seconds.
