@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/unicity-iot/unicity/internal/certcodec"
@@ -40,14 +39,19 @@ type Manifest struct {
 	Issuer           string    `json:"issuer"`
 }
 
-// NewManifest describes an identity's leaf certificate. The serial is uppercase hex.
+// NewManifest describes an identity's leaf certificate. The serial is its bytes in uppercase
+// hex (an even number of digits), as the Azure portal and OpenSSL show it.
 func NewManifest(leaf *x509.Certificate) Manifest {
+	serial := fmt.Sprintf("%X", leaf.SerialNumber.Bytes())
+	if serial == "" {
+		serial = "00"
+	}
 	return Manifest{
 		RegistrationID:   leaf.Subject.CommonName,
 		SHA256Thumbprint: certcodec.Thumbprint(leaf),
 		SHA1Thumbprint:   SHA1Thumbprint(leaf),
 		PublicKeySHA256:  PublicKeySHA256(leaf.PublicKey),
-		Serial:           strings.ToUpper(leaf.SerialNumber.Text(16)),
+		Serial:           serial,
 		NotBefore:        leaf.NotBefore.UTC(),
 		NotAfter:         leaf.NotAfter.UTC(),
 		Issuer:           leaf.Issuer.String(),

@@ -6,6 +6,8 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
+	"fmt"
+	"math/big"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -171,11 +173,18 @@ func TestManifest(t *testing.T) {
 	assert.Regexp(t, `^[0-9A-F]{40}$`, m.SHA1Thumbprint)
 	assert.Regexp(t, `^[0-9a-f]{64}$`, m.PublicKeySHA256)
 	assert.Equal(t, certcodec.Thumbprint(leaf), m.SHA256Thumbprint)
-	assert.Equal(t, strings.ToUpper(leaf.SerialNumber.Text(16)), m.Serial)
+	assert.Equal(t, fmt.Sprintf("%X", leaf.SerialNumber.Bytes()), m.Serial)
 	assert.Equal(t, "CN=unicity test factory CA", m.Issuer)
 	assert.True(t, m.NotBefore.Equal(leaf.NotBefore))
 	spki := sha256.Sum256(leaf.RawSubjectPublicKeyInfo)
 	assert.Equal(t, hex.EncodeToString(spki[:]), m.PublicKeySHA256)
+
+	// Whole bytes, as the portal shows them: a leading zero digit is kept.
+	for serial, want := range map[int64]string{0xabc: "0ABC", 0x1f: "1F", 0x1234: "1234", 0: "00"} {
+		c := *leaf
+		c.SerialNumber = big.NewInt(serial)
+		assert.Equal(t, want, attest.NewManifest(&c).Serial, "serial %#x", serial)
+	}
 }
 
 // TestChainInPaddedNV reads a chain from an index defined larger than the chain, as

@@ -83,6 +83,12 @@ type Agent struct {
 	// busyUntil (unix nanoseconds) covers the watchdog while the loop is inside a bounded
 	// call rather than in one of its selects.
 	busyUntil atomic.Int64
+	// bg tracks the goroutines Run starts; they end with Run's context.
+	bg sync.WaitGroup
+	// saveMu orders the writes of assignments; saves counts them, so that the retried
+	// write of an assignment the disk refused gives up once a newer one is saved.
+	saveMu sync.Mutex
+	saves  int
 }
 
 // request is a registration asked for from outside the loop (the local API).
@@ -90,6 +96,17 @@ type request struct {
 	force     bool // ignore the rate limit
 	provision bool // only if not provisioned yet
 	reply     chan result
+	// started, when set, is closed once the loop begins the registration: until then the
+	// answer is a refusal or the assignment in force, after it the registration's outcome.
+	started   chan struct{}
+	startOnce sync.Once
+}
+
+// begin tells the requester that its registration is under way.
+func (r *request) begin() {
+	if r.started != nil {
+		r.startOnce.Do(func() { close(r.started) })
+	}
 }
 
 type result struct {
@@ -128,19 +145,18 @@ func (a *Agent) init() {
 func (a *Agent) Run(ctx context.Context) error {
 	a.init()
 	ctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
 	defer func() {
 		cancel()
-		wg.Wait()
+		a.bg.Wait()
 	}()
 	if a.Watchdog > 0 && a.Notifier != nil {
-		wg.Go(func() { a.watchdog(ctx) })
+		a.bg.Go(func() { a.watchdog(ctx) })
 	}
 	if a.API != nil {
-		wg.Go(func() { a.serveAPI(ctx, a.API) })
+		a.bg.Go(func() { a.serveAPI(ctx, a.API) })
 	}
 	if a.Gateway != nil {
-		wg.Go(func() { a.Gateway.run(ctx) })
+		a.bg.Go(func() { a.Gateway.run(ctx) })
 	}
 	a.setStatus(func(s *Status) { s.Phase, s.Message = PhaseStarting, "starting" })
 
@@ -205,7 +221,7 @@ func (a *Agent) run(ctx context.Context) error {
 
 // lockState takes the state lock, waiting while a command run by hand holds it.
 func (a *Agent) lockState(ctx context.Context) (*storage.Locked, error) {
-	l, err := a.Store.TryLock()
+	l, err := a.tryLock()
 	if !errors.Is(err, storage.ErrLocked) {
 		return l, err
 	}
@@ -218,11 +234,26 @@ func (a *Agent) lockState(ctx context.Context) (*storage.Locked, error) {
 		} else if req != nil {
 			req.reply <- result{err: Mark(errors.New("the agent is waiting for the state lock"), ErrTemporary)}
 		}
-		l, err := a.Store.TryLock()
+		l, err := a.tryLock()
 		if !errors.Is(err, storage.ErrLocked) {
 			return l, err
 		}
 	}
+}
+
+// tryLock takes the state lock. On a read-only state directory it takes it read-only: the
+// stored assignment serves this boot, and a new one is kept in memory (see store).
+func (a *Agent) tryLock() (*storage.Locked, error) {
+	l, err := a.Store.TryLock()
+	if !errors.Is(err, storage.ErrReadOnly) {
+		return l, err
+	}
+	l, rerr := a.Store.TryLockReadOnly()
+	if rerr != nil {
+		return nil, err
+	}
+	a.noteError(fmt.Errorf("%w: the stored assignment is used, a new one could not be stored", err))
+	return l, nil
 }
 
 // openCredentials opens the identity, waiting for a TPM that is not ready yet.
@@ -318,6 +349,9 @@ func (a *Agent) provision(ctx context.Context, lock *storage.Locked, id *Identit
 			s.Phase, s.NextRetry = PhaseProvisioning, time.Time{}
 			s.Message = fmt.Sprintf("registering %s with DPS (attempt %d)", id.RegistrationID, attempt)
 		})
+		for _, req := range pending {
+			req.begin()
+		}
 		st, err := a.register(ctx, lock, id, thumb, prev, attempt, start)
 		if err == nil {
 			answer(result{state: st})
@@ -346,29 +380,30 @@ func (a *Agent) provision(ctx context.Context, lock *storage.Locked, id *Identit
 	}
 }
 
-// registerOnce makes one registration and stores its result.
+// registerOnce makes one registration and stores its result (see store).
 func (a *Agent) registerOnce(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, prev *storage.State) (*storage.State, error) {
 	return a.register(ctx, lock, id, thumb, prev, 1, a.Clock.Now())
 }
 
 // register makes attempt number attempt of a registration that began at start, and stores
-// its result.
+// its result (see store).
 func (a *Agent) register(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, prev *storage.State, attempt int, start time.Time) (*storage.State, error) {
 	var st *storage.State
 	err := a.bounded(ctx, func(ctx context.Context) error {
 		var err error
-		st, err = registerAndStore(ctx, a.Provisioner, lock, id, thumb, prev, a.Clock.Now, attempt, start)
+		st, err = registerBound(ctx, a.Provisioner, id, thumb, prev, a.Clock.Now, attempt, start)
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
+	a.store(ctx, lock, st)
 	a.setStatus(func(s *Status) { s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID })
 	return st, nil
 }
 
-// registerAndStore makes one registration and stores the assignment, bound to the identity.
-func registerAndStore(ctx context.Context, p Provisioner, lock *storage.Locked, id *Identity, thumb string, prev *storage.State, now func() time.Time, attempt int, start time.Time) (*storage.State, error) {
+// registerBound makes one registration and binds the assignment to the identity.
+func registerBound(ctx context.Context, p Provisioner, id *Identity, thumb string, prev *storage.State, now func() time.Time, attempt int, start time.Time) (*storage.State, error) {
 	st, err := p.Register(ctx, id, prev)
 	if err != nil {
 		return nil, err
@@ -376,10 +411,49 @@ func registerAndStore(ctx context.Context, p Provisioner, lock *storage.Locked, 
 	st.RegistrationID, st.CertSHA256 = id.RegistrationID, thumb
 	st.ProvisionedAt = now()
 	st.Attempts, st.Duration = attempt, st.ProvisionedAt.Sub(start)
-	if err := lock.Save(st); err != nil {
-		return nil, err
-	}
 	return st, nil
+}
+
+// store saves a new assignment. One the disk refuses (full, read-only) is used all the same
+// for this boot, and its write retried with backoff until it succeeds or a newer assignment
+// replaces it: registering again cannot cure a disk, and each registration is billed and
+// counted against the DPS quota. The status shows the refusal meanwhile (StoreError).
+func (a *Agent) store(ctx context.Context, lock *storage.Locked, st *storage.State) {
+	a.saveMu.Lock()
+	a.saves++
+	n := a.saves
+	err := lock.Save(st)
+	a.saveMu.Unlock()
+	if err == nil {
+		a.setStatus(func(s *Status) { s.StoreError = "" })
+		return
+	}
+	err = fmt.Errorf("%w; the assignment is in use but not stored, and the write is retried", err)
+	a.setStatus(func(s *Status) { s.StoreError, s.LastError, s.LastErrorAt = err.Error(), err.Error(), a.Clock.Now() })
+	a.bg.Go(func() { a.retryStore(ctx, lock, st, n) })
+}
+
+// retryStore writes st, the saves'th assignment, with backoff until it is stored or a newer
+// one was saved.
+func (a *Agent) retryStore(ctx context.Context, lock *storage.Locked, st *storage.State, n int) {
+	for attempt := 1; ; attempt++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.Clock.After(a.Backoff(attempt)):
+		}
+		a.saveMu.Lock()
+		if a.saves != n {
+			a.saveMu.Unlock()
+			return
+		}
+		err := lock.Save(st)
+		a.saveMu.Unlock()
+		if err == nil {
+			a.setStatus(func(s *Status) { s.StoreError = "" })
+			return
+		}
+	}
 }
 
 // park waits out a permanent refusal on the slow retry, or until someone asks for a
@@ -499,6 +573,7 @@ func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *Identity, 
 	a.setStatus(func(s *Status) {
 		s.Message = fmt.Sprintf("registering %s with DPS again, as asked; %s stays in force until then", id.RegistrationID, st.AssignedHub)
 	})
+	req.begin()
 	next, err := a.registerOnce(ctx, lock, id, thumb, st)
 	req.reply <- result{state: next, err: err}
 	if err != nil {
@@ -537,6 +612,7 @@ func (a *Agent) reprovision(ctx context.Context, lock *storage.Locked, id *Ident
 			s.NextRetry = time.Time{}
 			s.Message = fmt.Sprintf("registering %s with DPS again, as asked", id.RegistrationID)
 		})
+		req.begin()
 		fresh, err := a.registerOnce(ctx, lock, id, thumb, st)
 		req.reply <- result{state: fresh, err: err}
 		if err == nil {
@@ -551,14 +627,13 @@ func (a *Agent) mayReprovision(st *storage.State) bool {
 }
 
 // checkRateLimit refuses a registration sooner than [agent] reprovision_interval after the
-// one that produced st.
+// one that produced st, with a *RateLimitError.
 func (c *Config) checkRateLimit(st *storage.State, now time.Time) error {
 	next := st.ProvisionedAt.Add(c.Agent.ReprovisionInterval)
 	if !now.Before(next) {
 		return nil
 	}
-	return Mark(fmt.Errorf("%w: last registration at %s; the next is allowed at %s (agent.reprovision_interval = %s), or use --force",
-		ErrRateLimited, st.ProvisionedAt.UTC().Format(time.RFC3339), next.UTC().Format(time.RFC3339), c.Agent.ReprovisionInterval), ErrTemporary)
+	return &RateLimitError{Last: st.ProvisionedAt, Next: next, Interval: c.Agent.ReprovisionInterval}
 }
 
 // retryLater records err and waits d, serving requests with a refusal.
@@ -674,7 +749,7 @@ func (a *Agent) setStatus(change func(*Status)) {
 		}
 		ch <- snapshot
 	}
-	if snapshot.Phase == before.Phase && snapshot.Message == before.Message && snapshot.LastError == before.LastError {
+	if snapshot.Phase == before.Phase && snapshot.Message == before.Message && snapshot.LastError == before.LastError && snapshot.StoreError == before.StoreError {
 		return
 	}
 	if err := WriteStatus(a.Config.Runtime.Dir, snapshot); err != nil && !a.statusFailed {

@@ -6,10 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"syscall"
@@ -56,13 +56,12 @@ func ListenAPI(cfg *Config) (net.Listener, error) {
 		ln.Close()
 		return nil, fmt.Errorf("cannot set the API socket's mode: %w", err)
 	}
-	if cfg.API.Group != "" {
-		g, err := user.LookupGroup(cfg.API.Group)
-		if err != nil {
-			ln.Close()
-			return nil, &ConfigError{File: cfg.Path, Key: "api.group", Err: err}
-		}
-		gid, _ := strconv.Atoi(g.Gid)
+	gid, err := cfg.APIGroupID()
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	if gid >= 0 {
 		if err := os.Chown(path, -1, gid); err != nil {
 			ln.Close()
 			return nil, fmt.Errorf("cannot give the API socket to group %s: %w", cfg.API.Group, err)
@@ -132,10 +131,24 @@ type progressLine struct {
 	Kind       string      `json:"kind,omitempty"`
 }
 
-// handleReprovision asks the loop for a registration and streams its progress as JSON lines.
-// ?force=1 skips the rate limit; ?provision=1 only registers a device that has no assignment.
+// handleReprovision asks the loop for a registration. ?force=1 skips the rate limit;
+// ?provision=1 only registers a device that has no assignment. An answer the agent gives
+// before it starts registering comes whole, with its status: 200 and the assignment in
+// force, or the error's status (429 and Retry-After when rate-limited, 503 when the agent
+// cannot register now). Once the registration has started, the answer is 200 and its
+// progress as JSON lines, the last one the new assignment or the error.
 func (a *Agent) handleReprovision(w http.ResponseWriter, r *http.Request) {
-	req := &request{force: r.URL.Query().Get("force") == "1", provision: r.URL.Query().Get("provision") == "1"}
+	req := &request{started: make(chan struct{})}
+	for name, v := range map[string]*bool{"force": &req.force, "provision": &req.provision} {
+		if q := r.URL.Query().Get(name); q != "" {
+			b, err := strconv.ParseBool(q)
+			if err != nil {
+				apiError(w, http.StatusBadRequest, fmt.Sprintf("%s: want 1 or 0, not %q", name, q))
+				return
+			}
+			*v = b
+		}
+	}
 	updates, cancel := a.subscribe()
 	defer cancel()
 	done := make(chan result, 1)
@@ -143,6 +156,21 @@ func (a *Agent) handleReprovision(w http.ResponseWriter, r *http.Request) {
 		st, err := a.ask(r.Context(), req)
 		done <- result{st, err}
 	}()
+
+	select {
+	case res := <-done:
+		if res.err != nil {
+			if wait := retryAfterOf(res.err, a.Clock.Now()); wait > 0 {
+				w.Header().Set("Retry-After", strconv.FormatInt(int64((wait+time.Second-1)/time.Second), 10))
+			}
+			writeJSON(w, reprovisionStatus(res.err), progressLine{Error: res.err.Error(), Kind: kindOf(res.err)})
+			return
+		}
+		asg := AssignmentOf(res.state)
+		writeJSON(w, http.StatusOK, progressLine{Assignment: &asg})
+		return
+	case <-req.started:
+	}
 
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	enc := json.NewEncoder(w)
@@ -166,6 +194,15 @@ func (a *Agent) handleReprovision(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+}
+
+// retryAfterOf is how long after now a failed request may be retried, when known.
+func retryAfterOf(err error, now time.Time) time.Duration {
+	var rl *RateLimitError
+	if errors.As(err, &rl) {
+		return rl.Next.Sub(now)
+	}
+	return retryAfter(err)
 }
 
 // Error kinds on the wire, so that the CLI keeps its exit codes across the socket.
@@ -218,6 +255,8 @@ func NewClient(cfg *Config) *Client {
 	}}}
 }
 
+// do makes a request. An answer other than 200 is returned as an error: the agent's own
+// words and kind when its body carries them.
 func (c *Client) do(ctx context.Context, method, path string) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, method, "http://unicity"+path, nil)
 	if err != nil {
@@ -227,11 +266,15 @@ func (c *Client) do(ctx context.Context, method, path string) (*http.Response, e
 	if err != nil {
 		return nil, err
 	}
-	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		return nil, fmt.Errorf("agent answered %s to %s %s", resp.Status, method, path)
+	if resp.StatusCode == http.StatusOK {
+		return resp, nil
 	}
-	return resp, nil
+	defer resp.Body.Close()
+	var answer progressLine
+	if json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&answer) == nil && answer.Error != "" {
+		return nil, errorOfKind(answer.Error, answer.Kind)
+	}
+	return nil, fmt.Errorf("agent answered %s to %s %s", resp.Status, method, path)
 }
 
 // Status asks the running agent for its status. ErrNotRunning when no agent answers.

@@ -80,9 +80,12 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 			}
 		}
 	}
-	st, err := registerAndStore(ctx, b.Provisioner, lock, id, thumb, prev, now, 1, now())
+	st, err := registerBound(ctx, b.Provisioner, id, thumb, prev, now, 1, now())
 	if err != nil {
 		return nil, false, err
+	}
+	if err := lock.Save(st); err != nil {
+		return nil, false, fmt.Errorf("DPS assigned %s to %s, but %w", st.DeviceID, st.AssignedHub, err)
 	}
 	return st, true, nil
 }

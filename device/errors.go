@@ -55,6 +55,21 @@ func (e *RetryAfterError) Error() string {
 
 func (e *RetryAfterError) Unwrap() error { return e.Err }
 
+// RateLimitError is a registration refused because the last one, at Last, is more recent
+// than [agent] reprovision_interval; Next is when one is allowed again. It matches
+// ErrRateLimited and ErrTemporary.
+type RateLimitError struct {
+	Last, Next time.Time
+	Interval   time.Duration
+}
+
+func (e *RateLimitError) Error() string {
+	return fmt.Sprintf("%v: last registration at %s; the next is allowed at %s (agent.reprovision_interval = %s), or use --force",
+		ErrRateLimited, e.Last.UTC().Format(time.RFC3339), e.Next.UTC().Format(time.RFC3339), e.Interval)
+}
+
+func (e *RateLimitError) Unwrap() []error { return []error{ErrRateLimited, ErrTemporary} }
+
 func retryAfter(err error) time.Duration {
 	var ra *RetryAfterError
 	if errors.As(err, &ra) {

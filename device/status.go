@@ -39,7 +39,10 @@ type Status struct {
 	DeviceID       string    `json:"device_id,omitempty"`
 	LastError      string    `json:"last_error,omitempty"`
 	LastErrorAt    time.Time `json:"last_error_at,omitzero"`
-	NextRetry      time.Time `json:"next_retry,omitzero"`
+	// StoreError says why the assignment in use is not stored (disk full, read-only): the
+	// agent keeps it in memory for this boot and retries the write.
+	StoreError string    `json:"store_error,omitempty"`
+	NextRetry  time.Time `json:"next_retry,omitzero"`
 	// Attempts counts the failed tries of the current phase.
 	Attempts       int       `json:"attempts,omitempty"`
 	Since          time.Time `json:"since"`

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -104,4 +105,46 @@ func TestStateDiskFullAndReadOnly(t *testing.T) {
 		assert.Equal(t, 78, ee.ExitCode(), "%s", rout)
 		assert.Contains(t, rout.String(), "read-only file system")
 	})
+}
+
+// TestFirstBootDiskFull starts a device that never registered on a full state disk: it
+// registers with DPS once (each registration is billed and counts against the quota),
+// connects with the assignment it could not store, says so in its status, and stores it
+// once space is freed.
+func TestFirstBootDiskFull(t *testing.T) {
+	e := startEmulator(t, "--poll-limit", "0")
+	g := x509Gateway(t, e, "gw-full", "")
+	mountTmpfs(t, g.state, "256k")
+	fill(t, g.state)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	agent, out, exited := g.runAgent(t, ctx)
+	g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
+	s, err := device.ReadStatus(g.run)
+	require.NoError(t, err)
+	assert.Contains(t, s.StoreError, "no space left on device", "the status says the assignment is not stored")
+	assert.Contains(t, s.StoreError, g.state, "and names the state directory")
+	_, err = os.Stat(filepath.Join(g.state, storage.FileName))
+	assert.ErrorIs(t, err, os.ErrNotExist)
+
+	require.NoError(t, os.Remove(filepath.Join(g.state, "filler")))
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		s, err = device.ReadStatus(g.run)
+		require.NoError(t, err)
+		if s.StoreError == "" || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	assert.Empty(t, s.StoreError, "the write is retried once there is space")
+	assert.Equal(t, device.PhaseConnected, s.Phase)
+	st, err := storage.New(g.state).Load()
+	require.NoError(t, err, "the assignment in use is stored")
+	assert.Equal(t, s.AssignedHub, st.AssignedHub)
+
+	agent.Process.Signal(os.Interrupt)
+	<-exited
+	assert.Equal(t, 1, strings.Count(out.String(), "registering gw-full with DPS"), "one registration:\n%s", out)
 }

@@ -36,6 +36,11 @@ var (
 	ErrCorrupt = errors.New("provisioning state is corrupt")
 	// ErrLocked: another process holds the state lock (the service, or a command run by hand).
 	ErrLocked = errors.New("provisioning state is locked by another unicity process")
+	// ErrDiskFull: the state directory's file system has no space (or quota) left for the
+	// state. Freeing space cures it.
+	ErrDiskFull = errors.New("its file system is full")
+	// ErrReadOnly: the state directory's file system is mounted read-only.
+	ErrReadOnly = errors.New("its file system is read-only")
 )
 
 // State is what the last successful registration with DPS returned, and for which identity.
@@ -158,15 +163,31 @@ func (s *Store) Lock(ctx context.Context) (*Locked, error) {
 
 // TryLock takes the state lock or fails at once with ErrLocked. It creates the state
 // directory (0700) if needed, and removes temporary files that a writer killed mid-write
-// left behind: with the lock held, no one else is writing.
+// left behind: with the lock held, no one else is writing. On a read-only file system it
+// fails with ErrReadOnly.
 func (s *Store) TryLock() (*Locked, error) {
 	if err := os.MkdirAll(s.dir, 0o700); err != nil {
-		return nil, fmt.Errorf("cannot create the state directory: %w", err)
+		return nil, s.fsError("cannot create the state directory", err)
 	}
 	f, err := os.OpenFile(filepath.Join(s.dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("cannot open the state lock: %w", err)
+		return nil, s.fsError("cannot open the state lock", err)
 	}
+	return s.flock(f)
+}
+
+// TryLockReadOnly takes the lock of a state directory on a read-only file system, where
+// TryLock fails with ErrReadOnly: the state can be loaded, and every Save fails with
+// ErrReadOnly. It needs the lock file a writer made before the file system went read-only.
+func (s *Store) TryLockReadOnly() (*Locked, error) {
+	f, err := os.Open(filepath.Join(s.dir, lockName))
+	if err != nil {
+		return nil, s.fsError("cannot open the state lock", err)
+	}
+	return s.flock(f)
+}
+
+func (s *Store) flock(f *os.File) (*Locked, error) {
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
@@ -230,8 +251,20 @@ func (l *Locked) Save(st *State) error {
 		return fmt.Errorf("cannot encode the provisioning state: %w", err)
 	}
 	if err := atomicfile.Write(l.store.Path(), append(data, '\n'), 0o600); err != nil {
-		return fmt.Errorf("cannot save the provisioning state: %w", err)
+		return l.store.fsError("cannot store the provisioning state", err)
 	}
 	st.Version = Version
 	return nil
+}
+
+// fsError names the state directory in err, and what is wrong with its file system when
+// that is the cause (ErrDiskFull, ErrReadOnly).
+func (s *Store) fsError(what string, err error) error {
+	switch {
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		return fmt.Errorf("%s in %s: %w (%w)", what, s.dir, ErrDiskFull, err)
+	case errors.Is(err, syscall.EROFS):
+		return fmt.Errorf("%s in %s: %w (%w)", what, s.dir, ErrReadOnly, err)
+	}
+	return fmt.Errorf("%s in %s: %w", what, s.dir, err)
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -46,20 +45,20 @@ func runCheck(ctx context.Context, e *env, args []string) error {
 	flags := newFlagSet(e, "check", "[--config FILE] [--tpm DEV] [--json]")
 	var tf tpmFlags
 	tf.register(flags)
-	asJSON := flags.Bool("json", false, "print one JSON object")
+	out := e.jsonFlag(flags, "print one JSON object")
 	if err := parseFlags(flags, args); err != nil {
 		return err
 	}
 	var c checker
 	c.run(ctx, e, &tf, flags.Lookup("config").Value.String())
 	report := checkReport{OK: c.failure == nil, Checks: c.results}
-	if *asJSON {
-		if err := json.NewEncoder(e.stdout).Encode(report); err != nil {
+	if out.on {
+		if err := out.print(report); err != nil {
 			return err
 		}
 	} else {
 		for _, r := range c.results {
-			fmt.Fprintf(e.stdout, "%-4s  %-10s  %s\n", r.Result, r.Name, r.Detail)
+			fmt.Fprintf(e.stdout, "%-4s  %-11s  %s\n", r.Result, r.Name, r.Detail)
 		}
 	}
 	if c.failure != nil {
@@ -95,6 +94,8 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 		return
 	}
 	c.pass("config", "%s", cfg.Path)
+	// Last, whatever the others find: a failure here must not keep the identity unchecked.
+	defer c.host(cfg)
 
 	// What the stored assignment must be bound to, once the identity checks out.
 	var regID, binding string
@@ -125,6 +126,27 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 	default:
 		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, roots, cert)
 	}
+}
+
+// host runs the checks `unicity run` makes of what the configuration names on this system.
+func (c *checker) host(cfg *device.Config) {
+	for _, hc := range cfg.HostChecks(commandUID()) {
+		if detail, err := hc.Check(); err != nil {
+			c.fail(hc.Name, err)
+		} else {
+			c.pass(hc.Name, "%s", detail)
+		}
+	}
+}
+
+// commandUID is the user whose directories a command run by hand trusts besides root's:
+// its own, or any when run by root, which cannot tell which user the service runs as (the
+// agent itself checks the owner).
+func commandUID() int {
+	if uid := os.Geteuid(); uid != 0 {
+		return uid
+	}
+	return -1
 }
 
 // x509 checks the TPM, the key, the certificate chain and the clock; it returns the TLS

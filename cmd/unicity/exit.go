@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/device"
@@ -72,11 +73,15 @@ func exitCode(err error) int {
 }
 
 // report prints err as one line on stderr (usage errors have printed their help already)
-// and returns the exit code.
-func report(err error, stderr io.Writer) int {
+// and returns the exit code. Written to the journal, the line has error priority.
+func report(err error, stderr io.Writer, journald bool) int {
 	code := exitCode(err)
 	if code != exitOK {
-		fmt.Fprintf(stderr, "unicity: %v\n", err)
+		prefix := ""
+		if journald {
+			prefix = journalPrefix(slog.LevelError)
+		}
+		fmt.Fprintf(stderr, "%sunicity: %v\n", prefix, err)
 	}
 	return code
 }

@@ -338,7 +338,7 @@ func runFactoryVerify(_ context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "factory verify", "[--config FILE] [--tpm DEV] [--json]")
 	var tf tpmFlags
 	tf.register(fs)
-	asJSON := fs.Bool("json", false, "print one JSON object")
+	out := e.jsonFlag(fs, "print one JSON object")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -375,8 +375,8 @@ func runFactoryVerify(_ context.Context, e *env, args []string) error {
 		SHA256Thumbprint: certcodec.Thumbprint(id.Chain[0]),
 		NotAfter:         id.Chain[0].NotAfter.UTC(),
 	}
-	if *asJSON {
-		return json.NewEncoder(e.stdout).Encode(r)
+	if out.on {
+		return out.print(r)
 	}
 	_, err = fmt.Fprintf(e.stdout, "OK: %s signs with %s, matches its certificate (SHA-256 %s), valid until %s\n",
 		r.RegistrationID, r.Key, r.SHA256Thumbprint, r.NotAfter.Format(time.RFC3339))

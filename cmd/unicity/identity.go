@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/x509"
-	"encoding/json"
 	"fmt"
 	"io"
 	"time"
@@ -37,7 +36,7 @@ func runIdentity(_ context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "identity", "[--config FILE] [--tpm DEV] [--json]")
 	var tf tpmFlags
 	tf.register(fs)
-	asJSON := fs.Bool("json", false, "print one JSON object")
+	out := e.jsonFlag(fs, "print one JSON object")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -46,7 +45,7 @@ func runIdentity(_ context.Context, e *env, args []string) error {
 		return err
 	}
 	if cfg.Attestation.Method == "symmetric_key" {
-		return symmetricIdentity(e, cfg, *asJSON)
+		return symmetricIdentity(e, cfg, out)
 	}
 	tpm := &lazyTPM{spec: tf.device(cfg)}
 	defer tpm.Close()
@@ -76,8 +75,8 @@ func runIdentity(_ context.Context, e *env, args []string) error {
 	if problem != nil {
 		r.Problem = problem.Error()
 	}
-	if *asJSON {
-		if err := json.NewEncoder(e.stdout).Encode(r); err != nil {
+	if out.on {
+		if err := out.print(r); err != nil {
 			return err
 		}
 	} else {
@@ -99,7 +98,7 @@ type symmetricIdentityReport struct {
 
 // symmetricIdentity shows a symmetric-key identity: where the key is, whether it is usable,
 // and what the stored assignment is bound to.
-func symmetricIdentity(e *env, cfg *device.Config, asJSON bool) error {
+func symmetricIdentity(e *env, cfg *device.Config, out *jsonOutput) error {
 	r := symmetricIdentityReport{
 		Attestation:       cfg.Attestation.Method,
 		RegistrationID:    cfg.Provisioning.RegistrationID,
@@ -113,8 +112,8 @@ func symmetricIdentity(e *env, cfg *device.Config, asJSON bool) error {
 	} else {
 		r.Problem = problem.Error()
 	}
-	if asJSON {
-		if err := json.NewEncoder(e.stdout).Encode(r); err != nil {
+	if out.on {
+		if err := out.print(r); err != nil {
 			return err
 		}
 		return problem

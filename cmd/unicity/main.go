@@ -11,6 +11,8 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/coreos/go-systemd/v22/journal"
+
 	"github.com/unicity-iot/unicity/internal/cli"
 )
 
@@ -18,7 +20,8 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
-	os.Exit(report(err, os.Stderr))
+	journald, _ := journal.StderrIsJournalStream()
+	os.Exit(report(err, os.Stderr, journald))
 }
 
 // command is one verb of the CLI; groups (factory) carry sub-commands.
@@ -29,6 +32,8 @@ type command = cli.Command[*env]
 type env struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
+	// output is the command's --json flag, once it registered one (jsonFlag).
+	output *jsonOutput
 }
 
 func commands() []command {
@@ -47,5 +52,6 @@ func commands() []command {
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	e := &env{stdin: os.Stdin, stdout: stdout, stderr: stderr}
-	return cli.Dispatch(ctx, e, stdout, stderr, "unicity", commands(), args)
+	err := cli.Dispatch(ctx, e, stdout, stderr, "unicity", commands(), args)
+	return e.output.finish(err)
 }

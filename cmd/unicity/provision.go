@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -38,7 +37,7 @@ func provisionCommand(ctx context.Context, e *env, name string, args []string) e
 	fs := newFlagSet(e, name, synopsis)
 	var tf tpmFlags
 	tf.register(fs)
-	asJSON := fs.Bool("json", false, "print the assignment as one JSON object")
+	out := e.jsonFlag(fs, "print the assignment as one JSON object (or the error, its kind and exit code)")
 	timeout := fs.Duration("timeout", provisionTimeout, "give up a registration after `D`")
 	var force *bool
 	if again {
@@ -59,15 +58,20 @@ func provisionCommand(ctx context.Context, e *env, name string, args []string) e
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 
+	storeError := ""
 	progress := func(s device.Status) {
 		if s.Message != "" {
 			fmt.Fprintf(e.stderr, "unicity: %s\n", s.Message)
 		}
+		if s.StoreError != "" && s.StoreError != storeError {
+			fmt.Fprintf(e.stderr, "unicity: warning: %s\n", s.StoreError)
+		}
+		storeError = s.StoreError
 	}
 	asg, err := device.NewClient(cfg).Reprovision(ctx, *force, !again, progress)
 	switch {
 	case err == nil:
-		return printAssignment(e.stdout, *asJSON, asg, "")
+		return printAssignment(e.stdout, out, asg, "")
 	case !errors.Is(err, device.ErrNotRunning):
 		return err
 	}
@@ -93,12 +97,12 @@ func provisionCommand(ctx context.Context, e *env, name string, args []string) e
 		note = "already provisioned"
 	}
 	a := device.AssignmentOf(st)
-	return printAssignment(e.stdout, *asJSON, &a, note)
+	return printAssignment(e.stdout, out, &a, note)
 }
 
-func printAssignment(w io.Writer, asJSON bool, a *device.Assignment, note string) error {
-	if asJSON {
-		return json.NewEncoder(w).Encode(a)
+func printAssignment(w io.Writer, out *jsonOutput, a *device.Assignment, note string) error {
+	if out.on {
+		return out.print(a)
 	}
 	if note != "" {
 		fmt.Fprintf(w, "%s\n", note)

@@ -6,7 +6,11 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
+	"sync"
 	"time"
+
+	"github.com/coreos/go-systemd/v22/journal"
 
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/dps"
@@ -21,8 +25,8 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "run", "[--config FILE] [--log-level LEVEL]")
 	var tf tpmFlags
 	tf.register(fs)
-	var level slog.Level
-	fs.TextVar(&level, "log-level", slog.LevelInfo, "`LEVEL` of the service log: debug (every DPS step and hub connection change), info, warn or error")
+	level := logLevel{slog.LevelInfo}
+	fs.Var(&level, "log-level", "`LEVEL` of the service log: debug (every DPS step and hub connection change), info, warn or error")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -33,7 +37,13 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	if tf.tpm != "" {
 		cfg.TPM.Device = tf.tpm
 	}
-	log := serviceLogger(e.stderr, level)
+	journald, _ := journal.StderrIsJournalStream()
+	log := serviceLogger(e.stderr, level.Level, journald)
+	for _, hc := range cfg.HostChecks(os.Geteuid()) {
+		if _, err := hc.Check(); err != nil {
+			return configErrorf("%w", err)
+		}
+	}
 
 	prov, err := device.NewDPS(cfg)
 	if err != nil {
@@ -82,27 +92,95 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
-// serviceLogger logs to stderr from level up; under systemd (JOURNAL_STREAM set) without
-// timestamps, which the journal adds itself.
-func serviceLogger(w io.Writer, level slog.Level) *slog.Logger {
+// logLevel is --log-level, spelt in lower case as the README has it.
+type logLevel struct{ slog.Level }
+
+func (l *logLevel) String() string { return strings.ToLower(l.Level.String()) }
+
+func (l *logLevel) Set(s string) error { return l.Level.UnmarshalText([]byte(s)) }
+
+// serviceLogger logs to stderr from level up. Writing to the journal (journald), it leaves
+// out the timestamps, which the journal adds itself, and starts each line with its syslog
+// priority, as journald reads it (sd-daemon(3)): `journalctl -p err` shows the errors.
+func serviceLogger(w io.Writer, level slog.Level, journald bool) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: level}
-	if os.Getenv("JOURNAL_STREAM") != "" {
-		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
-			if len(groups) == 0 && a.Key == slog.TimeKey {
-				return slog.Attr{}
-			}
-			return a
-		}
+	if !journald {
+		return slog.New(slog.NewTextHandler(w, opts))
 	}
-	return slog.New(slog.NewTextHandler(w, opts))
+	opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
+		if len(groups) == 0 && a.Key == slog.TimeKey {
+			return slog.Attr{}
+		}
+		return a
+	}
+	out := &prefixWriter{w: w}
+	return slog.New(journalHandler{slog.NewTextHandler(out, opts), out})
 }
 
-// statusLogger logs each new status line, and each new error at warning level.
+// journalHandler is a text handler whose lines start with their priority ("<3>" for
+// errors).
+type journalHandler struct {
+	slog.Handler // writing to out
+	out          *prefixWriter
+}
+
+func (h journalHandler) Handle(ctx context.Context, r slog.Record) error {
+	h.out.mu.Lock()
+	defer h.out.mu.Unlock()
+	h.out.prefix = journalPrefix(r.Level)
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h journalHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return journalHandler{h.Handler.WithAttrs(attrs), h.out}
+}
+
+func (h journalHandler) WithGroup(name string) slog.Handler {
+	return journalHandler{h.Handler.WithGroup(name), h.out}
+}
+
+// prefixWriter writes each line the handler formats (one Write per record) after prefix.
+type prefixWriter struct {
+	mu     sync.Mutex
+	w      io.Writer
+	prefix string
+}
+
+func (p *prefixWriter) Write(b []byte) (int, error) {
+	if _, err := io.WriteString(p.w, p.prefix+string(b)); err != nil {
+		return 0, err
+	}
+	return len(b), nil
+}
+
+// journalPrefix is the sd-daemon(3) prefix of a line logged at level.
+func journalPrefix(level slog.Level) string {
+	p := journal.PriDebug
+	switch {
+	case level >= slog.LevelError:
+		p = journal.PriErr
+	case level >= slog.LevelWarn:
+		p = journal.PriWarning
+	case level >= slog.LevelInfo:
+		p = journal.PriInfo
+	}
+	return fmt.Sprintf("<%d>", p)
+}
+
+// statusLogger logs each new status line, each new error at warning level (at error level
+// when it stopped the agent), and an assignment that could be stored at last.
 func statusLogger(log *slog.Logger) func(device.Status) {
 	var last device.Status
 	return func(s device.Status) {
 		if s.LastError != "" && s.LastError != last.LastError {
-			log.Warn(s.LastError, "phase", s.Phase)
+			level := slog.LevelWarn
+			if s.Phase == device.PhaseStopped {
+				level = slog.LevelError
+			}
+			log.Log(context.Background(), level, s.LastError, "phase", s.Phase)
+		}
+		if s.StoreError == "" && last.StoreError != "" {
+			log.Info("the assignment in use is stored now", "phase", s.Phase)
 		}
 		if s.Message != last.Message || s.Phase != last.Phase {
 			attrs := []any{"phase", s.Phase}

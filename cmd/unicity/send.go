@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"io"
 	"strings"
@@ -25,15 +26,24 @@ func (p properties) Set(s string) error {
 	return nil
 }
 
+// sendReport is `unicity send --json`.
+type sendReport struct {
+	Delivered bool   `json:"delivered"`
+	MessageID string `json:"message_id"`
+	Bytes     int    `json:"bytes"`
+}
+
 // runSend sends stdin as one telemetry message through the running agent's hub session and
-// returns once the hub has acknowledged it.
+// returns once the hub has acknowledged it. The message carries a message ID ($.mid), one
+// made up when none is given, so that it can be found on the cloud side.
 func runSend(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "send", "[--config FILE] [--property NAME=VALUE]... [--timeout D] < payload")
+	fs := newFlagSet(e, "send", "[--config FILE] [--property NAME=VALUE]... [--timeout D] [--json] < payload")
 	var tf tpmFlags
 	tf.register(fs)
 	props := properties{}
 	fs.Var(props, "property", "message property `NAME=VALUE` (repeatable); system properties by their wire names, e.g. '$.ct=application/json'")
 	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the hub's acknowledgement; the message is withdrawn if it was not sent by then")
+	out := e.jsonFlag(fs, "print the outcome as one JSON object")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -48,11 +58,19 @@ func runSend(ctx context.Context, e *env, args []string) error {
 	if len(payload) > hub.MaxTelemetrySize {
 		return usageErrorf("send: the payload exceeds the hub's limit of %d bytes", hub.MaxTelemetrySize)
 	}
+	if props[hub.PropMessageID] == "" {
+		props[hub.PropMessageID] = rand.Text()
+	}
 	// The agent bounds the wait by --timeout; this bounds a wedged agent.
 	ctx, cancel := context.WithTimeout(ctx, *timeout+10*time.Second)
 	defer cancel()
 	if err := device.NewClient(cfg).SendTelemetry(ctx, payload, props, *timeout); err != nil {
 		return fmt.Errorf("cannot send: %w", err)
 	}
-	return nil
+	r := sendReport{Delivered: true, MessageID: props[hub.PropMessageID], Bytes: len(payload)}
+	if out.on {
+		return out.print(r)
+	}
+	_, err = fmt.Fprintf(e.stdout, "delivered: message %s, %d bytes, acknowledged by the hub\n", r.MessageID, r.Bytes)
+	return err
 }

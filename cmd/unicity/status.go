@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -27,6 +26,9 @@ type statusReport struct {
 	Substatus     string    `json:"substatus"`
 	ProvisionedAt time.Time `json:"provisioned_at,omitzero"`
 	StateProblem  string    `json:"state_problem,omitempty"`
+	// StoreError: the running agent uses an assignment it could not store (see
+	// device.Status); the assignment shown is then the agent's.
+	StoreError string `json:"store_error,omitempty"`
 
 	ServiceRunning bool         `json:"service_running"`
 	Phase          device.Phase `json:"phase"`
@@ -34,6 +36,8 @@ type statusReport struct {
 	LastError      string       `json:"last_error"`
 	NextRetry      time.Time    `json:"next_retry,omitzero"`
 	StatusAt       time.Time    `json:"status_at,omitzero"`
+	// Problems are what `unicity run` refuses to start with (device.HostChecks).
+	Problems []string `json:"problems,omitempty"`
 }
 
 // statusTimeout bounds the question to the service: a wedged agent must not wedge status.
@@ -45,7 +49,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	flags := newFlagSet(e, "status", "[--config FILE] [--json]")
 	var tf tpmFlags
 	tf.register(flags)
-	asJSON := flags.Bool("json", false, "print one JSON object")
+	out := e.jsonFlag(flags, "print one JSON object")
 	if err := parseFlags(flags, args); err != nil {
 		return err
 	}
@@ -85,8 +89,12 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	switch {
 	case errors.Is(err, storage.ErrNotExist):
 		r.StateProblem = "not provisioned yet"
-	case err != nil:
+	case errors.Is(err, fs.ErrPermission):
+		r.StateProblem = err.Error() + " (only this command cannot read it: run it as root to see the assignment)"
+	case errors.Is(err, storage.ErrCorrupt):
 		r.StateProblem = err.Error() + " (the agent will set it aside and register again)"
+	case err != nil:
+		r.StateProblem = err.Error()
 	case binding != "" && !st.BelongsTo(r.RegistrationID, binding):
 		r.StateProblem = fmt.Sprintf("the stored assignment belongs to another identity (%s); the agent will register again", st.RegistrationID)
 	default:
@@ -119,9 +127,21 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	if live != nil {
 		r.Message, r.LastError, r.NextRetry, r.StatusAt = live.Message, live.LastError, live.NextRetry, live.UpdatedAt
 	}
+	if live != nil && r.ServiceRunning && live.AssignedHub != "" && (live.StoreError != "" || r.AssignedHub == "") {
+		// The assignment in force is the agent's: not stored, or not readable by this user.
+		r.AssignedHub, r.DeviceID, r.StoreError = live.AssignedHub, live.DeviceID, live.StoreError
+		if live.StoreError != "" {
+			r.Substatus, r.ProvisionedAt = "", time.Time{}
+		}
+	}
+	for _, hc := range cfg.HostChecks(commandUID()) {
+		if _, err := hc.Check(); err != nil {
+			r.Problems = append(r.Problems, err.Error())
+		}
+	}
 
-	if *asJSON {
-		return json.NewEncoder(e.stdout).Encode(r)
+	if out.on {
+		return out.print(r)
 	}
 	printStatus(e.stdout, r)
 	return nil
@@ -143,13 +163,22 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(w, "  expires:          %s\n", r.NotAfter.UTC().Format(time.RFC3339))
 	}
 	fmt.Fprintln(w, "Assignment")
-	if r.StateProblem != "" {
+	if r.AssignedHub == "" {
 		fmt.Fprintf(w, "  none:             %s\n", r.StateProblem)
 	} else {
 		fmt.Fprintf(w, "  hub:              %s\n", r.AssignedHub)
 		fmt.Fprintf(w, "  device ID:        %s\n", r.DeviceID)
-		fmt.Fprintf(w, "  substatus:        %s\n", r.Substatus)
-		fmt.Fprintf(w, "  since:            %s\n", r.ProvisionedAt.UTC().Format(time.RFC3339))
+		if r.Substatus != "" {
+			fmt.Fprintf(w, "  substatus:        %s\n", r.Substatus)
+		}
+		if !r.ProvisionedAt.IsZero() {
+			fmt.Fprintf(w, "  since:            %s\n", r.ProvisionedAt.UTC().Format(time.RFC3339))
+		}
+		if r.StoreError != "" {
+			fmt.Fprintf(w, "  not stored:       %s\n", r.StoreError)
+		} else if r.StateProblem != "" {
+			fmt.Fprintf(w, "  state file:       %s\n", r.StateProblem)
+		}
 	}
 	fmt.Fprintln(w, "Service")
 	if r.ServiceRunning || r.Phase != "not_running" {
@@ -166,5 +195,8 @@ func printStatus(w io.Writer, r statusReport) {
 	}
 	if !r.NextRetry.IsZero() {
 		fmt.Fprintf(w, "  next retry:       %s\n", r.NextRetry.UTC().Format(time.RFC3339))
+	}
+	for _, p := range r.Problems {
+		fmt.Fprintf(w, "  problem:          %s\n", p)
 	}
 }

@@ -59,7 +59,7 @@ func Dispatch[E any](ctx context.Context, e E, stdout, stderr io.Writer, path st
 		return c.Run(ctx, e, args[1:])
 	}
 	printList(stderr, path, cmds)
-	return Usagef("unknown command %q", path+" "+args[0])
+	return Usagef("unknown command %q (see '%s --help')", args[0], path)
 }
 
 func printList[E any](w io.Writer, path string, cmds []Command[E]) {

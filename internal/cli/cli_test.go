@@ -56,6 +56,19 @@ func TestDispatch(t *testing.T) {
 	}
 }
 
+// TestUnknownCommand names the word that is wrong, and where to look.
+func TestUnknownCommand(t *testing.T) {
+	cmds := []cli.Command[*bytes.Buffer]{{Name: "factory", Sub: []cli.Command[*bytes.Buffer]{{Name: "keygen"}}}}
+	for want, args := range map[string][]string{
+		`unknown command "bogus" (see 'prog --help')`:         {"bogus"},
+		`unknown command "bogus" (see 'prog factory --help')`: {"factory", "bogus"},
+	} {
+		var out bytes.Buffer
+		err := cli.Dispatch(context.Background(), &out, &out, &out, "prog", cmds, args)
+		assert.EqualError(t, err, want)
+	}
+}
+
 func TestUsageErrorWraps(t *testing.T) {
 	base := errors.New("bad flag")
 	err := &cli.UsageError{Err: base}
