@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/url"
@@ -13,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/BurntSushi/toml"
 
@@ -23,6 +25,10 @@ import (
 // but invalid: an installer can tell "not configured yet" from "configured wrongly".
 var ErrConfigNotExist = errors.New("configuration file does not exist")
 
+// MaxConfigSize bounds the configuration file. The commented example is 3 KiB; a file
+// thousands of times larger is a mistake, and decoding it would take gigabytes.
+const MaxConfigSize = 1 << 20
+
 // ConfigError is a configuration problem located as precisely as the file allows: the file,
 // the line (0 when unknown) and the dotted key (empty when the file as a whole is at fault).
 type ConfigError struct {
@@ -32,6 +38,9 @@ type ConfigError struct {
 	Err  error
 }
 
+// Error names the file, line and key, and says what is wrong. A key or a message that
+// quotes a huge value is cut in the middle: the excerpt keeps where it starts and the
+// reason at its end.
 func (e *ConfigError) Error() string {
 	var b strings.Builder
 	b.WriteString(e.File)
@@ -39,10 +48,31 @@ func (e *ConfigError) Error() string {
 		fmt.Fprintf(&b, ":%d", e.Line)
 	}
 	if e.Key != "" {
-		fmt.Fprintf(&b, ": %s", e.Key)
+		fmt.Fprintf(&b, ": %s", excerpt(e.Key, maxKeyExcerpt))
 	}
-	fmt.Fprintf(&b, ": %v", e.Err)
+	fmt.Fprintf(&b, ": %s", excerpt(fmt.Sprint(e.Err), maxMessageExcerpt))
 	return b.String()
+}
+
+// Bounds of what a configuration error quotes of the file.
+const (
+	maxKeyExcerpt     = 64
+	maxMessageExcerpt = 200
+)
+
+// excerpt is s cut to about n bytes, by leaving out its middle (on rune boundaries).
+func excerpt(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	head, tail := n*2/3, len(s)-n/3
+	for head > 0 && !utf8.RuneStart(s[head]) {
+		head--
+	}
+	for tail < len(s) && !utf8.RuneStart(s[tail]) {
+		tail++
+	}
+	return fmt.Sprintf("%s … (%d bytes left out) … %s", s[:head], tail-head, s[tail:])
 }
 
 func (e *ConfigError) Unwrap() error { return e.Err }
@@ -167,10 +197,15 @@ func DefaultConfig() Config {
 // LoadConfig reads and checks the configuration at path. A missing file is ErrConfigNotExist;
 // any other problem is a *ConfigError naming the file, and the line and key where known.
 func LoadConfig(path string) (*Config, error) {
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("cannot read %s: %w", path, ErrConfigNotExist)
 	}
+	if err != nil {
+		return nil, &ConfigError{File: path, Err: err}
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxConfigSize+1))
 	if err != nil {
 		return nil, &ConfigError{File: path, Err: err}
 	}
@@ -179,6 +214,9 @@ func LoadConfig(path string) (*Config, error) {
 
 // ParseConfig decodes and checks a configuration held in memory; name is used in errors.
 func ParseConfig(name string, data []byte) (*Config, error) {
+	if len(data) > MaxConfigSize {
+		return nil, &ConfigError{File: name, Err: fmt.Errorf("larger than %d MiB: not a unicity configuration", MaxConfigSize>>20)}
+	}
 	cfg := DefaultConfig()
 	cfg.Path = name
 	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&cfg)

@@ -4,8 +4,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -118,6 +120,44 @@ func TestLoadConfigErrors(t *testing.T) {
 			assert.Contains(t, err.Error(), path)
 			assert.Contains(t, err.Error(), tt.msg)
 			assert.NotErrorIs(t, err, ErrConfigNotExist)
+		})
+	}
+}
+
+// TestLoadConfigIsBounded: a file far larger than any configuration is refused after reading
+// MaxConfigSize+1 bytes (a 300 MB file once took 6.5 GB to decode).
+func TestLoadConfigIsBounded(t *testing.T) {
+	path := writeConfig(t, "[provisioning]\nid_scope = \"0ne00000000\"\n")
+	require.NoError(t, os.Truncate(path, 300<<20)) // sparse: no disk used
+	_, err := LoadConfig(path)
+	var ce *ConfigError
+	require.ErrorAs(t, err, &ce)
+	assert.EqualError(t, err, path+": larger than 1 MiB: not a unicity configuration")
+
+	body := "[provisioning]\nid_scope = \"0ne00000000\"\n#"
+	_, err = LoadConfig(writeConfig(t, body+strings.Repeat("#", MaxConfigSize-len(body))))
+	assert.NoError(t, err, "a file of MaxConfigSize is read")
+}
+
+// TestConfigErrorsQuoteAnExcerpt: a huge value or key is quoted by its start and end, with
+// the reason, never whole.
+func TestConfigErrorsQuoteAnExcerpt(t *testing.T) {
+	const scope = "[provisioning]\nid_scope = \"0ne00000000\"\n"
+	huge := strings.Repeat("A", 900<<10)
+	for _, tt := range []struct{ name, body, key, reason string }{
+		{"value", scope + "transport = \"" + huge + "é\"\n", "provisioning.transport", `Aé" is not one of auto, mqtt, mqtt-ws`},
+		{"key", scope + huge + " = 1\n", "provisioning." + huge, "AAAA: unknown key"},
+		{"decoder", scope + "[agent]\nretry_min = \"" + huge + "\"\n", "agent.retry_min", `AAAA"`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ParseConfig("c.toml", []byte(tt.body))
+			var ce *ConfigError
+			require.ErrorAs(t, err, &ce)
+			assert.Equal(t, tt.key, ce.Key, "the key itself is whole")
+			assert.Less(t, len(err.Error()), maxKeyExcerpt+maxMessageExcerpt+100, "%.400s", err)
+			assert.Contains(t, err.Error(), "bytes left out")
+			assert.Contains(t, err.Error(), tt.reason)
+			assert.True(t, utf8.ValidString(err.Error()), "cut on rune boundaries")
 		})
 	}
 }
