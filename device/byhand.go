@@ -80,6 +80,9 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 			}
 		}
 	}
+	if err := lock.CheckWritable(); err != nil {
+		return nil, false, fmt.Errorf("not registering, the assignment could not be stored: %w", err)
+	}
 	st, err := registerBound(ctx, b.Provisioner, id, thumb, prev, now, 1, now())
 	if err != nil {
 		return nil, false, err

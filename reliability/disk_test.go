@@ -46,8 +46,9 @@ func fill(t *testing.T, dir string) {
 }
 
 // TestStateDiskFullAndReadOnly provisions onto a real tmpfs state directory, then fills it,
-// then makes it read-only: a re-registration fails with the reason and the stored
-// assignment stays as it was; the service keeps running on it while the disk is full.
+// then makes it read-only: a re-registration by hand fails naming the disk (75 when full,
+// 78 when read-only) and the stored assignment stays as it was; the service runs on it in
+// both cases.
 func TestStateDiskFullAndReadOnly(t *testing.T) {
 	e := startEmulator(t, "--poll-limit", "0")
 	g := x509Gateway(t, e, "gw-disk", "")
@@ -66,7 +67,9 @@ func TestStateDiskFullAndReadOnly(t *testing.T) {
 		err := c.Run()
 		var ee *exec.ExitError
 		require.True(t, errors.As(err, &ee), "reprovision fails: %v\n%s", err, out)
+		assert.Equal(t, 75, ee.ExitCode(), "temporary: it succeeds once space is freed")
 		assert.Contains(t, out.String(), "no space left on device", "the reason is given")
+		assert.Contains(t, out.String(), "not registering, the assignment could not be stored: cannot write in "+g.state+": its file system is full", "the disk is named, before a registration is spent")
 		after, err := os.ReadFile(filepath.Join(g.state, storage.FileName))
 		require.NoError(t, err)
 		assert.Equal(t, before, after, "the stored assignment is intact")
@@ -89,21 +92,21 @@ func TestStateDiskFullAndReadOnly(t *testing.T) {
 		err = c.Run()
 		var ee *exec.ExitError
 		require.True(t, errors.As(err, &ee), "reprovision fails: %v\n%s", err, cout)
-		assert.Contains(t, cout.String(), "read-only file system", "the reason is given")
-		t.Logf("reprovision on a read-only state directory: exit %d: %s", ee.ExitCode(), cout)
+		assert.Equal(t, 78, ee.ExitCode(), "the image's configuration: a retry cannot help")
+		assert.Contains(t, cout.String(), g.state+": its file system is read-only", "the reason is given")
 		after, err := os.ReadFile(filepath.Join(g.state, storage.FileName))
 		require.NoError(t, err)
 		assert.Equal(t, before, after, "the stored assignment is intact")
 
-		// The service cannot take the state lock: it says so and stops with the
-		// configuration exit code (no restart loop), rather than running unlocked.
-		rctx, rcancel := context.WithTimeout(ctx, 20*time.Second)
-		defer rcancel()
-		run, rout := g.command(rctx, "run")
-		err = run.Run()
-		require.True(t, errors.As(err, &ee), "run fails: %v\n%s", err, rout)
-		assert.Equal(t, 78, ee.ExitCode(), "%s", rout)
-		assert.Contains(t, rout.String(), "read-only file system")
+		// The service takes the lock read-only and runs on the stored assignment, saying
+		// that a new one could not be stored.
+		agent, _, exited := g.runAgent(t, ctx)
+		g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
+		s, err := device.ReadStatus(g.run)
+		require.NoError(t, err)
+		assert.Contains(t, s.LastError, "read-only")
+		agent.Process.Signal(os.Interrupt)
+		<-exited
 	})
 }
 

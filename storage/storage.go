@@ -257,6 +257,28 @@ func (l *Locked) Save(st *State) error {
 	return nil
 }
 
+// probeSize is more than a state file takes, issued certificate chain included.
+const probeSize = 8 << 10
+
+// CheckWritable makes sure a state can be saved now, by writing (and removing) a file of a
+// state's size: a registration with DPS is billed and counted against its quota, and one
+// whose result the disk then refuses is lost. ErrDiskFull or ErrReadOnly say why not.
+func (l *Locked) CheckWritable() error {
+	f, err := os.CreateTemp(l.store.dir, strings.Replace(tmpGlob, "*", "", 1))
+	if err != nil {
+		return l.store.fsError("cannot write", err)
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	if _, err := f.Write(make([]byte, probeSize)); err != nil {
+		return l.store.fsError("cannot write", err)
+	}
+	if err := f.Sync(); err != nil {
+		return l.store.fsError("cannot write", err)
+	}
+	return nil
+}
+
 // fsError names the state directory in err, and what is wrong with its file system when
 // that is the cause (ErrDiskFull, ErrReadOnly).
 func (s *Store) fsError(what string, err error) error {

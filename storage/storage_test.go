@@ -204,6 +204,15 @@ func TestLockRemovesStaleTemporaryFiles(t *testing.T) {
 	assert.ErrorIs(t, err, os.ErrNotExist)
 }
 
+func TestCheckWritableLeavesNothing(t *testing.T) {
+	s := New(t.TempDir())
+	require.NoError(t, lock(t, s).CheckWritable())
+	left, err := os.ReadDir(s.dir)
+	require.NoError(t, err)
+	require.Len(t, left, 1)
+	assert.Equal(t, lockName, left[0].Name(), "only the lock file")
+}
+
 // TestSaveSurvivesSIGKILL kills a process that keeps replacing the state, at random points,
 // and checks that the file left behind is always one complete state from that process.
 func TestSaveSurvivesSIGKILL(t *testing.T) {

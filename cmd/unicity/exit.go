@@ -14,6 +14,7 @@ import (
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/internal/cli"
 	"github.com/unicity-iot/unicity/internal/dial"
+	"github.com/unicity-iot/unicity/storage"
 )
 
 // Exit codes of the contract (shared/design.md), sysexits-style. Scripts and the systemd unit
@@ -59,13 +60,17 @@ func exitCode(err error) int {
 		return exitTempFail
 	case isIdentityError(err):
 		return exitConfig
-	case isConfigError(err), errors.Is(err, device.ErrIdentity):
+	case isConfigError(err), errors.Is(err, device.ErrIdentity), errors.Is(err, storage.ErrReadOnly):
+		// A read-only state directory is how the image was built: a restart cannot fix it.
 		return exitConfig
 	case errors.Is(err, device.ErrRefused), errors.Is(err, dps.ErrRefused), errors.Is(err, hub.ErrNotAuthorized):
 		return exitRefused
 	case errors.Is(err, device.ErrUnreachable), errors.Is(err, dial.ErrUnreachable):
 		return exitUnavailable
 	case errors.Is(err, device.ErrTemporary), isDPSTemporary(err), errors.Is(err, hub.ErrQueueFull), errors.Is(err, hub.ErrTimeout):
+		return exitTempFail
+	case errors.Is(err, storage.ErrDiskFull):
+		// Freeing space fixes it; then the same command succeeds.
 		return exitTempFail
 	default:
 		return exitFailure
