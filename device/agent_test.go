@@ -6,9 +6,13 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -583,6 +587,67 @@ func TestReprovisionThroughTheLocalAPI(t *testing.T) {
 	require.NoError(t, tb.stop())
 	_, err = c.Status(ctx)
 	require.ErrorIs(t, err, ErrNotRunning)
+}
+
+// postReprovision posts to the agent's /v1/reprovision over its socket.
+func postReprovision(t *testing.T, cfg *Config, query string) (*http.Response, string) {
+	t.Helper()
+	c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", APISocket(cfg))
+	}}, Timeout: 10 * time.Second}
+	resp, err := c.Post("http://unicity/v1/reprovision"+query, "", nil)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return resp, string(body)
+}
+
+// TestReprovisionAPIStatuses: an answer the agent gives before it registers comes whole with
+// its HTTP status (429 and Retry-After when rate-limited, 400 for a bad parameter, 503 while
+// it cannot register); a registration under way is 200 with its progress streamed.
+func TestReprovisionAPIStatuses(t *testing.T) {
+	tb := newTestbed(t, assigned("hub-a.example"), assigned("hub-b.example"))
+	ln, err := ListenAPI(tb.cfg)
+	require.NoError(t, err)
+	tb.agent.API = ln
+	tb.start()
+	tb.waitPhase(PhaseConnected)
+
+	resp, body := postReprovision(t, tb.cfg, "")
+	assert.Equal(t, http.StatusTooManyRequests, resp.StatusCode, body)
+	assert.Equal(t, "application/json", resp.Header.Get("Content-Type"))
+	retry, err := strconv.Atoi(resp.Header.Get("Retry-After"))
+	require.NoError(t, err, "Retry-After: %q", resp.Header.Get("Retry-After"))
+	assert.InDelta(t, tb.cfg.Agent.ReprovisionInterval.Seconds(), retry, 2)
+	assert.Contains(t, body, `"error":"registered too recently: `)
+	assert.Contains(t, body, `"kind":"temporary"`)
+
+	resp, body = postReprovision(t, tb.cfg, "?force=yes")
+	assert.Equal(t, http.StatusBadRequest, resp.StatusCode, body)
+	assert.Contains(t, body, `"error":"force: want 1 or 0, not \"yes\""`)
+	assert.Equal(t, 1, tb.dps.Calls(), "no registration for refused requests")
+
+	resp, body = postReprovision(t, tb.cfg, "?force=1")
+	assert.Equal(t, http.StatusOK, resp.StatusCode, body)
+	assert.Equal(t, "application/x-ndjson", resp.Header.Get("Content-Type"))
+	lines := strings.Split(strings.TrimSpace(body), "\n")
+	assert.Contains(t, lines[0], `"status":`, "progress first")
+	assert.Contains(t, lines[len(lines)-1], `"assignment":{"registration_id":"gw-0001","assigned_hub":"hub-b.example"`)
+	require.NoError(t, tb.stop())
+
+	// Waiting for a valid clock, the agent cannot register: 503, at once.
+	tb = newTestbed(t)
+	tb.clock.Set(time.Unix(0, 0))
+	ln, err = ListenAPI(tb.cfg)
+	require.NoError(t, err)
+	tb.agent.API = ln
+	tb.start()
+	tb.waitPhase(PhaseWaitingClock)
+	resp, body = postReprovision(t, tb.cfg, "?force=1")
+	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode, body)
+	assert.Contains(t, body, `"error":"the agent is waiting for a valid clock","kind":"temporary"`)
 }
 
 func TestParkedAgentRegistersOnRequest(t *testing.T) {

@@ -38,9 +38,8 @@ type ConfigError struct {
 	Err  error
 }
 
-// Error names the file, line and key, and says what is wrong. A key or a message that
-// quotes a huge value is cut in the middle: the excerpt keeps where it starts and the
-// reason at its end.
+// Error names the file, line and key, and says what is wrong, quoting at most an excerpt of
+// a huge key or value (see bounded).
 func (e *ConfigError) Error() string {
 	var b strings.Builder
 	b.WriteString(e.File)
@@ -48,17 +47,42 @@ func (e *ConfigError) Error() string {
 		fmt.Fprintf(&b, ":%d", e.Line)
 	}
 	if e.Key != "" {
-		fmt.Fprintf(&b, ": %s", excerpt(e.Key, maxKeyExcerpt))
+		fmt.Fprintf(&b, ": %s", bounded(e.Key))
 	}
-	fmt.Fprintf(&b, ": %s", excerpt(fmt.Sprint(e.Err), maxMessageExcerpt))
+	fmt.Fprintf(&b, ": %s", bounded(fmt.Sprint(e.Err)))
 	return b.String()
 }
 
-// Bounds of what a configuration error quotes of the file.
+// Bounds of what a configuration error quotes of the file: a word (a key, a value, a path)
+// longer than maxWord bytes is shown as an excerpt of wordExcerpt bytes, and the whole
+// message as one of maxMessage.
 const (
-	maxKeyExcerpt     = 64
-	maxMessageExcerpt = 200
+	maxWord     = 256
+	wordExcerpt = 96
+	maxMessage  = 1024
 )
+
+// bounded is msg with its overlong words, then itself if still too long, cut to excerpts.
+func bounded(msg string) string {
+	var b strings.Builder
+	for len(msg) > 0 {
+		end := strings.IndexAny(msg, " \t\n")
+		if end < 0 {
+			end = len(msg)
+		}
+		if w := msg[:end]; len(w) > maxWord {
+			b.WriteString(excerpt(w, wordExcerpt))
+		} else {
+			b.WriteString(w)
+		}
+		if end < len(msg) {
+			b.WriteByte(msg[end])
+			end++
+		}
+		msg = msg[end:]
+	}
+	return excerpt(b.String(), maxMessage)
+}
 
 // excerpt is s cut to about n bytes, by leaving out its middle (on rune boundaries).
 func excerpt(s string, n int) string {

@@ -81,10 +81,22 @@ func (c *Config) checkDir(key, dir string, uid int) (string, error) {
 			"%s is writable by every user (mode %04o): any of them could change what the agent keeps there; fix: chmod o-w %s", dir, mode, dir)}
 	}
 	if uid >= 0 && owner != 0 && owner != uid {
+		runs := "root or by " + userName(uid)
+		if uid == 0 {
+			runs = "root"
+		}
 		return "", &ConfigError{File: c.Path, Key: key, Err: fmt.Errorf(
-			"%s is owned by %s, not by root or by %s, which runs the agent: that user could change what the agent keeps there; fix: chown %d %s", dir, userName(owner), userName(uid), uid, dir)}
+			"%s is owned by %s, not by %s, which runs the agent: that user could change what the agent keeps there; fix: chown %s %s", dir, userName(owner), runs, chownName(uid), dir)}
 	}
 	return fmt.Sprintf("%s: owned by %s, mode %04o", dir, userName(owner), mode), nil
+}
+
+// chownName is uid as chown takes it: the user's name, or the number.
+func chownName(uid int) string {
+	if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
+		return u.Username
+	}
+	return strconv.Itoa(uid)
 }
 
 // userName is uid as "name (uid N)", or "uid N" for a user without a name.
