@@ -371,8 +371,9 @@ func (c *Client) SendTelemetry(ctx context.Context, payload []byte, props map[st
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := c.http.Do(req)
 	if err != nil {
-		if errors.Is(err, ErrNotRunning) {
-			return Mark(err, ErrUnreachable)
+		var ue *url.Error
+		if errors.Is(err, ErrNotRunning) && errors.As(err, &ue) {
+			return Mark(ue.Err, ErrUnreachable) // no agent: the request itself says nothing
 		}
 		return err
 	}

@@ -18,8 +18,11 @@ type HostCheck struct {
 	Check func() (string, error)
 }
 
-// HostChecks are the checks for an agent running as uid. With uid < 0 (a command run by
-// root, which cannot tell the service's user) the directories' owners are not checked.
+// AnyOwner is the uid for HostChecks run by a command other than the agent: it cannot tell
+// which user the service runs as, so it leaves the directories' owners to the agent.
+const AnyOwner = -1
+
+// HostChecks are the checks for an agent running as uid (or see AnyOwner).
 func (c *Config) HostChecks(uid int) []HostCheck {
 	return []HostCheck{
 		{"api group", c.checkAPIGroup},

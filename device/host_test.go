@@ -44,7 +44,7 @@ func TestHostChecksRefuseDirectoriesOthersControl(t *testing.T) {
 	require.ErrorAs(t, err, &ce)
 	assert.Equal(t, "runtime.dir", ce.Key)
 	assert.EqualError(t, err, "config.toml: runtime.dir: "+cfg.Runtime.Dir+" is writable by every user (mode 1777): any of them could change what the agent keeps there; fix: chmod o-w "+cfg.Runtime.Dir)
-	_, err = check("runtime dir", -1)
+	_, err = check("runtime dir", AnyOwner)
 	assert.Error(t, err, "whoever checks")
 
 	if me != 0 {
@@ -59,8 +59,8 @@ func TestHostChecksRefuseDirectoriesOthersControl(t *testing.T) {
 	assert.Contains(t, err.Error(), "fix: chown root "+cfg.State.Dir)
 	_, err = check("state dir", 65534)
 	assert.NoError(t, err, "the agent's own user")
-	_, err = check("state dir", -1)
-	assert.NoError(t, err, "root, by hand, cannot tell the service's user")
+	_, err = check("state dir", AnyOwner)
+	assert.NoError(t, err, "a command by hand cannot tell the service's user")
 }
 
 func TestHostChecksAPIGroup(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -130,6 +131,10 @@ func TestFirstBootDiskFull(t *testing.T) {
 	assert.Contains(t, s.StoreError, g.state, "and names the state directory")
 	_, err = os.Stat(filepath.Join(g.state, storage.FileName))
 	assert.ErrorIs(t, err, os.ErrNotExist)
+	c, sout := g.command(ctx, "status")
+	require.NoError(t, c.Run(), "%s", sout)
+	assert.Regexp(t, `(?m)^  hub: +`+regexp.QuoteMeta(s.AssignedHub)+`$`, sout.String(), "the assignment in use")
+	assert.Regexp(t, `(?m)^  not stored: +cannot store the provisioning state in .*: its file system is full`, sout.String())
 
 	require.NoError(t, os.Remove(filepath.Join(g.state, "filler")))
 	deadline := time.Now().Add(20 * time.Second)

@@ -26,7 +26,7 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	var tf tpmFlags
 	tf.register(fs)
 	level := logLevel{slog.LevelInfo}
-	fs.Var(&level, "log-level", "`LEVEL` of the service log: debug (every DPS step and hub connection change), info, warn or error")
+	fs.Var(&level, "log-level", "`LEVEL` of the service log: debug (every DPS step and hub connection change), info (the default), warn or error")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
