@@ -268,6 +268,13 @@ func (tb *testbed) newAgent() *Agent {
 	}
 }
 
+// listenAPI gives the agent its local API socket.
+func (tb *testbed) listenAPI() {
+	ln, err := ListenAPI(tb.cfg)
+	require.NoError(tb.t, err)
+	tb.agent.API = ln
+}
+
 func (tb *testbed) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	tb.cancel = cancel
@@ -553,16 +560,14 @@ func TestTPMNotReadyIsRetried(t *testing.T) {
 
 func TestReprovisionThroughTheLocalAPI(t *testing.T) {
 	tb := newTestbed(t, assigned("hub-a.example"), assigned("hub-b.example"))
-	ln, err := ListenAPI(tb.cfg)
-	require.NoError(t, err)
-	tb.agent.API = ln
+	tb.listenAPI()
 	tb.start()
 	tb.waitPhase(PhaseConnected)
 	first := tb.hub.last()
 
 	c := NewClient(tb.cfg)
 	ctx := context.Background()
-	_, err = c.Reprovision(ctx, false, false, nil)
+	_, err := c.Reprovision(ctx, false, false, nil)
 	require.ErrorIs(t, err, ErrTemporary, "rate limited without --force")
 	assert.Contains(t, err.Error(), "--force")
 	assert.Equal(t, 1, tb.dps.Calls())
@@ -609,9 +614,7 @@ func postReprovision(t *testing.T, cfg *Config, query string) (*http.Response, s
 // it cannot register); a registration under way is 200 with its progress streamed.
 func TestReprovisionAPIStatuses(t *testing.T) {
 	tb := newTestbed(t, assigned("hub-a.example"), assigned("hub-b.example"))
-	ln, err := ListenAPI(tb.cfg)
-	require.NoError(t, err)
-	tb.agent.API = ln
+	tb.listenAPI()
 	tb.start()
 	tb.waitPhase(PhaseConnected)
 
@@ -640,9 +643,7 @@ func TestReprovisionAPIStatuses(t *testing.T) {
 	// Waiting for a valid clock, the agent cannot register: 503, at once.
 	tb = newTestbed(t)
 	tb.clock.Set(time.Unix(0, 0))
-	ln, err = ListenAPI(tb.cfg)
-	require.NoError(t, err)
-	tb.agent.API = ln
+	tb.listenAPI()
 	tb.start()
 	tb.waitPhase(PhaseWaitingClock)
 	resp, body = postReprovision(t, tb.cfg, "?force=1")
@@ -653,9 +654,7 @@ func TestReprovisionAPIStatuses(t *testing.T) {
 func TestParkedAgentRegistersOnRequest(t *testing.T) {
 	refused := Mark(errors.New("no enrollment"), ErrRefused)
 	tb := newTestbed(t, failing(refused), assigned("hub-a.example"))
-	ln, err := ListenAPI(tb.cfg)
-	require.NoError(t, err)
-	tb.agent.API = ln
+	tb.listenAPI()
 	tb.start()
 	tb.waitPhase(PhaseParked)
 	asg, err := NewClient(tb.cfg).Reprovision(context.Background(), false, false, nil)
