@@ -264,7 +264,7 @@ const probeSize = 8 << 10
 // state's size: a registration with DPS is billed and counted against its quota, and one
 // whose result the disk then refuses is lost. ErrDiskFull or ErrReadOnly say why not.
 func (l *Locked) CheckWritable() error {
-	f, err := os.CreateTemp(l.store.dir, strings.Replace(tmpGlob, "*", "", 1))
+	f, err := os.CreateTemp(l.store.dir, filepath.Base(atomicfile.TempGlob(l.store.Path())))
 	if err != nil {
 		return l.store.fsError("cannot write", err)
 	}
