@@ -29,7 +29,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	hubs := fs.Int("hubs", 0, "number of hubs (default: one per --hub-addr, at least 1)")
 	fs.Var(&names, "server-name", "extra host `name` for the server certificates (repeatable)")
 	hubHost := fs.String("hub-host", "localhost", "`host` devices reach the hubs by: DPS assigns host:port (host alone on port 8883)")
-	retryAfter := fs.Int("retry-after", int(dpstest.DefaultRetryAfter/time.Second), "retry-after `seconds` DPS announces while assigning")
+	retryAfter := fs.Int("retry-after", int(dpstest.DefaultRetryAfter/time.Second), "retry-after `seconds` DPS announces while assigning, as Azure does; at least 2 with the default --poll-limit (a client that obeys less would poll faster than the limit allows)")
 	assignDelay := fs.Duration("assign-delay", 0, "how long after a register request DPS completes the assignment")
 	quota := fs.String("quota", "", "DPS registrations per minute, `N/min` (default: unlimited)")
 	pollLimit := fs.Int("poll-limit", dpstest.DefaultPollLimit, "DPS polls one device may send per 10 s before 429 (`N`; 0: unlimited)")
@@ -60,6 +60,12 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	announced := time.Duration(*retryAfter) * time.Second
+	if least := dpstest.MinRetryAfter(*pollLimit); announced < least {
+		fmt.Fprintf(e.stderr, "unicity-emulator serve: --retry-after %d raised to %d: a client that obeys less polls faster than --poll-limit %d per %v allows (--poll-limit 0 lifts both)\n",
+			*retryAfter, int(least/time.Second), *pollLimit, dpstest.PollWindow)
+		announced = least
+	}
 
 	var (
 		fleetHubs []*hubtest.Hub
@@ -85,7 +91,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	cfg.ServerNames = append([]string{*hubHost}, names...) // devices reach DPS by the same host
 	cfg.NoFactoryEnrollment = true
 	cfg.Hubs = fleet.Names()
-	cfg.RetryAfter = time.Duration(*retryAfter) * time.Second
+	cfg.RetryAfter = announced
 	cfg.AssignDelay = *assignDelay
 	cfg.RegistrationsPerMinute = perMinute
 	cfg.PollLimit = *pollLimit

@@ -45,7 +45,7 @@ func TestHappyPath(t *testing.T) {
 
 			r := d.register("dev-1")
 			assert.Equal(t, 202, r.status)
-			assert.Equal(t, "$dps/registrations/res/202/?$rid=1&retry-after=1", r.topic)
+			assert.Equal(t, "$dps/registrations/res/202/?$rid=1&retry-after=3", r.topic)
 			assert.Equal(t, byte(1), r.qos)
 			assert.Regexp(t, opIDRE, r.body.OperationID)
 			assert.Equal(t, "assigning", r.body.Status)

@@ -17,13 +17,13 @@ func TestAssignDelay(t *testing.T) {
 	d := mustDial(t, s, dialOpts{regID: "slow", cert: factoryCert(t, s, "slow")})
 	r := d.register("slow")
 	require.Equal(t, 202, r.status)
-	assert.Equal(t, 1, r.retryAfter, "default retry-after is 1 s")
+	assert.Equal(t, 3, r.retryAfter, "default retry-after is 3 s, as Azure sends")
 	op := r.body.OperationID
 
 	now.Advance(4 * time.Second)
 	r = d.poll(op)
 	assert.Equal(t, 202, r.status)
-	assert.Equal(t, 1, r.retryAfter)
+	assert.Equal(t, 3, r.retryAfter)
 	assert.JSONEq(t, `{"operationId":"`+op+`","status":"assigning","registrationState":{"registrationId":"slow","status":"assigning"}}`, string(r.raw))
 	_, ok := s.Registration("slow")
 	assert.False(t, ok, "nothing recorded before the operation completes")
@@ -42,6 +42,28 @@ func TestRetryAfterRoundsUp(t *testing.T) {
 	s := dpstest.NewServer(t, func(c *dpstest.Config) { c.RetryAfter = 1500 * time.Millisecond })
 	d := mustDial(t, s, dialOpts{regID: "r", cert: factoryCert(t, s, "r")})
 	assert.Equal(t, 2, d.register("r").retryAfter)
+}
+
+// TestObeyingRetryAfterIsNotThrottled: a client that waits the announced retry-after between
+// polls, by default or at the least MinRetryAfter allows, never meets the poll limit.
+func TestObeyingRetryAfterIsNotThrottled(t *testing.T) {
+	assert.Equal(t, 2*time.Second, dpstest.MinRetryAfter(dpstest.DefaultPollLimit))
+	assert.Equal(t, 4*time.Second, dpstest.MinRetryAfter(3), "rounded up to whole seconds")
+	assert.Equal(t, time.Duration(0), dpstest.MinRetryAfter(0))
+	for _, retryAfter := range []time.Duration{dpstest.DefaultRetryAfter, dpstest.MinRetryAfter(dpstest.DefaultPollLimit)} {
+		t.Run(retryAfter.String(), func(t *testing.T) {
+			now := newClock()
+			s := dpstest.NewServer(t, func(c *dpstest.Config) { c.Now = now.Now; c.AssignDelay = time.Hour; c.RetryAfter = retryAfter })
+			d := mustDial(t, s, dialOpts{regID: "obedient", cert: factoryCert(t, s, "obedient")})
+			r := d.register("obedient")
+			for i := range 20 {
+				require.Equal(t, 202, r.status, "request %d", i)
+				now.Advance(time.Duration(r.retryAfter) * time.Second)
+				r = d.poll(r.body.OperationID)
+			}
+			assert.Zero(t, s.Stats().Throttled)
+		})
+	}
 }
 
 func TestPollLimit(t *testing.T) {

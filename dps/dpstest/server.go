@@ -33,14 +33,25 @@ import (
 // that clients can keep their production host name and TLS server name.
 const GlobalHost = "global.azure-devices-provisioning.net"
 
-// Azure's documented service limits (DOC-DPS-LIMITS), the defaults of DefaultConfig.
+// Azure's documented service limits (DOC-DPS-LIMITS) and the retry-after it announces while
+// assigning (protocol.md §7.2), the defaults of DefaultConfig.
 const (
-	DefaultRetryAfter     = time.Second
+	DefaultRetryAfter     = 3 * time.Second
 	DefaultMaxMessageSize = 96 << 10
 	DefaultPollLimit      = 5
 	PollWindow            = 10 * time.Second
 	DefaultHub            = "hub.azure-devices.net"
 )
+
+// MinRetryAfter is the least retry-after that a client obeying it can follow without
+// exceeding a poll limit of pollLimit per PollWindow (2 s for Azure's 5), whole seconds; 0
+// when there is no limit.
+func MinRetryAfter(pollLimit int) time.Duration {
+	if pollLimit <= 0 {
+		return 0
+	}
+	return (PollWindow/time.Duration(pollLimit) + time.Second - 1).Truncate(time.Second)
+}
 
 // UnknownDevice says how a device without a matching enrollment is refused.
 type UnknownDevice int
@@ -101,7 +112,7 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// DefaultConfig is the behaviour of Azure DPS: TLS 1.2, retry-after 1 s, 5 polls per 10 s,
+// DefaultConfig is the behaviour of Azure DPS: TLS 1.2, retry-after 3 s, 5 polls per 10 s,
 // 96 KB messages, unknown devices refused at CONNECT, one linked hub.
 func DefaultConfig() Config {
 	return Config{
