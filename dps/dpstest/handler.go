@@ -16,6 +16,7 @@ import (
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/unicity-iot/unicity/internal/mqttsrv"
+	"github.com/unicity-iot/unicity/internal/uuid"
 )
 
 // Topics of the device API (protocol.md §2.1).
@@ -266,7 +267,7 @@ func (s *Server) errorReply(status, code int, msg string, retryAfter time.Durati
 		TrackingID   string `json:"trackingId"`
 		Message      string `json:"message"`
 		TimestampUTC string `json:"timestampUtc"`
-	}{code, uuid4(), msg, dpsTime(s.cfg.Now())})
+	}{code, uuid.New(), msg, dpsTime(s.cfg.Now())})
 	return reply{status: status, body: body, retryAfter: retryAfter}
 }
 
@@ -320,7 +321,7 @@ func (s *Server) register(st *connState, body []byte) reply {
 		return reply{status: 200, body: disabledBody("", st.regID), retryAfter: noRetryAfter}
 	}
 
-	op := &operation{id: s.opPrefix + uuid4(), regID: st.regID, enroll: st.enroll,
+	op := &operation{id: s.opPrefix + uuid.New(), regID: st.regID, enroll: st.enroll,
 		readyAt: s.cfg.Now().Add(s.cfg.AssignDelay)}
 	if len(req.Payload) > 0 && string(req.Payload) != "null" {
 		op.payload = req.Payload

@@ -13,6 +13,7 @@ import (
 
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/uuid"
 )
 
 // Assignment tells a Registrar that a device has been assigned to a hub.
@@ -145,7 +146,7 @@ type operationStatus struct {
 // dpsTime formats like the service: UTC with 7 fractional digits.
 func dpsTime(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.0000000Z") }
 
-func newETag() string { return base64.StdEncoding.EncodeToString([]byte(`"` + uuid4() + `"`)) }
+func newETag() string { return base64.StdEncoding.EncodeToString([]byte(`"` + uuid.New() + `"`)) }
 
 // failure is an operation-level failure: a 200 response with status "failed".
 type failure struct {

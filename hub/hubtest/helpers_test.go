@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"regexp"
 	"testing"
 	"time"
 
@@ -13,6 +14,9 @@ import (
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
+
+// guidRE is the shape of the IDs Azure makes: a version 4 UUID.
+var guidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
 
 // fixture is a hub with a factory CA whose devices are registered as CA-signed.
 type fixture struct {

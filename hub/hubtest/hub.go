@@ -66,7 +66,6 @@ type Hub struct {
 	failConnects, failTwin int
 	failConnectCode        byte
 	failTwinStatus         int
-	nextID                 uint64
 	changed                chan struct{} // closed and replaced whenever observable state changes
 	https                  []*http.Server
 	closed                 bool
@@ -202,9 +201,4 @@ func (h *Hub) after(d time.Duration, c *mqttsrv.Conn, f func()) {
 		case <-c.Done():
 		}
 	}()
-}
-
-func (h *Hub) newID() string {
-	h.nextID++
-	return fmt.Sprintf("%x", h.nextID)
 }

@@ -218,6 +218,7 @@ func TestCloudToDevice(t *testing.T) {
 	m := c.next(t)
 	assert.Equal(t, "hello", string(m.Payload()))
 	assert.Equal(t, byte(1), m.Qos())
+	assert.Regexp(t, guidRE, id, "a GUID, as Azure's")
 	assert.Equal(t, "devices/dev/messages/devicebound/%24.cid=corr%201&%24.mid="+id+
 		"&%24.to=%2Fdevices%2Fdev%2Fmessages%2FdeviceBound&app=a%2Fb%3Fc%3Dd", m.Topic())
 
@@ -227,10 +228,14 @@ func TestCloudToDevice(t *testing.T) {
 		return len(p) == 0
 	}))
 
-	// Delivered at once to a connected, subscribed device.
-	_, err = f.srv.SendC2D("dev", []byte("second"), nil)
+	// Delivered at once to a connected, subscribed device; a message ID the sender chose is
+	// kept.
+	id, err = f.srv.SendC2D("dev", []byte("second"), map[string]string{"$.mid": "order-17"})
 	require.NoError(t, err)
-	assert.Equal(t, "second", string(c.next(t).Payload()))
+	assert.Equal(t, "order-17", id)
+	m = c.next(t)
+	assert.Equal(t, "second", string(m.Payload()))
+	assert.Equal(t, "devices/dev/messages/devicebound/%24.mid=order-17&%24.to=%2Fdevices%2Fdev%2Fmessages%2FdeviceBound", m.Topic())
 
 	_, err = f.srv.SendC2D("nobody", nil, nil)
 	assert.ErrorIs(t, err, hubtest.ErrDeviceNotFound)
@@ -383,9 +388,11 @@ func TestDirectMethods(t *testing.T) {
 	assert.ErrorIs(t, err, hubtest.ErrDeviceNotOnline, "not subscribed to methods")
 
 	c.subscribe(t, "$iothub/methods/POST/#", 0)
+	rids := make(chan string, 1)
 	go func() {
 		m := <-c.msgs
 		rid := m.Topic()[strings.Index(m.Topic(), "$rid=")+5:]
+		rids <- rid
 		// A stray answer for another request is ignored.
 		c.Publish("$iothub/methods/res/500/?$rid=unknown", 0, false, []byte(`{}`))
 		c.Publish("$iothub/methods/res/201/?$rid="+rid, 0, false, []byte(`{"echo":`+string(m.Payload())+`,"topic":"`+strings.Split(m.Topic(), "?")[0]+`"}`))
@@ -394,6 +401,7 @@ func TestDirectMethods(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 201, res.Status)
 	assert.JSONEq(t, `{"echo":{"delay":5},"topic":"$iothub/methods/POST/reboot/"}`, string(res.Payload))
+	assert.Regexp(t, guidRE, <-rids, "the request ID is a GUID, as Azure's")
 
 	// No answer: the caller's deadline gives ErrTimeout.
 	ctx, cancel := context.WithTimeout(testContext(t), 200*time.Millisecond)

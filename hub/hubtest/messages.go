@@ -11,6 +11,7 @@ import (
 
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/internal/mqttsrv"
+	"github.com/unicity-iot/unicity/internal/uuid"
 )
 
 // maxRecorded bounds the telemetry a long-running emulator keeps; the oldest is dropped.
@@ -89,7 +90,8 @@ type c2dMessage struct {
 }
 
 // SendC2D queues a message for the device and delivers it at once if the device is
-// connected and subscribed. It returns the message ID.
+// connected and subscribed. It returns the message ID: props["$.mid"] when set, else a new
+// GUID.
 func (h *Hub) SendC2D(deviceID string, payload []byte, props map[string]string) (string, error) {
 	if len(payload) > MaxC2DSize {
 		return "", fmt.Errorf("hubtest: message of %d bytes exceeds %d", len(payload), MaxC2DSize)
@@ -104,7 +106,13 @@ func (h *Hub) SendC2D(deviceID string, payload []byte, props map[string]string) 
 		h.mu.Unlock()
 		return "", fmt.Errorf("%w: %d messages pending for %q", ErrQueueFull, len(d.c2d), deviceID)
 	}
-	m := &c2dMessage{C2DMessage: C2DMessage{ID: h.newID(), Payload: payload, Properties: maps.Clone(props)}}
+	// The sender may choose the message ID, as with the service SDKs; else it is a GUID, as
+	// those SDKs make.
+	id := props["$.mid"]
+	if id == "" {
+		id = uuid.New()
+	}
+	m := &c2dMessage{C2DMessage: C2DMessage{ID: id, Payload: payload, Properties: maps.Clone(props)}}
 	d.c2d = append(d.c2d, m)
 	h.broadcast()
 	h.mu.Unlock()
@@ -223,7 +231,7 @@ func (h *Hub) Invoke(ctx context.Context, deviceID, method string, payload []byt
 		h.mu.Unlock()
 		return MethodResult{}, fmt.Errorf("%w: %q", ErrDeviceNotOnline, deviceID)
 	}
-	rid := h.newID()
+	rid := uuid.New() // a GUID, as IoT Hub's
 	answer := make(chan MethodResult, 1)
 	d.methods[rid] = answer
 	h.mu.Unlock()
