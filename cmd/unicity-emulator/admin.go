@@ -195,14 +195,54 @@ func (a *admin) invoke(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	timeout := time.Duration(req.TimeoutSeconds * float64(time.Second))
-	if timeout <= 0 {
-		timeout = 30 * time.Second
+	timeout := defaultMethodTimeout
+	if req.TimeoutSeconds != 0 {
+		timeout = time.Duration(req.TimeoutSeconds * float64(time.Second))
+	}
+	if timeout < minMethodTimeout || timeout > maxMethodTimeout {
+		httpError(w, http.StatusBadRequest, fmt.Errorf("response timeout %v: IoT Hub allows %v to %v", timeout, minMethodTimeout, maxMethodTimeout))
+		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeout)
 	defer cancel()
 	res, err := h.Invoke(ctx, req.Device, req.Method, req.Payload)
-	reply(w, res, err)
+	if err != nil {
+		methodError(w, err)
+		return
+	}
+	reply(w, res, nil)
+}
+
+// IoT Hub's bounds and default for responseTimeoutInSeconds (DOC-METHODS).
+const (
+	minMethodTimeout     = 5 * time.Second
+	maxMethodTimeout     = 300 * time.Second
+	defaultMethodTimeout = 30 * time.Second
+)
+
+// methodErrorJSON is a failed method invocation as the service answers it: the HTTP status,
+// its six-digit error code and message, and the emulator's own explanation.
+type methodErrorJSON struct {
+	Status    int    `json:"status"`
+	ErrorCode int    `json:"error_code"`
+	Message   string `json:"message"`
+	Error     string `json:"error"`
+}
+
+// methodError answers a failed invocation with the status, code and message IoT Hub gives.
+func methodError(w http.ResponseWriter, err error) {
+	e := methodErrorJSON{Status: http.StatusBadRequest, ErrorCode: 400000, Message: "Bad request.", Error: err.Error()}
+	switch {
+	case errors.Is(err, hubtest.ErrTimeout):
+		e.Status, e.ErrorCode, e.Message = http.StatusGatewayTimeout, 504101, "Timed out waiting for the response from device."
+	case errors.Is(err, hubtest.ErrDeviceNotOnline):
+		e.Status, e.ErrorCode, e.Message = http.StatusNotFound, 404103, "Timed out waiting for device to connect."
+	case errors.Is(err, hubtest.ErrDeviceNotFound):
+		e.Status, e.ErrorCode, e.Message = http.StatusNotFound, 404001, "Device not found."
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(e.Status)
+	json.NewEncoder(w).Encode(e)
 }
 
 func (a *admin) twin(w http.ResponseWriter, r *http.Request) {
@@ -361,6 +401,7 @@ func newAdminClient(dir string) *adminClient {
 type errAdmin struct {
 	status int
 	msg    string
+	body   []byte // the whole answer
 }
 
 func (e *errAdmin) Error() string { return e.msg }
@@ -399,7 +440,7 @@ func (c *adminClient) call(ctx context.Context, method, path string, query url.V
 		if json.Unmarshal(data, &e) != nil || e.Error == "" {
 			e.Error = resp.Status
 		}
-		return &errAdmin{status: resp.StatusCode, msg: e.Error}
+		return &errAdmin{status: resp.StatusCode, msg: e.Error, body: data}
 	}
 	return json.Unmarshal(data, out)
 }

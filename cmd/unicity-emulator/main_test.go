@@ -402,8 +402,17 @@ func TestServeEndToEnd(t *testing.T) {
 	cliJSON(t, &res, "invoke", "--dir", dir, "--device", "gw-1", "--method", "uptime", "--payload", `{"unit":"s"}`)
 	assert.Equal(t, 200, res.Status)
 	assert.JSONEq(t, `{"uptime":{"unit":"s"}}`, string(res.Payload))
-	_, code = runCLI(t, "invoke", "--dir", dir, "--device", "gw-1", "--method", "silent", "--timeout", "100ms")
+	for _, outside := range []string{"4s", "301s"} {
+		_, code = runCLI(t, "invoke", "--dir", dir, "--device", "gw-1", "--method", "silent", "--timeout", outside)
+		assert.Equal(t, 2, code, "IoT Hub allows 5 s to 300 s, not %s", outside)
+	}
+	var failed methodErrorJSON
+	stdout, code := runCLI(t, "invoke", "--dir", dir, "--device", "gw-1", "--method", "silent", "--timeout", "5s")
 	assert.Equal(t, 1, code, "no answer in time")
+	require.NoError(t, json.Unmarshal([]byte(stdout), &failed), stdout)
+	assert.Equal(t, 504, failed.Status)
+	assert.Equal(t, 504101, failed.ErrorCode)
+	assert.Equal(t, "Timed out waiting for the response from device.", failed.Message)
 	<-msgs
 
 	var twin map[string]map[string]any
@@ -438,6 +447,10 @@ func TestServeEndToEnd(t *testing.T) {
 	<-lost
 	_, err = connectHub(t, s, other, dev, msgs, nil)
 	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised)
+	stdout, code = runCLI(t, "invoke", "--dir", dir, "--device", "gw-1", "--method", "uptime")
+	assert.Equal(t, 1, code, "the device is offline")
+	require.NoError(t, json.Unmarshal([]byte(stdout), &failed), stdout)
+	assert.Equal(t, methodErrorJSON{Status: 404, ErrorCode: 404103, Message: "Timed out waiting for device to connect.", Error: failed.Error}, failed)
 	cliJSON(t, &info, "disable", "--dir", dir, "--device", "gw-1", "--enable")
 	assert.Equal(t, "enabled", info.Status)
 

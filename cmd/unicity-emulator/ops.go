@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -90,12 +92,15 @@ func runInvoke(ctx context.Context, e *env, args []string) error {
 	device := fs.String("device", "", "device `ID`")
 	method := fs.String("method", "", "method `name`")
 	payload := fs.String("payload", "", "request body, `JSON`")
-	timeout := fs.Duration("timeout", 30*time.Second, "response timeout (IoT Hub allows 5s to 5m)")
+	timeout := fs.Duration("timeout", defaultMethodTimeout, "response timeout, 5s to 5m as IoT Hub allows")
 	if err := parse(e, fs, "--dir DIR --device ID --method NAME [--payload JSON] [--timeout D]", args); err != nil {
 		return err
 	}
 	if *device == "" || *method == "" {
 		return usageErrorf("invoke: --device and --method are required")
+	}
+	if *timeout < minMethodTimeout || *timeout > maxMethodTimeout {
+		return usageErrorf("invoke: --timeout %v: IoT Hub allows %v to %v", *timeout, minMethodTimeout, maxMethodTimeout)
 	}
 	req := invokeRequest{Device: *device, Method: *method, TimeoutSeconds: timeout.Seconds()}
 	if *payload != "" {
@@ -106,6 +111,11 @@ func runInvoke(ctx context.Context, e *env, args []string) error {
 	}
 	var out json.RawMessage
 	if err := newAdminClient(*dir).call(ctx, http.MethodPost, "/v1/invoke", nil, req, &out); err != nil {
+		// A device that is offline or does not answer: the service's status and code, on
+		// stdout for scripts, as an answer is.
+		if ae := (*errAdmin)(nil); errors.As(err, &ae) && json.Valid(ae.body) && bytes.Contains(ae.body, []byte(`"error_code"`)) {
+			printJSON(e.stdout, json.RawMessage(ae.body))
+		}
 		return err
 	}
 	return printJSON(e.stdout, out)
