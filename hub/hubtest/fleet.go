@@ -122,7 +122,11 @@ func (f *Fleet) Allocate(req dpstest.AllocationRequest) (dpstest.AllocationResul
 
 // Assign registers an assigned device in its hub's registry, moving it (with its twin) from
 // the previous hub when DPS re-provisioned it elsewhere, and resetting the twin when DPS
-// says so.
+// says so. A device that exists keeps its status: one disabled on its hub stays disabled,
+// and is refused at CONNECT after it registers again. Azure keeps the two controls apart:
+// deprovisioning a device takes both disabling its enrollment in DPS and disabling (or
+// deleting) it in the hub's identity registry (learn.microsoft.com/azure/iot-dps/
+// how-to-unprovision-devices).
 func (f *Fleet) Assign(a dpstest.Assignment) error {
 	to, err := f.Hub(a.Hub)
 	if err != nil {
@@ -151,7 +155,7 @@ func (f *Fleet) Assign(a dpstest.Assignment) error {
 			return fmt.Errorf("hubtest: initial twin of %q: %w", a.DeviceID, err)
 		}
 	}
-	return to.register(d, reset)
+	return to.register(d, reset, true)
 }
 
 // desiredOf takes the desired properties from an enrollment's initial twin, which Azure

@@ -68,6 +68,41 @@ func TestFleetAssign(t *testing.T) {
 	assert.Error(t, fleet.Assign(dpstest.Assignment{DeviceID: "x", Hub: "nowhere:1"}))
 }
 
+// TestFleetAssignKeepsDisabled: DPS re-provisioning a device that an operator disabled on its
+// hub, to the same hub or another, leaves it disabled; only the operator enables it again.
+func TestFleetAssignKeepsDisabled(t *testing.T) {
+	a := newFixture(t)
+	b := &fixture{srv: hubtest.NewServer(t, hubtest.WithCA(a.srv.CA)), factory: a.factory}
+	fleet := hubtest.NewFleet(a.srv.Hub, b.srv.Hub)
+	leaf, err := a.factory.NewDevice("dev")
+	require.NoError(t, err)
+	cert := leaf.TLSCertificate()
+	assign := func(hub, previous string) {
+		t.Helper()
+		require.NoError(t, fleet.Assign(dpstest.Assignment{RegistrationID: "dev", DeviceID: "dev", Hub: hub, PreviousHub: previous,
+			Substatus: dpstest.InitialAssignment, Auth: dpstest.DeviceAuth{CA: a.factory.Certificate}}))
+	}
+	assign(a.srv.Name(), "")
+	require.NoError(t, a.srv.SetDisabled("dev", true))
+
+	assign(a.srv.Name(), a.srv.Name())
+	info, err := a.srv.Device("dev")
+	require.NoError(t, err)
+	assert.Equal(t, "disabled", info.Status, "re-registered on the same hub")
+	_, err = a.connect(t, clientConfig{id: "dev", cert: &cert})
+	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised)
+
+	assign(b.srv.Name(), a.srv.Name())
+	info, err = b.srv.Device("dev")
+	require.NoError(t, err)
+	assert.Equal(t, "disabled", info.Status, "moved to another hub by re-provisioning")
+	_, err = b.connect(t, clientConfig{id: "dev", cert: &cert})
+	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised)
+
+	require.NoError(t, b.srv.SetDisabled("dev", false))
+	b.mustConnect(t, clientConfig{id: "dev", cert: &cert})
+}
+
 func TestFleetAllocate(t *testing.T) {
 	a := newFixture(t)
 	b := hubtest.NewServer(t, hubtest.WithCA(a.srv.CA))

@@ -72,13 +72,15 @@ const (
 )
 
 // Register creates a device, or updates the credentials and status of an existing one
-// (keeping its twin, session and queue, as a DPS re-assignment to the same hub does).
-func (h *Hub) Register(d Device) error { return h.register(d, false) }
+// (keeping its twin, session and queue).
+func (h *Hub) Register(d Device) error { return h.register(d, false, false) }
 
 // register is Register that, with resetTwin, also replaces an existing device's twin with
 // d.InitialTwin (DPS reprovisioning with "reset to initial config"); the versions move on so
-// that a connected device sees the change as newer.
-func (h *Hub) register(d Device, resetTwin bool) error {
+// that a connected device sees the change as newer. With keepStatus, an existing device keeps
+// its status whatever d says: a DPS assignment updates credentials, never the status, so
+// that a device disabled on the hub stays disabled through re-provisioning.
+func (h *Hub) register(d Device, resetTwin, keepStatus bool) error {
 	if d.ID == "" {
 		return errors.New("hubtest: device ID is empty")
 	}
@@ -91,6 +93,9 @@ func (h *Hub) register(d Device, resetTwin bool) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if dev, ok := h.devices[d.ID]; ok {
+		if keepStatus {
+			d.Disabled = dev.Disabled
+		}
 		dev.Device = d
 		if d.Disabled {
 			h.kick(dev)
