@@ -130,7 +130,6 @@ func TestX509Enrollments(t *testing.T) {
 			{"chain without the intermediate", "line8-dev", noIntermediate, ""},
 			{"expired certificate", "expired", tlsCert(expired), ""},
 			{"server certificate", "server-cert", tlsCert(serverOnly), ""},
-			{"wrong ID scope", "factory-dev", factoryCert(t, s, "factory-dev"), "0neWRONG000/registrations/factory-dev/api-version=2019-03-31"},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
 				before := s.Stats().Refused
@@ -140,6 +139,19 @@ func TestX509Enrollments(t *testing.T) {
 				assert.Equal(t, byte(5), ce.code)
 				assert.Equal(t, before+1, s.Stats().Refused)
 			})
+		}
+	})
+
+	t.Run("wrong ID scope", func(t *testing.T) {
+		// Checked before the credentials, whatever they are, and answered as DPS does:
+		// "server unavailable".
+		for _, cert := range []*tls.Certificate{factoryCert(t, s, "factory-dev"), nil} {
+			before := s.Stats().Refused
+			_, err := dial(t, s, dialOpts{regID: "factory-dev", cert: cert, username: "0neWRONG000/registrations/factory-dev/api-version=2019-03-31"})
+			var ce *connectError
+			require.ErrorAs(t, err, &ce)
+			assert.Equal(t, byte(3), ce.code)
+			assert.Equal(t, before+1, s.Stats().Refused)
 		}
 	})
 
@@ -157,8 +169,12 @@ func TestX509Enrollments(t *testing.T) {
 		r := d.register("claimed-id")
 		assert.Equal(t, 401, r.status)
 		assert.Equal(t, 401002, r.body.ErrorCode)
-		assert.Contains(t, r.body.Message, `"real-cn"`)
-		assert.Contains(t, r.body.Message, `"claimed-id"`)
+		assert.Equal(t, "Invalid certificate.", r.body.Message, "the service does not say why")
+		attempts := s.Attempts("claimed-id")
+		require.Len(t, attempts, 1)
+		assert.Equal(t, dpstest.OutcomeRefused, attempts[0].Outcome)
+		assert.Contains(t, attempts[0].Reason, `"real-cn"`, "the history does")
+		assert.Contains(t, attempts[0].Reason, `"claimed-id"`)
 	})
 }
 
@@ -172,11 +188,24 @@ func TestUnknownDevice401(t *testing.T) {
 	r := d.register("stranger-dev")
 	assert.Equal(t, 401, r.status)
 	assert.Equal(t, 401002, r.body.ErrorCode)
-	assert.True(t, strings.HasPrefix(r.body.Message, "Invalid certificate."), r.body.Message)
+	assert.Equal(t, "Invalid certificate.", r.body.Message)
 	r = d.poll("4.0000000000000000.00000000-0000-4000-8000-000000000000")
 	assert.Equal(t, 401, r.status)
 	assert.Equal(t, int64(3), s.Stats().Refused, "the connection and both requests")
 	assert.Equal(t, int64(1), s.Stats().Connections)
+	attempts := s.Attempts("STRANGER-dev")
+	require.Len(t, attempts, 1, "the register request; polls belong to operations")
+	assert.Equal(t, dpstest.OutcomeRefused, attempts[0].Outcome)
+	assert.Equal(t, "certificate matches no enrollment", attempts[0].Reason)
+
+	// A SAS device is told "Unauthorized", as DPS tells it.
+	exp := time.Now().Add(time.Hour)
+	d = mustDial(t, s, dialOpts{regID: "sas-stranger", password: sasToken(s.IDScope(), "sas-stranger", []byte("no such key"), exp, false)})
+	r = d.register("sas-stranger")
+	assert.Equal(t, 401, r.status)
+	assert.Equal(t, 401000, r.body.ErrorCode)
+	assert.Equal(t, "Unauthorized", r.body.Message)
+	assert.Equal(t, "SAS signature matches no enrollment", s.Attempts("sas-stranger")[0].Reason)
 }
 
 func TestSymmetricKeyEnrollments(t *testing.T) {

@@ -45,6 +45,7 @@ type handler Server
 // connState is what a connection has established.
 type connState struct {
 	regID, apiVersion string
+	sas               bool        // authenticated by SAS token rather than certificate
 	enroll            *enrollment // nil when the device was not admitted (Refuse401)
 	refusal           string
 	subQoS            int // -1 until the response filter is subscribed
@@ -96,20 +97,23 @@ func (h *handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 		s.log.Info("refused connection", "client", c.ClientID, "err", err)
 		return packets.ErrRefusedBadUsernameOrPassword, false
 	}
-	st := &connState{regID: regID, apiVersion: apiVersion, subQoS: -1}
 	if !strings.EqualFold(scope, s.cfg.IDScope) {
-		st.refusal = fmt.Sprintf("ID scope %q is not this service's", scope)
-	} else {
-		var peer []*x509.Certificate
-		if c.TLS != nil {
-			peer = c.TLS.PeerCertificates
-		}
-		var password []byte
-		if len(c.Password) > 0 { // ESDK-C sends an empty password with X.509
-			password = c.Password
-		}
-		st.enroll, st.refusal = s.authenticate(regID, password, peer)
+		// DPS finds the instance by its ID scope before it looks at credentials, and
+		// answers an unknown scope with "server unavailable" (Azure/azure-iot-sdk-python#670).
+		s.stats.refused.Add(1)
+		s.log.Info("refused connection", "registration", regID, "reason", fmt.Sprintf("ID scope %q is not this service's", scope))
+		return packets.ErrRefusedServerUnavailable, false
 	}
+	st := &connState{regID: regID, apiVersion: apiVersion, subQoS: -1}
+	var peer []*x509.Certificate
+	if c.TLS != nil {
+		peer = c.TLS.PeerCertificates
+	}
+	var password []byte
+	if len(c.Password) > 0 { // ESDK-C sends an empty password with X.509
+		password, st.sas = c.Password, true
+	}
+	st.enroll, st.refusal = s.authenticate(regID, password, peer)
 	if st.enroll == nil {
 		s.stats.refused.Add(1)
 		s.log.Info("unknown device", "registration", regID, "reason", st.refusal)
@@ -145,11 +149,17 @@ func (h *handler) Disconnected(c *mqttsrv.Conn, err error) {
 	(*Server)(h).log.Debug("disconnected", "registration", c.Value.(*connState).regID, "err", err)
 }
 
-// reply is one response to a device request.
+// reply is one response to a device request, with what the register requests' history
+// records of it.
 type reply struct {
 	status     int
 	body       []byte
 	retryAfter time.Duration // noRetryAfter leaves it out
+
+	outcome, reason string
+	code            int        // the error code of an error answer
+	op              *operation // the operation a register started
+	err             error      // the Journal failed: close the connection instead of answering
 }
 
 func (h *handler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
@@ -200,6 +210,17 @@ func (h *handler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
 			opID = unescaped
 		}
 		r = s.poll(st, opID)
+	}
+	if step == StepRegister {
+		s.mu.Lock()
+		err := s.noteRegisterLocked(st.regID, r)
+		s.mu.Unlock()
+		if err != nil {
+			return err
+		}
+	}
+	if r.err != nil {
+		return r.err
 	}
 
 	if f != nil {
@@ -259,8 +280,15 @@ func (s *Server) send(c *mqttsrv.Conn, qos int, rid string, r reply) {
 
 // errorReply is a request-level error (protocol.md §3.3).
 func (s *Server) errorReply(status, code int, msg string, retryAfter time.Duration) reply {
-	if status == 429 {
+	outcome := OutcomeError
+	switch {
+	case status == 429:
 		s.stats.throttled.Add(1)
+		outcome = OutcomeThrottled
+	case status == 401:
+		outcome = OutcomeRefused
+	case status == 400:
+		outcome = OutcomeRejected
 	}
 	body, _ := json.Marshal(struct {
 		ErrorCode    int    `json:"errorCode"`
@@ -268,12 +296,23 @@ func (s *Server) errorReply(status, code int, msg string, retryAfter time.Durati
 		Message      string `json:"message"`
 		TimestampUTC string `json:"timestampUtc"`
 	}{code, uuid.New(), msg, dpsTime(s.cfg.Now())})
-	return reply{status: status, body: body, retryAfter: retryAfter}
+	return reply{status: status, body: body, retryAfter: retryAfter, outcome: outcome, reason: msg, code: code}
 }
 
-func (s *Server) refuse(msg string) reply {
+// refuse answers 401 with the service's words for the device's attestation, which never say
+// why: "Invalid certificate." for X.509 (ESDK-C's vector, protocol.md §7.3) and
+// "Unauthorized" for a SAS token (MicrosoftDocs/azure-docs#43157, over MQTT). The reason
+// goes to the register request's history and the log.
+func (s *Server) refuse(st *connState, reason string) reply {
 	s.stats.refused.Add(1)
-	return s.errorReply(401, 401002, msg, noRetryAfter)
+	code, msg := 401002, "Invalid certificate."
+	if st.sas {
+		code, msg = 401000, "Unauthorized"
+	}
+	s.log.Info("refused request", "registration", st.regID, "reason", reason)
+	r := s.errorReply(401, code, msg, noRetryAfter)
+	r.reason = reason
+	return r
 }
 
 // registerRequest is DeviceRegistration (protocol.md §2.2); unknown fields are ignored.
@@ -288,7 +327,7 @@ func (s *Server) register(st *connState, body []byte) reply {
 		return s.errorReply(429, 429001, "Registration quota of the service exceeded.", ra)
 	}
 	if st.enroll == nil {
-		return s.refuse("Invalid certificate. " + st.refusal)
+		return s.refuse(st, st.refusal)
 	}
 	var req registerRequest
 	if b := bytes.TrimSpace(body); len(b) > 0 {
@@ -307,7 +346,7 @@ func (s *Server) register(st *connState, body []byte) reply {
 		return s.errorReply(400, 400006, fmt.Sprintf("registration ID %q is not valid: at most %d of a-z 0-9 - . _ :, ending in a letter, digit or -", st.regID, maxLen), noRetryAfter)
 	}
 	if leaf := st.enroll.leaf; leaf != nil && !strings.EqualFold(leaf.Subject.CommonName, st.regID) {
-		return s.refuse(fmt.Sprintf("Certificate CN %q does not match registration ID %q.", leaf.Subject.CommonName, st.regID))
+		return s.refuse(st, fmt.Sprintf("certificate CN %q does not match registration ID %q", leaf.Subject.CommonName, st.regID))
 	}
 
 	s.mu.Lock()
@@ -315,10 +354,11 @@ func (s *Server) register(st *connState, body []byte) reply {
 	disabled := policy != nil && policy.Disabled
 	s.mu.Unlock()
 	if policy == nil {
-		return s.refuse("Enrollment not found.")
+		return s.refuse(st, "enrollment "+st.enroll.id+" was removed")
 	}
 	if disabled {
-		return reply{status: 200, body: disabledBody("", st.regID), retryAfter: noRetryAfter}
+		return reply{status: 200, body: disabledBody("", st.regID), retryAfter: noRetryAfter,
+			outcome: OutcomeDisabled, reason: "enrollment " + st.enroll.id + " is disabled"}
 	}
 
 	op := &operation{id: s.opPrefix + uuid.New(), regID: st.regID, enroll: st.enroll,
@@ -340,7 +380,7 @@ func (s *Server) register(st *connState, body []byte) reply {
 	s.mu.Unlock()
 
 	resp, _ := json.Marshal(operationStatus{OperationID: op.id, Status: "assigning"})
-	return reply{status: 202, body: resp, retryAfter: s.cfg.RetryAfter}
+	return reply{status: 202, body: resp, retryAfter: s.cfg.RetryAfter, outcome: OutcomeAssigning, op: op}
 }
 
 // parseCSR decodes the csr field (base64 DER, protocol.md §4) and checks its signature and
@@ -365,16 +405,23 @@ func parseCSR(field, regID string) (*x509.CertificateRequest, error) {
 
 func (s *Server) poll(st *connState, opID string) reply {
 	key := strings.ToLower(st.regID)
+	s.mu.Lock()
+	op := s.ops[opID]
+	s.mu.Unlock()
+	if op != nil && strings.EqualFold(op.regID, st.regID) {
+		if err := s.notePoll(op); err != nil {
+			return reply{err: err}
+		}
+	} else {
+		op = nil
+	}
 	if ra, ok := s.admitPoll(key); !ok {
 		return s.errorReply(429, 429002, fmt.Sprintf("More than %d operation status requests in %v.", s.cfg.PollLimit, PollWindow), ra)
 	}
 	if st.enroll == nil {
-		return s.refuse("Invalid certificate. " + st.refusal)
+		return s.refuse(st, st.refusal)
 	}
-	s.mu.Lock()
-	op := s.ops[opID]
-	s.mu.Unlock()
-	if op == nil || !strings.EqualFold(op.regID, st.regID) {
+	if op == nil {
 		return s.errorReply(404, 404201, fmt.Sprintf("Operation %q not found.", opID), noRetryAfter)
 	}
 	if s.cfg.Now().Before(op.readyAt) {
@@ -382,8 +429,8 @@ func (s *Server) poll(st *connState, opID string) reply {
 			RegistrationState: &registrationState{RegistrationID: op.regID, Status: "assigning"}})
 		return reply{status: 202, body: body, retryAfter: s.cfg.RetryAfter}
 	}
-	status, body := s.complete(op)
-	return reply{status: status, body: body, retryAfter: noRetryAfter}
+	status, body, err := s.complete(op)
+	return reply{status: status, body: body, retryAfter: noRetryAfter, err: err}
 }
 
 // admitRegister applies the instance's register quota, a sliding window of

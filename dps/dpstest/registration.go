@@ -57,17 +57,17 @@ func (f RegistrarFunc) Assign(a Assignment) error { return f(a) }
 
 // Registration is the service's record of a device's latest completed registration.
 type Registration struct {
-	RegistrationID string
-	EnrollmentID   string
-	DeviceID       string
-	Hub            string
-	Status         string // assigned or failed
-	Substatus      string
-	ErrorCode      int
-	Created        time.Time
-	Updated        time.Time
+	RegistrationID string    `json:"registration_id"`
+	EnrollmentID   string    `json:"enrollment_id"`
+	DeviceID       string    `json:"device_id"`
+	Hub            string    `json:"hub,omitempty"`
+	Status         string    `json:"status"` // assigned or failed
+	Substatus      string    `json:"substatus,omitempty"`
+	ErrorCode      int       `json:"error_code,omitempty"`
+	Created        time.Time `json:"created"`
+	Updated        time.Time `json:"updated"`
 	// Hubs is every hub the device has been assigned to, first one first.
-	Hubs []string
+	Hubs []string `json:"hubs,omitempty"`
 }
 
 type record struct {
@@ -97,6 +97,9 @@ func (s *Server) DeleteRegistration(regID string) error {
 		return fmt.Errorf("registration %q: %w", regID, ErrNotFound)
 	}
 	delete(s.records, strings.ToLower(regID))
+	if s.cfg.Journal != nil {
+		return s.cfg.Journal.DeleteRegistration(regID)
+	}
 	return nil
 }
 
@@ -108,10 +111,12 @@ type operation struct {
 	payload json.RawMessage
 	csr     *x509.CertificateRequest
 	readyAt time.Time
+	attempt uint64 // Seq of the register request that started it
 
 	once   sync.Once
 	status int // of the response: 200
 	body   []byte
+	err    error // the Journal failed: the answer must not go out
 }
 
 // registrationState is DeviceRegistrationResult (protocol.md §3.2), fields in the order the
@@ -157,13 +162,14 @@ type failure struct {
 func (f *failure) Error() string { return f.msg }
 
 // complete ends the operation once: allocates a hub, issues a certificate if asked, tells
-// the Registrar and records the outcome.
-func (s *Server) complete(op *operation) (int, []byte) {
+// the Registrar and records the outcome. An error is the Journal's.
+func (s *Server) complete(op *operation) (int, []byte, error) {
 	op.once.Do(func() {
 		op.status = 200
 		if s.disabled(op) {
 			// Disabled while the operation ran: answered as a disabled register is.
 			op.body = disabledBody(op.id, op.regID)
+			op.err = s.noteCompleted(op, &registrationState{RegistrationID: op.regID, Status: OutcomeDisabled})
 			return
 		}
 		st := &registrationState{RegistrationID: op.regID}
@@ -178,15 +184,20 @@ func (s *Server) complete(op *operation) (int, []byte) {
 		st.CreatedDateTimeUTC = dpsTime(rec.Created)
 		st.LastUpdatedDateTimeUTC = dpsTime(rec.Updated)
 		st.ETag = rec.etag
-		if f := (*failure)(nil); errors.As(err, &f) {
-			st.Status, st.ErrorCode, st.ErrorMessage = "failed", f.code, f.msg
-		} else {
-			st.Status = "assigned"
+		switch f := (*failure)(nil); {
+		case errors.As(err, &f):
+			st.Status, st.ErrorCode, st.ErrorMessage = OutcomeFailed, f.code, f.msg
+		case err != nil:
+			op.err = err
+			return
+		default:
+			st.Status = OutcomeAssigned
 			s.stats.assignments.Add(1)
 		}
 		op.body, _ = json.Marshal(operationStatus{OperationID: op.id, Status: st.Status, RegistrationState: st})
+		op.err = s.noteCompleted(op, st)
 	})
-	return op.status, op.body
+	return op.status, op.body, op.err
 }
 
 func (s *Server) disabled(op *operation) bool {
@@ -203,7 +214,8 @@ func disabledBody(opID, regID string) []byte {
 	return body
 }
 
-// assign does the allocation and records the result; the error is a *failure.
+// assign does the allocation and records the result; the error is a *failure, or the
+// Journal's.
 func (s *Server) assign(op *operation, st *registrationState) (record, error) {
 	now := s.cfg.Now()
 	key := strings.ToLower(op.regID)
@@ -238,8 +250,13 @@ func (s *Server) assign(op *operation, st *registrationState) (record, error) {
 			rec.Status, rec.ErrorCode, rec.Substatus, rec.Hub = "failed", f.code, "", ""
 		}
 		s.mu.Lock()
+		defer s.mu.Unlock()
 		s.records[key] = &rec
-		s.mu.Unlock()
+		if s.cfg.Journal != nil {
+			if jerr := s.cfg.Journal.SaveRegistration(rec.Registration); jerr != nil {
+				return rec, jerr
+			}
+		}
 		return rec, err
 	}
 

@@ -106,6 +106,9 @@ type Config struct {
 	Faults []Fault
 	// Registrar hears of every assignment (nil: nobody).
 	Registrar Registrar
+	// Journal keeps registrations and register requests across restarts (nil: nothing is
+	// kept); Restore puts them back.
+	Journal Journal
 	// Now is the clock for validity checks, SAS expiry, assignment delay and limits.
 	Now func() time.Time
 	// Logger traces connections and requests when set.
@@ -161,6 +164,8 @@ type Server struct {
 	polls       map[string][]time.Time // lower-case registration ID → recent polls
 	quota       []time.Time            // register requests in the last minute and slots kept, in order
 	reserved    map[string]time.Time   // lower-case registration ID → slot kept after a 429
+	attempts    []*Attempt             // register requests, by Seq
+	seq         uint64                 // of the latest attempt
 	faults      []*armedFault
 
 	closing   chan struct{}
