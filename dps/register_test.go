@@ -81,7 +81,8 @@ func (p *progressLog) all() []string {
 // limit, so that a fake clock that waits for nothing does not trip the limits.
 func newServer(t testing.TB, opts ...func(*dpstest.Config)) *dpstest.Server {
 	t.Helper()
-	return dpstest.NewServer(t, append([]func(*dpstest.Config){func(c *dpstest.Config) { c.PollLimit = 0 }}, opts...)...)
+	// Retry-after 1 s, below the client's floor of 2 s, which these tests measure.
+	return dpstest.NewServer(t, append([]func(*dpstest.Config){func(c *dpstest.Config) { c.PollLimit, c.RetryAfter = 0, time.Second }}, opts...)...)
 }
 
 func deviceCert(t testing.TB, s *dpstest.Server, cn string) *tls.Certificate {
