@@ -173,7 +173,7 @@ func startHub(d *emulatorDir, host, addr, wsAddr string, names []string) (*hubte
 		}
 		wsName = ws.Addr().String()
 	}
-	h, err := hubtest.NewNamed(host, d.serverCA, l, ws, names, nil)
+	h, err := hubtest.NewNamed(host, l, ws, hubtest.WithCA(d.serverCA), hubtest.WithHostNames(names...))
 	if err != nil {
 		l.Close()
 		if ws != nil {

@@ -42,7 +42,6 @@ func (hd handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 	h.stats.Connections++
 	h.kick(d) // one connection per device: the newer wins (Azure error 400027)
 	d.conn = c
-	d.lastSeen = h.now()
 	c.Value = &session{dev: d}
 	h.broadcast()
 	return packets.Accepted, present
@@ -146,6 +145,10 @@ func (h *Hub) connect(c *mqttsrv.Conn) (*device, bool, error) {
 	if !present {
 		d.subs = map[string]byte{}
 	}
+	d.lastSeen = h.now()
+	if err := h.save(d); err != nil {
+		return nil, false, refuse(packets.ErrRefusedServerUnavailable, "cannot save the session of %q: %w", id.deviceID, err)
+	}
 	return d, present, nil
 }
 
@@ -171,6 +174,11 @@ func (hd handler) Subscribe(c *mqttsrv.Conn, filters []string, qos []byte) []byt
 		}
 		granted[i] = min(qos[i], 1) // QoS 2 is granted as 1
 		d.subs[kind] = granted[i]
+	}
+	if err := h.save(d); err != nil {
+		for i := range granted {
+			granted[i] = 0x80 // the session could not be kept: the device subscribes again
+		}
 	}
 	h.broadcast()
 	h.mu.Unlock()

@@ -48,14 +48,18 @@ type Config struct {
 	Certificate tls.Certificate
 	// Now is the clock used for certificate validity and SAS expiry (default time.Now).
 	Now func() time.Time
+	// Journal keeps the registry, twins, queues and telemetry across restarts (nil: nothing
+	// is kept); Restore puts them back.
+	Journal Journal
 }
 
 // Hub is one emulated IoT Hub. Its methods are safe for concurrent use.
 type Hub struct {
-	names []string
-	now   func() time.Time
-	tls   *tls.Config
-	mqtt  *mqttsrv.Server
+	names   []string
+	now     func() time.Time
+	journal Journal
+	tls     *tls.Config
+	mqtt    *mqttsrv.Server
 
 	mu        sync.Mutex
 	devices   map[string]*device
@@ -72,12 +76,17 @@ type Hub struct {
 	wg                     sync.WaitGroup // goroutines waiting for acks and grace periods
 }
 
-// Stats counts connection outcomes, for tests that check retry behaviour.
+// Stats counts what the hub has seen since it started, for tests that check retry behaviour
+// and for fleet statistics.
 type Stats struct {
-	Connections int // accepted CONNECTs
-	Refused     int // CONNECTs answered with a non-zero CONNACK
-	Kicked      int // connections closed by the hub: a newer connection, disable, delete, move
-	Violations  int // connections closed for protocol misuse (QoS 2, unknown topic, oversize)
+	Connections  int // accepted CONNECTs
+	Refused      int // CONNECTs answered with a non-zero CONNACK
+	Kicked       int // connections closed by the hub: a newer connection, disable, delete, move
+	Violations   int // connections closed for protocol misuse (QoS 2, unknown topic, oversize)
+	Telemetry    int // device-to-cloud messages received
+	C2DSent      int // cloud-to-device messages queued
+	C2DCompleted int // cloud-to-device messages the device acknowledged
+	Methods      int // direct method invocations sent to a device
 }
 
 // New returns a hub that serves nothing until Serve or ServeWebSocket is called.
@@ -91,6 +100,7 @@ func New(cfg Config) (*Hub, error) {
 	h := &Hub{
 		names:   cfg.Names,
 		now:     cfg.Now,
+		journal: cfg.Journal,
 		devices: make(map[string]*device),
 		changed: make(chan struct{}),
 	}

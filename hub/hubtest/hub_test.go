@@ -525,7 +525,7 @@ func TestNamedHub(t *testing.T) {
 	require.NoError(t, err)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	h, err := hubtest.NewNamed("emulator.lan", ca, l, nil, nil, nil)
+	h, err := hubtest.NewNamed("emulator.lan", l, nil, hubtest.WithCA(ca))
 	require.NoError(t, err)
 	t.Cleanup(func() { h.Close() })
 	_, port, _ := net.SplitHostPort(l.Addr().String())

@@ -37,13 +37,20 @@ func (h *Hub) receiveTelemetry(d *device, m mqttsrv.Message) error {
 	if m.Retain {
 		app["mqtt-retain"] = "true" // IoT Hub does not retain; it marks the message instead
 	}
+	t := Telemetry{DeviceID: d.ID, Payload: m.Payload, Properties: app, System: sys, QoS: m.QoS, Received: h.now()}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.journal != nil {
+		if err := h.journal.SaveTelemetry(h.Name(), t); err != nil {
+			// No PUBACK: the device sends the message again.
+			return fmt.Errorf("hubtest: cannot save telemetry from %q: %w", d.ID, err)
+		}
+	}
 	if len(h.telemetry) == maxRecorded {
 		h.telemetry = append(h.telemetry[:0], h.telemetry[1:]...)
 	}
-	h.telemetry = append(h.telemetry, Telemetry{DeviceID: d.ID, Payload: m.Payload, Properties: app,
-		System: sys, QoS: m.QoS, Received: h.now()})
+	h.telemetry = append(h.telemetry, t)
+	h.stats.Telemetry++
 	h.broadcast()
 	return nil
 }
@@ -114,6 +121,12 @@ func (h *Hub) SendC2D(deviceID string, payload []byte, props map[string]string) 
 	}
 	m := &c2dMessage{C2DMessage: C2DMessage{ID: id, Payload: payload, Properties: maps.Clone(props)}}
 	d.c2d = append(d.c2d, m)
+	if err := h.save(d); err != nil {
+		d.c2d = d.c2d[:len(d.c2d)-1]
+		h.mu.Unlock()
+		return "", err
+	}
+	h.stats.C2DSent++
 	h.broadcast()
 	h.mu.Unlock()
 	h.deliverC2D(d)
@@ -189,6 +202,10 @@ func (h *Hub) awaitAck(d *device, m *c2dMessage, conn *mqttsrv.Conn, acked <-cha
 				break
 			}
 		}
+		h.stats.C2DCompleted++
+		// Should the save fail, a restart delivers the message again: at least once, as
+		// IoT Hub promises.
+		h.save(d)
 		h.broadcast()
 		h.mu.Unlock()
 	case <-conn.Done():
@@ -234,6 +251,7 @@ func (h *Hub) Invoke(ctx context.Context, deviceID, method string, payload []byt
 	rid := uuid.New() // a GUID, as IoT Hub's
 	answer := make(chan MethodResult, 1)
 	d.methods[rid] = answer
+	h.stats.Methods++
 	h.mu.Unlock()
 	defer func() {
 		h.mu.Lock()

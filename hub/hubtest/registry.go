@@ -82,7 +82,7 @@ func (h *Hub) Register(d Device) error { return h.register(d, false, false) }
 // that a device disabled on the hub stays disabled through re-provisioning.
 func (h *Hub) register(d Device, resetTwin, keepStatus bool) error {
 	if d.ID == "" {
-		return errors.New("hubtest: device ID is empty")
+		return errEmptyID
 	}
 	var desired map[string]any
 	if len(d.InitialTwin) > 0 {
@@ -106,13 +106,15 @@ func (h *Hub) register(d Device, resetTwin, keepStatus bool) error {
 			dev.twin.desiredVersion, dev.twin.reportedVersion = old.desiredVersion+1, old.reportedVersion+1
 		}
 		h.broadcast()
-		return nil
+		return h.save(dev)
 	}
-	h.devices[d.ID] = &device{Device: d, subs: map[string]byte{}, twin: newTwin(desired),
-		methods: map[string]chan MethodResult{}}
+	dev := &device{Device: d, subs: map[string]byte{}, twin: newTwin(desired), methods: map[string]chan MethodResult{}}
+	h.devices[d.ID] = dev
 	h.broadcast()
-	return nil
+	return h.save(dev)
 }
+
+var errEmptyID = errors.New("hubtest: device ID is empty")
 
 // Devices lists the registry, sorted by device ID.
 func (h *Hub) Devices() []DeviceInfo {
@@ -166,7 +168,7 @@ func (h *Hub) SetDisabled(id string, disabled bool) error {
 		h.kick(d)
 	}
 	h.broadcast()
-	return nil
+	return h.save(d)
 }
 
 // Delete removes a device with its twin and queue, closing its connection.
@@ -180,12 +182,13 @@ func (h *Hub) Delete(id string) error {
 	h.kick(d)
 	delete(h.devices, id)
 	h.broadcast()
-	return nil
+	return h.forget(id)
 }
 
 // Move re-homes a device on another hub with its credentials, twin and queued messages, as
 // a DPS reassignment with data migration does: the device's connection here is closed and
-// its next CONNECT here is refused with return code 5.
+// its next CONNECT here is refused with return code 5. The journals hear of the device on
+// its new hub before they hear it left this one, so that a crash in between loses nothing.
 func (h *Hub) Move(id string, to *Hub) error {
 	if to == h {
 		return fmt.Errorf("hubtest: cannot move %q to the hub it is on", id)
@@ -207,13 +210,19 @@ func (h *Hub) Move(id string, to *Hub) error {
 	h.mu.Unlock()
 
 	to.mu.Lock()
-	defer to.mu.Unlock()
 	if old, ok := to.devices[id]; ok {
 		to.kick(old)
 	}
 	to.devices[id] = moved
 	to.broadcast()
-	return nil
+	err = to.save(moved)
+	to.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.forget(id)
 }
 
 func (h *Hub) lookup(id string) (*device, error) {

@@ -2,6 +2,7 @@ package hubtest
 
 import (
 	"crypto/x509"
+	"errors"
 	"net"
 	"slices"
 	"testing"
@@ -27,9 +28,10 @@ type Server struct {
 type Option func(*serverOptions)
 
 type serverOptions struct {
-	ca    *pki.CA
-	names []string
-	now   func() time.Time
+	ca      *pki.CA
+	names   []string
+	now     func() time.Time
+	journal Journal
 }
 
 // WithCA issues the server certificate from ca (e.g. the CA a DPS emulator also uses, so
@@ -50,10 +52,7 @@ func WithClock(now func() time.Time) Option { return func(o *serverOptions) { o.
 // "localhost:<mqtt port>".
 func NewServer(t testing.TB, opts ...Option) *Server {
 	t.Helper()
-	var o serverOptions
-	for _, f := range opts {
-		f(&o)
-	}
+	o := options(opts)
 	if o.ca == nil {
 		ca, err := pki.NewRoot("hubtest root")
 		if err != nil {
@@ -70,7 +69,7 @@ func NewServer(t testing.TB, opts ...Option) *Server {
 		l.Close()
 		t.Fatal(err)
 	}
-	h, err := NewOnListeners(o.ca, l, wl, o.names, o.now)
+	h, err := NewNamed("localhost", l, wl, append(opts, WithCA(o.ca))...)
 	if err != nil {
 		l.Close()
 		wl.Close()
@@ -80,29 +79,35 @@ func NewServer(t testing.TB, opts ...Option) *Server {
 	return &Server{Hub: h, Addr: l.Addr().String(), WebSocketAddr: wl.Addr().String(), CA: o.ca}
 }
 
+func options(opts []Option) serverOptions {
+	var o serverOptions
+	for _, f := range opts {
+		f(&o)
+	}
+	return o
+}
+
 // NewOnListeners issues a server certificate from ca for localhost, 127.0.0.1 and extra,
 // names the hub "localhost:<port of l>", or "localhost" on the standard port 8883 (the
 // WebSocket address and extra names are aliases), and serves MQTT/TLS on l and, if ws is not
 // nil, WebSocket on ws, until Close.
 func NewOnListeners(ca *pki.CA, l, ws net.Listener, extra []string, now func() time.Time) (*Hub, error) {
-	return NewNamed("localhost", ca, l, ws, extra, now)
+	return NewNamed("localhost", l, ws, WithCA(ca), WithHostNames(extra...), WithClock(now))
 }
 
-// NewNamed is NewOnListeners for a hub that devices reach by host (a LAN name or address)
-// rather than localhost: the hub is named "<host>:<port of l>", or host on port 8883, and the
-// certificate is also valid for host.
-func NewNamed(host string, ca *pki.CA, l, ws net.Listener, extra []string, now func() time.Time) (*Hub, error) {
-	var names []string
-	if _, port, _ := net.SplitHostPort(l.Addr().String()); port == "8883" {
-		names = append(names, host)
+// NewNamed serves a hub that devices reach by host (a name or an address) on l, and on ws
+// (if not nil) over WebSocket, until Close. The hub is named host when l is on port 8883, as
+// Azure's are, "<host>:<port of l>" otherwise; host:port, the listening address and the
+// WithHostNames names are aliases. The server certificate, from the WithCA CA (required), is
+// valid for host, the listening address, localhost, 127.0.0.1 and the extra names' hosts.
+func NewNamed(host string, l, ws net.Listener, opts ...Option) (*Hub, error) {
+	o := options(opts)
+	if o.ca == nil {
+		return nil, errors.New("hubtest: NewNamed needs WithCA")
 	}
-	names = append(names, hostPort(host, l), hostPort("localhost", l), hostPort("127.0.0.1", l))
-	if ws != nil {
-		names = append(names, hostPort(host, ws), hostPort("localhost", ws), hostPort("127.0.0.1", ws))
-	}
-	names = append(names, extra...)
+	names := aliases(host, l, ws, o.names)
 	certNames := []string{"localhost", "127.0.0.1"}
-	for _, n := range append([]string{host}, extra...) {
+	for _, n := range names {
 		if h, _, err := net.SplitHostPort(n); err == nil {
 			n = h
 		}
@@ -110,11 +115,11 @@ func NewNamed(host string, ca *pki.CA, l, ws net.Listener, extra []string, now f
 			certNames = append(certNames, n)
 		}
 	}
-	leaf, err := ca.IssueServer(certNames)
+	leaf, err := o.ca.IssueServer(certNames)
 	if err != nil {
 		return nil, err
 	}
-	h, err := New(Config{Names: slices.Compact(names), Certificate: leaf.TLSCertificate(), Now: now})
+	h, err := New(Config{Names: names, Certificate: leaf.TLSCertificate(), Now: o.now, Journal: o.journal})
 	if err != nil {
 		return nil, err
 	}
@@ -127,13 +132,33 @@ func NewNamed(host string, ca *pki.CA, l, ws net.Listener, extra []string, now f
 	return h, nil
 }
 
+// aliases are the names a hub served on l and ws answers to, its name first.
+func aliases(host string, l, ws net.Listener, extra []string) []string {
+	var names []string
+	if _, port, _ := net.SplitHostPort(l.Addr().String()); port == "8883" {
+		names = append(names, host)
+	}
+	for _, ln := range []net.Listener{l, ws} {
+		if ln == nil {
+			continue
+		}
+		ip, port, _ := net.SplitHostPort(ln.Addr().String())
+		names = append(names, net.JoinHostPort(host, port), net.JoinHostPort(ip, port))
+		if a := net.ParseIP(ip); a.IsUnspecified() || a.Equal(net.IPv4(127, 0, 0, 1)) {
+			names = append(names, net.JoinHostPort("localhost", port), net.JoinHostPort("127.0.0.1", port))
+		}
+	}
+	var out []string
+	for _, n := range append(names, extra...) {
+		if !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 // RootCAs is a pool holding the server certificate's root, for device TLS configs.
 func (s *Server) RootCAs() *x509.CertPool { return s.CA.Pool() }
 
 // TrustBundle is RootCAs as PEM, for a client's trust_bundle file.
 func (s *Server) TrustBundle() []byte { return certcodec.EncodeCertificates(s.CA.Root()) }
-
-func hostPort(host string, l net.Listener) string {
-	_, port, _ := net.SplitHostPort(l.Addr().String())
-	return net.JoinHostPort(host, port)
-}

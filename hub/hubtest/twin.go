@@ -192,7 +192,11 @@ func (h *Hub) PatchDesired(id string, patch []byte) (int, error) {
 	conn := d.conn
 	qos, subscribed := d.subs[subTwinDesired]
 	h.broadcast()
+	err = h.save(d)
 	h.mu.Unlock()
+	if err != nil {
+		return 0, err
+	}
 
 	if conn != nil && subscribed {
 		p["$version"] = version
@@ -244,7 +248,13 @@ func (h *Hub) twinPatch(c *mqttsrv.Conn, d *device, topic string, payload []byte
 	d.twin.reportedVersion++
 	version := d.twin.reportedVersion
 	h.broadcast()
+	err = h.save(d)
 	h.mu.Unlock()
+	if err != nil {
+		body, _ := json.Marshal(map[string]any{"errorCode": 500001, "message": "cannot save the twin: " + err.Error()})
+		h.respond(c, d, subTwinRes, twinResponseTopic(500, rid, 0), body)
+		return nil
+	}
 	h.respond(c, d, subTwinRes, twinResponseTopic(204, rid, version), nil)
 	return nil
 }
