@@ -78,8 +78,8 @@ func TestAllocation(t *testing.T) {
 		require.Equal(t, "assigned", r.body.Status, "%s", r.raw)
 		assert.Equal(t, "h2.azure-devices.net", r.body.RegistrationState.AssignedHub)
 		assert.JSONEq(t, `{"site":"plant-9","ok":true}`, string(r.body.RegistrationState.Payload))
-		assert.Equal(t, dpstest.AllocationRequest{RegistrationID: "custom-1", EnrollmentID: "factory",
-			Payload: json.RawMessage(`{"site":"plant-9"}`), LinkedHubs: hubs}, got)
+		assert.Equal(t, dpstest.AllocationRequest{RegistrationID: "custom-1", EnrollmentID: "factory", Attestation: "x509",
+			DeviceID: "custom-1", Payload: json.RawMessage(`{"site":"plant-9"}`), LinkedHubs: hubs}, got)
 		assert.JSONEq(t, `{"tags":{"site":"plant-9"}}`, string(reg.last(t).InitialTwin))
 
 		// payload null reaches the hook as no payload, and its error fails the registration.
@@ -87,6 +87,7 @@ func TestAllocation(t *testing.T) {
 		r = d.poll(d.next().body.OperationID)
 		assert.Nil(t, got.Payload)
 		assert.Equal(t, "h2.azure-devices.net", got.CurrentHub)
+		assert.Equal(t, "custom-1", got.CurrentDeviceID)
 		assert.Equal(t, 200, r.status)
 		assert.Equal(t, "failed", r.body.Status)
 		assert.Equal(t, 400207, r.body.RegistrationState.ErrorCode)

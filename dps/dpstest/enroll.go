@@ -64,15 +64,22 @@ type Policy struct {
 	Reprovision Reprovision
 }
 
-// AllocationRequest is what a custom allocation function is told.
+// AllocationRequest is what a custom allocation function is told: Azure's AllocationRequest
+// (learn.microsoft.com/azure/iot-dps/concepts-custom-allocation).
 type AllocationRequest struct {
 	RegistrationID string
 	EnrollmentID   string
+	// Individual says EnrollmentID is an individual enrollment, not a group.
+	Individual bool
+	// Attestation is "x509" or "symmetricKey".
+	Attestation string
+	// DeviceID is the device ID the enrollment gives the device.
+	DeviceID string
 	// Payload is the device's custom payload; nil when it sent none or null.
 	Payload    json.RawMessage
 	LinkedHubs []string
-	// CurrentHub is the hub of an earlier assignment, "" for a new device.
-	CurrentHub string
+	// CurrentHub and CurrentDeviceID are those of an earlier assignment, "" for a new device.
+	CurrentHub, CurrentDeviceID string
 }
 
 // AllocationResult is what a custom allocation function decides. Hub must be one of the

@@ -276,8 +276,15 @@ func (s *Server) assign(op *operation, st *registrationState) (record, error) {
 	case previousHub != "" && pol.Reprovision == Never:
 		hub = previousHub
 	case pol.Allocate != nil:
-		res, err := pol.Allocate(AllocationRequest{RegistrationID: op.regID, EnrollmentID: op.enroll.id,
-			Payload: op.payload, LinkedHubs: slices.Clone(linked), CurrentHub: previousHub})
+		req := AllocationRequest{RegistrationID: op.regID, EnrollmentID: op.enroll.id, Individual: op.enroll.individual,
+			Attestation: "symmetricKey", DeviceID: deviceID, Payload: op.payload, LinkedHubs: slices.Clone(linked), CurrentHub: previousHub}
+		if op.enroll.leaf != nil {
+			req.Attestation = "x509"
+		}
+		if previousHub != "" {
+			req.CurrentDeviceID = prevCopy.DeviceID
+		}
+		res, err := pol.Allocate(req)
 		if err != nil {
 			return save(&failure{400207, "Custom allocation failed with status code: 400: " + err.Error()})
 		}

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 	"sync"
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
@@ -14,8 +13,9 @@ import (
 
 // Fleet is the set of hubs a DPS emulator assigns devices to, each found by any of its
 // names. Assign makes it a dpstest.Registrar: assignments register devices in the hub
-// registry. Allocate is a dpstest.AllocateFunc that keeps devices where an operator moved
-// them. In a test, with one CA so that one trust bundle covers everything:
+// registry. Allocate is a dpstest.AllocateFunc that keeps devices on the hub that holds them,
+// where an operator may have moved them. In a test, with one CA so that one trust bundle
+// covers everything:
 //
 //	ca, _ := pki.NewRoot("test root")
 //	a, b := hubtest.NewServer(t, hubtest.WithCA(ca)), hubtest.NewServer(t, hubtest.WithCA(ca))
@@ -26,14 +26,13 @@ import (
 type Fleet struct {
 	mu   sync.Mutex
 	hubs []*Hub
-	pins map[string]string // lower-case registration ID → name of the hub it was moved to
 }
 
 var _ dpstest.Registrar = (*Fleet)(nil)
 
 // NewFleet returns a fleet of the given hubs.
 func NewFleet(hubs ...*Hub) *Fleet {
-	return &Fleet{hubs: hubs, pins: map[string]string{}}
+	return &Fleet{hubs: hubs}
 }
 
 // Hubs returns the fleet's hubs in the order given.
@@ -72,9 +71,8 @@ func (f *Fleet) Find(deviceID string) (*Hub, error) {
 	return nil, fmt.Errorf("%w: %q on any hub", ErrDeviceNotFound, deviceID)
 }
 
-// Move moves a device to the named hub (see Hub.Move) and remembers it, so that Allocate
-// sends the device there when it registers again. Devices are pinned by device ID, which is
-// the registration ID except for individual enrollments that set another.
+// Move moves a device to the named hub (see Hub.Move); Allocate sends it there when it
+// registers again.
 func (f *Fleet) Move(deviceID, toHub string) error {
 	from, err := f.Find(deviceID)
 	if err != nil {
@@ -84,25 +82,21 @@ func (f *Fleet) Move(deviceID, toHub string) error {
 	if err != nil {
 		return err
 	}
-	if err := from.Move(deviceID, to); err != nil {
-		return err
-	}
-	f.mu.Lock()
-	f.pins[strings.ToLower(deviceID)] = to.Name()
-	f.mu.Unlock()
-	return nil
+	return from.Move(deviceID, to)
 }
 
-// Allocate chooses a linked hub: the one the device was moved to, else the one it is on,
-// else the one with the fewest devices (the first on a tie).
+// Allocate chooses a linked hub: the one whose registry holds the device (where it is, or
+// where an operator moved it), else the one of its last assignment, else the one with the
+// fewest devices (the first on a tie).
 func (f *Fleet) Allocate(req dpstest.AllocationRequest) (dpstest.AllocationResult, error) {
 	if len(req.LinkedHubs) == 0 {
 		return dpstest.AllocationResult{}, errors.New("no linked hubs")
 	}
-	f.mu.Lock()
-	pinned := f.pins[strings.ToLower(req.RegistrationID)]
-	f.mu.Unlock()
-	for _, want := range []string{pinned, req.CurrentHub} {
+	holder := ""
+	if h, err := f.Find(req.DeviceID); err == nil {
+		holder = h.Name()
+	}
+	for _, want := range []string{holder, req.CurrentHub} {
 		if want != "" && slices.Contains(req.LinkedHubs, want) {
 			return dpstest.AllocationResult{Hub: want}, nil
 		}

@@ -110,8 +110,8 @@ func TestFleetAllocate(t *testing.T) {
 	linked := fleet.Names()
 	ca := []*x509.Certificate{a.factory.Certificate}
 
-	alloc := func(regID, current string) string {
-		res, err := fleet.Allocate(dpstest.AllocationRequest{RegistrationID: regID, LinkedHubs: linked, CurrentHub: current})
+	alloc := func(id, current string) string {
+		res, err := fleet.Allocate(dpstest.AllocationRequest{RegistrationID: id, DeviceID: id, LinkedHubs: linked, CurrentHub: current})
 		require.NoError(t, err)
 		return res.Hub
 	}
@@ -121,7 +121,7 @@ func TestFleetAllocate(t *testing.T) {
 	assert.Equal(t, a.srv.Name(), alloc("d1", a.srv.Name()), "a device stays where it is")
 
 	require.NoError(t, fleet.Move("d1", b.Name()))
-	assert.Equal(t, b.Name(), alloc("D1", a.srv.Name()), "a moved device goes where it was moved")
+	assert.Equal(t, b.Name(), alloc("d1", a.srv.Name()), "a moved device goes where it was moved")
 	h, err := fleet.Find("d1")
 	require.NoError(t, err)
 	assert.Same(t, b.Hub, h)
