@@ -92,6 +92,9 @@ func newAdminHandler(a *admin) http.Handler {
 	mux.HandleFunc("POST /v1/delete", a.delete)
 	mux.HandleFunc("POST /v1/move", a.move)
 	mux.HandleFunc("POST /v1/enroll", a.enroll)
+	mux.HandleFunc("GET /v1/registrations", a.registrations)
+	mux.HandleFunc("GET /v1/stats", a.stats)
+	mux.HandleFunc("GET /metrics", a.metrics)
 	return mux
 }
 

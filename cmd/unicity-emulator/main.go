@@ -40,6 +40,7 @@ func commands() []command {
 		{Name: "serve", Summary: "serve DPS and IoT Hub; print one JSON line once listening", Run: runServe},
 		{Name: "sign", Summary: "sign a device CSR with the factory CA", Run: runSign},
 		{Name: "devices", Summary: "list the devices of every hub", Run: runDevices},
+		{Name: "registrations", Summary: "list the register requests DPS received and what became of each", Run: runRegistrations},
 		{Name: "telemetry", Summary: "print the telemetry received", Run: runTelemetry},
 		{Name: "c2d", Summary: "send a cloud-to-device message", Run: runC2D},
 		{Name: "invoke", Summary: "invoke a direct method and print the device's answer", Run: runInvoke},

@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -323,8 +324,16 @@ func connectHub(t testing.TB, s serveLine, hub string, d device, msgs chan mqtt.
 	if d.sasKey != nil {
 		cert, password = nil, sas.Token(d.sasKey, hub+"/devices/"+d.id, time.Now().Add(time.Hour), "")
 	}
-	return mqttClientSAS(t, "tls://"+hub, d.id, hub+"/"+d.id+"/?api-version=2021-04-12", password, "localhost",
+	return mqttClientSAS(t, "tls://"+hubAddr(hub), d.id, hub+"/"+d.id+"/?api-version=2021-04-12", password, "localhost",
 		trustPool(t, s.TrustBundle), cert, msgs, lost)
+}
+
+// hubAddr is the address of a hub by its name: a name without a port is on 8883, as in Azure.
+func hubAddr(name string) string {
+	if _, _, err := net.SplitHostPort(name); err != nil {
+		return net.JoinHostPort(name, "8883")
+	}
+	return name
 }
 
 func next(t testing.TB, msgs chan mqtt.Message) mqtt.Message {

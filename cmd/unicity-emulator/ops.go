@@ -37,6 +37,23 @@ func runDevices(ctx context.Context, e *env, args []string) error {
 	return printJSON(e.stdout, out)
 }
 
+func runRegistrations(ctx context.Context, e *env, args []string) error {
+	fs, dir := newFlags("registrations")
+	device := fs.String("device", "", "only this device's, by registration `ID` or device ID")
+	if err := parse(e, fs, "--dir DIR [--device ID]", args); err != nil {
+		return err
+	}
+	q := url.Values{}
+	if *device != "" {
+		q.Set("device", *device)
+	}
+	var out json.RawMessage
+	if err := newAdminClient(*dir).call(ctx, http.MethodGet, "/v1/registrations", q, nil, &out); err != nil {
+		return err
+	}
+	return printJSON(e.stdout, out)
+}
+
 func runTelemetry(ctx context.Context, e *env, args []string) error {
 	fs, dir := newFlags("telemetry")
 	device := fs.String("device", "", "only messages from this device `ID`")

@@ -14,8 +14,8 @@ import (
 	"github.com/unicity-iot/unicity/internal/uuid"
 )
 
-// maxRecorded bounds the telemetry a long-running emulator keeps; the oldest is dropped.
-const maxRecorded = 10000
+// MaxRecorded bounds the telemetry a long-running hub keeps; the oldest is dropped.
+const MaxRecorded = 10000
 
 // Telemetry is one device-to-cloud message as the hub received it.
 type Telemetry struct {
@@ -46,7 +46,7 @@ func (h *Hub) receiveTelemetry(d *device, m mqttsrv.Message) error {
 			return fmt.Errorf("hubtest: cannot save telemetry from %q: %w", d.ID, err)
 		}
 	}
-	if len(h.telemetry) == maxRecorded {
+	if len(h.telemetry) == MaxRecorded {
 		h.telemetry = append(h.telemetry[:0], h.telemetry[1:]...)
 	}
 	h.telemetry = append(h.telemetry, t)

@@ -61,8 +61,8 @@ func (h *Hub) Restore(devices []DeviceState, telemetry []Telemetry) error {
 		}
 		h.devices[s.ID] = d
 	}
-	if len(telemetry) > maxRecorded {
-		telemetry = telemetry[len(telemetry)-maxRecorded:]
+	if len(telemetry) > MaxRecorded {
+		telemetry = telemetry[len(telemetry)-MaxRecorded:]
 	}
 	h.telemetry = append([]Telemetry(nil), telemetry...)
 	h.broadcast()
