@@ -58,6 +58,7 @@ func testContext(t testing.TB) context.Context {
 }
 
 type serveLine struct {
+	Metrics     string   `json:"metrics"`
 	IDScope     string   `json:"id_scope"`
 	DPS         string   `json:"dps"`
 	DPSWS       string   `json:"dps_ws"`
@@ -79,11 +80,17 @@ func serve(t testing.TB, dir string, args ...string) serveLine {
 // startServe runs 'serve' until stop is called (once, before the test ends).
 func startServe(t testing.TB, dir string, args ...string) (serveLine, func()) {
 	t.Helper()
+	return startServeTo(t, dir, io.Discard, args...)
+}
+
+// startServeTo is startServe with serve's stderr going to stderr.
+func startServeTo(t testing.TB, dir string, stderr io.Writer, args ...string) (serveLine, func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	r, w := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, append([]string{"serve", "--dir", dir}, args...), w, io.Discard)
+		done <- run(ctx, append([]string{"serve", "--dir", dir}, args...), w, stderr)
 		w.Close()
 	}()
 	var once sync.Once
@@ -456,6 +463,10 @@ func TestServeEndToEnd(t *testing.T) {
 	<-lost
 	_, err = connectHub(t, s, other, dev, msgs, nil)
 	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised)
+	// Registering again does not enable it: DPS assigns it, its hub still refuses it.
+	assert.Equal(t, other, register(t, s, dev))
+	_, err = connectHub(t, s, other, dev, msgs, nil)
+	assert.ErrorIs(t, err, packets.ErrorRefusedNotAuthorised, "disabled through re-provisioning")
 	stdout, code = runCLI(t, "invoke", "--dir", dir, "--device", "gw-1", "--method", "uptime")
 	assert.Equal(t, 1, code, "the device is offline")
 	require.NoError(t, json.Unmarshal([]byte(stdout), &failed), stdout)
