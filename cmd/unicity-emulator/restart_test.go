@@ -37,8 +37,8 @@ func sessionClient(t *testing.T, s serveLine, hub string, d device, msgs chan mq
 	t.Helper()
 	tc := &tls.Config{RootCAs: trustPool(t, s.TrustBundle), ServerName: "localhost", MinVersion: tls.VersionTLS12,
 		Certificates: []tls.Certificate{d.cert}}
-	o := mqtt.NewClientOptions().AddBroker("tls://"+hubAddr(hub)).SetClientID(d.id).
-		SetUsername(hub+"/"+d.id+"/?api-version=2021-04-12").SetTLSConfig(tc).SetProtocolVersion(4).
+	o := mqtt.NewClientOptions().AddBroker("tls://" + hubAddr(hub)).SetClientID(d.id).
+		SetUsername(hub + "/" + d.id + "/?api-version=2021-04-12").SetTLSConfig(tc).SetProtocolVersion(4).
 		SetAutoReconnect(false).SetCleanSession(false).SetOrderMatters(false).
 		SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) { msgs <- m })
 	c := mqtt.NewClient(o)
