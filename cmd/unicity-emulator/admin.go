@@ -71,6 +71,10 @@ type enrollRequest struct {
 	DeviceID       string          `json:"device_id,omitempty"`
 	Disabled       bool            `json:"disabled,omitempty"`
 	InitialTwin    json.RawMessage `json:"initial_twin,omitempty"`
+	// Custom allocation (allocation.go): a static AllocationResponse, or the path of a
+	// program that answers each AllocationRequest.
+	AllocationReply  json.RawMessage `json:"allocation_reply,omitempty"`
+	AllocationScript string          `json:"allocation_script,omitempty"`
 }
 
 type admin struct {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -28,12 +29,14 @@ type enrollmentsDoc struct {
 // enrollments is the enrollments file, loaded.
 type enrollments struct {
 	path string
+	// ctx is what custom allocation programs run under: serve's.
+	ctx  context.Context
 	mu   sync.Mutex
 	list []enrollRequest
 }
 
 func loadEnrollments(path string) (*enrollments, error) {
-	e := &enrollments{path: path}
+	e := &enrollments{path: path, ctx: context.Background()}
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return e, nil
@@ -59,7 +62,7 @@ func (e *enrollments) applyAll(dps *dpstest.Server, allocate dpstest.AllocateFun
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, req := range e.list {
-		if err := applyEnrollment(dps, allocate, req); err != nil {
+		if err := e.apply(dps, allocate, req); err != nil {
 			return fmt.Errorf("%s: %w", e.path, err)
 		}
 	}
@@ -68,7 +71,7 @@ func (e *enrollments) applyAll(dps *dpstest.Server, allocate dpstest.AllocateFun
 
 // add enrolls req with dps and saves it, replacing a saved enrollment with the same ID.
 func (e *enrollments) add(dps *dpstest.Server, allocate dpstest.AllocateFunc, req enrollRequest) error {
-	if err := applyEnrollment(dps, allocate, req); err != nil {
+	if err := e.apply(dps, allocate, req); err != nil {
 		return err
 	}
 	e.mu.Lock()
@@ -100,7 +103,22 @@ func (r enrollRequest) key() string {
 	return "individual/" + strings.ToLower(r.RegistrationID)
 }
 
-func applyEnrollment(dps *dpstest.Server, allocate dpstest.AllocateFunc, req enrollRequest) error {
+// apply enrolls req with dps; allocate chooses hubs unless the enrollment has a custom
+// allocation hook of its own.
+func (e *enrollments) apply(dps *dpstest.Server, allocate dpstest.AllocateFunc, req enrollRequest) error {
+	var err error
+	switch {
+	case req.AllocationReply != nil && req.AllocationScript != "":
+		return errors.New("give an allocation reply or an allocation script, not both")
+	case req.AllocationReply != nil:
+		if allocate, err = staticAllocation(req.AllocationReply); err != nil {
+			return fmt.Errorf("allocation reply: %w", err)
+		}
+	case req.AllocationScript != "":
+		if allocate, err = scriptAllocation(e.ctx, req.AllocationScript); err != nil {
+			return fmt.Errorf("allocation script: %w", err)
+		}
+	}
 	policy := dpstest.Policy{Disabled: req.Disabled, InitialTwin: req.InitialTwin, Allocate: allocate}
 	if req.Group == "" {
 		return dps.AddIndividual(dpstest.Individual{RegistrationID: req.RegistrationID, Thumbprint: req.Thumbprint,

@@ -292,6 +292,29 @@ func mqttClientSAS(t testing.TB, broker, clientID, username, password, serverNam
 // assigning. It returns the assigned hub.
 func register(t testing.TB, s serveLine, d device) string {
 	t.Helper()
+	r := registerWith(t, s, d, `{"registrationId":"`+d.id+`"}`)
+	require.Equal(t, "assigned", r.Status, "%+v", r)
+	assert.Equal(t, d.id, r.RegistrationState.DeviceID)
+	return r.RegistrationState.AssignedHub
+}
+
+// registration is the last answer of a registration.
+type registration struct {
+	OperationID       string `json:"operationId"`
+	Status            string `json:"status"`
+	RegistrationState struct {
+		AssignedHub  string          `json:"assignedHub"`
+		DeviceID     string          `json:"deviceId"`
+		Substatus    string          `json:"substatus"`
+		ErrorCode    int             `json:"errorCode"`
+		ErrorMessage string          `json:"errorMessage"`
+		Payload      json.RawMessage `json:"payload"`
+	} `json:"registrationState"`
+}
+
+// registerWith registers with this request body and returns the answer that ends it.
+func registerWith(t testing.TB, s serveLine, d device, body string) registration {
+	t.Helper()
 	msgs := make(chan mqtt.Message, 10)
 	cert, password := &d.cert, ""
 	if d.sasKey != nil {
@@ -302,27 +325,15 @@ func register(t testing.TB, s serveLine, d device) string {
 	require.NoError(t, err)
 	defer c.Disconnect(0)
 	require.True(t, c.Subscribe("$dps/registrations/res/#", 1, nil).WaitTimeout(10*time.Second))
-	c.Publish("$dps/registrations/PUT/iotdps-register/?$rid=1", 1, false, `{"registrationId":"`+d.id+`"}`)
+	c.Publish("$dps/registrations/PUT/iotdps-register/?$rid=1", 1, false, body)
 	for rid := 2; ; rid++ {
 		m := next(t, msgs)
-		var body struct {
-			OperationID       string `json:"operationId"`
-			Status            string `json:"status"`
-			RegistrationState struct {
-				AssignedHub string `json:"assignedHub"`
-				DeviceID    string `json:"deviceId"`
-			} `json:"registrationState"`
+		var r registration
+		require.NoError(t, json.Unmarshal(m.Payload(), &r), "%s %s", m.Topic(), m.Payload())
+		if r.Status != "assigning" {
+			return r
 		}
-		require.NoError(t, json.Unmarshal(m.Payload(), &body), "%s %s", m.Topic(), m.Payload())
-		switch body.Status {
-		case "assigning":
-			c.Publish("$dps/registrations/GET/iotdps-get-operationstatus/?$rid="+strconv.Itoa(rid)+"&operationId="+body.OperationID, 1, false, " ")
-		case "assigned":
-			assert.Equal(t, d.id, body.RegistrationState.DeviceID)
-			return body.RegistrationState.AssignedHub
-		default:
-			t.Fatalf("registration ended %s: %s", m.Topic(), m.Payload())
-		}
+		c.Publish("$dps/registrations/GET/iotdps-get-operationstatus/?$rid="+strconv.Itoa(rid)+"&operationId="+r.OperationID, 1, false, " ")
 	}
 }
 

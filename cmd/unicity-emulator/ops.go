@@ -219,13 +219,27 @@ func runEnroll(ctx context.Context, e *env, args []string) error {
 	deviceID := fs.String("device-id", "", "individual: hub device `ID` (default: the registration ID)")
 	disabled := fs.Bool("disabled", false, "enroll disabled")
 	twin := fs.String("initial-twin", "", "initial twin `JSON` ({\"properties\":{\"desired\":…}} or the desired object)")
-	if err := parse(e, fs, "--dir DIR (--group ID (--ca FILE | --symmetric-key B64) | --registration-id ID (--cert FILE | --thumbprint HEX | --symmetric-key B64)) [--device-id ID] [--disabled] [--initial-twin JSON]", args); err != nil {
+	reply := fs.String("allocation-reply", "", "custom allocation: answer every registration with this AllocationResponse `JSON` ({\"iotHubHostName\":HUB,\"payload\":…,\"initialTwin\":…})")
+	script := fs.String("allocation-script", "", "custom allocation: run this `program` for each registration, Azure's AllocationRequest JSON on stdin, its AllocationResponse on stdout")
+	if err := parse(e, fs, "--dir DIR (--group ID (--ca FILE | --symmetric-key B64) | --registration-id ID (--cert FILE | --thumbprint HEX | --symmetric-key B64)) [--device-id ID] [--disabled] [--initial-twin JSON] [--allocation-reply JSON | --allocation-script PROGRAM]", args); err != nil {
 		return err
 	}
 	if (*group == "") == (*regID == "") {
 		return usageErrorf("enroll: give exactly one of --group and --registration-id")
 	}
+	if *reply != "" && *script != "" {
+		return usageErrorf("enroll: give --allocation-reply or --allocation-script, not both")
+	}
 	req := enrollRequest{Group: *group, RegistrationID: *regID, Thumbprint: *thumbprint, DeviceID: *deviceID, Disabled: *disabled}
+	if *reply != "" {
+		if !json.Valid([]byte(*reply)) {
+			return usageErrorf("enroll: --allocation-reply is not JSON")
+		}
+		req.AllocationReply = json.RawMessage(*reply)
+	}
+	if *script != "" {
+		req.AllocationScript = absPath(*script) // the emulator runs it from elsewhere
+	}
 	if *key != "" {
 		k, err := base64.StdEncoding.DecodeString(*key)
 		if err != nil {

@@ -177,6 +177,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	enrolled.ctx = ctx
 	if err := enrolled.applyAll(dps, fleet.Allocate); err != nil {
 		return err
 	}
