@@ -210,6 +210,11 @@ func (a *admin) invoke(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, fmt.Errorf("response timeout %v: IoT Hub allows %v to %v", timeout, minMethodTimeout, maxMethodTimeout))
 		return
 	}
+	if len(req.Payload) == 0 {
+		// The service sends JSON null when the caller gives no payload; some SDKs (Node's)
+		// answer an empty body with 400.
+		req.Payload = json.RawMessage("null")
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeout)
 	defer cancel()
 	res, err := h.Invoke(ctx, req.Device, req.Method, req.Payload)

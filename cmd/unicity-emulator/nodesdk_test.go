@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,7 +49,7 @@ func skipOrFail(t *testing.T, format string, args ...any) {
 func installNodeSDK(t *testing.T, npm string) string {
 	t.Helper()
 	h := sha256.New()
-	files := []string{"package.json", "package-lock.json", "provision.js"}
+	files := []string{"package.json", "package-lock.json", "provision.js", "restart.js"}
 	for _, f := range files {
 		data, err := os.ReadFile(filepath.Join(nodeSDKDir, f))
 		require.NoError(t, err)
@@ -221,4 +222,175 @@ func TestNodeSDK(t *testing.T) {
 	var pending []deviceJSON
 	cliJSON(t, &pending, "devices", "--dir", dir)
 	assert.Equal(t, 0, pending[0].PendingC2D, "the SDK completed the message")
+}
+
+// nodeScript runs one of the scripts in nodeSDKDir for device regID of the emulator s and
+// returns its events, the pipe to its stdin and its exit.
+type nodeScript struct {
+	t      *testing.T
+	events chan map[string]any
+	exited chan error
+	stdin  io.WriteCloser
+	stderr *syncBuffer
+}
+
+func startNode(t *testing.T, node, sdk, script string, s serveLine, dev device) *nodeScript {
+	t.Helper()
+	keyFile := filepath.Join(t.TempDir(), "device.key")
+	require.NoError(t, pki.WritePrivateKey(keyFile, dev.cert.PrivateKey.(crypto.Signer)))
+	dpsHost := "localhost:" + s.DPS[strings.LastIndex(s.DPS, ":")+1:]
+	cmd := exec.CommandContext(testContext(t), node, script)
+	cmd.Dir = sdk
+	cmd.Env = append(os.Environ(),
+		"NODE_EXTRA_CA_CERTS="+s.TrustBundle,
+		"DPS_HOST="+dpsHost, "ID_SCOPE="+s.IDScope, "REGISTRATION_ID="+dev.id,
+		"CERT_FILE="+dev.chainFile, "KEY_FILE="+keyFile)
+	n := &nodeScript{t: t, events: make(chan map[string]any, 10), exited: make(chan error, 1), stderr: &syncBuffer{}}
+	cmd.Stderr = n.stderr
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	n.stdin, err = cmd.StdinPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	go func() {
+		lines := bufio.NewScanner(stdout)
+		for lines.Scan() {
+			var ev map[string]any
+			if json.Unmarshal(lines.Bytes(), &ev) == nil {
+				n.events <- ev
+			}
+		}
+		close(n.events)
+		n.exited <- cmd.Wait()
+	}()
+	return n
+}
+
+// next returns the script's next event, which must be want, within 60 s.
+func (n *nodeScript) next(want string) map[string]any {
+	n.t.Helper()
+	select {
+	case ev, ok := <-n.events:
+		if !ok {
+			n.t.Fatalf("node ended early (%v):\n%s", <-n.exited, n.stderr.String())
+		}
+		require.Equal(n.t, want, ev["event"], "%v\n%s", ev, n.stderr.String())
+		return ev
+	case <-time.After(60 * time.Second):
+		n.t.Fatalf("no %s event:\n%s", want, n.stderr.String())
+		return nil
+	}
+}
+
+func (n *nodeScript) command(c string) {
+	n.t.Helper()
+	_, err := io.WriteString(n.stdin, c+"\n")
+	require.NoError(n.t, err)
+}
+
+// emulatorProcess is 'unicity-emulator serve' run as a program, so that it can be killed.
+type emulatorProcess struct {
+	cmd  *exec.Cmd
+	line serveLine
+}
+
+func startEmulatorProcess(t *testing.T, dir string, args ...string) *emulatorProcess {
+	t.Helper()
+	bin, err := exec.LookPath("unicity-emulator") // put on PATH by TestMain
+	require.NoError(t, err)
+	cmd := exec.Command(bin, append([]string{"serve", "--dir", dir}, args...)...)
+	cmd.Stderr = os.Stderr
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	p := &emulatorProcess{cmd: cmd}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	require.NoError(t, err, "serve printed no line")
+	require.NoError(t, json.Unmarshal([]byte(line), &p.line), line)
+	go io.Copy(io.Discard, stdout)
+	return p
+}
+
+// kill ends the emulator as a crash or a power cut would: SIGKILL, nothing tidied up.
+func (p *emulatorProcess) kill(t *testing.T) {
+	t.Helper()
+	require.NoError(t, p.cmd.Process.Kill())
+	p.cmd.Wait()
+}
+
+// TestNodeSDKRestart: Microsoft's Node.js SDK rides out an emulator killed with SIGKILL and
+// started again on the same directory, as it would an Azure outage: it reconnects to the
+// hub it was assigned, without going back to DPS; the cloud-to-device message queued before
+// the crash arrives; its twin keeps its version.
+func TestNodeSDKRestart(t *testing.T) {
+	node := needTool(t, "node")
+	npm := needTool(t, "npm")
+	sdk := installNodeSDK(t, npm)
+
+	dir := filepath.Join(t.TempDir(), "emu")
+	_, code := runCLI(t, "init", "--dir", dir)
+	require.Equal(t, 0, code)
+	first := startEmulatorProcess(t, dir)
+	const regID = "node-restart-1"
+	dev := newDevice(t, dir, regID)
+	n := startNode(t, node, sdk, "restart.js", first.line, dev)
+	ready := n.next("ready")
+	assert.Equal(t, first.line.Hub, ready["assignedHub"], "a hub name without a port")
+	assert.NotContains(t, ready["assignedHub"], ":")
+
+	var twin struct {
+		Reported map[string]any `json:"reported"`
+	}
+	cliJSON(t, &twin, "twin", "--dir", dir, "--device", regID)
+	require.Equal(t, "before", twin.Reported["phase"])
+	version := twin.Reported["$version"]
+	var sent map[string]string
+	cliJSON(t, &sent, "c2d", "--dir", dir, "--device", regID, "--payload", "queued before the crash")
+	var devices []deviceJSON
+	cliJSON(t, &devices, "devices", "--dir", dir)
+	require.Len(t, devices, 1)
+	require.True(t, devices[0].Connected)
+	require.Equal(t, 1, devices[0].PendingC2D, "not subscribed yet: the message waits")
+
+	first.kill(t)
+	second := startEmulatorProcess(t, dir)
+	assert.Equal(t, first.line.Hubs, second.line.Hubs)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		cliJSON(t, &devices, "devices", "--dir", dir)
+		if len(devices) == 1 && devices[0].Connected {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "the SDK did not reconnect: %+v\n%s", devices, n.stderr.String())
+		time.Sleep(200 * time.Millisecond)
+	}
+	assert.Equal(t, 1, devices[0].PendingC2D, "the message survived the crash")
+
+	n.command("listen")
+	c2d := n.next("c2d")
+	assert.Equal(t, "queued before the crash", c2d["payload"])
+	assert.Equal(t, sent["message_id"], c2d["messageId"])
+
+	n.command("twin")
+	tw := n.next("twin")
+	assert.Equal(t, version, tw["reportedVersion"], "the twin kept its version")
+	assert.Equal(t, version.(float64)+1, tw["afterUpdate"])
+
+	var res struct {
+		Status int `json:"status"`
+	}
+	cliJSON(t, &res, "invoke", "--dir", dir, "--device", regID, "--method", "ping", "--timeout", "10s")
+	assert.Equal(t, 200, res.Status, "the method subscription survived too")
+
+	var regs registrationsJSON
+	cliJSON(t, &regs, "registrations", "--dir", dir, "--device", regID)
+	assert.Equal(t, 1, regs.Count, "no DPS call after the restart")
+
+	n.command("done")
+	n.next("done")
+	require.NoError(t, <-n.exited, n.stderr.String())
 }
