@@ -110,11 +110,45 @@ func (e *emulator) stop() {
 	e.cmd = nil
 }
 
-// restart kills the emulator (everything it held in memory is lost, as in a crash) and
-// serves again on the same addresses.
+// restart kills the emulator, as a crash does (what it keeps on disk survives, operations in
+// progress and connections do not), and serves again on the same addresses.
 func (e *emulator) restart() {
 	e.stop()
 	e.start() // Go listeners set SO_REUSEADDR: the ports are free again at once
+}
+
+// registrations is how many register requests DPS has had from regID.
+func (e *emulator) registrations(t *testing.T, regID string) int {
+	t.Helper()
+	out, err := exec.Command(e.bin, "registrations", "--dir", e.dir, "--device", regID).Output()
+	require.NoError(t, err)
+	var r struct{ Count int }
+	require.NoError(t, json.Unmarshal(out, &r), "%s", out)
+	return r.Count
+}
+
+// awaitConnected waits until the hub has a connection from the device.
+func (e *emulator) awaitConnected(t *testing.T, deviceID string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		out, err := exec.Command(e.bin, "devices", "--dir", e.dir).Output()
+		require.NoError(t, err)
+		var devs []struct {
+			ID        string `json:"device_id"`
+			Connected bool   `json:"connected"`
+		}
+		require.NoError(t, json.Unmarshal(out, &devs), "%s", out)
+		for _, d := range devs {
+			if d.ID == deviceID && d.Connected {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not connect within %s: %s", deviceID, timeout, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // gateway is one device's files: identity, config, state and runtime directories.
