@@ -3,7 +3,8 @@
 #   1. a private swtpm, and the emulator (DPS + IoT Hub) with its factory CA;
 #   2. the factory line: key inside the TPM, CSR, certificate from the factory CA, install;
 #   3. `unicity run` provisions through DPS and connects to the assigned hub;
-#   4. a telemetry message sent through the agent arrives in the emulator.
+#   4. a telemetry message sent through the agent arrives in the emulator, which counts one
+#      DPS registration and names the hub by a loopback address of its own, without a port.
 # Everything lives in a temporary directory, removed on exit with the processes it started.
 set -euo pipefail
 
@@ -111,5 +112,8 @@ step "telemetry through the agent"
 echo '{"temperature":21.5,"humidity":40}' |
 	"$unicity" send --config config.toml --property site=demo --property kind=climate
 "$emulator" telemetry --dir "$work/emu" --device demo-gw-01 --wait 1 --timeout 30s
+
+step "DPS: one registration; the hub is named without a port, as Azure names hubs"
+"$emulator" registrations --dir "$work/emu" --device demo-gw-01
 
 step "done: device demo-gw-01 provisioned on $hub, connected, telemetry delivered"

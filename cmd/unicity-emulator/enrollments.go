@@ -17,8 +17,8 @@ import (
 )
 
 // enrollmentsFile keeps the enrollments added with 'enroll', so that a restarted emulator
-// still admits the devices enrolled on it. Registrations, twins and telemetry are not kept:
-// devices refused by a restarted hub register again, as they would after a reassignment.
+// still admits the devices enrolled on it; what the services know of the devices is in
+// stateFile.
 const enrollmentsFile = "enrollments.json"
 
 type enrollmentsDoc struct {

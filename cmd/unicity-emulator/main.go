@@ -1,9 +1,10 @@
 // Command unicity-emulator serves an emulated Azure DPS and IoT Hub over MQTT 3.1.1 (TLS and
 // WebSocket) for demos, CI and factory lines, and operates the running emulator: list
-// devices, read telemetry, send cloud-to-device messages, invoke methods, patch twins,
-// disable, delete and move devices, enroll more. The services are dps/dpstest and
-// hub/hubtest; this command owns only the files in its directory, the flags and the local
-// admin socket.
+// devices and registrations, read telemetry and statistics, send cloud-to-device messages,
+// invoke methods, patch twins, disable, delete and move devices, enroll more (with custom
+// allocation). The services are dps/dpstest and hub/hubtest; this command owns the files in
+// its directory (the state kept across restarts among them), where the services listen, the
+// flags and the local admin socket.
 package main
 
 import (

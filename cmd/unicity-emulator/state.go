@@ -354,10 +354,19 @@ func (s *store) restored() (*restored, error) {
 			}
 			t := rec.Telemetry
 			r.telemetry[hub] = append(r.telemetry[hub], hubtest.Telemetry{DeviceID: t.DeviceID, Payload: t.Payload,
-				Properties: t.Properties, System: t.System, QoS: t.QoS, Received: t.Received})
+				Properties: orEmpty(t.Properties), System: orEmpty(t.System), QoS: t.QoS, Received: t.Received})
 		}
 	}
 	return r, nil
+}
+
+// orEmpty is m, or an empty map for nil: the hub records messages without properties with
+// empty maps.
+func orEmpty(m map[string]string) map[string]string {
+	if m == nil {
+		return map[string]string{}
+	}
+	return m
 }
 
 // write appends rec and makes it live. A failed write is cut off the file, and the store

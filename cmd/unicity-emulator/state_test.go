@@ -73,6 +73,13 @@ func TestStoreRoundTrip(t *testing.T) {
 	require.Len(t, r.devices["127.1.2.2"], 1)
 	assert.Equal(t, dev, r.devices["127.1.2.2"][0])
 	assert.Equal(t, []hubtest.Telemetry{tel}, r.telemetry["127.1.2.2"])
+	require.NoError(t, s.close())
+	s, _, err = openStore(path)
+	require.NoError(t, err)
+	bare := hubtest.Telemetry{DeviceID: "gw-1", Properties: map[string]string{}, System: map[string]string{}}
+	require.NoError(t, s.SaveTelemetry("127.1.2.2", bare))
+	require.NoError(t, s.close())
+	assert.Equal(t, []hubtest.Telemetry{tel, bare}, reopen(t, path).telemetry["127.1.2.2"], "empty property maps stay maps")
 	assert.Equal(t, []dpstest.Registration{reg}, r.regs)
 	assert.Equal(t, []dpstest.Attempt{att}, r.attempts)
 	assert.Equal(t, &layout, r.layout)
