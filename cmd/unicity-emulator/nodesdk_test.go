@@ -49,7 +49,7 @@ func skipOrFail(t *testing.T, format string, args ...any) {
 func installNodeSDK(t *testing.T, npm string) string {
 	t.Helper()
 	h := sha256.New()
-	files := []string{"package.json", "package-lock.json", "provision.js", "restart.js"}
+	files := []string{"package.json", "package-lock.json", "common.js", "provision.js", "restart.js"}
 	for _, f := range files {
 		data, err := os.ReadFile(filepath.Join(nodeSDKDir, f))
 		require.NoError(t, err)
@@ -101,41 +101,14 @@ func TestNodeSDK(t *testing.T) {
 
 	const regID = "node-gw-1"
 	dev := newDevice(t, dir, regID)
-	keyFile := filepath.Join(t.TempDir(), "device.key")
-	require.NoError(t, certcodec.WritePrivateKey(keyFile, dev.cert.PrivateKey.(crypto.Signer)))
-
-	dpsHost := "localhost:" + s.DPS[strings.LastIndex(s.DPS, ":")+1:]
-	cmd := exec.CommandContext(testContext(t), node, "provision.js")
-	cmd.Dir = sdk
-	cmd.Env = append(os.Environ(),
-		"NODE_EXTRA_CA_CERTS="+s.TrustBundle,
-		"DPS_HOST="+dpsHost, "ID_SCOPE="+s.IDScope, "REGISTRATION_ID="+regID,
-		"CERT_FILE="+dev.chainFile, "KEY_FILE="+keyFile)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	stdout, err := cmd.StdoutPipe()
-	require.NoError(t, err)
-	require.NoError(t, cmd.Start())
-	exited := make(chan error, 1)
-	events := make(chan map[string]any, 10)
-	go func() {
-		lines := bufio.NewScanner(stdout)
-		for lines.Scan() {
-			var ev map[string]any
-			if json.Unmarshal(lines.Bytes(), &ev) == nil {
-				events <- ev
-			}
-		}
-		close(events)
-		exited <- cmd.Wait()
-	}()
+	n := startNode(t, node, sdk, "provision.js", s, dev)
 	// next returns the script's next event, or false after within; the script ending
 	// before the test has seen "done" fails the test.
 	next := func(within time.Duration) (map[string]any, bool) {
 		select {
-		case ev, ok := <-events:
+		case ev, ok := <-n.events:
 			if !ok {
-				t.Fatalf("node provision.js ended early (%v):\n%s", <-exited, stderr.String())
+				t.Fatalf("node provision.js ended early (%v):\n%s", <-n.exited, n.stderr.String())
 			}
 			return ev, true
 		case <-time.After(within):
@@ -145,7 +118,7 @@ func TestNodeSDK(t *testing.T) {
 
 	// Provisioned, connected, telemetry sent and the reported twin updated.
 	ready, ok := next(30 * time.Second)
-	require.True(t, ok, "no ready event:\n%s", stderr.String())
+	require.True(t, ok, "no ready event:\n%s", n.stderr.String())
 	require.Equal(t, "ready", ready["event"])
 	assert.Contains(t, s.Hubs, ready["assignedHub"])
 	assert.Equal(t, regID, ready["deviceId"])
@@ -209,7 +182,7 @@ func TestNodeSDK(t *testing.T) {
 	}
 	for got["c2d"] == nil || got["method"] == nil || got["done"] == nil {
 		ev, ok := next(30 * time.Second)
-		require.True(t, ok, "events so far: %v\n%s", got, stderr.String())
+		require.True(t, ok, "events so far: %v\n%s", got, n.stderr.String())
 		got[ev["event"].(string)] = ev
 	}
 	assert.Equal(t, "hello node", got["c2d"]["payload"])
@@ -217,7 +190,7 @@ func TestNodeSDK(t *testing.T) {
 	assert.Equal(t, "high", got["c2d"]["properties"].(map[string]any)["prio"])
 	assert.Equal(t, map[string]any{"delay": float64(1)}, got["method"]["payload"])
 	assert.NotNil(t, got["desired"]["version"])
-	require.NoError(t, <-exited, stderr.String())
+	require.NoError(t, <-n.exited, n.stderr.String())
 
 	var pending []deviceJSON
 	cliJSON(t, &pending, "devices", "--dir", dir)

@@ -4,49 +4,17 @@
 // serves the cloud: it completes one cloud-to-device message, answers the direct method
 // "reboot" and takes a desired-property patch carrying "marker", then closes.
 //
-// TLS trust comes from NODE_EXTRA_CA_CERTS (the emulator's trust bundle); verification stays
-// on. The SDKs take a host, not a port: both build "mqtts://" + host, so "localhost:PORT"
-// reaches the emulator's port, and the hub username carries the same host:port that DPS
-// assigned.
-//
 // Every step is reported as one JSON line on stdout, {"event": NAME, ...}: "ready" (after
 // telemetry and the twin update, with the assignment), "c2d", "method", "desired", "done".
 // Any failure, or 60 s without all three cloud operations, exits 1.
 //
-// Environment: DPS_HOST (host:port), ID_SCOPE, REGISTRATION_ID, CERT_FILE (leaf + chain,
-// PEM), KEY_FILE (PEM).
+// Environment: as common.js says.
 
-const fs = require('fs');
-const { X509Security } = require('azure-iot-security-x509');
-const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
-const ProvisioningMqtt = require('azure-iot-provisioning-device-mqtt').Mqtt;
-const { Client, Message } = require('azure-iot-device');
-const HubMqtt = require('azure-iot-device-mqtt').Mqtt;
-
-function env(name) {
-  const v = process.env[name];
-  if (!v) {
-    throw new Error(`${name} is not set`);
-  }
-  return v;
-}
-
-function report(event, fields) {
-  console.log(JSON.stringify({ event, ...fields }));
-}
+const { Message } = require('azure-iot-device');
+const { report, connect, updateReported, run } = require('./common');
 
 async function main() {
-  const registrationId = env('REGISTRATION_ID');
-  const cert = fs.readFileSync(env('CERT_FILE'), 'utf8');
-  const key = fs.readFileSync(env('KEY_FILE'), 'utf8');
-
-  const security = new X509Security(registrationId, { cert, key });
-  const provisioning = ProvisioningDeviceClient.create(env('DPS_HOST'), env('ID_SCOPE'), new ProvisioningMqtt(), security);
-  const result = await provisioning.register();
-
-  const client = Client.fromConnectionString(`HostName=${result.assignedHub};DeviceId=${result.deviceId};x509=true`, HubMqtt);
-  client.setOptions({ cert, key });
-  await client.open();
+  const { client, result } = await connect();
   try {
     const pending = new Set(['c2d', 'method', 'desired']);
     let finished;
@@ -89,9 +57,7 @@ async function main() {
     await client.sendEvent(message);
 
     const twin = await client.getTwin();
-    await new Promise((resolve, reject) => {
-      twin.properties.reported.update({ sdk: 'azure-iot-device', firmware: { version: '1.0.0' } }, (err) => (err ? reject(err) : resolve()));
-    });
+    await updateReported(twin, { sdk: 'azure-iot-device', firmware: { version: '1.0.0' } });
     twin.on('properties.desired', (patch) => {
       if (patch.marker !== undefined) {
         done('desired', { marker: patch.marker, version: patch.$version });
@@ -111,7 +77,4 @@ async function main() {
   report('done', {});
 }
 
-main().catch((err) => {
-  console.error(err && err.stack ? err.stack : err);
-  process.exit(1);
-});
+run(main);

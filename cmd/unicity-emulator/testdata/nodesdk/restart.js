@@ -9,47 +9,13 @@
 // Each step is reported as one JSON line on stdout, {"event": NAME, ...}: "ready" (with the
 // assignment), "c2d", "twin", "done". Any failure exits 1.
 //
-// Environment: DPS_HOST (host:port), ID_SCOPE, REGISTRATION_ID, CERT_FILE (leaf + chain,
-// PEM), KEY_FILE (PEM). TLS trust comes from NODE_EXTRA_CA_CERTS; verification stays on.
+// Environment: as common.js says.
 
-const fs = require('fs');
 const readline = require('readline');
-const { X509Security } = require('azure-iot-security-x509');
-const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
-const ProvisioningMqtt = require('azure-iot-provisioning-device-mqtt').Mqtt;
-const { Client } = require('azure-iot-device');
-const HubMqtt = require('azure-iot-device-mqtt').Mqtt;
-
-function env(name) {
-  const v = process.env[name];
-  if (!v) {
-    throw new Error(`${name} is not set`);
-  }
-  return v;
-}
-
-function report(event, fields) {
-  console.log(JSON.stringify({ event, ...fields }));
-}
-
-function updateReported(twin, patch) {
-  return new Promise((resolve, reject) => {
-    twin.properties.reported.update(patch, (err) => (err ? reject(err) : resolve()));
-  });
-}
+const { report, connect, updateReported, run } = require('./common');
 
 async function main() {
-  const registrationId = env('REGISTRATION_ID');
-  const cert = fs.readFileSync(env('CERT_FILE'), 'utf8');
-  const key = fs.readFileSync(env('KEY_FILE'), 'utf8');
-
-  const security = new X509Security(registrationId, { cert, key });
-  const provisioning = ProvisioningDeviceClient.create(env('DPS_HOST'), env('ID_SCOPE'), new ProvisioningMqtt(), security);
-  const result = await provisioning.register();
-
-  const client = Client.fromConnectionString(`HostName=${result.assignedHub};DeviceId=${result.deviceId};x509=true`, HubMqtt);
-  client.setOptions({ cert, key });
-  await client.open();
+  const { client, result } = await connect();
   client.onDeviceMethod('ping', (request, response) => {
     response.send(200, { pong: true }, (err) => {
       if (err) {
@@ -94,7 +60,4 @@ async function main() {
   }
 }
 
-main().catch((err) => {
-  console.error(err && err.stack ? err.stack : err);
-  process.exit(1);
-});
+run(main);
