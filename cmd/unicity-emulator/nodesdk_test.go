@@ -85,18 +85,20 @@ func installNodeSDK(t *testing.T, npm string) string {
 	return dir
 }
 
+// nodeSDK returns node and the directory the pinned SDKs are installed in, or skips.
+func nodeSDK(t *testing.T) (node, sdk string) {
+	t.Helper()
+	node = needTool(t, "node")
+	return node, installNodeSDK(t, needTool(t, "npm"))
+}
+
 // TestNodeSDK runs Microsoft's Node.js device SDKs (versions pinned by the lock file)
 // against the emulator: X.509 registration with DPS, assignment, hub connection, telemetry,
 // a reported-property update, then a C2D message, a direct method and a desired-property
 // patch from the operator commands, all over verified TLS.
 func TestNodeSDK(t *testing.T) {
-	node := needTool(t, "node")
-	npm := needTool(t, "npm")
-	sdk := installNodeSDK(t, npm)
-
-	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := runCLI(t, "init", "--dir", dir)
-	require.Equal(t, 0, code)
+	node, sdk := nodeSDK(t)
+	dir := initDir(t)
 	s := serve(t, dir, "--hubs", "2", "--retry-after", "1")
 
 	const regID = "node-gw-1"
@@ -300,13 +302,8 @@ func (p *emulatorProcess) kill(t *testing.T) {
 // hub it was assigned, without going back to DPS; the cloud-to-device message queued before
 // the crash arrives; its twin keeps its version.
 func TestNodeSDKRestart(t *testing.T) {
-	node := needTool(t, "node")
-	npm := needTool(t, "npm")
-	sdk := installNodeSDK(t, npm)
-
-	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := runCLI(t, "init", "--dir", dir)
-	require.Equal(t, 0, code)
+	node, sdk := nodeSDK(t)
+	dir := initDir(t)
 	first := startEmulatorProcess(t, dir)
 	const regID = "node-restart-1"
 	dev := newDevice(t, dir, regID)
