@@ -3,8 +3,9 @@
 // over TLS and WebSocket as pinned by shared/protocol.md: X.509 (CA and thumbprint) and
 // symmetric-key enrollments, register and poll with retry-after, reprovisioning, certificate
 // issuance from a CSR, the service's throttling limits and scripted faults. The service-side
-// API (enrollments, registrations, statistics) is Go methods, not HTTP. It is not a broker:
-// every reply goes to the connection that asked.
+// API (enrollments, registrations, the history of register requests, statistics) is Go
+// methods, not HTTP; a Journal can keep registrations and history across restarts. It is not
+// a broker: every reply goes to the connection that asked.
 package dpstest
 
 import (

@@ -3,8 +3,8 @@
 // (New). It keeps a device registry with X.509 and SAS authentication, records telemetry,
 // queues cloud-to-device messages, serves device twins and invokes direct methods, with the
 // wire behaviour pinned by shared/protocol.md §5. A Fleet of hubs takes the assignments of a
-// dps/dpstest server; tests can inject transient faults. It is not a broker: nothing a
-// device publishes reaches another device.
+// dps/dpstest server; a Journal can keep a hub's state across restarts; tests can inject
+// transient faults. It is not a broker: nothing a device publishes reaches another device.
 package hubtest
 
 import (
