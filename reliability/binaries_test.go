@@ -18,6 +18,7 @@ import (
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
+	"github.com/unicity-iot/unicity/internal/poll"
 )
 
 var (
@@ -130,9 +131,12 @@ func (e *emulator) registrations(t *testing.T, regID string) int {
 // awaitConnected waits until the hub has a connection from the device.
 func (e *emulator) awaitConnected(t *testing.T, deviceID string, timeout time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		out, err := exec.Command(e.bin, "devices", "--dir", e.dir).Output()
+	ctx, cancel := context.WithTimeout(t.Context(), timeout)
+	defer cancel()
+	var out []byte
+	err := poll.Until(ctx, 100*time.Millisecond, func() bool {
+		var err error
+		out, err = exec.Command(e.bin, "devices", "--dir", e.dir).Output()
 		require.NoError(t, err)
 		var devs []struct {
 			ID        string `json:"device_id"`
@@ -141,14 +145,12 @@ func (e *emulator) awaitConnected(t *testing.T, deviceID string, timeout time.Du
 		require.NoError(t, json.Unmarshal(out, &devs), "%s", out)
 		for _, d := range devs {
 			if d.ID == deviceID && d.Connected {
-				return
+				return true
 			}
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s did not connect within %s: %s", deviceID, timeout, out)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return false
+	})
+	require.NoError(t, err, "%s did not connect within %s: %s", deviceID, timeout, out)
 }
 
 // gateway is one device's files: identity, config, state and runtime directories.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto"
 	"crypto/sha256"
 	"encoding/hex"
@@ -212,7 +213,7 @@ type nodeScript struct {
 func startNode(t *testing.T, node, sdk, script string, s serveLine, dev device) *nodeScript {
 	t.Helper()
 	keyFile := filepath.Join(t.TempDir(), "device.key")
-	require.NoError(t, pki.WritePrivateKey(keyFile, dev.cert.PrivateKey.(crypto.Signer)))
+	require.NoError(t, certcodec.WritePrivateKey(keyFile, dev.cert.PrivateKey.(crypto.Signer)))
 	dpsHost := "localhost:" + s.DPS[strings.LastIndex(s.DPS, ":")+1:]
 	cmd := exec.CommandContext(testContext(t), node, script)
 	cmd.Dir = sdk
@@ -329,15 +330,14 @@ func TestNodeSDKRestart(t *testing.T) {
 	first.kill(t)
 	second := startEmulatorProcess(t, dir)
 	assert.Equal(t, first.line.Hubs, second.line.Hubs)
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+	// The emulator says nothing when a device connects: ask it.
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	err := poll.Until(ctx, 200*time.Millisecond, func() bool {
 		cliJSON(t, &devices, "devices", "--dir", dir)
-		if len(devices) == 1 && devices[0].Connected {
-			break
-		}
-		require.True(t, time.Now().Before(deadline), "the SDK did not reconnect: %+v\n%s", devices, n.stderr.String())
-		time.Sleep(200 * time.Millisecond)
-	}
+		return len(devices) == 1 && devices[0].Connected
+	})
+	require.NoError(t, err, "the SDK did not reconnect: %+v\n%s", devices, n.stderr.String())
 	assert.Equal(t, 1, devices[0].PendingC2D, "the message survived the crash")
 
 	n.command("listen")

@@ -10,6 +10,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
 	"github.com/unicity-iot/unicity/hub/hubtest"
+	"github.com/unicity-iot/unicity/internal/atomicfile"
 )
 
 // stateFile keeps what the services know of their devices across restarts, so that a
@@ -162,10 +164,16 @@ var (
 )
 
 // openStore reads the state file (none is an empty state), rewrites it with its live lines
-// and opens it for appending.
+// and opens it for appending. The caller holds the directory: a rewrite that a kill cut
+// short left a temporary file, removed here.
 func openStore(path string) (*store, *restored, error) {
 	s := &store{path: path, live: map[string][]byte{}, deviceHub: map[string]string{},
 		telemetry: map[string][][]byte{}, failed: make(chan struct{})}
+	if stale, err := filepath.Glob(atomicfile.TempGlob(path)); err == nil {
+		for _, f := range stale {
+			os.Remove(f)
+		}
+	}
 	skipped, err := s.load()
 	if err != nil {
 		return nil, nil, err
@@ -295,7 +303,7 @@ func (s *store) compact() error {
 			buf.Write(line)
 		}
 	}
-	if err := writePrivate(s.path, buf.Bytes()); err != nil {
+	if err := atomicfile.Write(s.path, buf.Bytes(), 0o600); err != nil {
 		return err
 	}
 	if s.f != nil {

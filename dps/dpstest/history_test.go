@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
+	"github.com/unicity-iot/unicity/sas"
 )
 
 // journal records what a Journal is told, keeping the latest of each record as a store
@@ -80,7 +81,7 @@ func TestAttempts(t *testing.T) {
 	start := now.Now()
 	require.Equal(t, "assigned", d.provision("gw-1").body.Status)
 	now.Advance(time.Second)
-	off := mustDial(t, s, dialOpts{regID: "off-1", password: sasToken(s.IDScope(), "off-1", dpstest.DeviceKey([]byte("k"), "off-1"), now.Now().Add(time.Hour), false)})
+	off := mustDial(t, s, dialOpts{regID: "off-1", password: sasToken(s.IDScope(), "off-1", sas.DeviceKey([]byte("k"), "off-1"), now.Now().Add(time.Hour), false)})
 	assert.Equal(t, "disabled", off.register("off-1").body.Status)
 	assert.Equal(t, 429, d.register("gw-1").status, "over the quota of 2 a minute")
 
