@@ -136,13 +136,17 @@ func parseRecord(b []byte, r *Record) (int, error) {
 		return 0, body.err
 	}
 	if r != nil {
+		var payload []byte
+		if len(body.b) > 0 {
+			payload = slices.Clone(body.b)
+		}
 		*r = Record{
 			ID:   ID(binary.LittleEndian.Uint64(rec[recordHeader:])),
 			Time: unixTime(int64(binary.LittleEndian.Uint64(rec[recordHeader+8:]))),
 			Message: Message{
 				App:        string(app),
 				Properties: props,
-				Payload:    slices.Clone(body.b),
+				Payload:    payload,
 			},
 		}
 	}
