@@ -179,6 +179,19 @@ func (s *Spool) openAcks(path string) error {
 		return fmt.Errorf("cannot open the acknowledgement state: %w", err)
 	}
 	s.acks = readAckFile(f)
+	// Both slots are written at once when the file is new (or was cut short), so that no
+	// later save needs a block the file system may not have left.
+	if info, err := f.Stat(); err == nil && info.Size() >= ackSlotStride+ackSlotSize {
+		return nil
+	}
+	for range 2 {
+		if err := s.acks.save(s.acks.saved); err != nil {
+			return fmt.Errorf("cannot write the acknowledgement state: %w", err)
+		}
+	}
+	if err := s.acks.sync(); err != nil {
+		return fmt.Errorf("cannot write the acknowledgement state: %w", err)
+	}
 	return nil
 }
 
@@ -209,7 +222,7 @@ func (s *Spool) load(first, after, before, mark ID, last bool) (*segment, scan, 
 	case string(data[:segmentHeader]) != segmentMagic:
 		return nil, scan{}, s.setAside(path)
 	}
-	sc, err := scanSegment(data, after, before, mark)
+	sc, err := scanSegment(data, segmentHeader, after, before, mark)
 	if errors.Is(err, errOutOfOrder) {
 		return nil, scan{}, s.setAside(path)
 	}

@@ -67,9 +67,11 @@ type scan struct {
 	end     int64 // where the intact records end
 	holes   map[int64]int64
 	// damaged counts stretches of bytes that are not intact records; tail says the last one
-	// runs to the end of the file.
+	// runs to the end of the file. lost holds the ID ranges they may have held; the last
+	// range of a damaged tail ends at noLimit.
 	damaged int
 	tail    bool
+	lost    []fate
 	// below counts the records under the acknowledgement mark; unacked is where the first
 	// record at or above it starts (0: none), and passed the ID of the record before it.
 	below   int
@@ -77,13 +79,13 @@ type scan struct {
 	passed  ID
 }
 
-// scanSegment reads a segment's bytes after its header. Record IDs must rise and lie in
+// scanSegment reads a segment's bytes from offset from on. Record IDs must rise and lie in
 // (after, before); an intact record outside that order is errOutOfOrder. acked is the
 // acknowledgement mark.
-func scanSegment(data []byte, after, before, acked ID) (scan, error) {
-	sc := scan{end: segmentHeader, passed: after}
+func scanSegment(data []byte, from int64, after, before, acked ID) (scan, error) {
+	sc := scan{end: from, passed: after}
 	prev := after
-	off := int(segmentHeader)
+	off := int(from)
 	for off < len(data) {
 		id, t, n, err := checkRecord(data[off:])
 		if err == nil {
@@ -108,8 +110,11 @@ func scanSegment(data []byte, after, before, acked ID) (scan, error) {
 		next := resync(data[off:], prev, before)
 		if next < 0 {
 			sc.tail = true
+			sc.lost = append(sc.lost, fate{first: prev + 1, last: noLimit})
 			break
 		}
+		resumeID, _, _, _ := checkRecord(data[off+next:])
+		sc.lost = append(sc.lost, fate{first: prev + 1, last: resumeID - 1})
 		if sc.holes == nil {
 			sc.holes = make(map[int64]int64)
 		}

@@ -418,15 +418,13 @@ func (s *Spool) AwaitAck(ctx context.Context, id ID) error {
 		s.mu.Unlock()
 		return fmt.Errorf("await message %d: %w", id, ErrUnknownID)
 	}
-	if id < s.released {
-		err := s.fateLocked(id)
+	if err, gone := s.fateLocked(id); gone {
 		s.mu.Unlock()
 		return err
 	}
-	if f := s.flightLocked(id); f != nil && f.released {
-		err := s.fateLocked(id)
+	if f := s.flightLocked(id); id < s.released || f != nil && f.released {
 		s.mu.Unlock()
-		return err
+		return nil // acknowledged
 	}
 	if s.closed {
 		s.mu.Unlock()
@@ -591,14 +589,14 @@ func (s *Spool) noteFateLocked(first, last ID, err error) {
 	}
 }
 
-// fateLocked says how a released ID left: acknowledged unless a fate says otherwise.
-func (s *Spool) fateLocked(id ID) error {
+// fateLocked says whether id left the queue unsent, and why.
+func (s *Spool) fateLocked(id ID) (error, bool) {
 	for _, f := range s.fates {
 		if id >= f.first && id <= f.last {
-			return f.err
+			return f.err, true
 		}
 	}
-	return nil
+	return nil, false
 }
 
 func (s *Spool) raiseReleasedLocked(w ID) {
@@ -609,7 +607,7 @@ func (s *Spool) raiseReleasedLocked(w ID) {
 }
 
 // advanceCursorLocked moves the cursor over holes and onto the next segment at the end of
-// one. Records of a passed segment it never reached were lost to damage found after Open.
+// one.
 func (s *Spool) advanceCursorLocked() {
 	for s.cursor.seg != nil {
 		seg := s.cursor.seg
@@ -624,9 +622,6 @@ func (s *Spool) advanceCursorLocked() {
 		if i == len(s.segs)-1 {
 			return
 		}
-		lost := seg.records - seg.consumed
-		seg.consumed += lost
-		seg.released += lost
 		next := s.segs[i+1]
 		s.cursor = cursor{seg: next, off: segmentHeader, prev: max(s.cursor.prev, next.first-1)}
 	}
@@ -642,10 +637,11 @@ func (s *Spool) indexLocked(seg *segment) int {
 }
 
 // damagedLocked handles a record Next could not read. Handed out before, it leaves the
-// queue as dropped; at the cursor, the damage becomes a hole up to the next intact record.
+// queue as dropped. At the cursor, the segment's rest is scanned again: the damage becomes
+// holes up to the next intact records, and the records it held leave the queue as dropped.
 func (s *Spool) damagedLocked(f *flight, seg *segment, off int64, cause error) {
-	s.counts.Torn++
 	if f != nil {
+		s.counts.Torn++
 		s.releaseLocked(f, ErrDropped)
 		return
 	}
@@ -653,24 +649,32 @@ func (s *Spool) damagedLocked(f *flight, seg *segment, off int64, cause error) {
 	if i := s.indexLocked(seg); i+1 < len(s.segs) {
 		before = s.segs[i+1].first
 	}
-	resume, lostTo := seg.size, seg.last
+	sc := scan{end: off, damaged: 1, tail: true, lost: []fate{{first: s.cursor.prev + 1, last: noLimit}}}
 	if errors.Is(cause, errCorrupt) {
-		if data, err := readRange(seg.f, off, seg.size); err == nil {
-			if n := resync(data, s.cursor.prev, before); n >= 0 {
-				resume = off + int64(n)
-				id, _, _, _ := checkRecord(data[n:])
-				lostTo = id - 1
-			}
+		if data, err := readRange(seg.f, 0, seg.size); err == nil {
+			// IDs in order before: Open checked them, and the writer wrote them.
+			sc, _ = scanSegment(data, off, s.cursor.prev, before, 0)
 		}
 	}
+	s.counts.Torn += int64(sc.damaged)
 	if seg.holes == nil {
 		seg.holes = make(map[int64]int64)
 	}
-	seg.holes[off] = resume
-	if lostTo > s.cursor.prev {
-		s.noteFateLocked(s.cursor.prev+1, lostTo, ErrDropped)
-		s.settleLocked(s.cursor.prev+1, lostTo, ErrDropped)
+	for from, to := range sc.holes {
+		seg.holes[from] = to
 	}
+	if sc.tail {
+		seg.holes[sc.end] = seg.size
+	}
+	seg.records = seg.consumed + sc.records
+	for _, l := range sc.lost {
+		last := min(l.last, seg.last)
+		if l.first <= last {
+			s.noteFateLocked(l.first, last, ErrDropped)
+			s.settleLocked(l.first, last, ErrDropped)
+		}
+	}
+	s.trimLocked()
 }
 
 func readRange(f *os.File, off, end int64) ([]byte, error) {
