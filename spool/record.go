@@ -215,9 +215,12 @@ func readRecord(r io.ReaderAt, off, end int64) (Record, int64, error) {
 }
 
 // resync finds the next intact record in data after damage at its start: the first offset
-// holding a record whose ID lies in (after, before). The ID bound makes a false find in
-// damaged bytes need 64 bits of luck on top of the CRC's 32. It returns -1 if none.
+// holding a record whose ID lies in (after, before), and within maxIDGap of after. The ID
+// test comes before the CRC, so that damaged bytes cost a CRC only where 8 of them happen to
+// look like a nearby ID, and a false find needs that luck and the CRC's 32 bits. It returns
+// -1 if none.
 func resync(data []byte, after, before ID) int {
+	before = min(before, after+maxIDGap)
 	for off := 1; off+recordHeader+minBody <= len(data); off++ {
 		id := ID(binary.LittleEndian.Uint64(data[off+recordHeader:]))
 		if id <= after || id >= before {
@@ -232,3 +235,7 @@ func resync(data []byte, after, before ID) int {
 
 // noLimit is the upper ID bound of resync in the last segment.
 const noLimit = ID(math.MaxUint64)
+
+// maxIDGap bounds how far IDs may jump between neighbouring records: only failed appends,
+// whose IDs are never stored, make them jump at all.
+const maxIDGap = 1 << 32
