@@ -18,7 +18,7 @@ STATICCHECK_VERSION ?= v0.8.2
 GOVULNCHECK_VERSION ?= v1.9.0
 # How long `make fuzz` runs each fuzz target; README "Reliability" has a 10-minute run.
 FUZZTIME ?= 10s
-FUZZ_PKGS := ./dps ./hub ./storage ./device ./attest
+FUZZ_PKGS := ./dps ./hub ./storage ./device ./attest ./spool
 
 # Packaging (docs/oem.md). cross: static binaries for the gateway architectures, with the
 # arm64 agent held to a flash budget. deb: a Debian package built by nfpm, fetched through the
@@ -52,9 +52,11 @@ lint:
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
 
 # The fault suites' long forms (reliability/): every stall at every TLS record, 200 power
-# cuts of the real agent. Their short forms run in `make test`.
+# cuts of the real agent, 200 SIGKILLs of a process appending to the telemetry spool. Their
+# short forms run in `make test`.
 reliability:
 	RELIABILITY_LONG=1 CGO_ENABLED=1 $(GO) test -count=1 -timeout 60m -v ./reliability/ ./internal/faultnet/
+	RELIABILITY_LONG=1 CGO_ENABLED=1 $(GO) test -count=1 -timeout 10m -v -run '^TestSurvivesSIGKILL$$' ./spool/
 
 # Every fuzz target for FUZZTIME each (go test fuzzes one target per run). A failure counts
 # when it wrote a failing input to testdata/fuzz/: go1.26's coordinator can end a timed run
