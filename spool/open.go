@@ -24,15 +24,18 @@ func Open(dir string, opts Options) (*Spool, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := makeDir(dir); err != nil {
+	dirf, err := makeDir(dir)
+	if err != nil {
 		return nil, fmt.Errorf("cannot create the telemetry spool %s: %w", dir, err)
 	}
 	lock, err := lockDir(dir)
 	if err != nil {
+		dirf.Close()
 		return nil, err
 	}
 	s := &Spool{
 		dir:     dir,
+		dirf:    dirf,
 		opts:    o,
 		lock:    lock,
 		waiters: make(map[ID]*waiter),
@@ -48,6 +51,7 @@ func Open(dir string, opts Options) (*Spool, error) {
 			s.acks.f.Close()
 		}
 		lock.Close()
+		dirf.Close()
 		return nil, fmt.Errorf("cannot open the telemetry spool %s: %w", dir, err)
 	}
 	go s.writeLoop()
@@ -55,23 +59,40 @@ func Open(dir string, opts Options) (*Spool, error) {
 	return s, nil
 }
 
-func makeDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	info, err := os.Stat(dir)
-	if err != nil {
-		return err
-	}
-	if !info.IsDir() {
-		return fmt.Errorf("%s is not a directory", dir)
-	}
-	if info.Mode().Perm() != 0o700 {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return err
+// makeDir creates the spool directory, or closes one found open to others, and returns it
+// open: syncing it makes file creations, renames and removals in it durable.
+func makeDir(dir string) (*os.File, error) {
+	if err := os.Mkdir(dir, 0o700); err == nil {
+		// Its own entry in the parent, too.
+		parent, err := os.Open(filepath.Dir(dir))
+		if err != nil {
+			return nil, err
 		}
+		err = parent.Sync()
+		parent.Close()
+		if err != nil {
+			return nil, err
+		}
+	} else if !errors.Is(err, fs.ErrExist) {
+		return nil, err
 	}
-	return syncDir(filepath.Dir(dir))
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	info, err := d.Stat()
+	switch {
+	case err != nil:
+	case !info.IsDir():
+		err = fmt.Errorf("%s is not a directory", dir)
+	case info.Mode().Perm() != 0o700:
+		err = d.Chmod(0o700)
+	}
+	if err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
 }
 
 func lockDir(dir string) (*os.File, error) {
@@ -155,7 +176,7 @@ func (s *Spool) recover() error {
 			s.cursor = cursor{seg: seg, off: sc.unacked, prev: sc.passed}
 		}
 	}
-	if err := syncDir(s.dir); err != nil {
+	if err := s.dirf.Sync(); err != nil {
 		return err
 	}
 

@@ -149,16 +149,6 @@ var fdatasync = func(f *os.File) error {
 	}
 }
 
-// syncDir makes file creations, renames and removals in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
 // The acknowledgement state: the ID below which every record is acknowledged, dropped or
 // expired. Two slots a page apart take turns, each with a generation and a CRC32C, so a
 // write torn by a power cut leaves the other slot and its older, still true, state.

@@ -117,7 +117,7 @@ func (p *Policy) UnmarshalText(b []byte) error {
 type Options struct {
 	MaxBytes int64         // size of the segment files; 0: DefaultMaxBytes
 	MaxAge   time.Duration // older messages are removed unsent; 0: DefaultMaxAge
-	WhenFull Policy
+	WhenFull Policy        // the zero value is RefuseNew
 	// SegmentBytes is the size at which a segment file is closed and the next begun; 0:
 	// MaxBytes/16 between 4 KiB and 4 MiB. At most MaxBytes/4.
 	SegmentBytes int64
@@ -175,6 +175,7 @@ type Stats struct {
 // Next, Ack and Requeue are meant for one sender, though concurrent calls are safe.
 type Spool struct {
 	dir  string
+	dirf *os.File // the directory, synced after creating, renaming or removing in it
 	opts Options
 	lock *os.File
 	acks *ackFile // the writer's alone once Open returns
@@ -299,7 +300,7 @@ func (s *Spool) Append(ctx context.Context, m Message) (ID, error) {
 		}
 		return id, nil
 	case <-ctx.Done():
-		return 0, fmt.Errorf("message may not be stored: %w", context.Cause(ctx))
+		return 0, fmt.Errorf("message not known to be stored: %w", context.Cause(ctx))
 	}
 }
 
@@ -497,7 +498,7 @@ func (s *Spool) Close() error {
 	for _, seg := range s.segs {
 		errs = append(errs, seg.f.Close())
 	}
-	errs = append(errs, s.acks.f.Close(), s.lock.Close())
+	errs = append(errs, s.acks.f.Close(), s.lock.Close(), s.dirf.Close())
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("cannot close the telemetry spool %s: %w", s.dir, err)
 	}

@@ -120,6 +120,14 @@ func TestAppendNextKeepsMessagesWhole(t *testing.T) {
 	r = next(t, s)
 	assert.Equal(t, Message{}, r.Message)
 	empty(t, s)
+
+	st := s.Stats()
+	info, err := os.Stat(segmentFiles(t, s.dir)[0])
+	require.NoError(t, err)
+	assert.Equal(t, info.Size(), st.Bytes)
+	assert.Equal(t, info.Size(), st.Written, "nothing acknowledged yet: only the segment was written")
+	assert.Equal(t, 2, st.Messages)
+	assert.Equal(t, 2, st.InFlight)
 }
 
 func TestOrderAcrossSegmentsAndApps(t *testing.T) {

@@ -97,7 +97,7 @@ func (s *Spool) remove(doomed []*segment) {
 		seg.f.Close()
 		os.Remove(seg.path)
 	}
-	syncDir(s.dir)
+	s.dirf.Sync()
 }
 
 // part is the records of one batch that go to one segment.
@@ -190,7 +190,7 @@ func (s *Spool) write(parts []*part) error {
 		}
 	}
 	if created {
-		return syncDir(s.dir)
+		return s.dirf.Sync()
 	}
 	return nil
 }
@@ -213,7 +213,7 @@ func (s *Spool) undo(parts []*part, cause error) {
 		}
 	}
 	if created {
-		errs = append(errs, syncDir(s.dir))
+		errs = append(errs, s.dirf.Sync())
 	}
 	if err := errors.Join(errs...); err != nil {
 		s.mu.Lock()
