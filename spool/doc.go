@@ -45,11 +45,13 @@
 // which are sent again: a duplicate, never a loss.
 //
 // Acknowledgements: the mark is written to the page cache as it moves (a killed process
-// loses none of it) and fdatasync'd at most once a second, at every segment removal and at
-// Close. A power cut sends again at most the last second of acknowledged messages; a slot
-// torn by it leaves the other slot's older state, and an unreadable state sends again
-// everything still stored. Acknowledgements are never needed for a message to be kept, only
-// for it to be removed.
+// loses none of it) and fdatasync'd within a second of moving, at once before a segment
+// removal, and at Close. A new state file gets both slots written and synced at Open, so that
+// no later save needs a block a full file system may not have. After a power cut, what is
+// sent again is at most the last second's acknowledged messages, and those acknowledged out
+// of order above one that was not; a slot torn by the cut leaves the other slot's older
+// state, and an unreadable state sends again everything still stored. Acknowledgements are
+// never needed for a message to be kept, only for it to be removed.
 //
 // Open recovers: a segment's tail that is not a whole record with a valid CRC is cut off
 // (the last segment only, where a crash can tear it) and counted in Stats.Torn; damage

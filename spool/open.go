@@ -227,7 +227,8 @@ func (s *Spool) load(first, after, before, mark ID, last bool) (*segment, scan, 
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, scan{}, err
+		// Unreadable (a failing medium): out of the way, so that the queue goes on.
+		return nil, scan{}, s.setAside(path)
 	}
 	switch {
 	case int64(len(data)) < segmentHeader || bytes.Count(data[:segmentHeader], []byte{0}) == int(segmentHeader):
