@@ -134,8 +134,41 @@ func TestAgeLimitSurvivesRestart(t *testing.T) {
 	require.NoError(t, s.Close())
 	c.Advance(2 * time.Hour)
 	s = open(t, dir, o)
+	assert.Equal(t, 2*time.Hour, s.Stats().OldestAge, "read from the disk after a restart")
 	empty(t, s)
 	assert.Equal(t, int64(3), s.Stats().Expired)
+}
+
+// TestLimitLoweredBelowWhatIsStored reopens a spool with a smaller MaxBytes than its files:
+// nothing stored is lost at Open; the policy decides at the next Append.
+func TestLimitLoweredBelowWhatIsStored(t *testing.T) {
+	src := t.TempDir()
+	big := Options{MaxBytes: 1 << 20, SegmentBytes: 4 << 10}
+	s := open(t, src, big)
+	for n := range 300 {
+		_, err := s.Append(context.Background(), bigMsg(n))
+		require.NoError(t, err)
+	}
+	require.NoError(t, s.Close())
+
+	refuse := copyDir(t, src)
+	s = open(t, refuse, small)
+	assert.Equal(t, 300, s.Stats().Messages)
+	_, err := s.Append(context.Background(), bigMsg(300))
+	assert.ErrorIs(t, err, ErrFull)
+
+	drop := copyDir(t, src)
+	o := small
+	o.WhenFull = DropOldest
+	s = open(t, drop, o)
+	_, err = s.Append(context.Background(), bigMsg(300))
+	require.NoError(t, err)
+	st := s.Stats()
+	assert.LessOrEqual(t, st.Bytes, o.MaxBytes)
+	assert.Equal(t, 301, st.Messages+int(st.Dropped))
+	got := mids(t, s, st.Messages)
+	assert.Equal(t, "a-300", got[len(got)-1])
+	assert.Equal(t, "a-"+strconv.Itoa(301-st.Messages), got[0], "the newest are kept, in order")
 }
 
 func TestClockGoingBackDoesNotExpire(t *testing.T) {
