@@ -63,6 +63,6 @@
 // back, a new one removed); if the undo fails too, the spool refuses appends until it is
 // opened again. A full file system is ErrFull, like a full queue.
 //
-// Message ages come from the wall clock at Append (Options.Now): the agent must not append
+// Message ages come from the wall clock at Append (Options.Clock): the agent must not append
 // before the clock is set, or messages appended at a clock far behind look old once it is.
 package spool

@@ -102,7 +102,7 @@ func TestAgeLimit(t *testing.T) {
 	c := newClock()
 	o := small
 	o.MaxAge = time.Hour
-	o.Now = c.Now
+	o.Clock = c
 	s := open(t, t.TempDir(), o)
 	old := appendN(t, s, "old", 0, 60)
 	c.Advance(40 * time.Minute)
@@ -128,7 +128,7 @@ func TestAgeLimit(t *testing.T) {
 func TestAgeLimitSurvivesRestart(t *testing.T) {
 	c := newClock()
 	dir := t.TempDir()
-	o := Options{MaxAge: time.Hour, Now: c.Now}
+	o := Options{MaxAge: time.Hour, Clock: c}
 	s := open(t, dir, o)
 	appendN(t, s, "a", 0, 3)
 	require.NoError(t, s.Close())
@@ -173,7 +173,7 @@ func TestLimitLoweredBelowWhatIsStored(t *testing.T) {
 
 func TestClockGoingBackDoesNotExpire(t *testing.T) {
 	c := newClock()
-	s := open(t, t.TempDir(), Options{MaxAge: time.Hour, Now: c.Now})
+	s := open(t, t.TempDir(), Options{MaxAge: time.Hour, Clock: c})
 	appendN(t, s, "a", 0, 1)
 	c.Advance(-24 * time.Hour)
 	assert.Equal(t, time.Duration(0), s.Stats().OldestAge)

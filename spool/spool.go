@@ -8,6 +8,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/unicity-iot/unicity/internal/clock"
 )
 
 // Defaults for a gateway with little flash. 16 MiB holds some 30,000 messages of half a
@@ -121,8 +123,9 @@ type Options struct {
 	// SegmentBytes is the size at which a segment file is closed and the next begun; 0:
 	// MaxBytes/16 between 4 KiB and 4 MiB. At most MaxBytes/4.
 	SegmentBytes int64
-	// Now is the clock messages are stamped and aged with; nil: time.Now.
-	Now func() time.Time
+	// Clock stamps and ages messages and paces the acknowledgement state's fdatasync; nil:
+	// the system clock.
+	Clock clock.Clock
 }
 
 func (o Options) resolve() (Options, error) {
@@ -135,8 +138,8 @@ func (o Options) resolve() (Options, error) {
 	if o.SegmentBytes == 0 {
 		o.SegmentBytes = min(max(o.MaxBytes/16, minSegmentBytes), maxSegmentBytes)
 	}
-	if o.Now == nil {
-		o.Now = time.Now
+	if o.Clock == nil {
+		o.Clock = clock.System{}
 	}
 	switch {
 	case o.MaxBytes < MinMaxBytes:
@@ -269,7 +272,7 @@ func (s *Spool) Append(ctx context.Context, m Message) (ID, error) {
 		s.mu.Unlock()
 		return 0, fmt.Errorf("cannot store the message: %w", s.broken)
 	}
-	now := s.opts.Now()
+	now := s.opts.Clock.Now()
 	s.expireLocked(now)
 	for s.disk+s.reserved+need > s.opts.MaxBytes {
 		if s.opts.WhenFull != DropOldest || len(s.segs) < 2 {
@@ -314,7 +317,7 @@ func (s *Spool) Next(ctx context.Context) (Record, error) {
 			s.mu.Unlock()
 			return Record{}, ErrClosed
 		}
-		s.expireLocked(s.opts.Now())
+		s.expireLocked(s.opts.Clock.Now())
 		var f *flight
 		var seg *segment
 		var off int64
@@ -370,7 +373,7 @@ func (s *Spool) Next(ctx context.Context) (Record, error) {
 			s.cursor.off, s.cursor.prev = next, rec.ID
 		}
 		s.resend++
-		if s.opts.Now().Sub(rec.Time) > s.opts.MaxAge {
+		if s.opts.Clock.Now().Sub(rec.Time) > s.opts.MaxAge {
 			s.counts.Expired++
 			s.releaseLocked(f, ErrExpired)
 			s.mu.Unlock()
@@ -455,7 +458,7 @@ func (s *Spool) AwaitAck(ctx context.Context, id ID) error {
 func (s *Spool) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.opts.Now()
+	now := s.opts.Clock.Now()
 	s.expireLocked(now)
 	st := s.counts
 	st.Bytes = s.disk

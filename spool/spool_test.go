@@ -15,21 +15,24 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// clock is a settable Options.Now.
-type clock struct {
+// testClock is a clock the test sets.
+type testClock struct {
 	mu sync.Mutex
 	t  time.Time
 }
 
-func newClock() *clock { return &clock{t: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)} }
+func newClock() *testClock { return &testClock{t: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)} }
 
-func (c *clock) Now() time.Time {
+func (c *testClock) Now() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.t
 }
 
-func (c *clock) Advance(d time.Duration) {
+// After never fires: the tests that move this clock do not wait on it.
+func (c *testClock) After(time.Duration) <-chan time.Time { return nil }
+
+func (c *testClock) Advance(d time.Duration) {
 	c.mu.Lock()
 	c.t = c.t.Add(d)
 	c.mu.Unlock()
@@ -102,7 +105,7 @@ func names(app string, from, to int) []string {
 
 func TestAppendNextKeepsMessagesWhole(t *testing.T) {
 	c := newClock()
-	s := open(t, t.TempDir(), Options{Now: c.Now})
+	s := open(t, t.TempDir(), Options{Clock: c})
 	in := Message{
 		App:        "sensor",
 		Properties: map[string]string{"$.mid": "m-1", "$.ct": "application/json", "": "empty name", "flag": "", "ünï": "cödé&=/"},

@@ -14,17 +14,11 @@ import (
 func (s *Spool) writeLoop() {
 	defer close(s.exited)
 	var (
-		timer    *time.Timer
 		timerC   <-chan time.Time
 		synced   = s.acks.saved
 		lastSync time.Time
 		idle     = true
 	)
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
 	for {
 		if idle {
 			select {
@@ -46,7 +40,7 @@ func (s *Spool) writeLoop() {
 			// The mark goes to disk before the files leave, so that after a power cut the
 			// next IDs never reuse those of removed records.
 			s.saveAcks(mark, true)
-			synced, lastSync = s.acks.saved, time.Now()
+			synced, lastSync = s.acks.saved, s.opts.Clock.Now()
 			s.remove(doomed)
 		}
 		if b != nil {
@@ -54,12 +48,13 @@ func (s *Spool) writeLoop() {
 		}
 		s.saveAcks(mark, false)
 		if s.acks.saved != synced {
-			if wait := ackSyncInterval - time.Since(lastSync); closing || wait <= 0 {
+			// At most the interval, whatever the wall clock did since the last sync.
+			wait := min(ackSyncInterval-s.opts.Clock.Now().Sub(lastSync), ackSyncInterval)
+			if closing || wait <= 0 {
 				s.saveAcks(mark, true)
-				synced, lastSync = s.acks.saved, time.Now()
+				synced, lastSync = s.acks.saved, s.opts.Clock.Now()
 			} else if timerC == nil {
-				timer = time.NewTimer(wait)
-				timerC = timer.C
+				timerC = s.opts.Clock.After(wait)
 			}
 		}
 
