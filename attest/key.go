@@ -151,36 +151,52 @@ func loadKeyfile(tpm transport.TPMCloser, k *keyfile.TPMKey) (*Key, error) {
 	if !keyfile.IsMSO(k.Parent, keyfile.TPM_HT_PERMANENT) && !keyfile.IsMSO(k.Parent, keyfile.TPM_HT_PERSISTENT) {
 		return nil, fmt.Errorf("%w: keyfile parent %#x is neither a hierarchy nor a persistent key", ErrInvalidKey, uint32(k.Parent))
 	}
-	// Each step by hand rather than through keyfile.LoadKey, which leaks the transient SRK
-	// when Load fails and keeps only the text of the TPM's errors, so that a TPM that is
-	// busy or gone could not be told from one that refuses the keyfile.
-	var kh *tpm2.AuthHandle
+	var key *Key
 	err = inSequence(tpm, func() error {
-		parent, salt, err := loadParent(tpm, k.Parent)
+		kh, err := loadUnderParent(tpm, k)
+		// On a TPM with no resource manager, the slots may be taken by objects of programs
+		// that are gone (a killed agent's key): flushed, they are free for this one.
+		if outOfMemory(err) && reclaimFor(tpm) {
+			kh, err = loadUnderParent(tpm, k)
+		}
 		if err != nil {
 			return err
 		}
-		// Salted and encrypted, as tpm2-tss loads keyfiles, so the bus sees no key material.
-		sess := tpm2.HMAC(tpm2.TPMAlgSHA256, 16, tpm2.AESEncryption(128, tpm2.EncryptInOut), salt)
-		lr, err := tpm2.Load{ParentHandle: parent, InPrivate: k.Privkey, InPublic: k.Pubkey}.Execute(tpm, sess)
-		if keyfile.IsMSO(parent.Handle, keyfile.TPM_HT_TRANSIENT) {
-			tpm2.FlushContext{FlushHandle: parent.Handle}.Execute(tpm)
-		}
-		switch {
-		case errors.Is(err, tpm2.TPMRCObjectMemory), errors.Is(err, tpm2.TPMRCSessionMemory), errors.Is(err, tpm2.TPMRCMemory):
-			return fmt.Errorf("%w: the TPM is out of memory (another program holds its slots?): %w", ErrTPMUnavailable, err)
-		case tpmRefused(err):
-			return fmt.Errorf("%w: the TPM refused the keyfile (made on another TPM, or under another parent?): %w", ErrInvalidKey, err)
-		case err != nil:
-			return fmt.Errorf("%w: cannot load the keyfile: %w", ErrTPMUnavailable, err)
-		}
-		kh = &tpm2.AuthHandle{Handle: lr.ObjectHandle, Name: lr.Name, Auth: tpm2.PasswordAuth(nil)}
+		key = newTPMKey(tpm, *kh, contents, pk, kh.Handle) // held before another sequence may reclaim
 		return nil
 	})
+	return key, err
+}
+
+func outOfMemory(err error) bool {
+	return errors.Is(err, tpm2.TPMRCObjectMemory) || errors.Is(err, tpm2.TPMRCSessionMemory) || errors.Is(err, tpm2.TPMRCMemory)
+}
+
+// loadUnderParent loads k under its parent and flushes the parent if it is transient.
+//
+// Each step by hand rather than through keyfile.LoadKey, which leaks the transient SRK when
+// Load fails and keeps only the text of the TPM's errors, so that a TPM that is busy or gone
+// could not be told from one that refuses the keyfile.
+func loadUnderParent(tpm transport.TPMCloser, k *keyfile.TPMKey) (*tpm2.AuthHandle, error) {
+	parent, salt, err := loadParent(tpm, k.Parent)
 	if err != nil {
 		return nil, err
 	}
-	return newTPMKey(tpm, *kh, contents, pk, kh.Handle), nil
+	// Salted and encrypted, as tpm2-tss loads keyfiles, so the bus sees no key material.
+	sess := tpm2.HMAC(tpm2.TPMAlgSHA256, 16, tpm2.AESEncryption(128, tpm2.EncryptInOut), salt)
+	lr, err := tpm2.Load{ParentHandle: parent, InPrivate: k.Privkey, InPublic: k.Pubkey}.Execute(tpm, sess)
+	if keyfile.IsMSO(parent.Handle, keyfile.TPM_HT_TRANSIENT) {
+		tpm2.FlushContext{FlushHandle: parent.Handle}.Execute(tpm)
+	}
+	switch {
+	case outOfMemory(err):
+		return nil, fmt.Errorf("%w: the TPM is out of memory (another program holds its slots?): %w", ErrTPMUnavailable, err)
+	case tpmRefused(err):
+		return nil, fmt.Errorf("%w: the TPM refused the keyfile (made on another TPM, or under another parent?): %w", ErrInvalidKey, err)
+	case err != nil:
+		return nil, fmt.Errorf("%w: cannot load the keyfile: %w", ErrTPMUnavailable, err)
+	}
+	return &tpm2.AuthHandle{Handle: lr.ObjectHandle, Name: lr.Name, Auth: tpm2.PasswordAuth(nil)}, nil
 }
 
 // loadParent makes a keyfile's parent usable: for a hierarchy, the H-2 storage root key that
@@ -230,6 +246,7 @@ func newTPMKey(tpm transport.TPMCloser, h tpm2.AuthHandle, contents *tpm2.TPMTPu
 		size = rk.Size()
 	}
 	hs := keyfile.NewTPMHandleSigner(tpm, pk, contents.Type, size, h)
+	hold(tpm, flush)
 	return &Key{pub: pk, signer: &hs, tpm: tpm, flush: flush}
 }
 
@@ -327,6 +344,7 @@ func (k *Key) reload(failed crypto.Signer) error {
 	if k.flush != 0 && k.flush != fresh.flush {
 		tpm2.FlushContext{FlushHandle: k.flush}.Execute(k.tpm)
 	}
+	release(k.tpm, k.flush)
 	k.signer, k.flush = fresh.signer, fresh.flush
 	return nil
 }
@@ -342,6 +360,7 @@ func (k *Key) Close() error {
 	if k.flush == 0 {
 		return nil
 	}
+	defer release(k.tpm, k.flush)
 	if _, err := (tpm2.FlushContext{FlushHandle: k.flush}).Execute(k.tpm); err != nil {
 		return fmt.Errorf("cannot flush key handle %#x: %w", uint32(k.flush), err)
 	}

@@ -1,6 +1,7 @@
 package attest_test
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rand"
@@ -29,7 +30,7 @@ func TestKeySurvivesSWTPMRestart(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { p.Stop() })
 
-	tpm, err := attest.OpenTPM("swtpm:" + p.Addr)
+	tpm, err := attest.OpenTPM(context.Background(), "swtpm:"+p.Addr)
 	require.NoError(t, err)
 	defer tpm.Close()
 	kf, err := attest.CreateKey(tpm, attest.ECDSAP256)

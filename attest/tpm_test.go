@@ -1,6 +1,7 @@
 package attest_test
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rand"
@@ -425,7 +426,7 @@ func TestOpenTPMErrors(t *testing.T) {
 		"tpmrm0",
 	} {
 		t.Run(spec, func(t *testing.T) {
-			_, err := attest.OpenTPM(spec)
+			_, err := attest.OpenTPM(context.Background(), spec)
 			require.ErrorIs(t, err, attest.ErrNoTPM)
 			t.Log(err)
 		})
@@ -439,7 +440,7 @@ func TestOpenTPMOverTCP(t *testing.T) {
 	p, err := attesttest.StartTCP(bin, t.TempDir(), port)
 	require.NoError(t, err)
 	t.Cleanup(p.Stop)
-	tpm, err := attest.OpenTPM("swtpm:" + p.Addr)
+	tpm, err := attest.OpenTPM(context.Background(), "swtpm:"+p.Addr)
 	require.NoError(t, err)
 	defer tpm.Close()
 	key, _ := newKey(t, tpm, attest.ECDSAP256)

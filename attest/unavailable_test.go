@@ -1,6 +1,7 @@
 package attest_test
 
 import (
+	"context"
 	"encoding/binary"
 	"os"
 	"path/filepath"
@@ -125,7 +126,7 @@ func TestUnreachableOrForeignTPM(t *testing.T) {
 	p, err := attesttest.Start(bin, dir)
 	require.NoError(t, err)
 	t.Cleanup(p.Stop)
-	tpm, err := attest.OpenTPM("swtpm:" + p.Addr)
+	tpm, err := attest.OpenTPM(context.Background(), "swtpm:"+p.Addr)
 	require.NoError(t, err)
 	defer tpm.Close()
 	kf, err := attest.CreateKey(tpm, attest.ECDSAP256)

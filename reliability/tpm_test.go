@@ -105,7 +105,7 @@ func TestTPMObjectSlotsExhausted(t *testing.T) {
 	spec := strings.Split(strings.SplitAfter(string(cfg), "device = \"")[1], "\"")[0]
 	// swtpm serves one connection at a time: the other program fills the slots and exits
 	// without flushing, as a crashed one would; without a resource manager they stay taken.
-	other, err := attest.OpenTPM(spec)
+	other, err := attest.OpenTPM(context.Background(), spec)
 	require.NoError(t, err)
 	var held []tpm2.TPMHandle
 	for {
@@ -142,7 +142,7 @@ func TestTPMObjectSlotsExhausted(t *testing.T) {
 	// An operator frees them (tpm2_flushcontext -t), between two of the agent's attempts.
 	freed := 0
 	for freed < len(held) && time.Now().Before(deadline.Add(30*time.Second)) {
-		other, err := attest.OpenTPM(spec)
+		other, err := attest.OpenTPM(context.Background(), spec)
 		require.NoError(t, err)
 		for _, h := range held[freed:] {
 			if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(other); err != nil {

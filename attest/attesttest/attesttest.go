@@ -3,6 +3,7 @@
 package attesttest
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -59,7 +60,7 @@ func Simulator(t testing.TB) transport.TPMCloser {
 func SWTPM(t testing.TB) transport.TPMCloser {
 	t.Helper()
 	sock := StartSWTPM(t)
-	tpm, err := attest.OpenTPM("swtpm:" + sock)
+	tpm, err := attest.OpenTPM(context.Background(), "swtpm:"+sock)
 	if err != nil {
 		t.Fatalf("cannot open swtpm: %v", err)
 	}

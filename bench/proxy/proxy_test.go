@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"encoding/binary"
 	"io"
@@ -150,7 +151,7 @@ func TestTPMCountsCommands(t *testing.T) {
 	require.NoError(t, err)
 	defer p.Close()
 
-	tpm, err := attest.OpenTPM("swtpm:" + p.Path())
+	tpm, err := attest.OpenTPM(context.Background(), "swtpm:"+p.Path())
 	require.NoError(t, err)
 	for range 2 {
 		rsp, err := tpm2.GetRandom{BytesRequested: 8}.Execute(tpm)
