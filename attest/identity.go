@@ -55,7 +55,7 @@ func NewIdentity(chain []*x509.Certificate, signer crypto.Signer, now time.Time)
 		return nil, fmt.Errorf("%w: no certificate", ErrInvalidIdentity)
 	}
 	leaf := chain[0]
-	if err := MatchKey(leaf, signer.Public()); err != nil {
+	if _, err := FindLeaf(chain, signer.Public()); err != nil {
 		return nil, err
 	}
 	regID := leaf.Subject.CommonName
@@ -85,6 +85,26 @@ func MatchKey(cert *x509.Certificate, pub crypto.PublicKey) error {
 		return fmt.Errorf("%w: certificate %q (public key SHA-256 %s) was issued for another key", ErrKeyMismatch, cert.Subject.CommonName, PublicKeySHA256(cert.PublicKey))
 	}
 	return nil
+}
+
+// FindLeaf returns the certificate of chain that certifies pub. It must be the first: when
+// it is a later one, the chain is in the wrong order (ErrInvalidIdentity, with that
+// certificate); when none is, ErrKeyMismatch.
+func FindLeaf(chain []*x509.Certificate, pub crypto.PublicKey) (*x509.Certificate, error) {
+	if len(chain) == 0 {
+		return nil, fmt.Errorf("%w: no certificate", ErrInvalidIdentity)
+	}
+	mismatch := MatchKey(chain[0], pub)
+	if mismatch == nil {
+		return chain[0], nil
+	}
+	for i, c := range chain[1:] {
+		if MatchKey(c, pub) == nil {
+			return c, fmt.Errorf("%w: the chain is in the wrong order: the device's certificate %q is number %d of %d; it must come first, then its issuer and each CA above it",
+				ErrInvalidIdentity, c.Subject.CommonName, i+2, len(chain))
+		}
+	}
+	return nil, mismatch
 }
 
 // CheckValidity checks cert's validity window at now. A now before NotBefore or before this

@@ -69,12 +69,16 @@ func TestNewIdentityChecks(t *testing.T) {
 		{"clock before the build", good, key, now.AddDate(0, -2, 0), attest.ErrClockNotSet},
 		{"clock at the epoch", good, key, time.Unix(0, 0), attest.ErrClockNotSet},
 		{"chain out of order", []*x509.Certificate{good[0], root.Certificate, ica.Certificate}, key, now, attest.ErrInvalidIdentity},
+		{"chain reversed", []*x509.Certificate{root.Certificate, ica.Certificate, good[0]}, key, now, attest.ErrInvalidIdentity},
 		{"server certificate", server.Chain, server.Key, now, attest.ErrInvalidIdentity},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			id, err := attest.NewIdentity(c.chain, c.signer, c.now)
 			if c.want != nil {
 				require.ErrorIs(t, err, c.want)
+				if c.want != attest.ErrKeyMismatch {
+					assert.NotErrorIs(t, err, attest.ErrKeyMismatch, "the key is the certificate's")
+				}
 				t.Log(err)
 				return
 			}
@@ -85,6 +89,30 @@ func TestNewIdentityChecks(t *testing.T) {
 			assert.Equal(t, []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256}, tc.SupportedSignatureAlgorithms)
 		})
 	}
+}
+
+// TestChainInTheWrongOrder: a device certificate that is not first is named, with its place,
+// rather than reported as the certificate of another key.
+func TestChainInTheWrongOrder(t *testing.T) {
+	ca, _ := testCA(t)
+	leaf, err := ca.NewDevice("gw-order")
+	require.NoError(t, err)
+	reversed := []*x509.Certificate{leaf.Chain[1], leaf.Chain[0]}
+	got, err := attest.FindLeaf(reversed, leaf.Key.Public())
+	require.ErrorIs(t, err, attest.ErrInvalidIdentity)
+	assert.Same(t, leaf.Chain[0], got)
+	assert.Contains(t, err.Error(), `the chain is in the wrong order: the device's certificate "gw-order" is number 2 of 2; it must come first`)
+	_, err = attest.NewIdentity(reversed, leaf.Key, time.Now())
+	assert.ErrorContains(t, err, "wrong order")
+
+	got, err = attest.FindLeaf(leaf.Chain, leaf.Key.Public())
+	require.NoError(t, err)
+	assert.Same(t, leaf.Chain[0], got)
+	other, err := pki.NewKey(pki.ECDSAP256)
+	require.NoError(t, err)
+	got, err = attest.FindLeaf(reversed, other.Public())
+	require.ErrorIs(t, err, attest.ErrKeyMismatch)
+	assert.Nil(t, got)
 }
 
 // setCommitTime stamps the build time as the Makefile would, for one test.
