@@ -55,10 +55,10 @@ type Agent struct {
 	Hub         Hub
 
 	// Optional.
-	Credentials func(*Config) (*Credentials, error) // default OpenCredentials
-	Clock       Clock                               // default SystemClock
-	Backoff     hub.Backoff                         // default backoff.FullJitter over the [agent] retry bounds
-	Notifier    Notifier                            // default: none
+	Credentials func(context.Context, *Config) (*Credentials, error) // default OpenCredentials
+	Clock       Clock                                                // default SystemClock
+	Backoff     hub.Backoff                                          // default backoff.FullJitter over the [agent] retry bounds
+	Notifier    Notifier                                             // default: none
 	// Watchdog is systemd's watchdog period (WATCHDOG_USEC); zero disables the pings.
 	Watchdog time.Duration
 	// AttemptTimeout bounds one registration or one connection attempt.
@@ -117,6 +117,14 @@ type result struct {
 const (
 	defaultAttemptTimeout = 2 * time.Minute
 	clockPoll             = time.Second
+	// tpmDevicePoll is how often the agent looks for a TPM device or socket that does not
+	// exist yet (a driver that loads late): a stat, which costs nothing.
+	tpmDevicePoll = 10 * time.Second
+	// identityLoadBound covers the watchdog while the identity loads: a handful of TPM
+	// commands, each within attest.CommandTimeout, the first that overruns ending the
+	// attempt. Twelve overrun commands in a row would be a TPM wedged in a way no deadline
+	// catches: the pings stop, and systemd restarts the agent.
+	identityLoadBound = 12 * attest.CommandTimeout
 )
 
 func (a *Agent) init() {
@@ -256,18 +264,27 @@ func (a *Agent) tryLock() (*storage.Locked, error) {
 	return l, nil
 }
 
-// openCredentials opens the identity, waiting for a TPM that is not ready yet.
+// openCredentials opens the identity, waiting for a TPM that does not exist or answer yet.
 func (a *Agent) openCredentials(ctx context.Context) (*Credentials, error) {
+	a.setStatus(func(s *Status) { s.Phase, s.Message = PhaseLoading, "loading the device identity" })
 	for attempt := 1; ; attempt++ {
-		a.setStatus(func(s *Status) { s.Phase, s.Message = PhaseLoading, "loading the device identity" })
-		creds, err := a.Credentials(a.Config)
+		done := a.covered(identityLoadBound)
+		creds, err := a.Credentials(ctx, a.Config)
+		done()
 		if err == nil {
 			return creds, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
 		}
 		if errors.Is(err, ErrIdentity) || isConfigError(err) {
 			return nil, err
 		}
-		if err := a.retryLater(ctx, PhaseLoading, "waiting for the TPM", err, attempt, a.Backoff(attempt)); err != nil {
+		what, d := "waiting for the TPM", a.Backoff(attempt)
+		if TPMAbsent(err) {
+			what, d = "waiting for the TPM to appear", tpmDevicePoll
+		}
+		if err := a.retryLater(ctx, PhaseWaitingTPM, what, err, attempt, d); err != nil {
 			return nil, err
 		}
 	}
@@ -682,13 +699,19 @@ func (a *Agent) pause(ctx context.Context, d time.Duration) (*request, error) {
 func (a *Agent) bounded(ctx context.Context, f func(context.Context) error) error {
 	ctx, cancel := context.WithTimeout(ctx, a.AttemptTimeout)
 	defer cancel()
-	a.busyUntil.Store(time.Now().Add(a.AttemptTimeout + 5*time.Second).UnixNano())
-	defer a.busyUntil.Store(0)
+	defer a.covered(a.AttemptTimeout + 5*time.Second)()
 	err := f(ctx)
 	if err != nil && ctx.Err() == context.DeadlineExceeded && !errors.Is(err, ErrRefused) {
 		err = Mark(fmt.Errorf("no answer within %s: %w", a.AttemptTimeout, err), ErrTemporary)
 	}
 	return err
+}
+
+// covered tells the watchdog that the loop is inside a call bounded by d, until done is
+// called.
+func (a *Agent) covered(d time.Duration) (done func()) {
+	a.busyUntil.Store(time.Now().Add(d).UnixNano())
+	return func() { a.busyUntil.Store(0) }
 }
 
 // ask submits a request to the loop and waits for its answer.

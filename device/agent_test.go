@@ -3,6 +3,7 @@ package device
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -23,6 +24,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/attest/attesttest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/storage"
@@ -528,7 +530,7 @@ func TestLostSessionReconnects(t *testing.T) {
 
 func TestIdentityErrorsStopTheAgent(t *testing.T) {
 	tb := newTestbed(t)
-	tb.agent.Credentials = func(*Config) (*Credentials, error) {
+	tb.agent.Credentials = func(context.Context, *Config) (*Credentials, error) {
 		return nil, classifyIdentityError(fmt.Errorf("%w: certificate for another key", attest.ErrKeyMismatch))
 	}
 	tb.start()
@@ -544,17 +546,87 @@ func TestIdentityErrorsStopTheAgent(t *testing.T) {
 func TestTPMNotReadyIsRetried(t *testing.T) {
 	tb := newTestbed(t)
 	calls := 0
-	tb.agent.Credentials = func(cfg *Config) (*Credentials, error) {
+	tb.agent.Credentials = func(ctx context.Context, cfg *Config) (*Credentials, error) {
 		calls++
 		if calls == 1 {
 			return nil, classifyIdentityError(fmt.Errorf("%w at swtpm:127.0.0.1:1: connection refused", attest.ErrNoTPM))
 		}
-		return OpenCredentials(cfg)
+		return OpenCredentials(ctx, cfg)
 	}
 	tb.start()
-	s := tb.waitRetry(PhaseLoading)
-	assert.Contains(t, s.Message, "waiting for the TPM")
+	s := tb.waitRetry(PhaseWaitingTPM)
+	assert.Contains(t, s.Message, "waiting for the TPM: ")
 	tb.clock.Advance(time.Second)
+	tb.waitPhase(PhaseConnected)
+}
+
+// TestTPMThatDoesNotAnswerYet: while loading the identity waits on the TPM (each command
+// within its deadline), the status says so, the watchdog keeps being fed, and a stop cuts
+// the wait short.
+func TestTPMThatDoesNotAnswerYet(t *testing.T) {
+	tb := newTestbed(t)
+	tb.agent.Watchdog = 20 * time.Millisecond
+	tb.agent.Credentials = func(ctx context.Context, _ *Config) (*Credentials, error) {
+		<-ctx.Done() // a wedged TPM under attest's deadline-less fake
+		return nil, fmt.Errorf("%w: command interrupted: %w", attest.ErrTPMUnavailable, ctx.Err())
+	}
+	tb.start()
+	s := tb.waitPhase(PhaseLoading)
+	assert.Equal(t, "loading the device identity", s.Message)
+	pings := tb.notify.count("WATCHDOG=1")
+	require.Eventually(t, func() bool { return tb.notify.count("WATCHDOG=1") >= pings+3 }, 5*time.Second, time.Millisecond,
+		"a bounded wait on the TPM does not get the agent killed by the watchdog")
+	require.NoError(t, tb.stop(), "stopped within 5 s, by the end of its context")
+}
+
+// TestTPMThatDoesNotExistYet: the TPM's socket (a device node, when its driver loads late)
+// is not there when the agent starts. It waits in waiting_for_tpm, looking again every
+// tpmDevicePoll, and loads the identity once the TPM appears: not an exit 78 that systemd
+// would never restart.
+func TestTPMThatDoesNotExistYet(t *testing.T) {
+	bin := attesttest.RequireTool(t, "swtpm")
+	dir, err := os.MkdirTemp("", "swtpm") // a socket path must stay under 108 bytes
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	p, err := attesttest.Start(bin, dir)
+	require.NoError(t, err)
+	spec := "swtpm:" + p.Addr
+	tpm, err := attest.OpenTPM(context.Background(), spec)
+	require.NoError(t, err)
+	kf, err := attest.CreateKey(tpm, attest.ECDSAP256)
+	require.NoError(t, err)
+	keyPath := filepath.Join(t.TempDir(), "identity.key")
+	require.NoError(t, attest.WriteKeyfile(keyPath, kf))
+	key, err := attest.LoadKey(tpm, "tpmkey:"+keyPath)
+	require.NoError(t, err)
+	ca, err := pki.NewRoot("Test Root")
+	require.NoError(t, err)
+	der, err := attest.CreateCSR(key, "gw-0001")
+	require.NoError(t, err)
+	csr, err := x509.ParseCertificateRequest(der)
+	require.NoError(t, err)
+	leaf, err := ca.SignCSR(csr)
+	require.NoError(t, err)
+	certPath := filepath.Join(t.TempDir(), "identity.pem")
+	require.NoError(t, certcodec.WriteCertificates(certPath, leaf.Chain...))
+	key.Close()
+	tpm.Close()
+	p.Stop()
+	require.NoError(t, os.Remove(p.Addr))
+
+	tb := newTestbed(t)
+	tb.cfg.Attestation.IdentityKey, tb.cfg.Attestation.IdentityCert, tb.cfg.TPM.Device = "tpmkey:"+keyPath, certPath, spec
+	tb.start()
+	s := tb.waitRetry(PhaseWaitingTPM)
+	assert.Contains(t, s.Message, "waiting for the TPM to appear: no TPM at "+spec)
+	assert.Equal(t, tpmDevicePoll, s.NextRetry.Sub(tb.clock.Now()), "a slow, steady look")
+	tb.clock.Advance(tpmDevicePoll)
+	tb.waitRetry(PhaseWaitingTPM)
+
+	p, err = attesttest.Start(bin, dir)
+	require.NoError(t, err)
+	t.Cleanup(p.Stop)
+	tb.clock.Advance(tpmDevicePoll)
 	tb.waitPhase(PhaseConnected)
 }
 

@@ -15,8 +15,8 @@ type ByHand struct {
 	Config      *Config
 	Store       *storage.Store
 	Provisioner Provisioner
-	Credentials func(*Config) (*Credentials, error) // default OpenCredentials
-	Now         func() time.Time                    // default time.Now
+	Credentials func(context.Context, *Config) (*Credentials, error) // default OpenCredentials
+	Now         func() time.Time                                     // default time.Now
 }
 
 // Provision registers unless the state holds an assignment for this identity, and returns
@@ -50,7 +50,7 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 	}
 	defer lock.Unlock()
 
-	creds, err := open(b.Config)
+	creds, err := open(ctx, b.Config)
 	if err != nil {
 		return nil, false, err
 	}

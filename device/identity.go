@@ -2,6 +2,7 @@ package device
 
 import (
 	"bytes"
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/x509"
@@ -46,6 +47,11 @@ func (id *Identity) String() string {
 // GoString is String, for %#v.
 func (id *Identity) GoString() string { return id.String() }
 
+// TPMAbsent reports an error of a TPM device node or socket that does not exist (yet).
+func TPMAbsent(err error) bool {
+	return errors.Is(err, attest.ErrNoTPM) && errors.Is(err, fs.ErrNotExist)
+}
+
 // Credentials is the configured identity, opened: the certificate chain and the key, with the
 // TPM they need held open, or a symmetric key. The checked Identity comes from Identity once
 // the clock can judge the certificate (or, for a symmetric key, date a token).
@@ -60,9 +66,11 @@ type Credentials struct {
 }
 
 // OpenCredentials opens the TPM, the key and the certificate chain the configuration names,
-// or reads the symmetric key. Errors that configuration or factory work must fix are marked
-// ErrIdentity; others (a TPM that is not ready yet) may clear up on a retry.
-func OpenCredentials(cfg *Config) (*Credentials, error) {
+// or reads the symmetric key. The TPM stays open until Close, or until ctx ends (which cuts
+// short any TPM command then in flight). Errors that configuration or factory work must fix
+// are marked ErrIdentity; others (a TPM that does not exist yet, or is not ready) may clear up
+// on a retry.
+func OpenCredentials(ctx context.Context, cfg *Config) (*Credentials, error) {
 	switch cfg.Attestation.Method {
 	case "x509":
 	case "symmetric_key":
@@ -79,7 +87,7 @@ func OpenCredentials(cfg *Config) (*Credentials, error) {
 	}
 	c := &Credentials{RegistrationID: cfg.Provisioning.RegistrationID}
 	if needsTPM(cfg) {
-		tpm, err := attest.OpenTPM(cfg.TPM.Device)
+		tpm, err := attest.OpenTPM(ctx, cfg.TPM.Device)
 		if err != nil {
 			return nil, classifyIdentityError(err)
 		}
@@ -105,9 +113,9 @@ func needsTPM(cfg *Config) bool {
 		strings.HasPrefix(cfg.Attestation.IdentityCert, "tpm-nv:")
 }
 
-// classifyIdentityError marks what only a person can fix. A TPM device node or socket that
-// does not exist is a configuration error; a TPM that exists but does not answer yet, or
-// answers with a warning, is not.
+// classifyIdentityError marks what only a person can fix. A TPM that does not exist yet (its
+// driver loads late, swtpm starts later), does not answer yet, or answers with a warning, is
+// not something a person must fix: it is waited for.
 func classifyIdentityError(err error) error {
 	var rc tpm2.TPMRC
 	switch {
@@ -118,12 +126,14 @@ func classifyIdentityError(err error) error {
 	case errors.As(err, &rc) && rc.IsWarning():
 		// Testing, retry, yielded, out of memory: the TPM's way of saying "later".
 		return err
-	case errors.Is(err, attest.ErrNoTPM) && !errors.Is(err, fs.ErrNotExist):
+	case errors.Is(err, attest.ErrNoTPM):
+		// The device node or socket is missing, not open to this user yet (udev sets its
+		// group after it appears) or refuses connections: all of it, for now. (A malformed
+		// spec is refused with the configuration.)
 		return err
 	case errors.Is(err, attest.ErrClockNotSet):
 		return err
-	case errors.Is(err, attest.ErrNoTPM),
-		errors.Is(err, attest.ErrInvalidKey),
+	case errors.Is(err, attest.ErrInvalidKey),
 		errors.Is(err, attest.ErrInvalidIdentity),
 		errors.Is(err, attest.ErrKeyMismatch),
 		errors.Is(err, attest.ErrBadRegistrationID),

@@ -2,6 +2,7 @@ package device
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -27,7 +28,8 @@ func TestIdentityErrorsNeedingAPersonAreMarked(t *testing.T) {
 		err   error
 		fatal bool
 	}{
-		{"no TPM device node", fmt.Errorf("%w at /dev/tpmrm0: %w", attest.ErrNoTPM, fs.ErrNotExist), true},
+		{"no TPM device node yet", fmt.Errorf("%w at /dev/tpmrm0: %w", attest.ErrNoTPM, fs.ErrNotExist), false},
+		{"TPM device node not open to the agent yet", fmt.Errorf("%w at /dev/tpmrm0: %w", attest.ErrNoTPM, fs.ErrPermission), false},
 		{"swtpm not listening yet", fmt.Errorf("%w at swtpm:127.0.0.1:2321: connection refused", attest.ErrNoTPM), false},
 		{"TPM self-test running", fmt.Errorf("%w: cannot load: %w", attest.ErrInvalidKey, tpm2.TPMRCTesting), false},
 		{"TPM busy", fmt.Errorf("cannot load key: %w", tpm2.TPMRCRetry), false},
@@ -118,7 +120,7 @@ func TestSymmetricKeyCredentials(t *testing.T) {
 	path := writeKeyFile(t, base64.StdEncoding.EncodeToString(fileKey), 0o600)
 	for _, group := range []bool{false, true} {
 		t.Run(fmt.Sprintf("group=%t", group), func(t *testing.T) {
-			creds, err := OpenCredentials(symmetricConfig(t, path, group))
+			creds, err := OpenCredentials(context.Background(), symmetricConfig(t, path, group))
 			require.NoError(t, err)
 			defer creds.Close()
 			assert.True(t, creds.Symmetric())
@@ -145,7 +147,7 @@ func TestSymmetricKeyCredentials(t *testing.T) {
 	t.Run("exposed key file", func(t *testing.T) {
 		require.NoError(t, os.Chmod(path, 0o644))
 		defer os.Chmod(path, 0o600)
-		_, err := OpenCredentials(symmetricConfig(t, path, false))
+		_, err := OpenCredentials(context.Background(), symmetricConfig(t, path, false))
 		assert.ErrorIs(t, err, ErrIdentity, "exit 78: a person must fix the file's mode")
 	})
 }

@@ -17,6 +17,7 @@ const (
 	PhaseStarting     Phase = "starting"
 	PhaseWaitingLock  Phase = "waiting_for_lock"
 	PhaseLoading      Phase = "loading_identity"
+	PhaseWaitingTPM   Phase = "waiting_for_tpm"
 	PhaseWaitingClock Phase = "waiting_for_clock"
 	PhaseProvisioning Phase = "provisioning"
 	PhaseParked       Phase = "parked"

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/unicity-iot/unicity/attest"
@@ -101,10 +102,10 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 	var regID, binding string
 	var cert *tls.Certificate
 	if cfg.Attestation.Method == "symmetric_key" {
-		regID, binding = c.symmetricKey(cfg)
+		regID, binding = c.symmetricKey(ctx, cfg)
 	} else {
 		var release func()
-		cert, regID, binding, release = c.x509(cfg, tf)
+		cert, regID, binding, release = c.x509(ctx, cfg, tf)
 		defer release()
 	}
 
@@ -142,13 +143,13 @@ func (c *checker) host(cfg *device.Config) {
 // x509 checks the TPM, the key, the certificate chain and the clock; it returns the TLS
 // identity, the registration ID and the state binding when they pass. release closes the key
 // and the TPM once the network checks are done with them.
-func (c *checker) x509(cfg *device.Config, tf *tpmFlags) (cert *tls.Certificate, regID, binding string, release func()) {
-	tpm := &lazyTPM{spec: tf.device(cfg)}
+func (c *checker) x509(ctx context.Context, cfg *device.Config, tf *tpmFlags) (cert *tls.Certificate, regID, binding string, release func()) {
+	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
 	release = func() { tpm.Close() }
 	if strings.HasPrefix(cfg.Attestation.IdentityKey, "file:") && !strings.HasPrefix(cfg.Attestation.IdentityCert, "tpm-nv:") {
 		c.warn("tpm", "not used: the key is a software key (development only)")
 	} else if _, err := tpm.get(); err != nil {
-		c.fail("tpm", err)
+		c.fail("tpm", heldBy(cfg, tpm.spec, err))
 	} else {
 		c.pass("tpm", "%s answers", tpm.spec)
 	}
@@ -168,7 +169,12 @@ func (c *checker) x509(cfg *device.Config, tf *tpmFlags) (cert *tls.Certificate,
 		c.fail("cert", chainErr)
 	}
 	if key != nil && chainErr == nil {
-		if err := signAndVerify(key, chain[0]); err != nil {
+		// The certificate of the key, even out of place: the chain check says where it is.
+		leaf, _ := attest.FindLeaf(chain, key.Public())
+		if leaf == nil {
+			leaf = chain[0]
+		}
+		if err := signAndVerify(key, leaf); err != nil {
 			c.fail("key", err)
 		} else {
 			c.pass("key", "%s signs, and the certificate verifies its signature", key.Location)
@@ -203,10 +209,28 @@ func (c *checker) x509(cfg *device.Config, tf *tpmFlags) (cert *tls.Certificate,
 	return cert, regID, binding, release
 }
 
+// heldBy adds to err, the failure of a TPM that serves one program at a time, who holds it
+// when that is the agent: the agent keeps its TPM open for as long as it runs, and its status
+// file names its pid.
+func heldBy(cfg *device.Config, spec string, err error) error {
+	if !errors.Is(err, attest.ErrTPMUnavailable) || !attest.Exclusive(spec) {
+		return err
+	}
+	s, serr := device.ReadStatus(cfg.Runtime.Dir)
+	if serr != nil || s.Phase == device.PhaseStopped || s.PID <= 0 || s.PID == os.Getpid() {
+		return err
+	}
+	if kerr := syscall.Kill(s.PID, 0); kerr != nil && !errors.Is(kerr, syscall.EPERM) {
+		return err // the agent that wrote it is gone
+	}
+	return fmt.Errorf("%w; the TPM is held by another process: the agent (pid %d, %s), and %s serves one program at a time: stop the agent to check the TPM (systemctl stop unicity)",
+		err, s.PID, s.Phase, spec)
+}
+
 // symmetricKey checks the key file of a symmetric-key device and the clock its tokens are
 // dated by; it returns the registration ID and state binding when both pass.
-func (c *checker) symmetricKey(cfg *device.Config) (regID, binding string) {
-	creds, err := device.OpenCredentials(cfg)
+func (c *checker) symmetricKey(ctx context.Context, cfg *device.Config) (regID, binding string) {
+	creds, err := device.OpenCredentials(ctx, cfg)
 	if err != nil {
 		c.fail("key", err)
 		return "", ""

@@ -90,21 +90,24 @@ func requireFlags(fs *flag.FlagSet, names ...string) error {
 }
 
 // lazyTPM opens the TPM on first use, so that commands on software keys and PEM files need
-// none.
+// none. A TPM that failed to open is not tried again: one wait on it is enough.
 type lazyTPM struct {
+	ctx  context.Context // ends every wait on the TPM (a signal)
 	spec string
 	tpm  transport.TPMCloser
+	err  error
 }
 
 func (l *lazyTPM) get() (transport.TPMCloser, error) {
-	if l.tpm == nil {
-		tpm, err := attest.OpenTPM(l.spec)
+	if l.tpm == nil && l.err == nil {
+		tpm, err := attest.OpenTPM(l.ctx, l.spec)
 		if err != nil {
+			l.err = err
 			return nil, err
 		}
 		l.tpm = tpm
 	}
-	return l.tpm, nil
+	return l.tpm, l.err
 }
 
 func (l *lazyTPM) Close() {
@@ -144,7 +147,7 @@ func (l *lazyTPM) loadChain(spec string) ([]*x509.Certificate, error) {
 	return attest.LoadChain(tpm, spec)
 }
 
-func runFactoryKeygen(_ context.Context, e *env, args []string) error {
+func runFactoryKeygen(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "factory keygen", "--out KEYFILE [--alg ecdsa-p256|rsa-2048] [--handle 0x81......] [--tpm DEV]")
 	var tf tpmFlags
 	tf.register(fs)
@@ -175,7 +178,7 @@ func runFactoryKeygen(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	tpm, err := attest.OpenTPM(tf.device(cfg))
+	tpm, err := attest.OpenTPM(ctx, tf.device(cfg))
 	if err != nil {
 		return err
 	}
@@ -204,7 +207,7 @@ func runFactoryKeygen(_ context.Context, e *env, args []string) error {
 	return nil
 }
 
-func runFactoryCSR(_ context.Context, e *env, args []string) error {
+func runFactoryCSR(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "factory csr", "--key KEYFILE --cn REGID --out CSR.pem [--tpm DEV]")
 	var tf tpmFlags
 	tf.register(fs)
@@ -224,7 +227,7 @@ func runFactoryCSR(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	tpm := &lazyTPM{spec: tf.device(cfg)}
+	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
 	defer tpm.Close()
 	key, err := tpm.loadKey(e, *keySpec)
 	if err != nil {
@@ -242,7 +245,7 @@ func runFactoryCSR(_ context.Context, e *env, args []string) error {
 	return nil
 }
 
-func runFactoryInstall(_ context.Context, e *env, args []string) error {
+func runFactoryInstall(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "factory install", "--key KEYFILE --cert CERT.pem [--chain CHAIN.pem] --out IDENTITY.pem [--tpm DEV]")
 	var tf tpmFlags
 	tf.register(fs)
@@ -260,7 +263,7 @@ func runFactoryInstall(_ context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	tpm := &lazyTPM{spec: tf.device(cfg)}
+	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
 	defer tpm.Close()
 	chain, err := attest.LoadChain(nil, *certPath)
 	if err != nil {
@@ -334,7 +337,7 @@ type verifyResult struct {
 	NotAfter         time.Time `json:"not_after"`
 }
 
-func runFactoryVerify(_ context.Context, e *env, args []string) error {
+func runFactoryVerify(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "factory verify", "[--config FILE] [--tpm DEV] [--json]")
 	var tf tpmFlags
 	tf.register(fs)
@@ -349,7 +352,7 @@ func runFactoryVerify(_ context.Context, e *env, args []string) error {
 	if cfg.Attestation.Method != "x509" {
 		return configErrorf("factory verify checks an X.509 identity; %s configures %s attestation (see `unicity identity` and `unicity check`)", cfg.Path, cfg.Attestation.Method)
 	}
-	tpm := &lazyTPM{spec: tf.device(cfg)}
+	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
 	defer tpm.Close()
 	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
 	if err != nil {

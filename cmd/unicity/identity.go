@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -26,13 +27,18 @@ type identityReport struct {
 	Certificate      string    `json:"certificate"`
 	Key              string    `json:"key"`
 	SoftwareKey      bool      `json:"software_key"`
-	KeyMatchesCert   bool      `json:"key_matches_cert"`
-	Problem          string    `json:"problem,omitempty"`
+	// KeyMatchesCert is null when it is not known: the key could not be loaded (Problem says
+	// why), so nothing was compared.
+	KeyMatchesCert *bool  `json:"key_matches_cert"`
+	Problem        string `json:"problem,omitempty"`
+
+	// matchUnknown says, in a few words, why KeyMatchesCert is not known.
+	matchUnknown string
 }
 
 // runIdentity shows the configured identity. It reports what it can even when the identity is
 // unusable, and then fails (exit 78) with the reason.
-func runIdentity(_ context.Context, e *env, args []string) error {
+func runIdentity(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "identity", "[--config FILE] [--tpm DEV] [--json]")
 	var tf tpmFlags
 	tf.register(fs)
@@ -45,9 +51,9 @@ func runIdentity(_ context.Context, e *env, args []string) error {
 		return err
 	}
 	if cfg.Attestation.Method == "symmetric_key" {
-		return symmetricIdentity(e, cfg, out)
+		return symmetricIdentity(ctx, e, cfg, out)
 	}
-	tpm := &lazyTPM{spec: tf.device(cfg)}
+	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
 	defer tpm.Close()
 	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
 	if err != nil {
@@ -98,14 +104,14 @@ type symmetricIdentityReport struct {
 
 // symmetricIdentity shows a symmetric-key identity: where the key is, whether it is usable,
 // and what the stored assignment is bound to.
-func symmetricIdentity(e *env, cfg *device.Config, out *jsonOutput) error {
+func symmetricIdentity(ctx context.Context, e *env, cfg *device.Config, out *jsonOutput) error {
 	r := symmetricIdentityReport{
 		Attestation:       cfg.Attestation.Method,
 		RegistrationID:    cfg.Provisioning.RegistrationID,
 		SymmetricKey:      cfg.Attestation.SymmetricKey,
 		SymmetricKeyGroup: cfg.Attestation.SymmetricKeyGroup,
 	}
-	creds, problem := device.OpenCredentials(cfg)
+	creds, problem := device.OpenCredentials(ctx, cfg)
 	if problem == nil {
 		r.StateBinding = creds.StateBinding()
 		creds.Close()
@@ -137,24 +143,38 @@ func symmetricIdentity(e *env, cfg *device.Config, out *jsonOutput) error {
 func checkIdentity(e *env, tpm *lazyTPM, keySpec string, chain []*x509.Certificate, r *identityReport) error {
 	key, err := tpm.loadKey(e, keySpec)
 	if err != nil {
+		switch {
+		case errors.Is(err, attest.ErrTPMUnavailable):
+			r.matchUnknown = "the TPM is unavailable"
+		case errors.Is(err, attest.ErrNoTPM):
+			r.matchUnknown = "no TPM"
+		default:
+			r.matchUnknown = "the key cannot be loaded"
+		}
 		return err
 	}
 	defer key.Close()
 	r.Key, r.SoftwareKey = key.Location, key.Software
-	r.KeyMatchesCert = attest.MatchKey(chain[0], key.Public()) == nil
+	match := attest.MatchKey(chain[0], key.Public()) == nil
+	r.KeyMatchesCert = &match
 	if _, err := attest.NewIdentity(chain, key, now()); err != nil {
 		return err
 	}
 	if err := signAndVerify(key, chain[0]); err != nil {
-		r.KeyMatchesCert = false
+		match = false
 		return err
 	}
 	return nil
 }
 
 func printIdentity(w io.Writer, r identityReport) {
-	match := "yes"
-	if !r.KeyMatchesCert {
+	var match string
+	switch {
+	case r.KeyMatchesCert == nil:
+		match = "unknown: " + r.matchUnknown + " (see Problem)"
+	case *r.KeyMatchesCert:
+		match = "yes"
+	default:
 		match = "NO"
 	}
 	key := r.Key

@@ -65,7 +65,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 		r.RegistrationID = cfg.Provisioning.RegistrationID
 		// The key file is the service user's alone: a technician without access sees the
 		// assignment, unchecked, and why.
-		creds, err := device.OpenCredentials(cfg)
+		creds, err := device.OpenCredentials(ctx, cfg)
 		if err != nil {
 			r.IdentityError = err.Error()
 		} else {
@@ -73,7 +73,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 			creds.Close()
 		}
 	} else {
-		tpm := &lazyTPM{spec: tf.device(cfg)}
+		tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
 		chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
 		tpm.Close()
 		if err != nil {
