@@ -2,10 +2,17 @@ package reliability_test
 
 import (
 	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -94,66 +101,266 @@ func TestTPMRestartWhileRunning(t *testing.T) {
 	<-exited
 }
 
-// TestTPMObjectSlotsExhausted: another program fills the TPM's transient object slots (swtpm
-// has no resource manager, like /dev/tpm0): the agent starting then says the TPM is out of
-// memory and waits; once the slots are freed it loads its key and connects, unrestarted.
+// TestTPMObjectSlotsExhausted: another program fills the TPM's transient object slots and
+// exits without flushing them, as a crashed one would (swtpm has no resource manager, like
+// /dev/tpm0, so they stay taken). No one can use them any more: the agent flushes them when
+// it opens the TPM, loads its key and connects, without waiting on anyone.
 func TestTPMObjectSlotsExhausted(t *testing.T) {
 	e := startEmulator(t, "--poll-limit", "0")
 	g, _, _ := swtpmGateway(t, e, "gw-slots")
-	cfg, err := os.ReadFile(g.config)
+	other, err := attest.OpenTPM(context.Background(), g.tpmSpec(t))
 	require.NoError(t, err)
-	spec := strings.Split(strings.SplitAfter(string(cfg), "device = \"")[1], "\"")[0]
-	// swtpm serves one connection at a time: the other program fills the slots and exits
-	// without flushing, as a crashed one would; without a resource manager they stay taken.
-	other, err := attest.OpenTPM(context.Background(), spec)
-	require.NoError(t, err)
-	var held []tpm2.TPMHandle
+	held := 0
 	for {
-		srk, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(keyfile.ECCSRK_H2_Template)}.Execute(other)
+		_, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(keyfile.ECCSRK_H2_Template)}.Execute(other)
 		if err != nil {
 			require.ErrorIs(t, err, tpm2.TPMRCObjectMemory)
 			break
 		}
-		held = append(held, srk.ObjectHandle)
+		held++
 	}
 	require.NoError(t, other.Close())
-	t.Logf("another program left %d transient objects behind", len(held))
+	t.Logf("another program left %d transient objects behind", held)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	agent, _, exited := g.runAgent(t, ctx)
-	var last *device.Status
-	deadline := time.Now().Add(20 * time.Second)
-	noticed, cancelNoticed := context.WithDeadline(ctx, deadline)
-	defer cancelNoticed()
-	_ = poll.Until(noticed, 50*time.Millisecond, func() bool {
-		if s, err := device.ReadStatus(g.run); err == nil && strings.Contains(s.LastError, "out of memory") {
-			last = s
-		}
-		return last != nil
-	})
-	if last == nil {
-		s, _ := device.ReadStatus(g.run)
-		t.Fatalf("the status does not say the TPM is out of memory: %+v", s)
-	}
-	assert.Equal(t, device.PhaseLoading, last.Phase)
-	t.Logf("status: %s: %s (last error: %s)", last.Phase, last.Message, last.LastError)
+	agent, out, exited := g.runAgent(t, ctx)
+	g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
+	agent.Process.Signal(os.Interrupt)
+	<-exited
+	assert.NotContains(t, out.String(), "out of memory")
+}
 
-	// An operator frees them (tpm2_flushcontext -t), between two of the agent's attempts.
-	freed := 0
-	for freed < len(held) && time.Now().Before(deadline.Add(30*time.Second)) {
-		other, err := attest.OpenTPM(context.Background(), spec)
-		require.NoError(t, err)
-		for _, h := range held[freed:] {
-			if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(other); err != nil {
-				break
-			}
-			freed++
-		}
-		other.Close()
+// tpmSpec is the [tpm] device of the gateway's configuration.
+func (g *gateway) tpmSpec(t *testing.T) string {
+	t.Helper()
+	cfg, err := device.LoadConfig(g.config)
+	require.NoError(t, err)
+	return cfg.TPM.Device
+}
+
+// TestKilledAgentsLeaveTheTPMUsable SIGKILLs the agent on swtpm (no resource manager, as on
+// /dev/tpm0) at random moments: connected, holding its loaded key, or half-way through loading
+// it (a storage root key, a session). Each leaves its objects in the TPM; the next agent
+// flushes them and connects. The short form kills 5 times, the long form 20.
+func TestKilledAgentsLeaveTheTPMUsable(t *testing.T) {
+	kills := 5
+	if long() {
+		kills = 20
 	}
-	require.Equal(t, len(held), freed)
+	e := startEmulator(t, "--poll-limit", "0")
+	g, _, _ := swtpmGateway(t, e, "gw-killed")
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewPCG(seed, 2))
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Second)
+	defer cancel()
+	for i := range kills {
+		agent, _, exited := g.runAgent(t, ctx)
+		if i%3 == 0 {
+			g.awaitPhase(t, agent, exited, device.PhaseConnected, 60*time.Second) // holding its key for sure
+		} else {
+			time.Sleep(time.Duration(rng.IntN(300)) * time.Millisecond)
+		}
+		require.NoError(t, agent.Process.Kill())
+		<-exited
+	}
+	agent, _, exited := g.runAgent(t, ctx)
 	g.awaitPhase(t, agent, exited, device.PhaseConnected, 60*time.Second)
+	agent.Process.Signal(os.Interrupt)
+	<-exited
+
+	tpm, err := attest.OpenTPM(ctx, g.tpmSpec(t))
+	require.NoError(t, err)
+	defer tpm.Close()
+	r, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: 0x80000000, PropertyCount: 64}.Execute(tpm)
+	require.NoError(t, err)
+	handles, err := r.CapabilityData.Data.Handles()
+	require.NoError(t, err)
+	assert.Empty(t, handles.Handle, "a stopped agent leaves nothing, and opening flushed the rest")
+}
+
+// silentTPM listens on a unix socket that takes connections and commands and answers none:
+// a TPM whose driver is wedged, or an swtpm held by another program. It returns the spec.
+func silentTPM(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "silent") // a socket path must stay under 108 bytes
+	require.NoError(t, err)
+	ln, err := net.Listen("unix", filepath.Join(dir, "tpm.sock"))
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+		os.RemoveAll(dir)
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				io.Copy(io.Discard, c)
+			})
+		}
+	})
+	return "swtpm:" + ln.Addr().String()
+}
+
+// silentGateway is a device whose key and certificate were made on swtpm, configured with a
+// TPM that never answers.
+func silentGateway(t *testing.T) (*gateway, string) {
+	e := startEmulator(t, "--poll-limit", "0")
+	g, _, _ := swtpmGateway(t, e, "gw-silent")
+	cfg, err := os.ReadFile(g.config)
+	require.NoError(t, err)
+	spec := silentTPM(t)
+	cfg = []byte(strings.Replace(string(cfg), g.tpmSpec(t), spec, 1))
+	require.NoError(t, os.WriteFile(g.config, cfg, 0o600))
+	return g, spec
+}
+
+// TestSilentTPMCommands: check, identity and factory verify on a TPM that never answers
+// exit 75 within the TPM command deadline, naming the TPM, rather than hang; a signal ends
+// them at once.
+func TestSilentTPMCommands(t *testing.T) {
+	g, spec := silentGateway(t)
+	for _, args := range [][]string{{"check"}, {"identity"}, {"factory", "verify"}} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			cmd, out := g.command(ctx, args...)
+			start := time.Now()
+			err := cmd.Run()
+			took := time.Since(start)
+			t.Logf("%s in %s:\n%s", args, took.Round(time.Millisecond), out)
+			require.Error(t, err)
+			assert.Equal(t, 75, cmd.ProcessState.ExitCode())
+			assert.Less(t, took, 3*attest.CommandTimeout)
+			assert.Contains(t, out.String(), spec+" did not answer within "+attest.CommandTimeout.String())
+
+			cmd, _ = g.command(ctx, args...)
+			require.NoError(t, cmd.Start())
+			time.Sleep(500 * time.Millisecond)
+			start = time.Now()
+			require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+			cmd.Wait()
+			assert.Less(t, time.Since(start), time.Second, "SIGTERM ends the wait on the TPM")
+			assert.Equal(t, 75, cmd.ProcessState.ExitCode())
+		})
+	}
+}
+
+// notifySocket is systemd's notification socket as the agent sees it under the unit (Type=
+// notify, WatchdogSec=), recording WATCHDOG=1 pings.
+type notifySocket struct {
+	path  string
+	pings atomic.Int64
+}
+
+func listenNotify(t *testing.T) *notifySocket {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "notify")
+	require.NoError(t, err)
+	n := &notifySocket{path: filepath.Join(dir, "notify.sock")}
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: n.path, Net: "unixgram"})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		conn.Close()
+		<-done
+		os.RemoveAll(dir)
+	})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 4096)
+		for {
+			k, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			if strings.Contains(string(buf[:k]), "WATCHDOG=1") {
+				n.pings.Add(1)
+			}
+		}
+	}()
+	return n
+}
+
+// TestSilentTPMAgent: the agent on a TPM that never answers shows waiting_for_tpm with the
+// reason, keeps feeding systemd's watchdog (its waits are bounded), and stops within its 5 s
+// budget on SIGTERM, while a TPM command is in flight as well as between attempts.
+func TestSilentTPMAgent(t *testing.T) {
+	g, spec := silentGateway(t)
+	notify := listenNotify(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	start := func() (*exec.Cmd, <-chan struct{}) {
+		cmd, _ := g.command(ctx, "run")
+		cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify.path, "WATCHDOG_USEC=2000000")
+		os.Remove(filepath.Join(g.run, device.StatusFileName))
+		require.NoError(t, cmd.Start())
+		exited := make(chan struct{})
+		go func() { cmd.Wait(); close(exited) }()
+		t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+		return cmd, exited
+	}
+	stopsWithin := func(cmd *exec.Cmd, exited <-chan struct{}, budget time.Duration) {
+		t.Helper()
+		at := time.Now()
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		select {
+		case <-exited:
+			t.Logf("stopped %s after SIGTERM", time.Since(at).Round(time.Millisecond))
+		case <-time.After(budget):
+			t.Fatalf("still running %s after SIGTERM", budget)
+		}
+	}
+
+	agent, exited := start()
+	g.awaitPhase(t, agent, exited, device.PhaseWaitingTPM, 3*attest.CommandTimeout)
+	s, err := device.ReadStatus(g.run)
+	require.NoError(t, err)
+	t.Logf("status: %s: %s", s.Phase, s.Message)
+	assert.Contains(t, s.Message, "waiting for the TPM: ")
+	assert.Contains(t, s.Message, spec+" did not answer within")
+	pings := notify.pings.Load()
+	assert.Positive(t, pings, "pings went on while the first command waited out its deadline")
+	require.Eventually(t, func() bool { return notify.pings.Load() >= pings+2 }, 10*time.Second, 50*time.Millisecond,
+		"pings go on while the agent waits for the TPM")
+	stopsWithin(agent, exited, 5*time.Second)
+
+	agent, exited = start()
+	g.awaitPhase(t, agent, exited, device.PhaseLoading, 10*time.Second)
+	time.Sleep(time.Second) // inside the first command's wait
+	stopsWithin(agent, exited, 5*time.Second)
+}
+
+// TestCheckWhileTheAgentHoldsSWTPM: swtpm serves one program at a time, and the running
+// agent holds it. `unicity check` says so within seconds, naming the agent and its pid, and
+// still runs the checks that need no TPM.
+func TestCheckWhileTheAgentHoldsSWTPM(t *testing.T) {
+	e := startEmulator(t, "--poll-limit", "0")
+	g, _, _ := swtpmGateway(t, e, "gw-held")
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	agent, _, exited := g.runAgent(t, ctx)
+	g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
+
+	cmd, out := g.command(ctx, "check")
+	start := time.Now()
+	err := cmd.Run()
+	took := time.Since(start)
+	t.Logf("check in %s:\n%s", took.Round(time.Millisecond), out)
+	require.Error(t, err)
+	assert.Equal(t, 75, cmd.ProcessState.ExitCode())
+	assert.Less(t, took, 2*attest.CommandTimeout)
+	assert.Regexp(t, fmt.Sprintf(`(?m)^fail  tpm .*held by another process: the agent \(pid %d, connected\)`, agent.Process.Pid), out.String())
+	for _, line := range []string{`(?m)^pass  config `, `(?m)^pass  clock `, `(?m)^pass  dps tls `, `(?m)^pass  hub tls `} {
+		assert.Regexp(t, line, out.String())
+	}
 	agent.Process.Signal(os.Interrupt)
 	<-exited
 }

@@ -223,8 +223,8 @@ func heldBy(cfg *device.Config, spec string, err error) error {
 	if kerr := syscall.Kill(s.PID, 0); kerr != nil && !errors.Is(kerr, syscall.EPERM) {
 		return err // the agent that wrote it is gone
 	}
-	return fmt.Errorf("%w; the TPM is held by another process: the agent (pid %d, %s), and %s serves one program at a time: stop the agent to check the TPM (systemctl stop unicity)",
-		err, s.PID, s.Phase, spec)
+	return fmt.Errorf("%w; it is held by another process: the agent (pid %d, %s), for as long as it runs; stop it to check the TPM (systemctl stop unicity)",
+		err, s.PID, s.Phase)
 }
 
 // symmetricKey checks the key file of a symmetric-key device and the clock its tokens are
