@@ -5,12 +5,7 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/sha256"
-	"io"
-	"net"
-	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,68 +18,11 @@ import (
 	"github.com/unicity-iot/unicity/attest/attesttest"
 )
 
-// wedgeProxy stands between the TPM's users and swtpm on a unix socket. While wedged, it
-// takes commands and answers none, as a wedged driver or an swtpm held by another client
-// does; a connection's upstream is closed with it, so that swtpm serves the next one.
-type wedgeProxy struct {
-	sock   string
-	wedged atomic.Bool
-}
-
-func newWedgeProxy(t *testing.T, upstream string) *wedgeProxy {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "wedge") // a socket path must stay under 108 bytes
-	require.NoError(t, err)
-	p := &wedgeProxy{sock: filepath.Join(dir, "tpm.sock")}
-	ln, err := net.Listen("unix", p.sock)
-	require.NoError(t, err)
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-		os.RemoveAll(dir)
-	})
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() { p.serve(c, upstream) })
-		}
-	})
-	return p
-}
-
-func (p *wedgeProxy) serve(c net.Conn, upstream string) {
-	defer c.Close()
-	var up net.Conn
-	if upstream != "" {
-		var err error
-		if up, err = net.Dial("unix", upstream); err != nil {
-			return
-		}
-		defer up.Close()
-		go io.Copy(c, up)
-	}
-	buf := make([]byte, 4096)
-	for {
-		n, err := c.Read(buf)
-		if err != nil {
-			return
-		}
-		if up != nil && !p.wedged.Load() {
-			up.Write(buf[:n])
-		}
-	}
-}
-
 // TestSilentTPM: a TPM that takes the connection and never answers fails OpenTPM with
 // ErrTPMUnavailable after the command deadline, not never; and its context's end cuts the
 // wait short at once, whatever the deadline.
 func TestSilentTPM(t *testing.T) {
-	silent := newWedgeProxy(t, "")
-	spec := "swtpm:" + silent.sock
+	spec := attesttest.SilentTPM(t)
 
 	start := time.Now()
 	_, err := attest.OpenTPMWithTimeout(context.Background(), spec, 300*time.Millisecond)
@@ -109,8 +47,8 @@ func TestSilentTPM(t *testing.T) {
 // keeps the key loaded: it is this program's). Cancelling the TPM's context ends a wait on a
 // wedged TPM at once, and leaves only flushes possible.
 func TestWedgedTPMUnderAKey(t *testing.T) {
-	p := newWedgeProxy(t, attesttest.StartSWTPM(t))
-	spec := "swtpm:" + p.sock
+	p := attesttest.Wedge(t, attesttest.StartSWTPM(t))
+	spec := "swtpm:" + p.Sock
 	digest := sha256.Sum256([]byte("wedged"))
 
 	t.Run("deadline", func(t *testing.T) {
@@ -120,7 +58,7 @@ func TestWedgedTPMUnderAKey(t *testing.T) {
 		key, _ := newKey(t, tpm, attest.ECDSAP256)
 		before := transientHandles(t, tpm)
 
-		p.wedged.Store(true)
+		p.Wedged.Store(true)
 		start := time.Now()
 		_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
 		require.Error(t, err)
@@ -128,7 +66,7 @@ func TestWedgedTPMUnderAKey(t *testing.T) {
 		assert.Less(t, time.Since(start), 3*time.Second)
 		t.Log(err)
 
-		p.wedged.Store(false)
+		p.Wedged.Store(false)
 		sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
 		require.NoError(t, err)
 		verify(t, key.Public(), digest[:], sig, crypto.SHA256)
@@ -143,14 +81,14 @@ func TestWedgedTPMUnderAKey(t *testing.T) {
 		defer tpm.Close()
 		key, _ := newKey(t, tpm, attest.ECDSAP256)
 
-		p.wedged.Store(true)
+		p.Wedged.Store(true)
 		time.AfterFunc(100*time.Millisecond, cancel)
 		start := time.Now()
 		_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
 		require.Error(t, err)
 		assert.Less(t, time.Since(start), attest.CommandTimeout/2, "cancelled, not timed out")
 		t.Log(err)
-		p.wedged.Store(false)
+		p.Wedged.Store(false)
 
 		_, err = tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: 0x80000000, PropertyCount: 1}.Execute(tpm)
 		require.ErrorIs(t, err, attest.ErrTPMUnavailable, "after the end of its context, the TPM runs no command but flushes")
@@ -161,11 +99,7 @@ func TestWedgedTPMUnderAKey(t *testing.T) {
 // loadedSessions counts the sessions loaded in the TPM.
 func loadedSessions(t testing.TB, tpm *attest.TPM) int {
 	t.Helper()
-	r, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: 0x02000000, PropertyCount: 64}.Execute(tpm)
-	require.NoError(t, err)
-	h, err := r.CapabilityData.Data.Handles()
-	require.NoError(t, err)
-	return len(h.Handle)
+	return countHandles(t, tpm, 0x02000000)
 }
 
 // fillObjectSlots creates storage root keys in tpm until it is out of object memory, and

@@ -59,7 +59,13 @@ func newKey(t testing.TB, tpm transport.TPMCloser, alg attest.KeyAlgorithm) (*at
 // transientHandles counts the objects loaded in the TPM.
 func transientHandles(t testing.TB, tpm transport.TPM) int {
 	t.Helper()
-	r, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: 0x80000000, PropertyCount: 64}.Execute(tpm)
+	return countHandles(t, tpm, 0x80000000)
+}
+
+// countHandles counts the TPM's handles from first on, of first's type.
+func countHandles(t testing.TB, tpm transport.TPM, first uint32) int {
+	t.Helper()
+	r, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: first, PropertyCount: 64}.Execute(tpm)
 	require.NoError(t, err)
 	h, err := r.CapabilityData.Data.Handles()
 	require.NoError(t, err)

@@ -3,7 +3,6 @@ package device
 import (
 	"bytes"
 	"context"
-	"crypto/x509"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -584,33 +583,23 @@ func TestTPMThatDoesNotAnswerYet(t *testing.T) {
 // tpmDevicePoll, and loads the identity once the TPM appears: not an exit 78 that systemd
 // would never restart.
 func TestTPMThatDoesNotExistYet(t *testing.T) {
-	bin := attesttest.RequireTool(t, "swtpm")
-	dir, err := os.MkdirTemp("", "swtpm") // a socket path must stay under 108 bytes
-	require.NoError(t, err)
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	p, err := attesttest.Start(bin, dir)
-	require.NoError(t, err)
+	p := attesttest.SWTPMProcess(t)
 	spec := "swtpm:" + p.Addr
 	tpm, err := attest.OpenTPM(context.Background(), spec)
 	require.NoError(t, err)
 	kf, err := attest.CreateKey(tpm, attest.ECDSAP256)
 	require.NoError(t, err)
+	require.NoError(t, tpm.Close())
 	keyPath := filepath.Join(t.TempDir(), "identity.key")
 	require.NoError(t, attest.WriteKeyfile(keyPath, kf))
-	key, err := attest.LoadKey(tpm, "tpmkey:"+keyPath)
+	pub, err := kf.PublicKey()
 	require.NoError(t, err)
 	ca, err := pki.NewRoot("Test Root")
 	require.NoError(t, err)
-	der, err := attest.CreateCSR(key, "gw-0001")
-	require.NoError(t, err)
-	csr, err := x509.ParseCertificateRequest(der)
-	require.NoError(t, err)
-	leaf, err := ca.SignCSR(csr)
+	leaf, err := ca.IssueDevice("gw-0001", pub)
 	require.NoError(t, err)
 	certPath := filepath.Join(t.TempDir(), "identity.pem")
 	require.NoError(t, certcodec.WriteCertificates(certPath, leaf.Chain...))
-	key.Close()
-	tpm.Close()
 	p.Stop()
 	require.NoError(t, os.Remove(p.Addr))
 
@@ -623,9 +612,7 @@ func TestTPMThatDoesNotExistYet(t *testing.T) {
 	tb.clock.Advance(tpmDevicePoll)
 	tb.waitRetry(PhaseWaitingTPM)
 
-	p, err = attesttest.Start(bin, dir)
-	require.NoError(t, err)
-	t.Cleanup(p.Stop)
+	require.NoError(t, p.Restart())
 	tb.clock.Advance(tpmDevicePoll)
 	tb.waitPhase(PhaseConnected)
 }

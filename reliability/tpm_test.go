@@ -3,7 +3,6 @@ package reliability_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -11,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -198,35 +196,6 @@ func loadedInSWTPM(t *testing.T, sock string) int {
 	return n
 }
 
-// silentTPM listens on a unix socket that takes connections and commands and answers none:
-// a TPM whose driver is wedged, or an swtpm held by another program. It returns the spec.
-func silentTPM(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "silent") // a socket path must stay under 108 bytes
-	require.NoError(t, err)
-	ln, err := net.Listen("unix", filepath.Join(dir, "tpm.sock"))
-	require.NoError(t, err)
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-		os.RemoveAll(dir)
-	})
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				io.Copy(io.Discard, c)
-			})
-		}
-	})
-	return "swtpm:" + ln.Addr().String()
-}
-
 // silentGateway is a device whose key and certificate were made on swtpm, configured with a
 // TPM that never answers.
 func silentGateway(t *testing.T) (*gateway, string) {
@@ -234,7 +203,7 @@ func silentGateway(t *testing.T) (*gateway, string) {
 	g, _, _ := swtpmGateway(t, e, "gw-silent")
 	cfg, err := os.ReadFile(g.config)
 	require.NoError(t, err)
-	spec := silentTPM(t)
+	spec := attesttest.SilentTPM(t)
 	cfg = []byte(strings.Replace(string(cfg), g.tpmSpec(t), spec, 1))
 	require.NoError(t, os.WriteFile(g.config, cfg, 0o600))
 	return g, spec

@@ -1,16 +1,19 @@
-// Package attesttest gives tests a TPM: the in-process reference simulator or a private
-// swtpm process. It links the cgo simulator, so shipped code never imports it.
+// Package attesttest gives tests a TPM: the in-process reference simulator, a private swtpm
+// process, or a TPM that stops answering (Wedge). It links the cgo simulator, so shipped code never imports it.
 package attesttest
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -74,6 +77,13 @@ func SWTPM(t testing.TB) transport.TPMCloser {
 // time: close a connection before another program uses the TPM.
 func StartSWTPM(t testing.TB) string {
 	t.Helper()
+	return SWTPMProcess(t).Addr
+}
+
+// SWTPMProcess is StartSWTPM for tests that stop swtpm and start it again on the same state
+// (Restart): a TPM reset, or a TPM that is not there for a while.
+func SWTPMProcess(t testing.TB) *Process {
+	t.Helper()
 	bin := RequireTool(t, "swtpm")
 	// Not t.TempDir: a unix socket path must stay under 108 bytes, and test names are long.
 	dir, err := os.MkdirTemp("", "swtpm")
@@ -89,7 +99,7 @@ func StartSWTPM(t testing.TB) string {
 		p.Stop()
 		os.RemoveAll(dir)
 	})
-	return p.Addr
+	return p
 }
 
 // Process is a running swtpm.
@@ -98,6 +108,7 @@ type Process struct {
 	// control socket is at Addr+".ctrl", a TCP one on the next port, where the tpm2 TCTI
 	// (swtpm:path=… or swtpm:host=…,port=…) expects them.
 	Addr   string
+	args   []string // bin, dir, server, ctrl: what Restart starts again
 	cmd    *exec.Cmd
 	exited chan error
 }
@@ -117,7 +128,7 @@ func StartTCP(bin, dir string, port int) (*Process, error) {
 }
 
 func start(bin, dir, addr, server, ctrl string) (*Process, error) {
-	p := &Process{Addr: addr, exited: make(chan error, 1)}
+	p := &Process{Addr: addr, args: []string{bin, dir, server, ctrl}, exited: make(chan error, 1)}
 	logPath := filepath.Join(dir, "swtpm.log")
 	p.cmd = exec.Command(bin, "socket", "--tpm2",
 		"--tpmstate", "dir="+dir,
@@ -161,6 +172,85 @@ func (p *Process) listening() bool {
 	}
 	c.Close()
 	return true
+}
+
+// Restart starts swtpm again, once stopped, on the state and addresses it had.
+func (p *Process) Restart() error {
+	q, err := start(p.args[0], p.args[1], p.Addr, p.args[2], p.args[3])
+	if err != nil {
+		return err
+	}
+	*p = *q
+	return nil
+}
+
+// WedgeProxy stands between a TPM's users and swtpm on a unix socket, Sock. While Wedged is
+// set it takes commands and answers none, as a wedged driver or an swtpm held by another
+// client does. Each connection's upstream is closed with it, so that swtpm serves the next.
+type WedgeProxy struct {
+	Sock   string
+	Wedged atomic.Bool
+}
+
+// Wedge starts a WedgeProxy to swtpm's data socket upstream, or, with upstream empty, to
+// nothing: a TPM that never answers.
+func Wedge(t testing.TB, upstream string) *WedgeProxy {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "wedge") // a socket path must stay under 108 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &WedgeProxy{Sock: filepath.Join(dir, "tpm.sock")}
+	ln, err := net.Listen("unix", p.Sock)
+	if err != nil {
+		os.RemoveAll(dir)
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+		os.RemoveAll(dir)
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() { p.serve(c, upstream) })
+		}
+	})
+	return p
+}
+
+// SilentTPM returns the spec of a TPM that takes connections and commands and answers none.
+func SilentTPM(t testing.TB) string {
+	t.Helper()
+	return "swtpm:" + Wedge(t, "").Sock
+}
+
+func (p *WedgeProxy) serve(c net.Conn, upstream string) {
+	defer c.Close()
+	var up net.Conn
+	if upstream != "" {
+		var err error
+		if up, err = net.Dial("unix", upstream); err != nil {
+			return
+		}
+		defer up.Close()
+		go io.Copy(c, up)
+	}
+	buf := make([]byte, 4096)
+	for {
+		n, err := c.Read(buf)
+		if err != nil {
+			return
+		}
+		if up != nil && !p.Wedged.Load() {
+			up.Write(buf[:n])
+		}
+	}
 }
 
 // Stop kills swtpm (our own child, by PID) and waits for it to exit.
