@@ -22,7 +22,7 @@ import (
 // ErrTPMUnavailable after the command deadline, not never; and its context's end cuts the
 // wait short at once, whatever the deadline.
 func TestSilentTPM(t *testing.T) {
-	spec := attesttest.SilentTPM(t)
+	spec := attesttest.SilentTPM(t).Spec()
 
 	start := time.Now()
 	_, err := attest.OpenTPMWithTimeout(context.Background(), spec, 300*time.Millisecond)
@@ -48,7 +48,7 @@ func TestSilentTPM(t *testing.T) {
 // wedged TPM at once, and leaves only flushes possible.
 func TestWedgedTPMUnderAKey(t *testing.T) {
 	p := attesttest.Wedge(t, attesttest.StartSWTPM(t))
-	spec := "swtpm:" + p.Sock
+	spec := p.Spec()
 	digest := sha256.Sum256([]byte("wedged"))
 
 	t.Run("deadline", func(t *testing.T) {

@@ -198,22 +198,31 @@ func loadedInSWTPM(t *testing.T, sock string) int {
 
 // silentGateway is a device whose key and certificate were made on swtpm, configured with a
 // TPM that never answers.
-func silentGateway(t *testing.T) (*gateway, string) {
+func silentGateway(t *testing.T) (*gateway, *attesttest.WedgeProxy) {
 	e := startEmulator(t, "--poll-limit", "0")
 	g, _, _ := swtpmGateway(t, e, "gw-silent")
 	cfg, err := os.ReadFile(g.config)
 	require.NoError(t, err)
-	spec := attesttest.SilentTPM(t)
-	cfg = []byte(strings.Replace(string(cfg), g.tpmSpec(t), spec, 1))
+	silent := attesttest.SilentTPM(t)
+	cfg = []byte(strings.Replace(string(cfg), g.tpmSpec(t), silent.Spec(), 1))
 	require.NoError(t, os.WriteFile(g.config, cfg, 0o600))
-	return g, spec
+	return g, silent
+}
+
+// waitOnTPM returns once a program has sent silent a command it waits on.
+func waitOnTPM(t *testing.T, silent *attesttest.WedgeProxy, before int64) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	require.NoError(t, poll.Until(ctx, 10*time.Millisecond, func() bool { return silent.Swallowed.Load() > before }))
 }
 
 // TestSilentTPMCommands: check, identity and factory verify on a TPM that never answers
 // exit 75 within the TPM command deadline, naming the TPM, rather than hang; a signal ends
 // them at once.
 func TestSilentTPMCommands(t *testing.T) {
-	g, spec := silentGateway(t)
+	g, silent := silentGateway(t)
+	spec := silent.Spec()
 	for _, args := range [][]string{{"check"}, {"identity"}, {"factory", "verify"}} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -229,8 +238,9 @@ func TestSilentTPMCommands(t *testing.T) {
 			assert.Contains(t, out.String(), spec+" did not answer within "+attest.CommandTimeout.String())
 
 			cmd, _ = g.command(ctx, args...)
+			before := silent.Swallowed.Load()
 			require.NoError(t, cmd.Start())
-			time.Sleep(500 * time.Millisecond)
+			waitOnTPM(t, silent, before)
 			start = time.Now()
 			require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 			cmd.Wait()
@@ -280,7 +290,8 @@ func listenNotify(t *testing.T) *notifySocket {
 // reason, keeps feeding systemd's watchdog (its waits are bounded), and stops within its 5 s
 // budget on SIGTERM, while a TPM command is in flight as well as between attempts.
 func TestSilentTPMAgent(t *testing.T) {
-	g, spec := silentGateway(t)
+	g, silent := silentGateway(t)
+	spec := silent.Spec()
 	notify := listenNotify(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
@@ -319,9 +330,9 @@ func TestSilentTPMAgent(t *testing.T) {
 		"pings go on while the agent waits for the TPM")
 	stopsWithin(agent, exited, 5*time.Second)
 
+	before := silent.Swallowed.Load()
 	agent, exited = start()
-	g.awaitPhase(t, agent, exited, device.PhaseLoading, 10*time.Second)
-	time.Sleep(time.Second) // inside the first command's wait
+	waitOnTPM(t, silent, before) // inside the first command's wait
 	stopsWithin(agent, exited, 5*time.Second)
 }
 

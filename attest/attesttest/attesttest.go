@@ -190,7 +190,13 @@ func (p *Process) Restart() error {
 type WedgeProxy struct {
 	Sock   string
 	Wedged atomic.Bool
+	// Swallowed counts the reads of commands that were not passed on: a program waiting on
+	// the TPM has sent one.
+	Swallowed atomic.Int64
 }
+
+// Spec is the TPM spec ([tpm] device, --tpm) that opens the TPM through the proxy.
+func (p *WedgeProxy) Spec() string { return "swtpm:" + p.Sock }
 
 // Wedge starts a WedgeProxy to swtpm's data socket upstream, or, with upstream empty, to
 // nothing: a TPM that never answers.
@@ -224,10 +230,10 @@ func Wedge(t testing.TB, upstream string) *WedgeProxy {
 	return p
 }
 
-// SilentTPM returns the spec of a TPM that takes connections and commands and answers none.
-func SilentTPM(t testing.TB) string {
+// SilentTPM is a TPM that takes connections and commands and answers none.
+func SilentTPM(t testing.TB) *WedgeProxy {
 	t.Helper()
-	return "swtpm:" + Wedge(t, "").Sock
+	return Wedge(t, "")
 }
 
 func (p *WedgeProxy) serve(c net.Conn, upstream string) {
@@ -247,9 +253,11 @@ func (p *WedgeProxy) serve(c net.Conn, upstream string) {
 		if err != nil {
 			return
 		}
-		if up != nil && !p.Wedged.Load() {
-			up.Write(buf[:n])
+		if up == nil || p.Wedged.Load() {
+			p.Swallowed.Add(1)
+			continue
 		}
+		up.Write(buf[:n])
 	}
 }
 
