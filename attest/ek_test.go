@@ -31,7 +31,7 @@ func tpm2Tools(t testing.TB, sock string, args ...string) {
 // readEK opens the swtpm at sock for one ReadEndorsementKey.
 func readEK(t testing.TB, sock string) *attest.EndorsementKey {
 	t.Helper()
-	tpm, err := attest.OpenTPM("swtpm:" + sock)
+	tpm, err := attest.OpenTPM(context.Background(), "swtpm:"+sock)
 	require.NoError(t, err)
 	defer tpm.Close()
 	ek, err := attest.ReadEndorsementKey(context.Background(), tpm)
@@ -91,7 +91,7 @@ func TestEndorsementKeyMatchesTPM2Tools(t *testing.T) {
 	writeNV("0x01c00003", nonce)
 	ek = readEK(t, sock)
 	assert.True(t, ek.FromNVTemplate)
-	tpm, err := attest.OpenTPM("swtpm:" + sock)
+	tpm, err := attest.OpenTPM(context.Background(), "swtpm:"+sock)
 	require.NoError(t, err)
 	defer tpm.Close()
 	template.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: append(nonce, make([]byte, 256-len(nonce))...)})
@@ -139,7 +139,7 @@ func manufacturedSWTPM(t testing.TB) string {
 // persists is an ordinary TPM HMAC key: tpm2_hmac signs with it as the agent does.
 func TestManufacturedTPM(t *testing.T) {
 	sock := manufacturedSWTPM(t)
-	tpm, err := attest.OpenTPM("swtpm:" + sock)
+	tpm, err := attest.OpenTPM(context.Background(), "swtpm:"+sock)
 	require.NoError(t, err)
 	defer tpm.Close()
 	d := newDevice(t, tpm, 0)

@@ -19,7 +19,7 @@ import (
 
 // The factory flow and what the agent makes of it: a key created inside the TPM, a CSR it
 // signs, a certificate from the OEM's CA, and the identity dps and hub authenticate with.
-// On a device the TPM is attest.OpenTPM(attest.DefaultTPM); here it is the simulator.
+// On a device the TPM is attest.OpenTPM(ctx, attest.DefaultTPM); here it is the simulator.
 func Example() {
 	sim, err := simulator.Get()
 	if err != nil {

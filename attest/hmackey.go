@@ -81,7 +81,13 @@ func LoadHMACKey(ctx context.Context, tpm transport.TPM, spec string) (*HMACKey,
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s is not a TSS2 keyfile: %w", ErrInvalidKey, path, err)
 	}
-	loaded, err := loadHMACKeyfile(tpm, k)
+	var loaded *tpm2.NamedHandle
+	err = inSequence(tpm, func() error {
+		if loaded, err = loadHMACKeyfile(tpm, k); err == nil {
+			hold(tpm, loaded.Handle) // before another sequence may reclaim it
+		}
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("cannot load identity key %s: %w", path, err)
 	}
@@ -155,6 +161,7 @@ func (k *HMACKey) Close() error {
 	if k.flush == 0 {
 		return nil
 	}
+	defer release(k.tpm, k.flush)
 	if _, err := (tpm2.FlushContext{FlushHandle: k.flush}).Execute(k.tpm); err != nil {
 		return fmt.Errorf("cannot flush identity key handle %#x: %w", uint32(k.flush), err)
 	}

@@ -57,15 +57,17 @@ func tpmErrorKind(err, refused error) error {
 }
 
 // CommandTimeout bounds every TPM command but key generation. A TPM answers in
-// milliseconds (a slow discrete chip in tens to hundreds of milliseconds, an ECC storage key
-// included); one that has not answered in 5 s is held by another program (swtpm serves one at a
-// time) or wedged. The connection is then dropped, and the command fails with
-// ErrTPMUnavailable: nothing that waits on a TPM can hang on it.
+// milliseconds (a slow discrete chip in tens to hundreds of milliseconds); one that has not
+// answered in 5 s is held by another program (swtpm serves one at a time) or wedged. The
+// connection is then dropped, and the command fails with ErrTPMUnavailable: nothing that
+// waits on a TPM can hang on it.
 const CommandTimeout = 5 * time.Second
 
-// keygenTimeout bounds TPM2_Create, which generates a key: RSA-2048 generation takes seconds
-// on a slow chip, and its prime search sometimes far longer. Only `factory keygen` sends it.
-const keygenTimeout = 2 * time.Minute
+// KeyGenerationTimeout bounds TPM2_Create and TPM2_CreatePrimary, which generate keys: an
+// ECC key takes milliseconds, but an RSA-2048 key (an endorsement key, an RSA storage root
+// key, `factory keygen --alg rsa-2048`) takes seconds on a slow chip, and its prime search
+// sometimes far longer.
+const KeyGenerationTimeout = 2 * time.Minute
 
 // cleanupTimeout bounds the flushes that still run once the context of an open TPM has ended,
 // so that a stopping program leaves nothing loaded without waiting on a TPM that is gone.
@@ -258,8 +260,8 @@ func (t *TPM) exchange(cmd []byte) ([]byte, error) {
 		done <- answer{rsp, err}
 	}()
 	timeout, interrupt := t.timeout, t.ctx.Done()
-	if commandCode(cmd) == tpm2.TPMCCCreate {
-		timeout = max(timeout, keygenTimeout)
+	if cc := commandCode(cmd); cc == tpm2.TPMCCCreate || cc == tpm2.TPMCCCreatePrimary {
+		timeout = max(timeout, KeyGenerationTimeout)
 	}
 	if interrupt != nil && t.ctx.Err() != nil {
 		timeout, interrupt = cleanupTimeout, nil

@@ -120,11 +120,12 @@ const (
 	// tpmDevicePoll is how often the agent looks for a TPM device or socket that does not
 	// exist yet (a driver that loads late): a stat, which costs nothing.
 	tpmDevicePoll = 10 * time.Second
-	// identityLoadBound covers the watchdog while the identity loads: a handful of TPM
-	// commands, each within attest.CommandTimeout, the first that overruns ending the
-	// attempt. Twelve overrun commands in a row would be a TPM wedged in a way no deadline
-	// catches: the pings stop, and systemd restarts the agent.
-	identityLoadBound = 12 * attest.CommandTimeout
+	// identityLoadBound covers the watchdog while the identity loads: a storage root key
+	// made (within attest.KeyGenerationTimeout) and a handful of other TPM commands (each
+	// within attest.CommandTimeout), the first that overruns ending the attempt. A load
+	// that takes longer is a TPM wedged in a way no deadline catches: the pings stop, and
+	// systemd restarts the agent.
+	identityLoadBound = attest.KeyGenerationTimeout + 12*attest.CommandTimeout
 )
 
 func (a *Agent) init() {
