@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"syscall"
 	"testing"
 	"time"
@@ -56,7 +57,8 @@ func TestStatusAsAnotherUser(t *testing.T) {
 	agent, _, exited := g.runAgent(t, ctx)
 	g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
 	out2 := status()
-	assert.Regexp(t, `(?m)^  hub: +localhost:\d+$`, out2, "the running agent's assignment")
+	require.Len(t, e.line.Hubs, 1)
+	assert.Regexp(t, `(?m)^  hub: +`+regexp.QuoteMeta(e.line.Hubs[0])+`$`, out2, "the running agent's assignment")
 	assert.Regexp(t, `(?m)^  state file: +.*only this command cannot read it`, out2)
 	assert.NotContains(t, out2, "set it aside")
 	agent.Process.Signal(os.Interrupt)
