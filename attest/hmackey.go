@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"sync"
 
 	keyfile "github.com/foxboron/go-tpm-keyfiles"
 	"github.com/google/go-tpm/tpm2"
@@ -36,12 +35,8 @@ type HMACKey struct {
 	// Location is where the key lives, as the configuration names it.
 	Location string
 
-	tpm    transport.TPM
 	handle tpm2.AuthHandle
-	flush  tpm2.TPMHandle // transient handle to flush on Close; 0 for a persistent key
-
-	mu     sync.RWMutex // Sign holds it shared; Close exclusively, so no Sign uses a flushed handle
-	closed bool
+	loadedKey
 }
 
 // LoadHMACKey loads the identity key named by spec: "tpmkey:handle=0x81000100" (persistent,
@@ -67,7 +62,7 @@ func LoadHMACKey(ctx context.Context, tpm transport.TPM, spec string) (*HMACKey,
 		if err := checkHMACKey(pub); err != nil {
 			return nil, fmt.Errorf("handle %#x: %w", uint32(h), err)
 		}
-		return &HMACKey{Location: spec, tpm: tpm, handle: tpm2.AuthHandle{Handle: h, Name: rp.Name, Auth: tpm2.PasswordAuth(nil)}}, nil
+		return &HMACKey{Location: spec, handle: tpm2.AuthHandle{Handle: h, Name: rp.Name, Auth: tpm2.PasswordAuth(nil)}, loadedKey: loadedKey{tpm: tpm}}, nil
 	}
 	if spec == "" {
 		return nil, fmt.Errorf("%w: no identity key configured", ErrInvalidKey)
@@ -92,10 +87,9 @@ func LoadHMACKey(ctx context.Context, tpm transport.TPM, spec string) (*HMACKey,
 		return nil, fmt.Errorf("cannot load identity key %s: %w", path, err)
 	}
 	return &HMACKey{
-		Location: keySpecTPM + path,
-		tpm:      tpm,
-		handle:   tpm2.AuthHandle{Handle: loaded.Handle, Name: loaded.Name, Auth: tpm2.PasswordAuth(nil)},
-		flush:    loaded.Handle,
+		Location:  keySpecTPM + path,
+		handle:    tpm2.AuthHandle{Handle: loaded.Handle, Name: loaded.Name, Auth: tpm2.PasswordAuth(nil)},
+		loadedKey: loadedKey{tpm: tpm, flush: loaded.Handle},
 	}, nil
 }
 
@@ -148,22 +142,4 @@ func (k *HMACKey) Sign(ctx context.Context, data []byte) ([]byte, error) {
 		return nil, fmt.Errorf("cannot sign with %s: %w: %w", k.Location, tpmErrorKind(err, ErrInvalidKey), err)
 	}
 	return r.OutHMAC.Buffer, nil
-}
-
-// Close flushes the key from the TPM (a persistent key stays). It does not close the TPM.
-func (k *HMACKey) Close() error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.closed {
-		return nil
-	}
-	k.closed = true
-	if k.flush == 0 {
-		return nil
-	}
-	defer release(k.tpm, k.flush)
-	if _, err := (tpm2.FlushContext{FlushHandle: k.flush}).Execute(k.tpm); err != nil {
-		return fmt.Errorf("cannot flush identity key handle %#x: %w", uint32(k.flush), err)
-	}
-	return nil
 }

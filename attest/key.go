@@ -42,13 +42,37 @@ type Key struct {
 
 	pub    crypto.PublicKey
 	signer crypto.Signer
-	tpm    transport.TPM
-	flush  tpm2.TPMHandle // transient handle to flush on Close; 0 for none
 	// keyfile reloads a keyfile key after a TPM reset (swtpm restarted) dropped its handle.
 	keyfile *keyfile.TPMKey
+	loadedKey
+}
 
-	mu     sync.RWMutex // Sign holds it shared; Close exclusively, so no Sign uses a flushed handle
+// loadedKey is what every key held in the TPM shares: the TPM, the transient handle this
+// process must flush, and the lock that keeps a use from racing Close.
+type loadedKey struct {
+	tpm   transport.TPM
+	flush tpm2.TPMHandle // transient handle to flush on Close; 0 for none (a persistent key)
+
+	mu     sync.RWMutex // uses hold it shared; Close exclusively, so no use meets a flushed handle
 	closed bool
+}
+
+// Close flushes the key from the TPM (a persistent key stays). It does not close the TPM.
+func (k *loadedKey) Close() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return nil
+	}
+	k.closed = true
+	if k.flush == 0 {
+		return nil
+	}
+	defer release(k.tpm, k.flush)
+	if _, err := (tpm2.FlushContext{FlushHandle: k.flush}).Execute(k.tpm); err != nil {
+		return fmt.Errorf("cannot flush key handle %#x: %w", uint32(k.flush), err)
+	}
+	return nil
 }
 
 var _ crypto.Signer = (*Key)(nil)
@@ -247,7 +271,7 @@ func newTPMKey(tpm transport.TPMCloser, h tpm2.AuthHandle, contents *tpm2.TPMTPu
 	}
 	hs := keyfile.NewTPMHandleSigner(tpm, pk, contents.Type, size, h)
 	hold(tpm, flush)
-	return &Key{pub: pk, signer: &hs, tpm: tpm, flush: flush}
+	return &Key{pub: pk, signer: &hs, loadedKey: loadedKey{tpm: tpm, flush: flush}}
 }
 
 func loadSoftware(path, spec string) (*Key, error) {
@@ -346,23 +370,5 @@ func (k *Key) reload(failed crypto.Signer) error {
 	}
 	release(k.tpm, k.flush)
 	k.signer, k.flush = fresh.signer, fresh.flush
-	return nil
-}
-
-// Close flushes the key from the TPM (a persistent key stays). It does not close the TPM.
-func (k *Key) Close() error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.closed {
-		return nil
-	}
-	k.closed = true
-	if k.flush == 0 {
-		return nil
-	}
-	defer release(k.tpm, k.flush)
-	if _, err := (tpm2.FlushContext{FlushHandle: k.flush}).Execute(k.tpm); err != nil {
-		return fmt.Errorf("cannot flush key handle %#x: %w", uint32(k.flush), err)
-	}
 	return nil
 }
