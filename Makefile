@@ -18,7 +18,7 @@ STATICCHECK_VERSION ?= v0.8.2
 GOVULNCHECK_VERSION ?= v1.9.0
 # How long `make fuzz` runs each fuzz target; README "Reliability" has a 10-minute run.
 FUZZTIME ?= 10s
-FUZZ_PKGS := ./dps ./hub ./storage ./device ./attest ./spool
+FUZZ_PKGS := ./dps ./hub ./storage ./config ./attest ./spool
 
 # Packaging (docs/oem.md). cross: static binaries for the gateway architectures, with the
 # arm64 agent held to a flash budget. deb: a Debian package built by nfpm, fetched through the

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/internal/backoff"
 	"github.com/unicity-iot/unicity/storage"
@@ -47,18 +48,18 @@ type Notifier interface {
 // Agent is the lifecycle of the device agent: from power-on to a live hub connection, and
 // back to DPS when the hub no longer knows the device. Run it once; it returns only when ctx
 // ends or the configuration or identity is unusable (an error marked ErrIdentity, or a
-// *ConfigError).
+// *config.Error).
 type Agent struct {
-	Config      *Config
+	Config      *config.Config
 	Store       *storage.Store
 	Provisioner Provisioner
 	Hub         Hub
 
 	// Optional.
-	Credentials func(context.Context, *Config) (*Credentials, error) // default OpenCredentials
-	Clock       Clock                                                // default SystemClock
-	Backoff     hub.Backoff                                          // default backoff.FullJitter over the [agent] retry bounds
-	Notifier    Notifier                                             // default: none
+	Credentials func(context.Context, *config.Config) (*Credentials, error) // default OpenCredentials
+	Clock       Clock                                                       // default SystemClock
+	Backoff     hub.Backoff                                                 // default backoff.FullJitter over the [agent] retry bounds
+	Notifier    Notifier                                                    // default: none
 	// Watchdog is systemd's watchdog period (WATCHDOG_USEC); zero disables the pings.
 	Watchdog time.Duration
 	// AttemptTimeout bounds one registration or one connection attempt.
@@ -191,7 +192,7 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 func isConfigError(err error) bool {
-	var ce *ConfigError
+	var ce *config.Error
 	return errors.As(err, &ce)
 }
 
@@ -585,7 +586,7 @@ func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *Identity, 
 		return nil
 	}
 	if !req.force && !a.mayReprovision(st) {
-		req.reply <- result{err: a.Config.checkRateLimit(st, a.Clock.Now())}
+		req.reply <- result{err: checkRateLimit(a.Config.Agent, st, a.Clock.Now())}
 		return nil
 	}
 	a.setStatus(func(s *Status) {
@@ -641,17 +642,17 @@ func (a *Agent) reprovision(ctx context.Context, lock *storage.Locked, id *Ident
 }
 
 func (a *Agent) mayReprovision(st *storage.State) bool {
-	return a.Config.checkRateLimit(st, a.Clock.Now()) == nil
+	return checkRateLimit(a.Config.Agent, st, a.Clock.Now()) == nil
 }
 
 // checkRateLimit refuses a registration sooner than [agent] reprovision_interval after the
 // one that produced st, with a *RateLimitError.
-func (c *Config) checkRateLimit(st *storage.State, now time.Time) error {
-	next := st.ProvisionedAt.Add(c.Agent.ReprovisionInterval)
+func checkRateLimit(pol config.Policy, st *storage.State, now time.Time) error {
+	next := st.ProvisionedAt.Add(pol.ReprovisionInterval)
 	if !now.Before(next) {
 		return nil
 	}
-	return &RateLimitError{Last: st.ProvisionedAt, Next: next, Interval: c.Agent.ReprovisionInterval}
+	return &RateLimitError{Last: st.ProvisionedAt, Next: next, Interval: pol.ReprovisionInterval}
 }
 
 // retryLater records err and waits d, serving requests with a refusal.

@@ -24,6 +24,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/attest/attesttest"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/storage"
@@ -208,7 +209,7 @@ func (n *recordingNotifier) count(s string) int {
 // testbed is an agent over a software identity, fake DPS and hub, and a fake clock.
 type testbed struct {
 	t      *testing.T
-	cfg    *Config
+	cfg    *config.Config
 	leaf   *pki.Leaf
 	clock  *fakeClock
 	dps    *fakeDPS
@@ -230,7 +231,7 @@ func newTestbed(t *testing.T, dpsScript ...func() (*storage.State, error)) *test
 	require.NoError(t, certcodec.WriteCertificates(certPath, leaf.Chain...))
 	require.NoError(t, certcodec.WritePrivateKey(keyPath, leaf.Key))
 
-	cfg, err := ParseConfig("test.toml", fmt.Appendf(nil, `
+	cfg, err := config.Parse("test.toml", fmt.Appendf(nil, `
 [provisioning]
 id_scope = "0ne00000000"
 [attestation]
@@ -529,7 +530,7 @@ func TestLostSessionReconnects(t *testing.T) {
 
 func TestIdentityErrorsStopTheAgent(t *testing.T) {
 	tb := newTestbed(t)
-	tb.agent.Credentials = func(context.Context, *Config) (*Credentials, error) {
+	tb.agent.Credentials = func(context.Context, *config.Config) (*Credentials, error) {
 		return nil, classifyIdentityError(fmt.Errorf("%w: certificate for another key", attest.ErrKeyMismatch))
 	}
 	tb.start()
@@ -545,7 +546,7 @@ func TestIdentityErrorsStopTheAgent(t *testing.T) {
 func TestTPMNotReadyIsRetried(t *testing.T) {
 	tb := newTestbed(t)
 	calls := 0
-	tb.agent.Credentials = func(ctx context.Context, cfg *Config) (*Credentials, error) {
+	tb.agent.Credentials = func(ctx context.Context, cfg *config.Config) (*Credentials, error) {
 		calls++
 		if calls == 1 {
 			return nil, classifyIdentityError(fmt.Errorf("%w at swtpm:127.0.0.1:1: connection refused", attest.ErrNoTPM))
@@ -565,7 +566,7 @@ func TestTPMNotReadyIsRetried(t *testing.T) {
 func TestTPMThatDoesNotAnswerYet(t *testing.T) {
 	tb := newTestbed(t)
 	tb.agent.Watchdog = 20 * time.Millisecond
-	tb.agent.Credentials = func(ctx context.Context, _ *Config) (*Credentials, error) {
+	tb.agent.Credentials = func(ctx context.Context, _ *config.Config) (*Credentials, error) {
 		<-ctx.Done() // a wedged TPM under attest's deadline-less fake
 		return nil, fmt.Errorf("%w: command interrupted: %w", attest.ErrTPMUnavailable, ctx.Err())
 	}
@@ -654,7 +655,7 @@ func TestReprovisionThroughTheLocalAPI(t *testing.T) {
 }
 
 // postReprovision posts to the agent's /v1/reprovision over its socket.
-func postReprovision(t *testing.T, cfg *Config, query string) (*http.Response, string) {
+func postReprovision(t *testing.T, cfg *config.Config, query string) (*http.Response, string) {
 	t.Helper()
 	c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
@@ -791,7 +792,7 @@ func TestSymmetricKeyDevice(t *testing.T) {
 	tb := newTestbed(t)
 	key, rotated := bytes.Repeat([]byte{9}, 32), bytes.Repeat([]byte{10}, 32)
 	path := writeKeyFile(t, base64.StdEncoding.EncodeToString(key), 0o600)
-	tb.cfg.Attestation = Attestation{Method: "symmetric_key", SymmetricKey: path}
+	tb.cfg.Attestation = config.Attestation{Method: "symmetric_key", SymmetricKey: path}
 	tb.cfg.Provisioning.RegistrationID = "gw-0001"
 
 	tb.start()

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -28,14 +29,14 @@ const APISocketName = "api.sock"
 var ErrNotRunning = errors.New("the unicity service is not running")
 
 // APISocket is the socket's path for cfg.
-func APISocket(cfg *Config) string { return filepath.Join(cfg.Runtime.Dir, APISocketName) }
+func APISocket(cfg *config.Config) string { return filepath.Join(cfg.Runtime.Dir, APISocketName) }
 
 // ListenAPI opens the local API socket (mode 0660, group from [api] group). A socket left by
 // an agent that died is replaced; one that answers belongs to a running agent and is an error.
-func ListenAPI(cfg *Config) (net.Listener, error) {
+func ListenAPI(cfg *config.Config) (net.Listener, error) {
 	path := APISocket(cfg)
 	if err := os.MkdirAll(cfg.Runtime.Dir, 0o755); err != nil {
-		return nil, &ConfigError{File: cfg.Path, Key: "runtime.dir", Err: fmt.Errorf("cannot create the runtime directory: %w", err)}
+		return nil, &config.Error{File: cfg.Path, Key: "runtime.dir", Err: fmt.Errorf("cannot create the runtime directory: %w", err)}
 	}
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
@@ -48,7 +49,7 @@ func ListenAPI(cfg *Config) (net.Listener, error) {
 	if err != nil {
 		err = fmt.Errorf("cannot listen on the API socket: %w", err)
 		if errors.Is(err, os.ErrPermission) {
-			return nil, &ConfigError{File: cfg.Path, Key: "runtime.dir", Err: err}
+			return nil, &config.Error{File: cfg.Path, Key: "runtime.dir", Err: err}
 		}
 		return nil, err
 	}
@@ -241,7 +242,7 @@ type Client struct {
 }
 
 // NewClient returns a client for the agent configured by cfg.
-func NewClient(cfg *Config) *Client {
+func NewClient(cfg *config.Config) *Client {
 	path := APISocket(cfg)
 	return &Client{http: &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {

@@ -6,17 +6,18 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/storage"
 )
 
 // ByHand is a registration a command runs while the service does not: it holds the state
 // lock throughout, so a service starting meanwhile waits for it rather than racing it.
 type ByHand struct {
-	Config      *Config
+	Config      *config.Config
 	Store       *storage.Store
 	Provisioner Provisioner
-	Credentials func(context.Context, *Config) (*Credentials, error) // default OpenCredentials
-	Now         func() time.Time                                     // default time.Now
+	Credentials func(context.Context, *config.Config) (*Credentials, error) // default OpenCredentials
+	Now         func() time.Time                                            // default time.Now
 }
 
 // Provision registers unless the state holds an assignment for this identity, and returns
@@ -75,7 +76,7 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 			return prev, false, nil
 		}
 		if !force {
-			if err := b.Config.checkRateLimit(prev, now()); err != nil {
+			if err := checkRateLimit(b.Config.Agent, prev, now()); err != nil {
 				return nil, false, err
 			}
 		}

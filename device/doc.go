@@ -1,5 +1,4 @@
-// Package device is the agent: its configuration, the lifecycle that takes the gateway from
-// power-on to a live IoT Hub connection and keeps it there, the policy that paces it, and the
+// Package device is the agent: the lifecycle that takes the gateway from power-on to a live IoT Hub connection and keeps it there, the policy that paces it, and the
 // status it reports to systemd, to `unicity status` and over the local API. It speaks no
 // MQTT itself: DPS and the hub are reached through the dps and hub packages, behind the small
 // Provisioner and Hub interfaces declared here.

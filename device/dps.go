@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/dps"
 	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/storage"
@@ -15,7 +16,7 @@ import (
 
 // DPS is the Provisioner over the dps package, configured from [provisioning] and [tls].
 type DPS struct {
-	Config  *Config
+	Config  *config.Config
 	RootCAs *x509.CertPool
 	Clock   Clock
 	// Progress receives what the registration is doing (connected, throttled, polling).
@@ -23,7 +24,7 @@ type DPS struct {
 }
 
 // NewDPS returns the provisioner for cfg, with the trust bundle loaded.
-func NewDPS(cfg *Config) (*DPS, error) {
+func NewDPS(cfg *config.Config) (*DPS, error) {
 	roots, err := RootCAs(cfg)
 	if err != nil {
 		return nil, err
@@ -32,18 +33,18 @@ func NewDPS(cfg *Config) (*DPS, error) {
 }
 
 // RootCAs is Azure's roots plus the configured trust bundle.
-func RootCAs(cfg *Config) (*x509.CertPool, error) {
+func RootCAs(cfg *config.Config) (*x509.CertPool, error) {
 	var extra []byte
 	if cfg.TLS.TrustBundle != "" {
 		b, err := os.ReadFile(cfg.TLS.TrustBundle)
 		if err != nil {
-			return nil, &ConfigError{File: cfg.Path, Key: "tls.trust_bundle", Err: err}
+			return nil, &config.Error{File: cfg.Path, Key: "tls.trust_bundle", Err: err}
 		}
 		extra = b
 	}
 	pool, err := dial.RootPool(extra)
 	if err != nil {
-		return nil, &ConfigError{File: cfg.Path, Key: "tls.trust_bundle", Err: fmt.Errorf("%s: %w", cfg.TLS.TrustBundle, err)}
+		return nil, &config.Error{File: cfg.Path, Key: "tls.trust_bundle", Err: fmt.Errorf("%s: %w", cfg.TLS.TrustBundle, err)}
 	}
 	return pool, nil
 }

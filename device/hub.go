@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/internal/backoff"
 	"github.com/unicity-iot/unicity/internal/dial"
@@ -20,7 +21,7 @@ var ErrStale = errors.New("the assigned hub could not be reached repeatedly")
 // HubSessions is the Hub over the hub package. One telemetry queue serves every session, so
 // messages queued while disconnected, or before a re-registration, are not lost.
 type HubSessions struct {
-	Config  *Config
+	Config  *config.Config
 	RootCAs *x509.CertPool
 	Queue   *hub.Queue
 	// Configure, when set, completes each session's configuration (C2D, desired properties
@@ -36,7 +37,7 @@ type HubSessions struct {
 }
 
 // NewHubSessions returns the hub side of the agent for cfg.
-func NewHubSessions(cfg *Config, roots *x509.CertPool) *HubSessions {
+func NewHubSessions(cfg *config.Config, roots *x509.CertPool) *HubSessions {
 	return &HubSessions{Config: cfg, RootCAs: roots, Queue: hub.NewQueue(0, 0)}
 }
 

@@ -20,6 +20,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/version"
 	"github.com/unicity-iot/unicity/sas"
@@ -70,7 +71,7 @@ type Credentials struct {
 // short any TPM command then in flight). Errors that configuration or factory work must fix
 // are marked ErrIdentity; others (a TPM that does not exist yet, or is not ready) may clear up
 // on a retry.
-func OpenCredentials(ctx context.Context, cfg *Config) (*Credentials, error) {
+func OpenCredentials(ctx context.Context, cfg *config.Config) (*Credentials, error) {
 	switch cfg.Attestation.Method {
 	case "x509":
 	case "symmetric_key":
@@ -108,7 +109,7 @@ func OpenCredentials(ctx context.Context, cfg *Config) (*Credentials, error) {
 	return c, nil
 }
 
-func needsTPM(cfg *Config) bool {
+func needsTPM(cfg *config.Config) bool {
 	return strings.HasPrefix(cfg.Attestation.IdentityKey, "tpmkey:") ||
 		strings.HasPrefix(cfg.Attestation.IdentityCert, "tpm-nv:")
 }

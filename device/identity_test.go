@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/sas"
 )
 
@@ -100,9 +101,9 @@ func TestReadSymmetricKey(t *testing.T) {
 	})
 }
 
-func symmetricConfig(t *testing.T, keyPath string, group bool) *Config {
+func symmetricConfig(t *testing.T, keyPath string, group bool) *config.Config {
 	t.Helper()
-	cfg, err := ParseConfig("test.toml", fmt.Appendf(nil, `
+	cfg, err := config.Parse("test.toml", fmt.Appendf(nil, `
 [provisioning]
 id_scope = "0ne00000000"
 registration_id = "sas-0001"

@@ -21,7 +21,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/attest/attesttest"
-	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/config"
 )
 
 const (
@@ -307,16 +307,16 @@ func TestShippedConfig(t *testing.T) {
 	require.NoError(t, err)
 
 	t.Run("as shipped", func(t *testing.T) {
-		_, err := device.ParseConfig("config.toml", data)
-		var ce *device.ConfigError
+		_, err := config.Parse("config.toml", data)
+		var ce *config.Error
 		require.ErrorAs(t, err, &ce)
 		assert.Equal(t, "provisioning.id_scope", ce.Key)
 	})
 	t.Run("every setting uncommented", func(t *testing.T) {
 		uncommented := commentedSetting.ReplaceAll(data, []byte("$1"))
-		cfg, err := device.ParseConfig("config.toml", uncommented)
+		cfg, err := config.Parse("config.toml", uncommented)
 		require.NoError(t, err, "%s", uncommented)
-		want := device.DefaultConfig()
+		want := config.Default()
 		want.Path = "config.toml"
 		// The examples among the defaults.
 		want.Provisioning.IDScope = cfg.Provisioning.IDScope

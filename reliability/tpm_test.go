@@ -23,6 +23,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/attest/attesttest"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/internal/poll"
 )
@@ -134,7 +135,7 @@ func TestTPMObjectSlotsExhausted(t *testing.T) {
 // tpmSpec is the [tpm] device of the gateway's configuration.
 func (g *gateway) tpmSpec(t *testing.T) string {
 	t.Helper()
-	cfg, err := device.LoadConfig(g.config)
+	cfg, err := config.Load(g.config)
 	require.NoError(t, err)
 	return cfg.TPM.Device
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/dial"
@@ -89,7 +90,7 @@ func (c *checker) fail(name string, err error) {
 }
 
 func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath string) {
-	cfg, err := device.LoadConfig(configPath)
+	cfg, err := config.Load(configPath)
 	if err != nil {
 		c.fail("config", &exitError{code: exitConfig, err: err})
 		return
@@ -130,8 +131,8 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 }
 
 // host runs the checks `unicity run` makes of what the configuration names on this system.
-func (c *checker) host(cfg *device.Config) {
-	for _, hc := range cfg.HostChecks(device.AnyOwner) {
+func (c *checker) host(cfg *config.Config) {
+	for _, hc := range cfg.HostChecks(config.AnyOwner) {
 		if detail, err := hc.Check(); err != nil {
 			c.fail(hc.Name, err)
 		} else {
@@ -143,7 +144,7 @@ func (c *checker) host(cfg *device.Config) {
 // x509 checks the TPM, the key, the certificate chain and the clock; it returns the TLS
 // identity, the registration ID and the state binding when they pass. release closes the key
 // and the TPM once the network checks are done with them.
-func (c *checker) x509(ctx context.Context, cfg *device.Config, tf *tpmFlags) (cert *tls.Certificate, regID, binding string, release func()) {
+func (c *checker) x509(ctx context.Context, cfg *config.Config, tf *tpmFlags) (cert *tls.Certificate, regID, binding string, release func()) {
 	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
 	release = func() { tpm.Close() }
 	if strings.HasPrefix(cfg.Attestation.IdentityKey, "file:") && !strings.HasPrefix(cfg.Attestation.IdentityCert, "tpm-nv:") {
@@ -212,7 +213,7 @@ func (c *checker) x509(ctx context.Context, cfg *device.Config, tf *tpmFlags) (c
 // heldBy adds to err, the failure of a TPM that serves one program at a time, who holds it
 // when that is the agent: the agent keeps its TPM open for as long as it runs, and its status
 // file names its pid.
-func heldBy(cfg *device.Config, spec string, err error) error {
+func heldBy(cfg *config.Config, spec string, err error) error {
 	if !errors.Is(err, attest.ErrTPMUnavailable) || !attest.Exclusive(spec) {
 		return err
 	}
@@ -229,7 +230,7 @@ func heldBy(cfg *device.Config, spec string, err error) error {
 
 // symmetricKey checks the key file of a symmetric-key device and the clock its tokens are
 // dated by; it returns the registration ID and state binding when both pass.
-func (c *checker) symmetricKey(ctx context.Context, cfg *device.Config) (regID, binding string) {
+func (c *checker) symmetricKey(ctx context.Context, cfg *config.Config) (regID, binding string) {
 	creds, err := device.OpenCredentials(ctx, cfg)
 	if err != nil {
 		c.fail("key", err)
@@ -253,7 +254,7 @@ func (c *checker) symmetricKey(ctx context.Context, cfg *device.Config) (regID, 
 
 // endpoint checks DNS, TCP and TLS (with the device's certificate, when it has one) to host.
 // Through a proxy, only the TLS check applies.
-func (c *checker) endpoint(ctx context.Context, name string, cfg *device.Config, host, prefer string, roots *x509.CertPool, cert *tls.Certificate) {
+func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config, host, prefer string, roots *x509.CertPool, cert *tls.Certificate) {
 	transport := cfg.Provisioning.Transport
 	hostname, port := host, ""
 	if h, p, err := net.SplitHostPort(host); err == nil {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/dps"
 	"github.com/unicity-iot/unicity/hub"
@@ -108,8 +109,8 @@ func isIdentityError(err error) bool {
 
 // isConfigError reports a configuration that is missing or invalid.
 func isConfigError(err error) bool {
-	var ce *device.ConfigError
-	return errors.As(err, &ce) || errors.Is(err, device.ErrConfigNotExist)
+	var ce *config.Error
+	return errors.As(err, &ce) || errors.Is(err, config.ErrNotExist)
 }
 
 // isDPSTemporary reports a registration that gave up on a temporary failure (throttled,

@@ -21,7 +21,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/unicity-iot/unicity/attest"
-	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 )
 
@@ -52,9 +52,9 @@ func (f *tpmFlags) register(fs *flag.FlagSet) {
 
 // loadConfig reads the configuration. When optional, a missing file at the default path
 // yields nil: the factory commands work before a configuration is installed.
-func (f *tpmFlags) loadConfig(fs *flag.FlagSet, optional bool) (*device.Config, error) {
-	cfg, err := device.LoadConfig(f.config)
-	if optional && errors.Is(err, device.ErrConfigNotExist) && !flagSet(fs, "config") {
+func (f *tpmFlags) loadConfig(fs *flag.FlagSet, optional bool) (*config.Config, error) {
+	cfg, err := config.Load(f.config)
+	if optional && errors.Is(err, config.ErrNotExist) && !flagSet(fs, "config") {
 		return nil, nil
 	}
 	if err != nil {
@@ -64,7 +64,7 @@ func (f *tpmFlags) loadConfig(fs *flag.FlagSet, optional bool) (*device.Config, 
 }
 
 // device is the TPM to use: --tpm, else the configuration's, else the default.
-func (f *tpmFlags) device(cfg *device.Config) string {
+func (f *tpmFlags) device(cfg *config.Config) string {
 	switch {
 	case f.tpm != "":
 		return f.tpm

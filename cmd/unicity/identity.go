@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 )
 
@@ -104,7 +105,7 @@ type symmetricIdentityReport struct {
 
 // symmetricIdentity shows a symmetric-key identity: where the key is, whether it is usable,
 // and what the stored assignment is bound to.
-func symmetricIdentity(ctx context.Context, e *env, cfg *device.Config, out *jsonOutput) error {
+func symmetricIdentity(ctx context.Context, e *env, cfg *config.Config, out *jsonOutput) error {
 	r := symmetricIdentityReport{
 		Attestation:       cfg.Attestation.Method,
 		RegistrationID:    cfg.Provisioning.RegistrationID,

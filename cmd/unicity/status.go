@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"time"
 
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/storage"
@@ -134,7 +135,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 			r.Substatus, r.ProvisionedAt = "", time.Time{}
 		}
 	}
-	for _, hc := range cfg.HostChecks(device.AnyOwner) {
+	for _, hc := range cfg.HostChecks(config.AnyOwner) {
 		if _, err := hc.Check(); err != nil {
 			r.Problems = append(r.Problems, err.Error())
 		}

@@ -1,4 +1,4 @@
-package device
+package config
 
 import (
 	"errors"
@@ -21,16 +21,16 @@ func writeConfig(t *testing.T, body string) string {
 }
 
 func TestExampleConfigDecodesToDefaults(t *testing.T) {
-	cfg, err := LoadConfig("testdata/config.example.toml")
+	cfg, err := Load("testdata/config.example.toml")
 	require.NoError(t, err)
-	want := DefaultConfig()
+	want := Default()
 	want.Provisioning.IDScope = "0ne00000000"
 	want.Path = "testdata/config.example.toml"
 	assert.Equal(t, &want, cfg)
 }
 
 func TestLoadConfigValues(t *testing.T) {
-	cfg, err := LoadConfig(writeConfig(t, `
+	cfg, err := Load(writeConfig(t, `
 [provisioning]
 global_endpoint = "127.0.0.1:8883"
 id_scope = "0ne0012ABCD"
@@ -67,9 +67,9 @@ hub_failures = 3
 }
 
 func TestLoadConfigMissingFile(t *testing.T) {
-	_, err := LoadConfig(filepath.Join(t.TempDir(), "nope.toml"))
-	require.ErrorIs(t, err, ErrConfigNotExist)
-	var ce *ConfigError
+	_, err := Load(filepath.Join(t.TempDir(), "nope.toml"))
+	require.ErrorIs(t, err, ErrNotExist)
+	var ce *Error
 	assert.False(t, errors.As(err, &ce), "a missing file is not an invalid one")
 }
 
@@ -111,32 +111,32 @@ func TestLoadConfigErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			path := writeConfig(t, tt.body)
-			_, err := LoadConfig(path)
-			var ce *ConfigError
+			_, err := Load(path)
+			var ce *Error
 			require.ErrorAs(t, err, &ce)
 			assert.Equal(t, path, ce.File)
 			assert.Equal(t, tt.line, ce.Line, "line of %v", err)
 			assert.Equal(t, tt.key, ce.Key)
 			assert.Contains(t, err.Error(), path)
 			assert.Contains(t, err.Error(), tt.msg)
-			assert.NotErrorIs(t, err, ErrConfigNotExist)
+			assert.NotErrorIs(t, err, ErrNotExist)
 		})
 	}
 }
 
 // TestLoadConfigIsBounded: a file far larger than any configuration is refused after reading
-// MaxConfigSize+1 bytes (a 300 MB file once took 6.5 GB to decode).
+// MaxSize+1 bytes (a 300 MB file once took 6.5 GB to decode).
 func TestLoadConfigIsBounded(t *testing.T) {
 	path := writeConfig(t, "[provisioning]\nid_scope = \"0ne00000000\"\n")
 	require.NoError(t, os.Truncate(path, 300<<20)) // sparse: no disk used
-	_, err := LoadConfig(path)
-	var ce *ConfigError
+	_, err := Load(path)
+	var ce *Error
 	require.ErrorAs(t, err, &ce)
 	assert.EqualError(t, err, path+": larger than 1 MiB: not a unicity configuration")
 
 	body := "[provisioning]\nid_scope = \"0ne00000000\"\n#"
-	_, err = LoadConfig(writeConfig(t, body+strings.Repeat("#", MaxConfigSize-len(body))))
-	assert.NoError(t, err, "a file of MaxConfigSize is read")
+	_, err = Load(writeConfig(t, body+strings.Repeat("#", MaxSize-len(body))))
+	assert.NoError(t, err, "a file of MaxSize is read")
 }
 
 // TestConfigErrorsQuoteAnExcerpt: a huge value or key is quoted by its start and end, with
@@ -150,8 +150,8 @@ func TestConfigErrorsQuoteAnExcerpt(t *testing.T) {
 		{"decoder", scope + "[agent]\nretry_min = \"" + huge + "\"\n", "agent.retry_min", `AAAA"`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := ParseConfig("c.toml", []byte(tt.body))
-			var ce *ConfigError
+			_, err := Parse("c.toml", []byte(tt.body))
+			var ce *Error
 			require.ErrorAs(t, err, &ce)
 			assert.Equal(t, tt.key, ce.Key, "the key itself is whole")
 			assert.Less(t, len(err.Error()), 2*wordExcerpt+150, "%.400s", err)

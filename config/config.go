@@ -1,4 +1,4 @@
-package device
+package config
 
 import (
 	"bytes"
@@ -21,17 +21,17 @@ import (
 	"github.com/unicity-iot/unicity/attest"
 )
 
-// ErrConfigNotExist reports that the configuration file is missing, as distinct from present
+// ErrNotExist reports that the configuration file is missing, as distinct from present
 // but invalid: an installer can tell "not configured yet" from "configured wrongly".
-var ErrConfigNotExist = errors.New("configuration file does not exist")
+var ErrNotExist = errors.New("configuration file does not exist")
 
-// MaxConfigSize bounds the configuration file. The commented example is 3 KiB; a file
+// MaxSize bounds the configuration file. The commented example is 3 KiB; a file
 // thousands of times larger is a mistake, and decoding it would take gigabytes.
-const MaxConfigSize = 1 << 20
+const MaxSize = 1 << 20
 
-// ConfigError is a configuration problem located as precisely as the file allows: the file,
+// Error is a configuration problem located as precisely as the file allows: the file,
 // the line (0 when unknown) and the dotted key (empty when the file as a whole is at fault).
-type ConfigError struct {
+type Error struct {
 	File string
 	Line int
 	Key  string
@@ -40,7 +40,7 @@ type ConfigError struct {
 
 // Error names the file, line and key, and says what is wrong, quoting at most an excerpt of
 // a huge key or value (see bounded).
-func (e *ConfigError) Error() string {
+func (e *Error) Error() string {
 	var b strings.Builder
 	b.WriteString(e.File)
 	if e.Line > 0 {
@@ -99,10 +99,10 @@ func excerpt(s string, n int) string {
 	return fmt.Sprintf("%s … (%d bytes left out) … %s", s[:head], tail-head, s[tail:])
 }
 
-func (e *ConfigError) Unwrap() error { return e.Err }
+func (e *Error) Unwrap() error { return e.Err }
 
 // Config is the agent's configuration file (shared/design.md "Configuration"). Field names
-// follow the TOML keys; defaults are those of DefaultConfig.
+// follow the TOML keys; defaults are those of Default.
 type Config struct {
 	Provisioning Provisioning `toml:"provisioning"`
 	Attestation  Attestation  `toml:"attestation"`
@@ -193,8 +193,8 @@ type Policy struct {
 	HubFailures int `toml:"hub_failures"`
 }
 
-// DefaultConfig returns the configuration an empty file stands for.
-func DefaultConfig() Config {
+// Default returns the configuration an empty file stands for.
+func Default() Config {
 	return Config{
 		Provisioning: Provisioning{
 			GlobalEndpoint: "global.azure-devices-provisioning.net",
@@ -218,30 +218,30 @@ func DefaultConfig() Config {
 	}
 }
 
-// LoadConfig reads and checks the configuration at path. A missing file is ErrConfigNotExist;
-// any other problem is a *ConfigError naming the file, and the line and key where known.
-func LoadConfig(path string) (*Config, error) {
+// Load reads and checks the configuration at path. A missing file is ErrNotExist;
+// any other problem is a *Error naming the file, and the line and key where known.
+func Load(path string) (*Config, error) {
 	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("cannot read %s: %w", path, ErrConfigNotExist)
+		return nil, fmt.Errorf("cannot read %s: %w", path, ErrNotExist)
 	}
 	if err != nil {
-		return nil, &ConfigError{File: path, Err: err}
+		return nil, &Error{File: path, Err: err}
 	}
 	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, MaxConfigSize+1))
+	data, err := io.ReadAll(io.LimitReader(f, MaxSize+1))
 	if err != nil {
-		return nil, &ConfigError{File: path, Err: err}
+		return nil, &Error{File: path, Err: err}
 	}
-	return ParseConfig(path, data)
+	return Parse(path, data)
 }
 
-// ParseConfig decodes and checks a configuration held in memory; name is used in errors.
-func ParseConfig(name string, data []byte) (*Config, error) {
-	if len(data) > MaxConfigSize {
-		return nil, &ConfigError{File: name, Err: fmt.Errorf("larger than %d MiB: not a unicity configuration", MaxConfigSize>>20)}
+// Parse decodes and checks a configuration held in memory; name is used in errors.
+func Parse(name string, data []byte) (*Config, error) {
+	if len(data) > MaxSize {
+		return nil, &Error{File: name, Err: fmt.Errorf("larger than %d MiB: not a unicity configuration", MaxSize>>20)}
 	}
-	cfg := DefaultConfig()
+	cfg := Default()
 	cfg.Path = name
 	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&cfg)
 	if err != nil {
@@ -249,10 +249,10 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 	}
 	if undecoded := md.Undecoded(); len(undecoded) > 0 {
 		k := undecoded[0]
-		return nil, &ConfigError{File: name, Line: lineOf(data, k), Key: k.String(), Err: errors.New("unknown key")}
+		return nil, &Error{File: name, Line: lineOf(data, k), Key: k.String(), Err: errors.New("unknown key")}
 	}
 	if err := cfg.validate(); err != nil {
-		var ce *ConfigError
+		var ce *Error
 		if errors.As(err, &ce) {
 			ce.File = name
 			ce.Line = lineOf(data, strings.Split(ce.Key, "."))
@@ -265,7 +265,7 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 func decodeError(name string, data []byte, err error) error {
 	var pe toml.ParseError
 	if errors.As(err, &pe) {
-		ce := &ConfigError{File: name, Line: pe.Position.Line, Key: pe.LastKey, Err: errors.New(pe.Message)}
+		ce := &Error{File: name, Line: pe.Position.Line, Key: pe.LastKey, Err: errors.New(pe.Message)}
 		if ce.Line == 0 && pe.LastKey != "" {
 			ce.Line = lineOf(data, strings.Split(pe.LastKey, "."))
 		}
@@ -274,9 +274,9 @@ func decodeError(name string, data []byte, err error) error {
 	// Type mismatches come as plain errors whose text carries the line and key.
 	if m := typeErrorRE.FindStringSubmatch(err.Error()); m != nil {
 		line, _ := strconv.Atoi(m[1])
-		return &ConfigError{File: name, Line: line, Key: m[2], Err: errors.New(m[3])}
+		return &Error{File: name, Line: line, Key: m[2], Err: errors.New(m[3])}
 	}
-	return &ConfigError{File: name, Err: err}
+	return &Error{File: name, Err: err}
 }
 
 var typeErrorRE = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]*)"\): (.*)$`)
@@ -315,7 +315,7 @@ var (
 )
 
 func invalid(key, format string, a ...any) error {
-	return &ConfigError{Key: key, Err: fmt.Errorf(format, a...)}
+	return &Error{Key: key, Err: fmt.Errorf(format, a...)}
 }
 
 func (c *Config) validate() error {

@@ -1,4 +1,4 @@
-package device
+package config
 
 import (
 	"errors"
@@ -8,7 +8,7 @@ import (
 )
 
 // FuzzParseConfig: no configuration file, however broken, crashes the parser; every refusal
-// is a ConfigError that names the file, and every accepted configuration passes its own
+// is a Error that names the file, and every accepted configuration passes its own
 // validation.
 func FuzzParseConfig(f *testing.F) {
 	example, err := os.ReadFile("testdata/config.example.toml")
@@ -23,11 +23,11 @@ func FuzzParseConfig(f *testing.F) {
 	f.Add([]byte("[provisioning.x]\n[[tls]]\n"))
 	f.Add([]byte("unknown = 1\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		cfg, err := ParseConfig("fuzz.toml", data)
+		cfg, err := Parse("fuzz.toml", data)
 		if err != nil {
-			var ce *ConfigError
+			var ce *Error
 			if !errors.As(err, &ce) {
-				t.Fatalf("not a ConfigError: %T %v", err, err)
+				t.Fatalf("not a Error: %T %v", err, err)
 			}
 			if !strings.HasPrefix(err.Error(), "fuzz.toml") {
 				t.Fatalf("error does not name the file: %v", err)

@@ -1,4 +1,4 @@
-package device
+package config
 
 import (
 	"errors"
@@ -14,7 +14,7 @@ import (
 // itself: `unicity run` refuses to start when one fails, and `unicity check` shows each.
 type HostCheck struct {
 	Name string
-	// Check returns what it found, or why the agent refuses it (a *ConfigError).
+	// Check returns what it found, or why the agent refuses it (a *Error).
 	Check func() (string, error)
 }
 
@@ -39,11 +39,11 @@ func (c *Config) APIGroupID() (int, error) {
 	}
 	g, err := user.LookupGroup(c.API.Group)
 	if err != nil {
-		return -1, &ConfigError{File: c.Path, Key: "api.group", Err: err}
+		return -1, &Error{File: c.Path, Key: "api.group", Err: err}
 	}
 	gid, err := strconv.Atoi(g.Gid)
 	if err != nil {
-		return -1, &ConfigError{File: c.Path, Key: "api.group", Err: fmt.Errorf("group %s has the non-numeric ID %q", c.API.Group, g.Gid)}
+		return -1, &Error{File: c.Path, Key: "api.group", Err: fmt.Errorf("group %s has the non-numeric ID %q", c.API.Group, g.Gid)}
 	}
 	return gid, nil
 }
@@ -69,10 +69,10 @@ func (c *Config) checkDir(key, dir string, uid int) (string, error) {
 		return fmt.Sprintf("%s does not exist yet: the agent creates it", dir), nil
 	}
 	if err != nil {
-		return "", &ConfigError{File: c.Path, Key: key, Err: err}
+		return "", &Error{File: c.Path, Key: key, Err: err}
 	}
 	if !fi.IsDir() {
-		return "", &ConfigError{File: c.Path, Key: key, Err: fmt.Errorf("%s is not a directory", dir)}
+		return "", &Error{File: c.Path, Key: key, Err: fmt.Errorf("%s is not a directory", dir)}
 	}
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !ok {
@@ -80,7 +80,7 @@ func (c *Config) checkDir(key, dir string, uid int) (string, error) {
 	}
 	mode, owner := st.Mode&0o7777, int(st.Uid)
 	if mode&0o002 != 0 {
-		return "", &ConfigError{File: c.Path, Key: key, Err: fmt.Errorf(
+		return "", &Error{File: c.Path, Key: key, Err: fmt.Errorf(
 			"%s is writable by every user (mode %04o): any of them could change what the agent keeps there; fix: chmod o-w %s", dir, mode, dir)}
 	}
 	if uid >= 0 && owner != 0 && owner != uid {
@@ -88,7 +88,7 @@ func (c *Config) checkDir(key, dir string, uid int) (string, error) {
 		if uid == 0 {
 			runs = "root"
 		}
-		return "", &ConfigError{File: c.Path, Key: key, Err: fmt.Errorf(
+		return "", &Error{File: c.Path, Key: key, Err: fmt.Errorf(
 			"%s is owned by %s, not by %s, which runs the agent: that user could change what the agent keeps there; fix: chown %s %s", dir, userName(owner), runs, chownName(uid), dir)}
 	}
 	return fmt.Sprintf("%s: owned by %s, mode %04o", dir, userName(owner), mode), nil

@@ -1,4 +1,4 @@
-package device
+package config
 
 import (
 	"os"
@@ -14,7 +14,7 @@ import (
 // path and the fix; one that does not exist yet is fine (the agent creates it private).
 func TestHostChecksRefuseDirectoriesOthersControl(t *testing.T) {
 	dir := t.TempDir()
-	cfg := DefaultConfig()
+	cfg := Default()
 	cfg.Path = "config.toml"
 	cfg.State.Dir, cfg.Runtime.Dir = filepath.Join(dir, "state"), filepath.Join(dir, "run")
 	check := func(name string, uid int) (string, error) {
@@ -40,7 +40,7 @@ func TestHostChecksRefuseDirectoriesOthersControl(t *testing.T) {
 	require.NoError(t, os.Mkdir(cfg.Runtime.Dir, 0o755))
 	require.NoError(t, os.Chmod(cfg.Runtime.Dir, os.ModeSticky|0o777))
 	_, err = check("runtime dir", me)
-	var ce *ConfigError
+	var ce *Error
 	require.ErrorAs(t, err, &ce)
 	assert.Equal(t, "runtime.dir", ce.Key)
 	assert.EqualError(t, err, "config.toml: runtime.dir: "+cfg.Runtime.Dir+" is writable by every user (mode 1777): any of them could change what the agent keeps there; fix: chmod o-w "+cfg.Runtime.Dir)
@@ -64,12 +64,12 @@ func TestHostChecksRefuseDirectoriesOthersControl(t *testing.T) {
 }
 
 func TestHostChecksAPIGroup(t *testing.T) {
-	cfg := DefaultConfig()
+	cfg := Default()
 	cfg.Path = "config.toml"
 	cfg.State.Dir, cfg.Runtime.Dir = t.TempDir(), t.TempDir()
 	cfg.API.Group = "no-such-group-here"
 	_, err := cfg.HostChecks(os.Geteuid())[0].Check()
-	var ce *ConfigError
+	var ce *Error
 	require.ErrorAs(t, err, &ce)
 	assert.Equal(t, "api.group", ce.Key)
 	assert.Contains(t, err.Error(), "no-such-group-here")
