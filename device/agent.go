@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -67,16 +66,17 @@ type Agent struct {
 	// OnStatus is called after every change of the status, for the service's log. It runs
 	// under the status lock: it must not call back into the Agent.
 	OnStatus func(Status)
-	// API, when set, serves the local API (see api.go) for as long as Run runs.
-	API net.Listener
-	// Gateway, when set, relays between the hub session and the gateway's applications
-	// (gateway.go) and adds their routes to the local API.
-	Gateway *Gateway
+	// Services run beside the lifecycle for as long as Run runs (the local API, the gateway
+	// relay); Run returns once they have. They reach the agent through its exported methods
+	// (Status, Subscribe, Register, Assignment, NoteError).
+	Services []func(context.Context)
 
 	mu     sync.Mutex
 	status Status
-	subs   map[chan Status]struct{}
-	ready  atomic.Bool // READY=1 sent
+	// assignment is the one in force (nil before the first); see Assignment.
+	assignment *storage.State
+	subs       map[chan Status]struct{}
+	ready      atomic.Bool // READY=1 sent
 	// statusFailed is set once writing the status file failed.
 	statusFailed bool
 	requests     chan *request
@@ -92,21 +92,30 @@ type Agent struct {
 	saves  int
 }
 
-// request is a registration asked for from outside the loop (the local API).
-type request struct {
-	force     bool // ignore the rate limit
-	provision bool // only if not provisioned yet
-	reply     chan result
-	// started, when set, is closed once the loop begins the registration: until then the
+// Request is a registration asked for from outside the loop (the local API, the
+// unicity.reprovision method).
+type Request struct {
+	// Force ignores the rate limit ([agent] reprovision_interval).
+	Force bool
+	// ProvisionOnly registers only a device that has no assignment yet; one that has is
+	// answered with it.
+	ProvisionOnly bool
+	// Started, when set, is called once the loop begins the registration: until then the
 	// answer is a refusal or the assignment in force, after it the registration's outcome.
-	started   chan struct{}
+	Started func()
+}
+
+// request is a Request on its way through the loop.
+type request struct {
+	Request
+	reply     chan result
 	startOnce sync.Once
 }
 
 // begin tells the requester that its registration is under way.
 func (r *request) begin() {
-	if r.started != nil {
-		r.startOnce.Do(func() { close(r.started) })
+	if r.Started != nil {
+		r.startOnce.Do(r.Started)
 	}
 }
 
@@ -162,11 +171,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.Watchdog > 0 && a.Notifier != nil {
 		a.bg.Go(func() { a.watchdog(ctx) })
 	}
-	if a.API != nil {
-		a.bg.Go(func() { a.serveAPI(ctx, a.API) })
-	}
-	if a.Gateway != nil {
-		a.bg.Go(func() { a.Gateway.run(ctx) })
+	for _, service := range a.Services {
+		a.bg.Go(func() { service(ctx) })
 	}
 	a.setStatus(func(s *Status) { s.Phase, s.Message = PhaseStarting, "starting" })
 
@@ -262,7 +268,7 @@ func (a *Agent) tryLock() (*storage.Locked, error) {
 	if rerr != nil {
 		return nil, err
 	}
-	a.noteError(fmt.Errorf("%w: the stored assignment is used, a new one could not be stored", err))
+	a.NoteError(fmt.Errorf("%w: the stored assignment is used, a new one could not be stored", err))
 	return l, nil
 }
 
@@ -327,10 +333,10 @@ func (a *Agent) loadState(lock *storage.Locked, id *Identity, thumb string) (st 
 	case errors.Is(err, storage.ErrNotExist):
 		return nil, true
 	case err != nil:
-		a.noteError(fmt.Errorf("registering again: %w", err))
+		a.NoteError(fmt.Errorf("registering again: %w", err))
 		return nil, false
 	case !st.BelongsTo(id.RegistrationID, thumb):
-		a.noteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.CertSHA256))
+		a.NoteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.CertSHA256))
 		return nil, false
 	}
 	return st, false
@@ -417,7 +423,7 @@ func (a *Agent) register(ctx context.Context, lock *storage.Locked, id *Identity
 		return nil, err
 	}
 	a.store(ctx, lock, st)
-	a.setStatus(func(s *Status) { s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID })
+	a.inForce(st)
 	return st, nil
 }
 
@@ -491,7 +497,7 @@ func (a *Agent) park(ctx context.Context, cause error) (*request, error) {
 // serve keeps the device connected to its hub. It returns the new assignment when the
 // device had to register again.
 func (a *Agent) serve(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, st *storage.State) (*storage.State, error) {
-	a.setStatus(func(s *Status) { s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID })
+	a.inForce(st)
 	failures := 0
 	for {
 		a.setStatus(func(s *Status) {
@@ -521,11 +527,11 @@ func (a *Agent) serve(ctx context.Context, lock *storage.Locked, id *Identity, t
 			failures = max(failures, a.Config.Agent.HubFailures)
 		}
 		if errors.Is(err, ErrIdentityRejected) {
-			a.noteError(err)
+			a.NoteError(err)
 			return a.reprovision(ctx, lock, id, thumb, st, fmt.Sprintf("%s refused the identity", st.AssignedHub))
 		}
 		if failures >= a.Config.Agent.HubFailures && a.mayReprovision(st) {
-			a.noteError(err)
+			a.NoteError(err)
 			a.setStatus(func(s *Status) {
 				s.Phase, s.NextRetry = PhaseProvisioning, time.Time{}
 				s.Message = fmt.Sprintf("%s could not be reached %d times in a row; asking DPS whether the assignment changed", st.AssignedHub, failures)
@@ -581,11 +587,11 @@ func (a *Agent) connected(ctx context.Context, lock *storage.Locked, id *Identit
 // handle answers a request made while the device has an assignment. It returns the new
 // assignment if one was obtained; the old one stays in force otherwise.
 func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *Identity, thumb string, st *storage.State, req *request) *storage.State {
-	if req.provision {
+	if req.ProvisionOnly {
 		req.reply <- result{state: st}
 		return nil
 	}
-	if !req.force && !a.mayReprovision(st) {
+	if !req.Force && !a.mayReprovision(st) {
 		req.reply <- result{err: checkRateLimit(a.Config.Agent, st, a.Clock.Now())}
 		return nil
 	}
@@ -596,7 +602,7 @@ func (a *Agent) handle(ctx context.Context, lock *storage.Locked, id *Identity, 
 	next, err := a.registerOnce(ctx, lock, id, thumb, st)
 	req.reply <- result{state: next, err: err}
 	if err != nil {
-		a.noteError(fmt.Errorf("registering again: %w", err))
+		a.NoteError(fmt.Errorf("registering again: %w", err))
 		return nil
 	}
 	return next
@@ -623,7 +629,7 @@ func (a *Agent) reprovision(ctx context.Context, lock *storage.Locked, id *Ident
 		if req == nil {
 			continue
 		}
-		if req.provision {
+		if req.ProvisionOnly {
 			req.reply <- result{err: Mark(fmt.Errorf("%s; the agent is about to register again", why), ErrTemporary)}
 			continue
 		}
@@ -675,7 +681,7 @@ func (a *Agent) retryLaterReq(ctx context.Context, phase Phase, what string, err
 	return a.pause(ctx, d)
 }
 
-func (a *Agent) noteError(err error) {
+func (a *Agent) NoteError(err error) {
 	a.setStatus(func(s *Status) { s.LastError, s.LastErrorAt = err.Error(), a.Clock.Now() })
 }
 
@@ -716,9 +722,11 @@ func (a *Agent) covered(d time.Duration) (done func()) {
 	return func() { a.busyUntil.Store(0) }
 }
 
-// ask submits a request to the loop and waits for its answer.
-func (a *Agent) ask(ctx context.Context, req *request) (*storage.State, error) {
-	req.reply = make(chan result, 1)
+// Register asks the loop for a registration and waits for its answer: the assignment in
+// force afterwards, or why there is none. An error marked ErrTemporary means the agent cannot
+// register now (waiting for the lock, the TPM or the clock; stopping).
+func (a *Agent) Register(ctx context.Context, r Request) (*storage.State, error) {
+	req := &request{Request: r, reply: make(chan result, 1)}
 	select {
 	case a.requests <- req:
 	case <-ctx.Done():
@@ -739,9 +747,25 @@ func (a *Agent) Status() Status {
 	return a.status
 }
 
-// subscribe returns a channel that receives every status change (the latest only, if the
+// inForce makes st the assignment in force, in the status too.
+func (a *Agent) inForce(st *storage.State) {
+	a.setStatus(func(s *Status) {
+		s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID
+		a.assignment = st // setStatus holds a.mu
+	})
+}
+
+// Assignment is the assignment in force: the stored one the agent connects with, or the
+// latest registration's. Nil before the first.
+func (a *Agent) Assignment() *storage.State {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.assignment
+}
+
+// Subscribe returns a channel that receives every status change (the latest only, if the
 // reader is slow) until cancel is called.
-func (a *Agent) subscribe() (<-chan Status, func()) {
+func (a *Agent) Subscribe() (<-chan Status, func()) {
 	ch := make(chan Status, 1)
 	a.mu.Lock()
 	a.subs[ch] = struct{}{}

@@ -17,8 +17,7 @@
 //
 // Only an unusable configuration or identity ends Run with an error (exit 78).
 //
-// The local API (api.go) serves, on a Unix socket in the runtime directory, GET /v1/status
-// and POST /v1/reprovision[?force=1][&provision=1], whose reply streams the agent's status
-// as JSON lines and ends with the assignment or the error; the gateway's routes for
-// applications are added there too (api_gateway.go).
+// The local API (package localapi) and the gateway relay (package gateway) run beside the
+// lifecycle as Agent.Services and reach it through Status, Subscribe, Register, Assignment
+// and NoteError.
 package device

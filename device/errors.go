@@ -77,3 +77,13 @@ func retryAfter(err error) time.Duration {
 	}
 	return 0
 }
+
+// RetryAfter is how long after now a failed registration may be asked for again, when
+// known: the rate limit's next slot, or the wait DPS asked for.
+func RetryAfter(err error, now time.Time) time.Duration {
+	var rl *RateLimitError
+	if errors.As(err, &rl) {
+		return rl.Next.Sub(now)
+	}
+	return retryAfter(err)
+}

@@ -20,6 +20,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/localapi"
 )
 
 // TestHelperAPIClient is not a test: run as another user by TestLocalAPIAccess, it asks the
@@ -75,7 +76,7 @@ func TestLocalAPIAccess(t *testing.T) {
 	agent, _, exited := g.runAgent(t, ctx)
 	g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
 
-	sock := filepath.Join(g.run, device.APISocketName)
+	sock := filepath.Join(g.run, localapi.SocketName)
 	fi, err := os.Stat(sock)
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o660), fi.Mode().Perm())

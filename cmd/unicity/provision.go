@@ -9,6 +9,7 @@ import (
 
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/dps"
+	"github.com/unicity-iot/unicity/localapi"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -68,11 +69,11 @@ func provisionCommand(ctx context.Context, e *env, name string, args []string) e
 		}
 		storeError = s.StoreError
 	}
-	asg, err := device.NewClient(cfg).Reprovision(ctx, *force, !again, progress)
+	asg, err := localapi.NewClient(cfg).Reprovision(ctx, *force, !again, progress)
 	switch {
 	case err == nil:
 		return printAssignment(e.stdout, out, asg, "")
-	case !errors.Is(err, device.ErrNotRunning):
+	case !errors.Is(err, localapi.ErrNotRunning):
 		return err
 	}
 
@@ -96,11 +97,11 @@ func provisionCommand(ctx context.Context, e *env, name string, args []string) e
 	if !fresh {
 		note = "already provisioned"
 	}
-	a := device.AssignmentOf(st)
+	a := localapi.AssignmentOf(st)
 	return printAssignment(e.stdout, out, &a, note)
 }
 
-func printAssignment(w io.Writer, out *jsonOutput, a *device.Assignment, note string) error {
+func printAssignment(w io.Writer, out *jsonOutput, a *localapi.Assignment, note string) error {
 	if out.on {
 		return out.print(a)
 	}

@@ -14,7 +14,9 @@ import (
 
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/dps"
+	"github.com/unicity-iot/unicity/gateway"
 	"github.com/unicity-iot/unicity/hub"
+	"github.com/unicity-iot/unicity/localapi"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -51,7 +53,7 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	}
 	hubs := device.NewHubSessions(cfg, prov.RootCAs)
 	hubs.Clock = agentClock
-	api, err := device.ListenAPI(cfg)
+	api, err := localapi.Listen(cfg)
 	if err != nil {
 		return err
 	}
@@ -64,10 +66,11 @@ func runRun(ctx context.Context, e *env, args []string) error {
 		Clock:       agentClock,
 		Notifier:    sd,
 		Watchdog:    sd.WatchdogPeriod(),
-		API:         api,
 		OnStatus:    statusLogger(log),
 	}
-	agent.Gateway = device.NewGateway(agent, hubs)
+	relay := gateway.New(agent, hubs)
+	apiServer := &localapi.Server{Agent: agent, Gateway: relay, Clock: agentClock}
+	agent.Services = []func(context.Context){relay.Run, func(ctx context.Context) { apiServer.Serve(ctx, api) }}
 	prov.Clock = agentClock
 	prov.Progress = func(p dps.Progress) {
 		log.Debug("dps: "+p.Message, "wait", p.Wait, "err", p.Err)

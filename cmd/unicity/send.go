@@ -8,8 +8,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/hub"
+	"github.com/unicity-iot/unicity/localapi"
 )
 
 // properties collects repeated --property k=v flags.
@@ -64,7 +64,7 @@ func runSend(ctx context.Context, e *env, args []string) error {
 	// The agent bounds the wait by --timeout; this bounds a wedged agent.
 	ctx, cancel := context.WithTimeout(ctx, *timeout+10*time.Second)
 	defer cancel()
-	if err := device.NewClient(cfg).SendTelemetry(ctx, payload, props, *timeout); err != nil {
+	if err := localapi.NewClient(cfg).SendTelemetry(ctx, payload, props, *timeout); err != nil {
 		return fmt.Errorf("cannot send: %w", err)
 	}
 	r := sendReport{Delivered: true, MessageID: props[hub.PropMessageID], Bytes: len(payload)}

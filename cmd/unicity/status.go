@@ -11,6 +11,7 @@ import (
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/internal/certcodec"
+	"github.com/unicity-iot/unicity/localapi"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -104,12 +105,12 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 
 	qctx, cancel := context.WithTimeout(ctx, statusTimeout)
 	defer cancel()
-	live, err := device.NewClient(cfg).Status(qctx)
+	live, err := localapi.NewClient(cfg).Status(qctx)
 	switch {
 	case err == nil:
 		r.ServiceRunning = true
 		r.Phase = live.Phase
-	case errors.Is(err, device.ErrNotRunning):
+	case errors.Is(err, localapi.ErrNotRunning):
 		r.Phase = "not_running"
 		live, err = device.ReadStatus(cfg.Runtime.Dir)
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {

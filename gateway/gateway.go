@@ -1,4 +1,10 @@
-package device
+// Package gateway relays between the agent's hub session and the gateway's applications:
+// telemetry up (Send, Enqueue), the twin, cloud-to-device messages (kept in a backlog while
+// no application listens), desired properties and direct methods down to the applications'
+// event streams; it reports the agent's health in the twin and answers the unicity.* direct
+// methods itself. It speaks no HTTP: the local API (package localapi) serves it to the
+// applications through its localapi.Gateway interface.
+package gateway
 
 import (
 	"context"
@@ -9,12 +15,15 @@ import (
 	"sync"
 	"time"
 
+	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/internal/version"
+	"github.com/unicity-iot/unicity/localapi"
 	"github.com/unicity-iot/unicity/storage"
 )
 
-var errNoSession = errors.New("not connected to the hub")
+// ErrNoSession: no hub session is up to carry the request.
+var ErrNoSession = errors.New("not connected to the hub")
 
 // ReportedKey is the reported property under which the agent reports onboarding health;
 // applications may not patch it.
@@ -39,13 +48,24 @@ const (
 	reprovisionAnswer = 20 * time.Second
 )
 
+// Agent is what the gateway asks of the agent (device.Agent).
+type Agent interface {
+	Status() device.Status
+	Subscribe() (updates <-chan device.Status, cancel func())
+	Register(ctx context.Context, r device.Request) (*storage.State, error)
+	// Assignment is the assignment in force, nil before the first.
+	Assignment() *storage.State
+	NoteError(err error)
+}
+
 // Gateway is the connected agent's side towards the cloud and the gateway's applications:
 // it reports the agent's health in the twin, answers the unicity.* direct methods, and
 // relays telemetry, the twin, cloud-to-device messages, desired properties and direct
-// methods between the hub session and the applications on the local API (api_gateway.go).
+// methods between the hub session and the applications on the local API (it is the
+// localapi.Gateway the local API's routes use).
 type Gateway struct {
-	Agent *Agent
-	Hubs  *HubSessions
+	Agent Agent
+	Hubs  *device.HubSessions
 
 	reportNow chan struct{}
 
@@ -65,8 +85,9 @@ type pendingCall struct {
 	sub    *subscriber
 }
 
-// NewGateway attaches a gateway to the agent's hub sessions; set it as Agent.Gateway.
-func NewGateway(a *Agent, hubs *HubSessions) *Gateway {
+// New attaches a gateway to the agent's hub sessions; run it (Run) as one of the agent's
+// Services.
+func New(a Agent, hubs *device.HubSessions) *Gateway {
 	g := &Gateway{
 		Agent:     a,
 		Hubs:      hubs,
@@ -114,12 +135,12 @@ func (g *Gateway) configure(hc *hub.Config) {
 	}
 }
 
-// run reports the agent's health whenever a connection comes up, until ctx ends.
-func (g *Gateway) run(ctx context.Context) {
+// Run reports the agent's health whenever a connection comes up, until ctx ends.
+func (g *Gateway) Run(ctx context.Context) {
 	g.mu.Lock()
 	g.ctx = ctx
 	g.mu.Unlock()
-	updates, cancel := g.Agent.subscribe()
+	updates, cancel := g.Agent.Subscribe()
 	defer cancel()
 	pending := false
 	for {
@@ -154,7 +175,7 @@ type Health struct {
 	LastErrorAt *time.Time `json:"last_error_at"`
 }
 
-// health gathers the report from the agent's status, the stored assignment and the session.
+// health gathers the report from the agent's status, the assignment in force and the session.
 func (g *Gateway) health() Health {
 	status := g.Agent.Status()
 	g.mu.Lock()
@@ -168,7 +189,7 @@ func (g *Gateway) health() Health {
 		ConnectedAt:         hs.Since,
 		CertificateNotAfter: notAfter,
 	}
-	if st, err := storage.New(g.Agent.Config.State.Dir).Load(); err == nil {
+	if st := g.Agent.Assignment(); st != nil {
 		h.ProvisionedAt, h.Substatus = st.ProvisionedAt, st.Substatus
 		h.ProvisioningAttempts, h.ProvisioningMillis = st.Attempts, st.Duration.Milliseconds()
 	}
@@ -181,7 +202,7 @@ func (g *Gateway) health() Health {
 func (g *Gateway) report(ctx context.Context) error {
 	c := g.Hubs.Client()
 	if c == nil || !c.State().Connected {
-		return errNoSession
+		return ErrNoSession
 	}
 	patch, err := json.Marshal(map[string]Health{ReportedKey: g.health()})
 	if err != nil {
@@ -221,13 +242,13 @@ func (g *Gateway) onMessage(ctx context.Context, m hub.Message) bool {
 func (g *Gateway) onDesired(d hub.Desired) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.broadcast(Event{Type: "desired", Version: d.Version, Full: d.Full, Desired: d.Properties},
+	g.broadcast(localapi.Event{Type: "desired", Version: d.Version, Full: d.Full, Desired: d.Properties},
 		func(s *subscriber) bool { return s.desired })
 }
 
 // broadcast sends e to the subscribers that want it and reports whether any took it. A
 // subscriber too slow to take it is closed. g.mu must be held.
-func (g *Gateway) broadcast(e Event, wants func(*subscriber) bool) bool {
+func (g *Gateway) broadcast(e localapi.Event, wants func(*subscriber) bool) bool {
 	taken := false
 	for s := range g.subs {
 		if !wants(s) {
@@ -248,8 +269,8 @@ func (g *Gateway) onMethod(ctx context.Context, call hub.MethodCall) hub.MethodR
 	switch call.Name {
 	case MethodStatus:
 		return jsonResponse(200, struct {
-			Status Status `json:"status"`
-			Health Health `json:"health"`
+			Status device.Status `json:"status"`
+			Health Health        `json:"health"`
 		}{g.Agent.Status(), g.health()})
 	case MethodReprovision:
 		return g.reprovision(ctx, call)
@@ -269,7 +290,7 @@ func (g *Gateway) onMethod(ctx context.Context, call hub.MethodCall) hub.MethodR
 	id := strconv.FormatUint(g.nextCall, 10)
 	pc := &pendingCall{answer: make(chan hub.MethodResponse, 1), sub: owner}
 	g.calls[id] = pc
-	ok := owner.send(Event{Type: "method", ID: id, Name: call.Name, Payload: call.Payload})
+	ok := owner.send(localapi.Event{Type: "method", ID: id, Name: call.Name, Payload: call.Payload})
 	if !ok {
 		g.dropLocked(owner)
 	}
@@ -292,8 +313,8 @@ func (g *Gateway) onMethod(ctx context.Context, call hub.MethodCall) hub.MethodR
 	}
 }
 
-// answer delivers an application's response to method call id; false if no call waits.
-func (g *Gateway) answer(id string, r hub.MethodResponse) bool {
+// Answer delivers an application's response to method call id; false if no call waits.
+func (g *Gateway) Answer(id string, r hub.MethodResponse) bool {
 	g.mu.Lock()
 	pc := g.calls[id]
 	delete(g.calls, id)
@@ -325,11 +346,15 @@ func (g *Gateway) reprovision(ctx context.Context, call hub.MethodCall) hub.Meth
 	if agentCtx == nil {
 		return jsonResponse(503, map[string]string{"message": "the agent is not ready"})
 	}
+	type result struct {
+		state *storage.State
+		err   error
+	}
 	done := make(chan result, 1)
 	go func() {
-		st, err := g.Agent.ask(agentCtx, &request{force: args.Force})
+		st, err := g.Agent.Register(agentCtx, device.Request{Force: args.Force})
 		if err != nil && agentCtx.Err() == nil {
-			g.Agent.noteError(fmt.Errorf("%s: %w", MethodReprovision, err))
+			g.Agent.NoteError(fmt.Errorf("%s: %w", MethodReprovision, err))
 		}
 		done <- result{st, err}
 	}()
@@ -354,24 +379,11 @@ func (g *Gateway) reprovision(ctx context.Context, call hub.MethodCall) hub.Meth
 	}
 	switch {
 	case answered && r.err != nil:
-		return jsonResponse(reprovisionStatus(r.err), map[string]string{"message": r.err.Error()})
+		return jsonResponse(localapi.RegistrationStatus(r.err), map[string]string{"message": r.err.Error()})
 	case answered:
-		return jsonResponse(200, map[string]Assignment{"assignment": AssignmentOf(r.state)})
+		return jsonResponse(200, map[string]localapi.Assignment{"assignment": localapi.AssignmentOf(r.state)})
 	}
 	return jsonResponse(202, map[string]string{"message": "registering again with DPS; the device reconnects once the new assignment is in force"})
-}
-
-// reprovisionStatus is the method status for a failed registration, in HTTP's terms.
-func reprovisionStatus(err error) int {
-	switch {
-	case errors.Is(err, ErrRateLimited):
-		return 429
-	case errors.Is(err, ErrRefused):
-		return 403
-	case errors.Is(err, ErrUnreachable), errors.Is(err, ErrTemporary):
-		return 503
-	}
-	return 500
 }
 
 func jsonResponse(status int, v any) hub.MethodResponse {

@@ -1,9 +1,10 @@
-package device
+package gateway_test
 
 import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -11,42 +12,57 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 
+	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/device/devicetest"
+	"github.com/unicity-iot/unicity/gateway"
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
+	"github.com/unicity-iot/unicity/localapi"
 )
+
+// The relay's goroutines, the hub session's and the local API's end with the agent.
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // gatewayBed is the agent with its gateway, connected to an emulated hub over real TLS, with
 // the local API on a Unix socket.
 type gatewayBed struct {
-	*testbed
-	srv *hubtest.Server
-	api *Client
+	*devicetest.Testbed
+	srv     *hubtest.Server
+	gateway *gateway.Gateway
+	api     *localapi.Client
+	http    *http.Client // to the local API socket
 }
 
 func newGatewayBed(t *testing.T) *gatewayBed {
 	srv := hubtest.NewServer(t)
 	// DPS keeps assigning the same hub, so a re-registration lands back on it.
-	tb := newTestbed(t, assigned(srv.Name()))
-	require.NoError(t, srv.Register(hubtest.Device{ID: "gw-0001", Thumbprints: []string{certcodec.Thumbprint(tb.leaf.Certificate())}}))
-	hubs := NewHubSessions(tb.cfg, srv.RootCAs())
-	tb.agent.Hub = hubs
-	ln, err := ListenAPI(tb.cfg)
+	tb := devicetest.New(t, devicetest.Assigned(srv.Name()))
+	require.NoError(t, srv.Register(hubtest.Device{ID: "gw-0001", Thumbprints: []string{certcodec.Thumbprint(tb.Leaf.Certificate())}}))
+	hubs := device.NewHubSessions(tb.Config, srv.RootCAs())
+	tb.Agent.Hub = hubs
+	ln, err := localapi.Listen(tb.Config)
 	require.NoError(t, err)
-	tb.agent.API = ln
-	tb.agent.Gateway = NewGateway(tb.agent, hubs)
-	tb.start()
-	tb.waitPhase(PhaseConnected)
-	return &gatewayBed{testbed: tb, srv: srv, api: NewClient(tb.cfg)}
+	g := gateway.New(tb.Agent, hubs)
+	api := &localapi.Server{Agent: tb.Agent, Gateway: g, Clock: tb.Clock}
+	tb.Agent.Services = []func(context.Context){g.Run, func(ctx context.Context) { api.Serve(ctx, ln) }}
+	tb.Start()
+	tb.WaitPhase(device.PhaseConnected)
+	socket := localapi.Socket(tb.Config)
+	return &gatewayBed{Testbed: tb, srv: srv, gateway: g, api: localapi.NewClient(tb.Config),
+		http: &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		}}}}
 }
 
-// call makes a request on the local API and decodes the JSON answer into out (if not nil).
 func (gb *gatewayBed) call(t *testing.T, method, path, body string, out any) int {
 	t.Helper()
 	req, err := http.NewRequest(method, "http://unicity"+path, strings.NewReader(body))
 	require.NoError(t, err)
-	resp, err := gb.api.http.Do(req)
+	resp, err := gb.http.Do(req)
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	if out != nil {
@@ -63,13 +79,13 @@ func ctxFor(t *testing.T) context.Context {
 
 func TestGatewayReportsHealth(t *testing.T) {
 	gb := newGatewayBed(t)
-	var health Health
+	var health gateway.Health
 	require.NoError(t, gb.srv.Await(ctxFor(t), func() bool {
 		tw, err := gb.srv.Twin("gw-0001")
-		if err != nil || tw.Reported[ReportedKey] == nil {
+		if err != nil || tw.Reported[gateway.ReportedKey] == nil {
 			return false
 		}
-		b, _ := json.Marshal(tw.Reported[ReportedKey])
+		b, _ := json.Marshal(tw.Reported[gateway.ReportedKey])
 		return json.Unmarshal(b, &health) == nil
 	}))
 	assert.Equal(t, "gw-0001", health.RegistrationID)
@@ -79,7 +95,7 @@ func TestGatewayReportsHealth(t *testing.T) {
 	assert.Equal(t, "mqtt", health.Transport)
 	assert.Equal(t, 1, health.ProvisioningAttempts)
 	assert.False(t, health.ProvisionedAt.IsZero())
-	assert.WithinDuration(t, gb.leaf.Certificate().NotAfter, health.CertificateNotAfter, time.Second)
+	assert.WithinDuration(t, gb.Leaf.Certificate().NotAfter, health.CertificateNotAfter, time.Second)
 	assert.Nil(t, health.LastError)
 }
 
@@ -230,57 +246,57 @@ func TestGatewayEvents(t *testing.T) {
 func TestGatewayAgentMethods(t *testing.T) {
 	gb := newGatewayBed(t)
 	ctx := ctxFor(t)
-	res, err := gb.srv.Invoke(ctx, "gw-0001", MethodStatus, nil)
+	res, err := gb.srv.Invoke(ctx, "gw-0001", gateway.MethodStatus, nil)
 	require.NoError(t, err)
 	assert.Equal(t, 200, res.Status)
 	var st struct {
-		Status Status
-		Health Health
+		Status device.Status
+		Health gateway.Health
 	}
 	require.NoError(t, json.Unmarshal(res.Payload, &st))
-	assert.Equal(t, PhaseConnected, st.Status.Phase)
+	assert.Equal(t, device.PhaseConnected, st.Status.Phase)
 	assert.Equal(t, "gw-0001", st.Health.RegistrationID)
 
-	res, err = gb.srv.Invoke(ctx, "gw-0001", MethodReprovision, []byte(`{"force":"yes"}`))
+	res, err = gb.srv.Invoke(ctx, "gw-0001", gateway.MethodReprovision, []byte(`{"force":"yes"}`))
 	require.NoError(t, err)
 	assert.Equal(t, 400, res.Status)
 
 	// Registered moments ago: rate limited unless forced.
-	res, err = gb.srv.Invoke(ctx, "gw-0001", MethodReprovision, nil)
+	res, err = gb.srv.Invoke(ctx, "gw-0001", gateway.MethodReprovision, nil)
 	require.NoError(t, err)
 	assert.Equal(t, 429, res.Status)
 	assert.Contains(t, string(res.Payload), "reprovision_interval")
-	assert.Equal(t, 1, gb.dps.Calls())
+	assert.Equal(t, 1, gb.DPS.Calls())
 
 	// The outcome comes back before the agent disconnects to use the new assignment.
-	res, err = gb.srv.Invoke(ctx, "gw-0001", MethodReprovision, []byte(`{"force":true}`))
+	res, err = gb.srv.Invoke(ctx, "gw-0001", gateway.MethodReprovision, []byte(`{"force":true}`))
 	require.NoError(t, err)
 	assert.Equal(t, 200, res.Status)
-	var asg struct{ Assignment Assignment }
+	var asg struct{ Assignment localapi.Assignment }
 	require.NoError(t, json.Unmarshal(res.Payload, &asg), "%s", res.Payload)
 	assert.Equal(t, gb.srv.Name(), asg.Assignment.AssignedHub)
-	assert.Equal(t, 2, gb.dps.Calls())
+	assert.Equal(t, 2, gb.DPS.Calls())
 	require.NoError(t, gb.srv.Await(ctx, func() bool { return gb.srv.Stats().Connections >= 2 && gb.srv.Connected("gw-0001") }))
-	gb.waitPhase(PhaseConnected)
+	gb.WaitPhase(device.PhaseConnected)
 }
 
 type eventStream struct {
 	resp *http.Response
 	sc   *bufio.Scanner
-	ch   chan Event
+	ch   chan localapi.Event
 }
 
 func (gb *gatewayBed) subscribe(t *testing.T, ctx context.Context, query string) *eventStream {
 	req, err := http.NewRequestWithContext(ctx, "GET", "http://unicity/v1/events?"+query, nil)
 	require.NoError(t, err)
-	resp, err := gb.api.http.Do(req)
+	resp, err := gb.http.Do(req)
 	require.NoError(t, err)
 	require.Equal(t, http.StatusOK, resp.StatusCode)
-	s := &eventStream{resp: resp, sc: bufio.NewScanner(resp.Body), ch: make(chan Event, 16)}
+	s := &eventStream{resp: resp, sc: bufio.NewScanner(resp.Body), ch: make(chan localapi.Event, 16)}
 	go func() {
 		defer close(s.ch)
 		for s.sc.Scan() {
-			var e Event
+			var e localapi.Event
 			if json.Unmarshal(s.sc.Bytes(), &e) == nil {
 				s.ch <- e
 			}
@@ -292,7 +308,7 @@ func (gb *gatewayBed) subscribe(t *testing.T, ctx context.Context, query string)
 
 // next returns the next event but the full desired section that follows every connection,
 // which reaches a subscriber whenever the session's resync completes.
-func (s *eventStream) next(t *testing.T) Event {
+func (s *eventStream) next(t *testing.T) localapi.Event {
 	t.Helper()
 	for {
 		select {
@@ -304,7 +320,7 @@ func (s *eventStream) next(t *testing.T) Event {
 			return e
 		case <-time.After(10 * time.Second):
 			t.Fatal("no event")
-			return Event{}
+			return localapi.Event{}
 		}
 	}
 }
@@ -318,23 +334,23 @@ func (s *eventStream) close() {
 func TestGatewayQueueFull(t *testing.T) {
 	gb := newGatewayBed(t)
 	// A queue no session drains: what does not fit is refused, never dropped.
-	gb.agent.Gateway.Hubs.Queue = hub.NewQueue(1, 0)
+	gb.gateway.Hubs.Queue = hub.NewQueue(1, 0)
 	var res map[string]any
 	assert.Equal(t, http.StatusAccepted, gb.call(t, "POST", "/v1/telemetry?wait=0", `{"payload":1}`, &res))
 	req, err := http.NewRequest("POST", "http://unicity/v1/telemetry", strings.NewReader(`{"payload":2}`))
 	require.NoError(t, err)
-	resp, err := gb.api.http.Do(req)
+	resp, err := gb.http.Do(req)
 	require.NoError(t, err)
 	resp.Body.Close()
 	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
 	assert.Equal(t, "5", resp.Header.Get("Retry-After"))
 
 	err = gb.api.SendTelemetry(ctxFor(t), []byte("3"), nil, time.Second)
-	require.ErrorIs(t, err, ErrTemporary, "unicity send exits 75")
+	require.ErrorIs(t, err, device.ErrTemporary, "unicity send exits 75")
 	assert.Contains(t, err.Error(), "queue full")
 
 	// Waiting for an acknowledgement that cannot come: 504, and the message is taken back.
-	gb.agent.Gateway.Hubs.Queue = hub.NewQueue(0, 0)
+	gb.gateway.Hubs.Queue = hub.NewQueue(0, 0)
 	var e struct{ Error string }
 	assert.Equal(t, http.StatusGatewayTimeout, gb.call(t, "POST", "/v1/telemetry?timeout=50ms", `{"payload":4}`, &e))
 	assert.Contains(t, e.Error, "not sent")
