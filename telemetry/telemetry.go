@@ -110,7 +110,9 @@ func (s *Store) Close() error { return s.spool.Close() }
 
 // Receipt is what Submit tells the application.
 type Receipt struct {
-	// MID is the message's "$.mid": the application's own, or the one Submit gave it.
+	// MID is the message's "$.mid": the application's own, or the one Submit gave it. Empty
+	// when Submit refused the message; set when the message is stored, or may be (the
+	// context ended first), so that the application can send it again under the same MID.
 	MID string
 	// Delivered: the hub acknowledged the message before Submit returned.
 	Delivered bool
@@ -129,24 +131,26 @@ func (s *Store) Submit(ctx context.Context, app string, m hub.Message, wait time
 		props[hub.PropMessageID] = uuid.New()
 	}
 	m.Properties = props
-	r := Receipt{MID: props[hub.PropMessageID]}
 	// The forwarder would meet a message the hub refuses again and again: refuse it now.
 	if err := m.Validate(); err != nil {
 		if errors.Is(err, hub.ErrTooLarge) {
-			return r, kind(ErrTooLarge, err)
+			return Receipt{}, kind(ErrTooLarge, err)
 		}
-		return r, kind(ErrInvalid, err)
+		return Receipt{}, kind(ErrInvalid, err)
 	}
+	r := Receipt{MID: props[hub.PropMessageID]}
 	id, err := s.spool.Append(ctx, spool.Message{App: app, Properties: m.Properties, Payload: m.Payload})
 	switch {
 	case errors.Is(err, spool.ErrFull):
-		return r, kind(ErrFull, err)
+		return Receipt{}, kind(ErrFull, err)
 	case errors.Is(err, spool.ErrTooLarge):
-		return r, kind(ErrTooLarge, err)
+		return Receipt{}, kind(ErrTooLarge, err)
 	case errors.Is(err, spool.ErrClosed):
-		return r, kind(ErrClosed, err)
+		return Receipt{}, kind(ErrClosed, err)
+	case err != nil && ctx.Err() != nil:
+		return r, err // perhaps stored: the MID lets the application send it again as itself
 	case err != nil:
-		return r, err
+		return Receipt{}, err
 	case wait <= 0:
 		return r, nil
 	}

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/BurntSushi/toml"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -301,8 +302,9 @@ func TestSubmitRefuses(t *testing.T) {
 	st := open(t, telemetry.Options{Dir: t.TempDir(), MaxBytes: spool.MinMaxBytes})
 	ctx := testContext(t)
 
-	_, err := st.Submit(ctx, "a", hub.Message{Payload: make([]byte, hub.MaxTelemetrySize)}, 0)
+	r, err := st.Submit(ctx, "a", hub.Message{Payload: make([]byte, hub.MaxTelemetrySize)}, 0)
 	errorIs(t, err, telemetry.ErrTooLarge, hub.ErrTooLarge)
+	assert.Empty(t, r.MID, "refused: no MID")
 	_, err = st.Submit(ctx, "a", hub.Message{Payload: make([]byte, spool.MinMaxBytes/4)}, 0)
 	errorIs(t, err, telemetry.ErrTooLarge, spool.ErrTooLarge)
 	_, err = st.Submit(ctx, "a", hub.Message{Properties: map[string]string{"": "x"}}, 0)
@@ -310,8 +312,27 @@ func TestSubmitRefuses(t *testing.T) {
 	assert.Zero(t, st.Stats().Messages, "none of them stored")
 
 	require.NoError(t, st.Close())
-	_, err = st.Submit(ctx, "a", reading(1), 0)
+	r, err = st.Submit(ctx, "a", reading(1), 0)
 	errorIs(t, err, telemetry.ErrClosed, spool.ErrClosed)
+	assert.Empty(t, r.MID)
+}
+
+// TestOptionsAreTheTelemetryTable decodes the [telemetry] table the configuration proposes.
+func TestOptionsAreTheTelemetryTable(t *testing.T) {
+	var cfg struct {
+		Telemetry telemetry.Options `toml:"telemetry"`
+	}
+	_, err := toml.Decode(`
+[telemetry]
+dir = "/var/lib/unicity/telemetry"
+max_bytes = 8388608
+max_age = "72h"
+when_full = "drop-oldest"
+`, &cfg)
+	require.NoError(t, err)
+	assert.Equal(t, telemetry.Options{Dir: "/var/lib/unicity/telemetry", MaxBytes: 8 << 20, MaxAge: 72 * time.Hour, WhenFull: spool.DropOldest}, cfg.Telemetry)
+	_, err = toml.Decode("[telemetry]\nwhen_full = \"drop-newest\"", &cfg)
+	assert.ErrorContains(t, err, "refuse-new or drop-oldest")
 }
 
 // TestWaitRunsOut: no PUBACK within the wait answers ErrNotConfirmed; the message stays and
