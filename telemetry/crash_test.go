@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,6 +22,7 @@ import (
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/dial"
+	"github.com/unicity-iot/unicity/internal/faultrun"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/telemetry"
 )
@@ -42,18 +42,8 @@ func TestSurvivesSIGKILL(t *testing.T) {
 	if testing.Short() {
 		t.Skip("spawns processes")
 	}
-	kills := 20
-	if os.Getenv("RELIABILITY_LONG") == "1" {
-		kills = 200
-	}
-	seed := uint64(time.Now().UnixNano())
-	if v := os.Getenv("RELIABILITY_SEED"); v != "" { // replays a failed run's kill times
-		n, err := strconv.ParseUint(v, 10, 64)
-		require.NoError(t, err)
-		seed = n
-	}
-	t.Logf("seed %d (RELIABILITY_SEED replays it)", seed)
-	rng := rand.New(rand.NewPCG(seed, 17))
+	kills := faultrun.Rounds(20, 200)
+	rng := faultrun.Rand(t, 17)
 
 	srv := hubtest.NewServer(t)
 	ca := newDeviceCA(t)

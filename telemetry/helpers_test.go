@@ -89,6 +89,15 @@ func run(t testing.TB, f func(context.Context) error) (stop func()) {
 	return stop
 }
 
+// online forwards st to device "gw" of a new emulated hub, through a new hub queue.
+func online(t testing.TB, st *telemetry.Store) *hubtest.Server {
+	srv := hubtest.NewServer(t)
+	q := hub.NewQueue(0, 0)
+	connect(t, newDeviceCA(t).config(t, srv, "gw"), q)
+	forward(t, st, q)
+	return srv
+}
+
 // forward runs st.Forward(q) until stop or the end of the test.
 func forward(t testing.TB, st *telemetry.Store, q telemetry.Queue) (stop func()) {
 	return run(t, func(ctx context.Context) error { return st.Forward(ctx, q) })

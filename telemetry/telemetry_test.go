@@ -49,11 +49,8 @@ func submitAll(ctx context.Context, st *telemetry.Store, from, to int) <-chan []
 }
 
 func TestDeliversInOrderWithMIDs(t *testing.T) {
-	srv := hubtest.NewServer(t)
-	q := hub.NewQueue(0, 0)
-	connect(t, newDeviceCA(t).config(t, srv, "gw"), q)
 	st := open(t, telemetry.Options{Dir: t.TempDir()})
-	forward(t, st, q)
+	srv := online(t, st)
 	ctx := testContext(t)
 
 	var want []string
@@ -92,11 +89,8 @@ func TestDeliversInOrderWithMIDs(t *testing.T) {
 // TestSurvivesDisconnects has the hub drop the connection again and again while messages
 // stream through: every one arrives, first copies in order.
 func TestSurvivesDisconnects(t *testing.T) {
-	srv := hubtest.NewServer(t)
-	q := hub.NewQueue(0, 0)
-	connect(t, newDeviceCA(t).config(t, srv, "gw"), q)
 	st := open(t, telemetry.Options{Dir: t.TempDir()})
-	forward(t, st, q)
+	srv := online(t, st)
 	ctx := testContext(t)
 
 	const n, drops = 300, 5
@@ -248,10 +242,7 @@ func TestRefuseNewWhenFull(t *testing.T) {
 	assert.Zero(t, stats.Dropped)
 
 	// The link comes up: the hub takes them all, and there is room again.
-	srv := hubtest.NewServer(t)
-	q := hub.NewQueue(0, 0)
-	connect(t, newDeviceCA(t).config(t, srv, "gw"), q)
-	forward(t, st, q)
+	srv := online(t, st)
 	drained(t, st)
 	r, err := st.Submit(ctx, "sensor", m, 10*time.Second)
 	require.NoError(t, err)
@@ -287,10 +278,7 @@ func TestDropOldestCounts(t *testing.T) {
 	stats := st.Stats()
 	assert.Equal(t, n-int(stats.Dropped), stats.Messages)
 
-	srv := hubtest.NewServer(t)
-	q := hub.NewQueue(0, 0)
-	connect(t, newDeviceCA(t).config(t, srv, "gw"), q)
-	forward(t, st, q)
+	srv := online(t, st)
 	drained(t, st)
 	got := mids(srv.Telemetry("gw"))
 	assert.Len(t, got, stats.Messages, "what was not dropped arrives")
@@ -367,10 +355,7 @@ func TestWaitRunsOut(t *testing.T) {
 	errorIs(t, second.err, telemetry.ErrNotConfirmed, context.Canceled)
 	assert.Equal(t, 2, st.Stats().Messages, "both stay queued")
 
-	srv := hubtest.NewServer(t)
-	q := hub.NewQueue(0, 0)
-	connect(t, newDeviceCA(t).config(t, srv, "gw"), q)
-	forward(t, st, q)
+	srv := online(t, st)
 	drained(t, st)
 	assert.Equal(t, []string{res.r.MID, second.r.MID}, mids(srv.Telemetry("gw")))
 }
@@ -392,10 +377,7 @@ func TestRejectsWhatTheHubNeverTakes(t *testing.T) {
 	require.NoError(t, sp.Close())
 
 	st := open(t, telemetry.Options{Dir: dir, MaxBytes: 4 << 20})
-	srv := hubtest.NewServer(t)
-	q := hub.NewQueue(0, 0)
-	connect(t, newDeviceCA(t).config(t, srv, "gw"), q)
-	forward(t, st, q)
+	srv := online(t, st)
 	drained(t, st)
 	assert.Equal(t, []string{"fine"}, mids(srv.Telemetry("gw")))
 	assert.Equal(t, int64(1), st.Stats().Rejected)
