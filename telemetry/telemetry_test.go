@@ -30,6 +30,21 @@ func reading(n int) hub.Message {
 	}
 }
 
+type submitted struct {
+	r   telemetry.Receipt
+	err error
+}
+
+// submitting submits m on its own goroutine and sends what Submit returned.
+func submitting(ctx context.Context, st *telemetry.Store, m hub.Message, wait time.Duration) <-chan submitted {
+	done := make(chan submitted, 1)
+	go func() {
+		r, err := st.Submit(ctx, "sensor", m, wait)
+		done <- submitted{r, err}
+	}()
+	return done
+}
+
 // submitAll submits messages from..to-1 with wait 0 on its own goroutine and sends their
 // MIDs, in order, once all are stored.
 func submitAll(ctx context.Context, st *telemetry.Store, from, to int) <-chan []string {
@@ -253,15 +268,7 @@ func TestRefuseNewWhenFull(t *testing.T) {
 func TestDropOldestCounts(t *testing.T) {
 	st := open(t, telemetry.Options{Dir: t.TempDir(), MaxBytes: spool.MinMaxBytes, WhenFull: spool.DropOldest})
 	ctx := testContext(t)
-	type result struct {
-		r   telemetry.Receipt
-		err error
-	}
-	oldest := make(chan result, 1)
-	go func() {
-		r, err := st.Submit(ctx, "sensor", reading(0), time.Minute)
-		oldest <- result{r, err}
-	}()
+	oldest := submitting(ctx, st, reading(0), time.Minute)
 	require.NoError(t, poll.Until(ctx, time.Millisecond, func() bool { return st.Stats().Messages == 1 }))
 
 	var last string
@@ -329,29 +336,18 @@ func TestWaitRunsOut(t *testing.T) {
 	clk := newTestClock()
 	st := open(t, telemetry.Options{Dir: t.TempDir(), Clock: clk})
 	ctx := testContext(t)
-	type result struct {
-		r   telemetry.Receipt
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		r, err := st.Submit(ctx, "sensor", reading(1), 7*time.Second)
-		done <- result{r, err}
-	}()
+	first := submitting(ctx, st, reading(1), 7*time.Second)
 	clk.awaitAfter(t, 7*time.Second)
 	clk.Advance(7 * time.Second)
-	res := <-done
+	res := <-first
 	errorIs(t, res.err, telemetry.ErrNotConfirmed)
 	assert.False(t, res.r.Delivered)
 
 	cancelled, cancel := context.WithCancel(ctx)
-	go func() {
-		r, err := st.Submit(cancelled, "sensor", reading(2), 7*time.Second)
-		done <- result{r, err}
-	}()
+	hungUp := submitting(cancelled, st, reading(2), 7*time.Second)
 	clk.awaitAfter(t, 7*time.Second)
 	cancel() // the application hung up
-	second := <-done
+	second := <-hungUp
 	errorIs(t, second.err, telemetry.ErrNotConfirmed, context.Canceled)
 	assert.Equal(t, 2, st.Stats().Messages, "both stay queued")
 
