@@ -15,15 +15,16 @@
 //     max_bytes.
 //   - ErrFull: 507 Insufficient Storage with Retry-After (RetryAfter). The spool is at
 //     max_bytes under when_full = "refuse-new", or the file system is full. Nothing was stored.
-//   - ErrDropped: 507. Stored, then removed unsent while Submit waited for the PUBACK: dropped
-//     to make room under when_full = "drop-oldest", expired past max_age, or unreadable.
+//   - ErrDropped: 507. Stored, then removed while Submit waited for the PUBACK: dropped to
+//     make room under when_full = "drop-oldest", expired past max_age, or unreadable. One
+//     already in the hub queue may still arrive.
 //   - ErrNotConfirmed: 202 Accepted, with the receipt's MID. Stored, and it will be sent, but
 //     no PUBACK came within the wait (or the agent is stopping). An error status would have
 //     the application send the message again: a duplicate.
 //   - ErrClosed: 503. The agent is stopping; nothing was stored.
 //   - context.DeadlineExceeded: 504, context.Canceled: 503. The request ended before the
-//     message was known to be stored: it may or may not have been, and a retry may store it
-//     twice, under the same "$.mid" if the application gave one.
+//     message was known to be stored: it may or may not have been. The answer carries the
+//     receipt's MID, so that a retry under it makes at worst a duplicate the back end drops.
 //   - anything else: 500. The medium failed; nothing was stored.
 //
 // Success is 200 {"delivered": true} after the PUBACK when Submit waited (?wait= other than
@@ -186,8 +187,9 @@ type Stats struct {
 	// InFlight (taken by Forward and not acknowledged: in the hub queue, or the one message
 	// waiting for room in it), Bytes, OldestAge, Dropped, Expired, Torn, SetAside, Written.
 	spool.Stats
-	// Rejected counts stored messages the hub queue refused for good (too large, malformed:
-	// stored by a version with other limits), removed unsent rather than holding up the rest.
+	// Rejected counts, since Open, stored messages the hub queue refused for good (too large,
+	// malformed: stored by a version with other limits), removed unsent rather than holding
+	// up the rest.
 	Rejected int64
 }
 
