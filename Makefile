@@ -52,11 +52,12 @@ lint:
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
 
 # The fault suites' long forms (reliability/): every stall at every TLS record, 200 power
-# cuts of the real agent, 200 SIGKILLs of a process appending to the telemetry spool. Their
-# short forms run in `make test`.
+# cuts of the real agent, 200 SIGKILLs of a process appending to the telemetry spool and 200
+# of one submitting telemetry and forwarding it to the emulated hub. Their short forms run in
+# `make test`.
 reliability:
 	RELIABILITY_LONG=1 CGO_ENABLED=1 $(GO) test -count=1 -timeout 60m -v ./reliability/ ./internal/faultnet/
-	RELIABILITY_LONG=1 CGO_ENABLED=1 $(GO) test -count=1 -timeout 10m -v -run '^TestSurvivesSIGKILL$$' ./spool/
+	RELIABILITY_LONG=1 CGO_ENABLED=1 $(GO) test -count=1 -timeout 10m -v -run '^TestSurvivesSIGKILL$$' ./spool/ ./telemetry/
 
 # Every fuzz target for FUZZTIME each (go test fuzzes one target per run). A failure counts
 # when it wrote a failing input to testdata/fuzz/: go1.26's coordinator can end a timed run

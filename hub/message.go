@@ -45,7 +45,10 @@ func (m Message) size() int {
 	return n
 }
 
-func (m Message) validate() error {
+// Validate says whether the hub takes m as telemetry: ErrTooLarge past MaxTelemetrySize, or
+// an error for an empty property name. Enqueue refuses such a message; a store that keeps
+// messages for later checks first, so that it never keeps one the hub would refuse forever.
+func (m Message) Validate() error {
 	for k := range m.Properties {
 		if k == "" {
 			return fmt.Errorf("empty property name")

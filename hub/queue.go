@@ -58,7 +58,7 @@ func (q *Queue) Len() (messages, bytes int) {
 
 // push queues m and returns its entry, or ErrQueueFull.
 func (q *Queue) push(m Message) (*entry, error) {
-	if err := m.validate(); err != nil {
+	if err := m.Validate(); err != nil {
 		return nil, err
 	}
 	e := &entry{msg: m, size: m.size(), acked: make(chan struct{})}

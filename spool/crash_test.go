@@ -17,6 +17,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/unicity-iot/unicity/internal/faultrun"
 )
 
 // crashOptions make segments small, so that kills land while segments are begun and removed.
@@ -31,18 +33,8 @@ func TestSurvivesSIGKILL(t *testing.T) {
 	if testing.Short() {
 		t.Skip("spawns processes")
 	}
-	kills := 20
-	if os.Getenv("RELIABILITY_LONG") == "1" {
-		kills = 200
-	}
-	seed := uint64(time.Now().UnixNano())
-	if v := os.Getenv("RELIABILITY_SEED"); v != "" { // replays a failed run's kill times
-		n, err := strconv.ParseUint(v, 10, 64)
-		require.NoError(t, err)
-		seed = n
-	}
-	t.Logf("seed %d (RELIABILITY_SEED replays it)", seed)
-	rng := rand.New(rand.NewPCG(seed, 2))
+	kills := faultrun.Rounds(20, 200)
+	rng := faultrun.Rand(t, 2)
 
 	dir := t.TempDir()
 	// What was appended and never acknowledged must survive. A message may be acknowledged

@@ -1,5 +1,6 @@
 // Package uuid makes random (version 4) RFC 9562 UUIDs, the form of the operation, tracking,
-// message and request IDs that Azure DPS and IoT Hub hand out, for the emulators.
+// message and request IDs that Azure DPS and IoT Hub hand out: for the emulators, and for the
+// "$.mid" the agent gives telemetry that comes without one.
 package uuid
 
 import (

@@ -1,0 +1,4 @@
+package telemetry
+
+// QueueFullRetry is how long Forward sleeps on a hub queue full of others' messages.
+const QueueFullRetry = queueFullRetry
