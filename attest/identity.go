@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rsa"
 	"crypto/sha1"
 	"crypto/sha256"
@@ -130,10 +131,14 @@ func (id *Identity) TLSCertificate() tls.Certificate {
 	for _, cert := range id.Chain {
 		c.Certificate = append(c.Certificate, cert.Raw)
 	}
-	switch id.Signer.Public().(type) {
+	switch pub := id.Signer.Public().(type) {
 	case *ecdsa.PublicKey:
-		// Some TPMs lack SHA-512; one scheme leaves nothing to negotiate wrongly.
+		// Some TPMs lack SHA-512; one scheme leaves nothing to negotiate wrongly. TLS 1.3
+		// ties the scheme to the curve.
 		c.SupportedSignatureAlgorithms = []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256}
+		if pub.Curve == elliptic.P384() {
+			c.SupportedSignatureAlgorithms = []tls.SignatureScheme{tls.ECDSAWithP384AndSHA384}
+		}
 	case *rsa.PublicKey:
 		c.SupportedSignatureAlgorithms = []tls.SignatureScheme{tls.PSSWithSHA256, tls.PSSWithSHA384, tls.PKCS1WithSHA256, tls.PKCS1WithSHA384}
 	}

@@ -153,7 +153,7 @@ func publicKey(pub tpm2.TPM2BPublic) (*tpm2.TPMTPublic, crypto.PublicKey, error)
 func checkKeyType(pk crypto.PublicKey) error {
 	switch pk := pk.(type) {
 	case *ecdsa.PublicKey:
-		if pk.Curve == elliptic.P256() {
+		if pk.Curve == elliptic.P256() || pk.Curve == elliptic.P384() {
 			return nil
 		}
 	case *rsa.PublicKey:
@@ -161,7 +161,7 @@ func checkKeyType(pk crypto.PublicKey) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: key type %T is not ECDSA P-256 or RSA-2048", ErrInvalidKey, pk)
+	return fmt.Errorf("%w: key type %T is not ECDSA P-256, P-384 or RSA-2048", ErrInvalidKey, pk)
 }
 
 func loadKeyfile(tpm transport.TPMCloser, k *keyfile.TPMKey) (*Key, error) {

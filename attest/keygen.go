@@ -19,12 +19,16 @@ type KeyAlgorithm string
 
 // The key types DPS accepts for X.509 attestation. ECDSA P-256 is the default: TLS 1.3 with
 // an RSA key needs PSS signatures, which some TPMs make with a salt strict verifiers reject.
+// ECDSA P-384 is for operational certificates only (one Azure page requires it for issued
+// certificates); a TPM need not implement the curve (TCG PC Client makes only P-256
+// mandatory), so it is never the default.
 const (
 	ECDSAP256 KeyAlgorithm = "ecdsa-p256"
+	ECDSAP384 KeyAlgorithm = "ecdsa-p384"
 	RSA2048   KeyAlgorithm = "rsa-2048"
 )
 
-// ParseKeyAlgorithm checks a --alg value.
+// ParseKeyAlgorithm checks a --alg value of factory keygen: the onboarding key's types.
 func ParseKeyAlgorithm(s string) (KeyAlgorithm, error) {
 	switch a := KeyAlgorithm(s); a {
 	case ECDSAP256, RSA2048:
@@ -37,6 +41,10 @@ func ParseKeyAlgorithm(s string) (KeyAlgorithm, error) {
 // another program's wrong PINs have the TPM in dictionary-attack lockout: an unattended
 // device must not lose its identity to that.
 func keyTemplate(alg KeyAlgorithm) tpm2.TPMTPublic {
+	curve := tpm2.TPMECCNistP256
+	if alg == ECDSAP384 {
+		curve = tpm2.TPMECCNistP384
+	}
 	t := tpm2.TPMTPublic{
 		Type:    tpm2.TPMAlgECC,
 		NameAlg: tpm2.TPMAlgSHA256,
@@ -49,7 +57,7 @@ func keyTemplate(alg KeyAlgorithm) tpm2.TPMTPublic {
 			NoDA:                true,
 		},
 		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
-			CurveID: tpm2.TPMECCNistP256,
+			CurveID: curve,
 			Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
 		}),
 	}
@@ -80,8 +88,10 @@ func createSRK(tpm transport.TPM, hierarchy tpm2.TPMHandle) (*tpm2.CreatePrimary
 // CreateKey makes a new key inside the TPM under the owner hierarchy's H-2 storage root key
 // and returns it as a TSS2 keyfile (without a description: tpm2-openssl 1.1.1 cannot read one).
 func CreateKey(tpm transport.TPMCloser, alg KeyAlgorithm) (*keyfile.TPMKey, error) {
-	if _, err := ParseKeyAlgorithm(string(alg)); err != nil {
-		return nil, err
+	switch alg {
+	case ECDSAP256, ECDSAP384, RSA2048:
+	default:
+		return nil, fmt.Errorf("unknown key algorithm %q: want %s, %s or %s", alg, ECDSAP256, ECDSAP384, RSA2048)
 	}
 	var cr *tpm2.CreateResponse
 	err := inSequence(tpm, func() error {
