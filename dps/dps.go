@@ -7,10 +7,8 @@ package dps
 import (
 	"context"
 	"crypto"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -28,8 +26,12 @@ import (
 
 const (
 	apiVersion = "2021-06-01"
-	// apiVersionCSR is the first api-version with certificate issuance (protocol.md §4).
-	apiVersionCSR = "2025-07-01-preview"
+	// apiVersionCSR is sent when the registration carries a CSR: the version Microsoft's new
+	// C client sends (certificates.md §1), and the first that returns connectionProfile,
+	// without which an assignment to an MQTT 5 hub could not be told apart. Issuance itself
+	// starts at 2025-07-01-preview. Registrations without a CSR keep apiVersion, which
+	// every device in the field uses.
+	apiVersionCSR = "2026-11-02-preview"
 
 	// minPollInterval is DPS's limit: 5 polls per 10 s per device (protocol.md §2.6).
 	minPollInterval = 2 * time.Second
@@ -192,11 +194,13 @@ func newRegistration(req Request) (*registration, error) {
 	}
 	api := apiVersion
 	if req.CSRSigner != nil {
-		der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: r.regID}}, req.CSRSigner)
+		der, err := attest.CreateCSR(req.CSRSigner, r.regID)
 		if err != nil {
 			return nil, fmt.Errorf("cannot sign the certificate request: %w", err)
 		}
-		body.CSR = base64.StdEncoding.EncodeToString(der)
+		if body.CSR, err = encodeCSR(der); err != nil {
+			return nil, err
+		}
 		r.csrPublic = req.CSRSigner.Public()
 		api = apiVersionCSR
 	}
@@ -215,6 +219,15 @@ func newRegistration(req Request) (*registration, error) {
 		Certificate: req.Certificate,
 	}
 	return r, nil
+}
+
+// encodeCSR is the csr field: base64 DER, within the service's limit.
+func encodeCSR(der []byte) (string, error) {
+	b64 := base64.StdEncoding.EncodeToString(der)
+	if len(b64) > attest.MaxCSRBase64 {
+		return "", fmt.Errorf("cannot register: the certificate request is %d base64 characters, more than DPS takes (%d)", len(b64), attest.MaxCSRBase64)
+	}
+	return b64, nil
 }
 
 func leafCN(c *tls.Certificate) (string, error) {
@@ -329,7 +342,13 @@ func (r *registration) assignment(st *registrationState) (*Assignment, error) {
 	if a.RegistrationID == "" {
 		a.RegistrationID = r.regID
 	}
+	if err := checkConnectionProfile(st); err != nil {
+		return nil, err
+	}
 	if r.csrPublic != nil {
+		if len(st.IssuedChain) == 0 {
+			return nil, &Error{Message: fmt.Sprintf("DPS assigned hub %s without a certificate for the CSR (the enrollment has no credential policy)", st.AssignedHub), err: ErrNotIssued}
+		}
 		chain, err := orderIssuedChain(st.IssuedChain, r.csrPublic)
 		if err != nil {
 			r.operationID = "" // a new registration gets a new certificate
@@ -340,11 +359,24 @@ func (r *registration) assignment(st *registrationState) (*Assignment, error) {
 	return a, nil
 }
 
+// checkConnectionProfile refuses an assignment to a hub this agent cannot speak to
+// (certificates.md §1): absent, null and "classic" are MQTT 3.1.1, "mqttV5" is MQTT 5, and
+// anything else is a terminal error, as for Microsoft's C client.
+func checkConnectionProfile(st *registrationState) error {
+	switch st.ConnectionProfile {
+	case "", "classic":
+		return nil
+	case "mqttV5":
+		return &Error{Message: fmt.Sprintf("DPS assigned hub %s (connectionProfile mqttV5)", st.AssignedHub), err: ErrMQTT5}
+	}
+	return &Error{Message: fmt.Sprintf("DPS assigned hub %s with connectionProfile %s", st.AssignedHub, quote(st.ConnectionProfile)), err: ErrConnectionProfile}
+}
+
 // orderIssuedChain puts the certificate for our key first and its issuers after it: DPS's
 // order is documented (leaf first) but its only test vector has the reverse.
 func orderIssuedChain(ders [][]byte, pub crypto.PublicKey) ([][]byte, error) {
-	if len(ders) == 0 {
-		return nil, errors.New("DPS issued no certificate for the CSR")
+	if len(ders) > attest.MaxIssuedChain {
+		return nil, fmt.Errorf("the issued chain has %d certificates, more than %d", len(ders), attest.MaxIssuedChain)
 	}
 	certs := make([]*x509.Certificate, len(ders))
 	leaf := -1

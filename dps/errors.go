@@ -17,6 +17,17 @@ var (
 	// ErrUnreachable marks a failure to reach DPS at all: DNS, TCP, proxy, TLS, or a
 	// connection that dropped. It is dial.ErrUnreachable, so either name matches.
 	ErrUnreachable = dial.ErrUnreachable
+
+	// ErrNotIssued marks a registration that sent a CSR and got an assignment without a
+	// certificate: the enrollment has no credential policy (certificates.md §1). It is
+	// permanent, as ErrRefused is, until an operator links a policy.
+	ErrNotIssued = errors.New("DPS issued no certificate")
+	// ErrMQTT5 marks an assignment to a hub reached over MQTT 5 (connectionProfile mqttV5),
+	// which this agent does not speak yet. Permanent.
+	ErrMQTT5 = errors.New("MQTT 5 hubs are not supported yet")
+	// ErrConnectionProfile marks an assignment whose connectionProfile this agent does not
+	// know. Permanent, as for Microsoft's C client.
+	ErrConnectionProfile = errors.New("unknown connection profile")
 )
 
 // Error is what DPS (or the way to it) said when a registration did not succeed.

@@ -74,7 +74,7 @@ func TestRequestWire(t *testing.T) {
 		req.Certificate, req.CSRSigner = testCert(t, "myRegistrationId"), key
 		r, err := newRegistration(req)
 		require.NoError(t, err)
-		assert.Contains(t, r.username, "/api-version=2025-07-01-preview&")
+		assert.Contains(t, r.username, "/api-version=2026-11-02-preview&", "the version that carries connectionProfile")
 		var body struct{ RegistrationID, CSR string }
 		require.NoError(t, json.Unmarshal(r.body, &body))
 		der, err := base64.StdEncoding.DecodeString(body.CSR)
@@ -144,10 +144,69 @@ func TestOrderIssuedChain(t *testing.T) {
 	require.NoError(t, err)
 	_, err = orderIssuedChain([][]byte{l, i, r}, other.Public())
 	assert.ErrorContains(t, err, "no certificate for this device's key")
-	_, err = orderIssuedChain(nil, key.Public())
-	assert.ErrorContains(t, err, "issued no certificate")
 	_, err = orderIssuedChain([][]byte{[]byte("LEAF CERT")}, key.Public())
 	assert.Error(t, err)
+	_, err = orderIssuedChain([][]byte{l, i, r, r, r, r, r}, key.Public())
+	assert.ErrorContains(t, err, "7 certificates, more than 6")
+}
+
+// TestAssignmentChecks: what an assigned reply must carry besides a hub (certificates.md §1).
+func TestAssignmentChecks(t *testing.T) {
+	root, err := pki.NewRoot("Issuing Root")
+	require.NoError(t, err)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	leaf, err := root.IssueDevice("gw-csr", key.Public())
+	require.NoError(t, err)
+	chain := [][]byte{leaf.Certificate().Raw, root.Certificate.Raw}
+
+	withCSR, err := newRegistration(Request{Endpoint: "h", IDScope: "0ne1", Certificate: testCert(t, "gw-csr"), CSRSigner: key})
+	require.NoError(t, err)
+	without, err := newRegistration(Request{Endpoint: "h", IDScope: "0ne1", Certificate: testCert(t, "gw-csr")})
+	require.NoError(t, err)
+	state := func(profile string, chain [][]byte) *registrationState {
+		return &registrationState{RegistrationID: "gw-csr", AssignedHub: "contoso.azure-devices.net", DeviceID: "gw-csr",
+			ConnectionProfile: profile, IssuedChain: chain}
+	}
+	for _, profile := range []string{"", "classic"} {
+		a, err := withCSR.assignment(state(profile, chain))
+		require.NoError(t, err, "profile %q is MQTT 3.1.1", profile)
+		assert.Equal(t, chain, a.IssuedChain)
+	}
+
+	tests := []struct {
+		name string
+		r    *registration
+		st   *registrationState
+		is   error
+	}{
+		{"MQTT 5 hub", withCSR, state("mqttV5", chain), ErrMQTT5},
+		{"MQTT 5 hub without a CSR", without, state("mqttV5", nil), ErrMQTT5},
+		{"unknown profile", withCSR, state("mqttV7", chain), ErrConnectionProfile},
+		{"profile is case-sensitive", without, state("Classic", nil), ErrConnectionProfile},
+		{"CSR sent, no chain returned", withCSR, state("classic", nil), ErrNotIssued},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := tt.r.assignment(tt.st)
+			require.ErrorIs(t, err, tt.is)
+			assert.ErrorIs(t, err, ErrRefused, "permanent: retrying gets the same answer")
+			var e *Error
+			require.ErrorAs(t, err, &e)
+			assert.False(t, e.Temporary())
+			assert.Contains(t, err.Error(), "contoso.azure-devices.net", "names the hub")
+		})
+	}
+}
+
+// TestCSRSize: a CSR DPS would refuse for its size is refused before connecting. No key the
+// agent makes gets near the limit, so the encoding is tested on its own.
+func TestCSRSize(t *testing.T) {
+	b64, err := encodeCSR(make([]byte, 6144))
+	require.NoError(t, err)
+	assert.Len(t, b64, 8192, "at the limit")
+	_, err = encodeCSR(make([]byte, 6145))
+	assert.ErrorContains(t, err, "8196 base64 characters, more than DPS takes (8192)")
 }
 
 type fixedClock time.Time

@@ -64,6 +64,8 @@ type registrationState struct {
 	UpdatedAt      time.Time
 	Payload        json.RawMessage
 	IssuedChain    [][]byte
+	// ConnectionProfile is "" when DPS sent none or null.
+	ConnectionProfile string
 }
 
 type errorBody struct {
@@ -173,6 +175,7 @@ func parseState(data []byte) (*registrationState, error) {
 		Updated        string          `json:"lastUpdatedDateTimeUtc"`
 		Payload        json.RawMessage `json:"payload"`
 		IssuedChain    []string        `json:"issuedCertificateChain"`
+		Profile        *string         `json:"connectionProfile"`
 	}
 	if err := decodeObject(data, &raw); err != nil {
 		return nil, fmt.Errorf("registrationState: %w", err)
@@ -196,6 +199,9 @@ func parseState(data []byte) (*registrationState, error) {
 	}
 	if raw.AssignedHub != nil {
 		st.AssignedHub, st.DeviceID = *raw.AssignedHub, *raw.DeviceID
+	}
+	if raw.Profile != nil {
+		st.ConnectionProfile = *raw.Profile
 	}
 	if len(raw.Payload) > 0 && !isNull(raw.Payload) {
 		st.Payload = bytes.Clone(raw.Payload)

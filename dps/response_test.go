@@ -18,6 +18,11 @@ const (
 	bodyAssigning = `{"operationId":"4.d0a671905ea5b2c8.42d78160-4c78-479e-8be7-61d5e55dac0d","status":"assigning"}`
 )
 
+func withProfile(op *operation, profile string) *operation {
+	op.State.ConnectionProfile = profile
+	return op
+}
+
 // withState inserts extra registrationState fields before the closing "}}" of bodyAssigned.
 func withState(extra string) string { return strings.TrimSuffix(bodyAssigned, "}}") + extra + "}}" }
 
@@ -62,6 +67,12 @@ func TestParseReplyHappyPath(t *testing.T) {
 			reply{status: 200, rid: "1", op: assigned("", "ROOT CERT", "INTERMEDIATE CERT", "LEAF CERT")}},
 		{"assigned with null chain", "$dps/registrations/res/200/?$rid=1", withState(`,"issuedCertificateChain":null`),
 			reply{status: 200, rid: "1", op: assigned("")}},
+		{"connectionProfile null (certificates.md §1)", "$dps/registrations/res/200/?$rid=1", withState(`,"connectionProfile":null`),
+			reply{status: 200, rid: "1", op: assigned("")}},
+		{"connectionProfile classic", "$dps/registrations/res/200/?$rid=1", withState(`,"connectionProfile":"classic"`),
+			reply{status: 200, rid: "1", op: withProfile(assigned(""), "classic")}},
+		{"connectionProfile mqttV5 (refused later, by the assignment)", "$dps/registrations/res/200/?$rid=1", withState(`,"connectionProfile":"mqttV5"`),
+			reply{status: 200, rid: "1", op: withProfile(assigned(""), "mqttV5")}},
 		{"invalid certificate", "$dps/registrations/res/401/?$rid=1",
 			`{"errorCode":401002,"trackingId":"8ad0463c-6427-4479-9dfa-3e8bb7003e9b","message":"Invalid certificate.","timestampUtc":"2020-04-10T05:24:22.4718526Z"}`,
 			reply{status: 401, rid: "1", fail: &errorBody{ErrorCode: 401002, TrackingID: "8ad0463c-6427-4479-9dfa-3e8bb7003e9b", Message: "Invalid certificate."}}},
@@ -117,6 +128,7 @@ func TestParseReplyRejects(t *testing.T) {
 		{"assigned without a hub", ok200, `{"operationId":"` + opID + `","status":"assigned"}`, "without an assignedHub"},
 		{"trailing data", ok200, bodyAssigned + `{}`, "after the JSON object"},
 		{"chain not base64", ok200, withState(`,"issuedCertificateChain":["%%%"]`), "not base64"},
+		{"connectionProfile not a string", ok200, withState(`,"connectionProfile":{"protocol":"mqttV5"}`), "registrationState"},
 		{"empty body", "$dps/registrations/res/429/?$rid=1", ``, "not a JSON object"},
 		{"oversized", ok200, withState(`,"payload":"` + strings.Repeat("x", maxReply) + `"`), "limit"},
 	}
