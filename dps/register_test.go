@@ -2,9 +2,11 @@ package dps_test
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -228,28 +230,76 @@ func TestRegisterSymmetricKey(t *testing.T) {
 	}
 }
 
+// TestRegisterCertificateIssuance: a CSR for an operational key in the TPM, P-256 and P-384,
+// and what DPS answers when it will not issue.
 func TestRegisterCertificateIssuance(t *testing.T) {
 	s := newServer(t)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	req, _, _ := request(t, s, "gw-csr-01")
-	req.CSRSigner = key
-	a, err := dps.Register(t.Context(), req)
-	require.NoError(t, err)
+	require.NoError(t, s.SetCredentialPolicy("factory", &dpstest.CredentialPolicy{Name: "ops", Validity: time.Hour}))
+	tpm := attesttest.Simulator(t)
+	for _, alg := range []attest.KeyAlgorithm{attest.ECDSAP256, attest.ECDSAP384} {
+		t.Run(string(alg), func(t *testing.T) {
+			key, err := attest.NewOperationalKey(tpm, alg, filepath.Join(t.TempDir(), "operational.key"))
+			require.NoError(t, err)
+			defer key.Destroy()
+			req, _, _ := request(t, s, "gw-csr-"+string(alg))
+			req.CSRSigner = key
+			a, err := dps.Register(t.Context(), req)
+			require.NoError(t, err)
 
-	require.NotEmpty(t, a.IssuedChain)
-	leaf, err := x509.ParseCertificate(a.IssuedChain[0])
-	require.NoError(t, err)
-	assert.True(t, key.PublicKey.Equal(leaf.PublicKey), "leaf first, found by public key")
-	assert.Equal(t, "gw-csr-01", leaf.Subject.CommonName)
-	inter := x509.NewCertPool()
-	for _, der := range a.IssuedChain[1:] {
-		c, err := x509.ParseCertificate(der)
-		require.NoError(t, err)
-		inter.AddCert(c)
+			id, err := attest.IssuedIdentity(a.IssuedChain, key, time.Now())
+			require.NoError(t, err, "leaf first, for the operational key")
+			leaf := id.Chain[0]
+			assert.Equal(t, "gw-csr-"+string(alg), leaf.Subject.CommonName)
+			assert.Equal(t, time.Hour, leaf.NotAfter.Sub(leaf.NotBefore))
+			_, err = leaf.Verify(x509.VerifyOptions{Roots: s.RootCAs(), Intermediates: pool(id.Chain[1:]...), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+			assert.NoError(t, err, "issued by the emulator's issuing CA")
+		})
 	}
-	_, err = leaf.Verify(x509.VerifyOptions{Roots: s.IssuingCA().Pool(), Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
-	assert.NoError(t, err, "issued by the emulator's issuing CA")
+
+	p256, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
+	require.NoError(t, err)
+	refusals := []struct {
+		name   string
+		key    crypto.Signer
+		setup  func()
+		is     error
+		status int
+	}{
+		{"RSA key", rsaKey, func() {}, dps.ErrRefused, 400},
+		{"MQTT 5 hub", p256, func() { s.SetConnectionProfile(dpstest.DefaultHub, dpstest.ProfileMQTTv5) }, dps.ErrMQTT5, 200},
+		{"unknown connection profile", p256, func() { s.SetConnectionProfile(dpstest.DefaultHub, "mqttV7") }, dps.ErrConnectionProfile, 200},
+		{"enrollment without a policy", p256, func() {
+			s.SetConnectionProfile(dpstest.DefaultHub, dpstest.ProfileClassic)
+			require.NoError(t, s.SetCredentialPolicy("factory", nil))
+		}, dps.ErrNotIssued, 200},
+	}
+	for _, tt := range refusals {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.setup()
+			before := s.Stats().Registrations
+			req, _, _ := request(t, s, "gw-refused")
+			req.CSRSigner = tt.key
+			_, err := dps.Register(t.Context(), req)
+			require.ErrorIs(t, err, tt.is)
+			assert.ErrorIs(t, err, dps.ErrRefused, "permanent")
+			var e *dps.Error
+			require.ErrorAs(t, err, &e)
+			if tt.status != 200 {
+				assert.Equal(t, tt.status, e.Status)
+			}
+			assert.Equal(t, before+1, s.Stats().Registrations, "not retried")
+		})
+	}
+}
+
+func pool(certs ...*x509.Certificate) *x509.CertPool {
+	p := x509.NewCertPool()
+	for _, c := range certs {
+		p.AddCert(c)
+	}
+	return p
 }
 
 // allocateWith replaces the factory enrollment's policy with a custom allocation function.

@@ -149,6 +149,7 @@ type response struct {
 			Payload                json.RawMessage `json:"payload"`
 			X509                   *struct{}       `json:"x509"`
 			IssuedCertificateChain []string        `json:"issuedCertificateChain"`
+			ConnectionProfile      *string         `json:"connectionProfile"`
 		} `json:"registrationState"`
 	}
 }

@@ -62,6 +62,8 @@ type Policy struct {
 	Allocate    AllocateFunc
 	InitialTwin json.RawMessage
 	Reprovision Reprovision
+	// Credential, when set, has DPS sign the CSRs of registrations (credentials.go).
+	Credential *CredentialPolicy
 }
 
 // AllocationRequest is what a custom allocation function is told: Azure's AllocationRequest

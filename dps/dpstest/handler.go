@@ -361,17 +361,24 @@ func (s *Server) register(st *connState, body []byte) reply {
 			outcome: OutcomeDisabled, reason: "enrollment " + st.enroll.id + " is disabled"}
 	}
 
-	op := &operation{id: s.opPrefix + uuid.New(), regID: st.regID, enroll: st.enroll,
+	op := &operation{id: s.opPrefix + uuid.New(), regID: st.regID, enroll: st.enroll, apiVersion: st.apiVersion,
 		readyAt: s.cfg.Now().Add(s.cfg.AssignDelay)}
 	if len(req.Payload) > 0 && string(req.Payload) != "null" {
 		op.payload = req.Payload
 	}
 	if req.CSR != nil && st.apiVersion >= csrAPIVersion {
+		credential := s.credentialOf(st.enroll, st.regID)
 		csr, err := parseCSR(*req.CSR, st.regID)
+		if err == nil {
+			err = credential.check(csr)
+		}
 		if err != nil {
+			// 400010 is the emulator's: the service's code for a refused CSR is unpublished.
 			return s.errorReply(400, 400010, err.Error(), noRetryAfter)
 		}
-		op.csr = csr
+		if credential != nil { // without a policy DPS assigns and issues nothing
+			op.csr = csr
+		}
 	}
 	key := strings.ToLower(st.regID)
 	s.mu.Lock()

@@ -11,8 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/unicity-iot/unicity/internal/certcodec"
-	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/internal/uuid"
 )
 
@@ -34,13 +32,17 @@ type Assignment struct {
 // DeviceAuth is how the hub should authenticate the device.
 type DeviceAuth struct {
 	// Thumbprint is the SHA-256 thumbprint (upper-case hex) of the certificate the device
-	// will present: its own, or the one issued from its CSR. Empty for SAS devices.
+	// presented. Empty for SAS devices.
 	Thumbprint string
-	// CA is set for CA-signed devices (group enrollments, issued certificates): any
-	// certificate chaining to it with CN = device ID is the device.
+	// CA is set for CA-signed devices (group enrollments): any certificate chaining to it
+	// with CN = device ID is the device.
 	CA *x509.Certificate
 	// SymmetricKey is the device key of a SAS device.
 	SymmetricKey []byte
+	// Issued, set alone, is the certificate DPS issued from the device's CSR: the hub
+	// accepts it, besides the earlier ones it issued that are still valid, and no longer the
+	// onboarding credential.
+	Issued *x509.Certificate
 }
 
 // Registrar is told of each assignment before the device hears of it, so that the device
@@ -109,9 +111,11 @@ type operation struct {
 	regID   string
 	enroll  *enrollment
 	payload json.RawMessage
-	csr     *x509.CertificateRequest
-	readyAt time.Time
-	attempt uint64 // Seq of the register request that started it
+	csr     *x509.CertificateRequest // set when the enrollment has a credential policy
+	// apiVersion is the device's, which decides whether the answer has a connectionProfile.
+	apiVersion string
+	readyAt    time.Time
+	attempt    uint64 // Seq of the register request that started it
 
 	once   sync.Once
 	status int // of the response: 200
@@ -136,6 +140,7 @@ type registrationState struct {
 	ETag                   string          `json:"etag,omitempty"`
 	Payload                json.RawMessage `json:"payload,omitempty"`
 	IssuedCertificateChain []string        `json:"issuedCertificateChain,omitempty"`
+	ConnectionProfile      string          `json:"connectionProfile,omitempty"`
 }
 
 type symmetricKey struct {
@@ -322,17 +327,15 @@ func (s *Server) assign(op *operation, st *registrationState) (record, error) {
 		a.Substatus, a.PreviousHub, a.InitialTwin = DeviceDataMigrated, previousHub, nil
 	}
 
-	if op.csr != nil {
-		leaf, err := s.issuingCA.SignCSR(op.csr, pki.WithClock(s.cfg.Now))
+	if op.csr != nil && pol.Credential != nil {
+		chain, err := s.issue(pol.Credential, op.csr)
 		if err != nil {
 			return save(&failure{400210, "cannot issue certificate: " + err.Error()})
 		}
-		chain := append(leaf.Chain, s.issuingCA.Root())
 		for _, c := range chain {
 			st.IssuedCertificateChain = append(st.IssuedCertificateChain, base64.StdEncoding.EncodeToString(c.Raw))
 		}
-		a.Auth.Thumbprint = certcodec.Thumbprint(leaf.Certificate())
-		a.Auth.CA = s.issuingCA.Certificate
+		a.Auth = DeviceAuth{Issued: chain[0]}
 	}
 
 	if s.cfg.Registrar != nil {
@@ -345,5 +348,6 @@ func (s *Server) assign(op *operation, st *registrationState) (record, error) {
 		rec.Hubs = append(rec.Hubs, hub)
 	}
 	st.AssignedHub, st.DeviceID, st.Substatus = hub, deviceID, a.Substatus
+	st.ConnectionProfile = s.connectionProfile(hub, op.apiVersion)
 	return save(nil)
 }

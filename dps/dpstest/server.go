@@ -80,8 +80,8 @@ type Config struct {
 	// NoFactoryEnrollment, it is enrolled as group enrollment "factory".
 	FactoryCA           *pki.CA
 	NoFactoryEnrollment bool
-	// IssuingCA signs CSRs sent with api-version 2025-07-01-preview; nil makes one under
-	// ServerCA.
+	// IssuingCA signs the CSRs of enrollments with a credential policy (sent with
+	// api-version 2025-07-01-preview or later); nil makes one under ServerCA.
 	IssuingCA *pki.CA
 	// Hubs are the IoT hubs linked to this instance; enrollments without hubs of their own
 	// allocate among them.
@@ -168,6 +168,7 @@ type Server struct {
 	attempts    []*Attempt             // register requests, by Seq
 	seq         uint64                 // of the latest attempt
 	faults      []*armedFault
+	profiles    map[string]string // hub → connectionProfile, when not classic
 
 	closing   chan struct{}
 	closeOnce sync.Once
