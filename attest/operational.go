@@ -19,15 +19,6 @@ import (
 // short-lived certificate for a CSR. Each issuance is for a key made for it, so renewing
 // means: a new key, its certificate, and, once that works, the old key destroyed.
 
-// Limits of the service on what is issued and asked for, certificates.md §1 and §3.
-const (
-	// MaxIssuedChain is the most certificates an issued chain may hold (Microsoft's C
-	// client refuses more).
-	MaxIssuedChain = 6
-	// MaxCSRBase64 is the longest CSR the service takes, in base64 characters.
-	MaxCSRBase64 = 8192
-)
-
 // NewOperationalKey creates a sign-only key in the TPM for an operational certificate
 // (ECDSAP256 when alg is empty, or ECDSAP384; RSA is not issued), saves it as a TSS2 keyfile
 // at path and returns it loaded. The file is written by WriteKeyfile: 0600, never replacing
@@ -129,13 +120,10 @@ func (k *Key) Destroy() error {
 	return DestroyKey(k.tpm, k.Location)
 }
 
-// IssuedIdentity checks a chain that DPS or IoT Hub issued for key (DER, leaf first, at most
-// MaxIssuedChain certificates) as NewIdentity does, so that a chain whose leaf is for
+// IssuedIdentity checks a chain that DPS or IoT Hub issued for key (DER, leaf first; dps
+// and hub have checked its length) as NewIdentity does, so that a chain whose leaf is for
 // another key fails with ErrKeyMismatch, and returns the identity it makes with key.
 func IssuedIdentity(ders [][]byte, key crypto.Signer, now time.Time) (*Identity, error) {
-	if len(ders) > MaxIssuedChain {
-		return nil, fmt.Errorf("%w: the issued chain has %d certificates, more than %d", ErrInvalidIdentity, len(ders), MaxIssuedChain)
-	}
 	chain := make([]*x509.Certificate, len(ders))
 	for i, der := range ders {
 		c, err := x509.ParseCertificate(der)

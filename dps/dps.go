@@ -7,8 +7,10 @@ package dps
 import (
 	"context"
 	"crypto"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -35,6 +37,12 @@ const (
 
 	// minPollInterval is DPS's limit: 5 polls per 10 s per device (protocol.md §2.6).
 	minPollInterval = 2 * time.Second
+	// maxCSR is the longest csr DPS takes, in base64 characters (certificates.md §1: 8 KB).
+	maxCSR = 8192
+	// maxIssuedChain is the most certificates an issued chain may hold: Microsoft's C
+	// client refuses more (certificates.md §1).
+	maxIssuedChain = 6
+
 	// DefaultReplyTimeout bounds the wait for CONNACK, SUBACK, PUBACK and each reply.
 	DefaultReplyTimeout = 30 * time.Second
 	backoffBase         = time.Second
@@ -194,7 +202,7 @@ func newRegistration(req Request) (*registration, error) {
 	}
 	api := apiVersion
 	if req.CSRSigner != nil {
-		der, err := attest.CreateCSR(req.CSRSigner, r.regID)
+		der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: r.regID}}, req.CSRSigner)
 		if err != nil {
 			return nil, fmt.Errorf("cannot sign the certificate request: %w", err)
 		}
@@ -224,8 +232,8 @@ func newRegistration(req Request) (*registration, error) {
 // encodeCSR is the csr field: base64 DER, within the service's limit.
 func encodeCSR(der []byte) (string, error) {
 	b64 := base64.StdEncoding.EncodeToString(der)
-	if len(b64) > attest.MaxCSRBase64 {
-		return "", fmt.Errorf("cannot register: the certificate request is %d base64 characters, more than DPS takes (%d)", len(b64), attest.MaxCSRBase64)
+	if len(b64) > maxCSR {
+		return "", fmt.Errorf("cannot register: the certificate request is %d base64 characters, more than DPS takes (%d)", len(b64), maxCSR)
 	}
 	return b64, nil
 }
@@ -375,8 +383,8 @@ func checkConnectionProfile(st *registrationState) error {
 // orderIssuedChain puts the certificate for our key first and its issuers after it: DPS's
 // order is documented (leaf first) but its only test vector has the reverse.
 func orderIssuedChain(ders [][]byte, pub crypto.PublicKey) ([][]byte, error) {
-	if len(ders) > attest.MaxIssuedChain {
-		return nil, fmt.Errorf("the issued chain has %d certificates, more than %d", len(ders), attest.MaxIssuedChain)
+	if len(ders) > maxIssuedChain {
+		return nil, fmt.Errorf("the issued chain has %d certificates, more than %d", len(ders), maxIssuedChain)
 	}
 	certs := make([]*x509.Certificate, len(ders))
 	leaf := -1

@@ -1,8 +1,9 @@
 // Package hub keeps this device's one MQTT session with its Azure IoT Hub: telemetry through
 // a bounded queue that survives reconnects, cloud-to-device messages, the device twin and
-// direct methods, reconnecting with backoff by itself. It does not provision: a hub that
-// refuses the identity ends Run with a *ConnectError matching ErrNotAuthorized, and the
-// caller re-registers through DPS.
+// direct methods, reconnecting with backoff by itself, and asks the hub for a renewed
+// certificate when told to (IssueCertificate). It does not provision and stores nothing: a
+// hub that refuses the identity ends Run with a *ConnectError matching ErrNotAuthorized,
+// and the caller re-registers through DPS.
 package hub
 
 import (
@@ -61,8 +62,8 @@ const (
 	methodDrain = 5 * time.Second
 )
 
-// Topic filters the session subscribes to (protocol.md §5.4–5.6): four, under the hub's
-// limit of five.
+// Topic filters the session subscribes to (protocol.md §5.4–5.6): four, and the
+// credentials answers with CertificateRenewal, within the hub's limit of five.
 const (
 	twinResPrefix      = "$iothub/twin/res/"
 	desiredPatchPrefix = "$iothub/twin/PATCH/properties/desired/"
@@ -127,6 +128,14 @@ type Config struct {
 	// OnState is told of every connection state change, on Run's goroutine; it must not
 	// block or call Run.
 	OnState func(State)
+
+	// CertificateRenewal subscribes the session to the hub's certificate answers, so that
+	// IssueCertificate can be used (credentials.go); a hub that refuses the subscription
+	// then fails the session. It also sends the certificate management api-version.
+	CertificateRenewal bool
+	// IssueTimeout bounds IssueCertificate's wait for each answer; zero means
+	// DefaultIssueTimeout.
+	IssueTimeout time.Duration
 }
 
 // Backoff returns how long to wait before connection attempt number attempt (1 for the first
@@ -169,6 +178,7 @@ type Client struct {
 	pending   map[string]chan response // twin requests by $rid
 	desired   int64                    // last desired version delivered
 	delivered bool                     // whether any desired version was delivered
+	renewal   renewal                  // the certificate request in flight (credentials.go)
 }
 
 // New checks cfg and returns a client; Run connects it.
@@ -206,11 +216,18 @@ func New(cfg Config) (*Client, error) {
 	if cfg.Queue == nil {
 		cfg.Queue = NewQueue(0, 0)
 	}
+	if cfg.IssueTimeout <= 0 {
+		cfg.IssueTimeout = DefaultIssueTimeout
+	}
+	api := apiVersion
+	if cfg.CertificateRenewal {
+		api = credentialsAPIVersion
+	}
 	cfg.Dial.Host = cfg.Hub
 	return &Client{
 		cfg:      cfg,
 		queue:    cfg.Queue,
-		username: Username(cfg.Hub, cfg.DeviceID, cfg.ModelID),
+		username: username(cfg.Hub, cfg.DeviceID, cfg.ModelID, api),
 		changed:  make(chan struct{}),
 		pending:  make(map[string]chan response),
 	}, nil
@@ -219,7 +236,11 @@ func New(cfg Config) (*Client, error) {
 // Username is the CONNECT user name for a device (protocol.md §5.2): the hub as assigned,
 // the device ID, the API version, the agent as DeviceClientType and the optional model ID.
 func Username(hub, deviceID, modelID string) string {
-	u := hub + "/" + deviceID + "/?api-version=" + apiVersion +
+	return username(hub, deviceID, modelID, apiVersion)
+}
+
+func username(hub, deviceID, modelID, api string) string {
+	u := hub + "/" + deviceID + "/?api-version=" + api +
 		"&DeviceClientType=" + url.QueryEscape("unicity/"+version.Version)
 	if modelID != "" {
 		u += "&model-id=" + url.QueryEscape(modelID)
@@ -499,6 +520,9 @@ func (c *Client) subscribe(ctx context.Context, cn *conn) error {
 		twinResPrefix + "#":      1,
 		desiredPatchPrefix + "#": 1,
 		methodPrefix + "#":       0,
+	}
+	if c.cfg.CertificateRenewal {
+		filters[credentialsResPrefix+"#"] = 1
 	}
 	tok, err := c.handoff(ctx, cn, func() mqtt.Token { return cn.mc.SubscribeMultiple(filters, nil) })
 	if err == nil {

@@ -109,6 +109,9 @@ func (c *Client) inbound(r *runState, cn *conn) mqtt.MessageHandler {
 		case strings.HasPrefix(topic, methodPrefix):
 			c.methodCall(r, topic, m.Payload())
 			m.Ack()
+		case strings.HasPrefix(topic, credentialsResPrefix):
+			c.credentialsResponse(topic, m.Payload())
+			m.Ack()
 		case strings.Contains(topic, "/messages/devicebound/"):
 			_, bag, _ := strings.Cut(topic, "/messages/devicebound/")
 			msg := Message{Payload: m.Payload(), Properties: DecodeProperties(bag)}

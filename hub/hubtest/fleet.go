@@ -143,6 +143,9 @@ func (f *Fleet) Assign(a dpstest.Assignment) error {
 	if a.Auth.SymmetricKey != nil {
 		d.SymmetricKeys = [][]byte{a.Auth.SymmetricKey}
 	}
+	if a.Auth.Issued != nil {
+		d.Issued = []*x509.Certificate{a.Auth.Issued}
+	}
 	reset := a.InitialTwin != nil
 	if reset {
 		if d.InitialTwin, err = desiredOf(a.InitialTwin); err != nil {

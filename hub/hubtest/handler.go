@@ -115,7 +115,7 @@ func (h *Hub) connect(c *mqttsrv.Conn) (*device, bool, error) {
 	case d.Disabled:
 		return nil, false, refuse(packets.ErrRefusedNotAuthorised, "device %q is disabled", id.deviceID)
 	}
-	hasX509 := len(d.CAs) > 0 || len(d.Thumbprints) > 0
+	hasX509 := len(d.CAs) > 0 || len(d.Thumbprints) > 0 || len(d.Issued) > 0
 	var peer []*x509.Certificate
 	if c.TLS != nil {
 		peer = c.TLS.PeerCertificates
@@ -167,6 +167,10 @@ func (hd handler) Subscribe(c *mqttsrv.Conn, filters []string, qos []byte) []byt
 			kind = subTwinDesired
 		case methodsFilter:
 			kind = subMethods
+		case credentialsResFilter:
+			if h.creds.issuer != nil { // a hub without certificate management refuses it
+				kind = subCredentials
+			}
 		}
 		if kind == "" {
 			granted[i] = 0x80
@@ -206,6 +210,8 @@ func (hd handler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
 		return h.twinPatch(c, d, t, m.Payload)
 	case strings.HasPrefix(t, methodResPrefix):
 		return h.methodResponse(d, t, m.Payload)
+	case strings.HasPrefix(t, issueCertificateTopic):
+		return h.issueCertificate(c, d, t, m.Payload)
 	}
 	return h.violation(fmt.Errorf("publish to unsupported topic %q", m.Topic))
 }

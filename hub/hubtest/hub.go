@@ -1,9 +1,10 @@
 // Package hubtest emulates an Azure IoT Hub's device-facing MQTT service in process, for
 // tests (NewServer, in the style of net/http/httptest) and for the unicity-emulator command
 // (New). It keeps a device registry with X.509 and SAS authentication, records telemetry,
-// queues cloud-to-device messages, serves device twins and invokes direct methods, with the
-// wire behaviour pinned by shared/protocol.md §5. A Fleet of hubs takes the assignments of a
-// dps/dpstest server; a Journal can keep a hub's state across restarts; tests can inject
+// queues cloud-to-device messages, serves device twins, invokes direct methods and renews
+// operational certificates (issueCertificate), with the wire behaviour pinned by
+// shared/protocol.md §5 and shared/certificates.md §3. A Fleet of hubs takes the assignments
+// of a dps/dpstest server; a Journal can keep a hub's state across restarts; tests can inject
 // transient faults. It is not a broker: nothing a device publishes reaches another device.
 package hubtest
 
@@ -70,6 +71,7 @@ type Hub struct {
 	failConnects, failTwin int
 	failConnectCode        byte
 	failTwinStatus         int
+	creds                  credentials   // certificate renewal (credentials.go)
 	changed                chan struct{} // closed and replaced whenever observable state changes
 	https                  []*http.Server
 	closed                 bool

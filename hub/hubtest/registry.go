@@ -28,6 +28,10 @@ type Device struct {
 	Thumbprints []string
 	// SymmetricKeys are the primary and secondary keys for SAS tokens.
 	SymmetricKeys [][]byte
+	// Issued are the device's operational certificates, issued by DPS or by the hub's
+	// issueCertificate (credentials.go): each authenticates it until it expires or is
+	// revoked. Register adds to those the device holds; it does not replace them.
+	Issued []*x509.Certificate
 	// Disabled devices are refused with CONNACK 5.
 	Disabled bool
 	// InitialTwin is the desired-properties object a new device starts with (DPS enrollments
@@ -46,6 +50,8 @@ type DeviceInfo struct {
 	APIVersion string    `json:"api_version,omitempty"`
 	PendingC2D int       `json:"pending_c2d"`
 	LastSeen   time.Time `json:"last_seen,omitzero"`
+	// Operational are the certificates issued to the device that the hub accepts.
+	Operational []CertificateInfo `json:"operational_certificates,omitempty"`
 }
 
 // device is the registry entry and the device's persistent MQTT session.
@@ -96,6 +102,7 @@ func (h *Hub) register(d Device, resetTwin, keepStatus bool) error {
 		if keepStatus {
 			d.Disabled = dev.Disabled
 		}
+		d.Issued = mergeIssued(dev.Issued, d.Issued, h.now())
 		dev.Device = d
 		if d.Disabled {
 			h.kick(dev)
@@ -264,14 +271,25 @@ func (d *device) info() DeviceInfo {
 	if len(d.SymmetricKeys) > 0 {
 		in.Auth = append(in.Auth, "sas")
 	}
+	if len(d.Issued) > 0 {
+		in.Auth = append(in.Auth, "x509-issued")
+		in.Operational = issuedInfo(d.Issued)
+	}
 	return in
 }
 
-// authenticateX509 checks the TLS peer chain (leaf first) against the device's CAs and
-// thumbprints.
+// authenticateX509 checks the TLS peer chain (leaf first) against the device's operational
+// certificates, CAs and thumbprints.
 func (d *device) authenticateX509(peer []*x509.Certificate, now time.Time) error {
 	leaf := peer[0]
 	var errs []error
+	if len(d.Issued) > 0 {
+		err := d.authenticateIssued(leaf, now)
+		if err == nil {
+			return nil
+		}
+		errs = append(errs, err)
+	}
 	if len(d.CAs) > 0 {
 		roots, inters := x509.NewCertPool(), x509.NewCertPool()
 		for _, c := range d.CAs {
