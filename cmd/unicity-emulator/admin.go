@@ -81,6 +81,7 @@ type admin struct {
 	fleet       *hubtest.Fleet
 	dps         *dpstest.Server
 	enrollments *enrollments
+	policies    *policies
 }
 
 func newAdminHandler(a *admin) http.Handler {
@@ -99,6 +100,9 @@ func newAdminHandler(a *admin) http.Handler {
 	mux.HandleFunc("GET /v1/registrations", a.registrations)
 	mux.HandleFunc("GET /v1/stats", a.stats)
 	mux.HandleFunc("GET /metrics", a.metrics)
+	mux.HandleFunc("POST /v1/policy", a.policy)
+	mux.HandleFunc("POST /v1/revoke", a.revoke)
+	mux.HandleFunc("POST /v1/renewal-fault", a.renewalFault)
 	return mux
 }
 
@@ -346,6 +350,10 @@ func (a *admin) enroll(w http.ResponseWriter, r *http.Request) {
 	}
 	if err := a.enrollments.add(a.dps, a.fleet.Allocate, req); err != nil {
 		httpError(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := a.policies.reapply(a.dps, req); err != nil {
+		httpError(w, http.StatusInternalServerError, err)
 		return
 	}
 	reply(w, map[string]any{"enrolled": req.Group + req.RegistrationID, "group": req.Group != ""}, nil)

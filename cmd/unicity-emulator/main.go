@@ -2,9 +2,9 @@
 // WebSocket) for demos, CI and factory lines, and operates the running emulator: list
 // devices and registrations, read telemetry and statistics, send cloud-to-device messages,
 // invoke methods, patch twins, disable, delete and move devices, enroll more (with custom
-// allocation). The services are dps/dpstest and hub/hubtest; this command owns the files in
-// its directory (the state kept across restarts among them), where the services listen, the
-// flags and the local admin socket.
+// allocation), manage operational certificates. The services are dps/dpstest and
+// hub/hubtest; this command owns the files in its directory (the state kept across restarts
+// among them), where the services listen, the flags and the local admin socket.
 package main
 
 import (
@@ -50,6 +50,9 @@ func commands() []command {
 		{Name: "delete", Summary: "delete a device from its hub", Run: runDelete},
 		{Name: "move", Summary: "move a device to another hub", Run: runMove},
 		{Name: "enroll", Summary: "add a DPS enrollment", Run: runEnroll},
+		{Name: "policy", Summary: "set or clear an enrollment's credential policy (DPS issues operational certificates)", Run: runPolicy},
+		{Name: "revoke", Summary: "revoke a device's operational certificates on its hub", Run: runRevoke},
+		{Name: "renewal-fault", Summary: "script the hubs' answers to certificate renewals", Run: runRenewalFault},
 	}
 }
 

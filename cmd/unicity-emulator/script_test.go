@@ -18,15 +18,20 @@ import (
 //
 //	waitsock PATH
 //	    wait (up to 30 s) until PATH exists: the admin socket of a serve started with '&'.
+//	device provision|connect|renew EMUDIR ID
+//	    a device made of the agent's dps and hub packages (device_script_test.go); serve
+//	    listens on $DPS_PORT and $HUB_PORT for it.
 func TestMain(m *testing.M) {
 	testscript.Main(m, map[string]func(){"unicity-emulator": main})
 }
 
 func TestScripts(t *testing.T) {
 	testscript.Run(t, testscript.Params{
-		Dir: "testdata/script",
+		Dir:   "testdata/script",
+		Setup: setupPorts,
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
 			"waitsock": cmdWaitSock,
+			"device":   cmdDevice,
 		},
 	})
 }

@@ -181,6 +181,14 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	if err := enrolled.applyAll(dps, fleet.Allocate); err != nil {
 		return err
 	}
+	credPolicies, err := loadPolicies(d.file(policiesFile))
+	if err != nil {
+		return err
+	}
+	if err := credPolicies.applyAll(dps); err != nil {
+		return err
+	}
+	fleet.SetIssuer(dps)
 	if err := dps.Start(); err != nil {
 		if *dpsAddr == "" && recorded.DPS != "" {
 			return fmt.Errorf("%w (devices are configured with DPS's address: free it, or choose another with --dps-addr)", err)
@@ -197,7 +205,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	a := &admin{fleet: fleet, dps: dps, enrollments: enrolled}
+	a := &admin{fleet: fleet, dps: dps, enrollments: enrolled, policies: credPolicies}
 	srv := &http.Server{Handler: newAdminHandler(a), ReadHeaderTimeout: 10 * time.Second}
 	served := make(chan error, 2)
 	go func() { served <- srv.Serve(adminL) }()

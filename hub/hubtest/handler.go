@@ -131,6 +131,8 @@ func (h *Hub) connect(c *mqttsrv.Conn) (*device, bool, error) {
 		err = checkSAS(string(c.Password), resources, d.SymmetricKeys, h.now())
 	case hasX509:
 		err = errors.New("no client certificate was presented")
+	case len(d.SymmetricKeys) == 0:
+		err = errors.New("the device has no credential left: its operational certificates were revoked or expired")
 	default:
 		err = errors.New("no SAS token was presented")
 	}
