@@ -19,17 +19,12 @@ import (
 	"github.com/unicity-iot/unicity/internal/pki"
 )
 
-// issue signs a CSR from key as DPS or the hub would and returns the chain as DER, leaf first.
+// issue runs the factory flow for key and returns the chain as DPS or the hub would: DER,
+// leaf first, up to the root.
 func issue(t testing.TB, ca *pki.CA, key *attest.Key, regID string) [][]byte {
 	t.Helper()
-	der, err := attest.CreateCSR(key, regID)
-	require.NoError(t, err)
-	csr, err := x509.ParseCertificateRequest(der)
-	require.NoError(t, err)
-	leaf, err := ca.SignCSR(csr)
-	require.NoError(t, err)
 	var ders [][]byte
-	for _, c := range append(leaf.Chain, ca.Root()) {
+	for _, c := range append(enroll(t, key, ca, regID).Chain, ca.Root()) {
 		ders = append(ders, c.Raw)
 	}
 	return ders

@@ -248,6 +248,22 @@ func TestIssueCertificateErrors(t *testing.T) {
 	assert.NotEmpty(t, chain)
 }
 
+// silentRequest starts a request the hub accepts and never answers, and returns once the
+// client has taken the 202 (its deadline restarted); the request's error comes on the
+// channel.
+func silentRequest(t *testing.T, r *renewalRig, c *running, clock *manualClock, id string) <-chan error {
+	t.Helper()
+	r.hub.FailIssue(1, hubtest.IssueFault{Silent: true})
+	errs := make(chan error, 1)
+	go func() {
+		_, err := c.IssueCertificate(testContext(t), csrFor(t, newP256(t), id), false)
+		errs <- err
+	}()
+	<-clock.armed
+	<-clock.armed // restarted by the 202: the hub has the request
+	return errs
+}
+
 // An operation the client gave up on stays active at the hub: a new request is refused
 // (409005) until it replaces it, and replacing what is not there is refused (412001).
 func TestIssueCertificateReplace(t *testing.T) {
@@ -256,14 +272,7 @@ func TestIssueCertificateReplace(t *testing.T) {
 	c, _ := r.renewing(t, "gw-replace", func(cfg *hub.Config) { cfg.Clock = clock })
 	ctx := testContext(t)
 
-	r.hub.FailIssue(1, hubtest.IssueFault{Silent: true})
-	errs := make(chan error, 1)
-	go func() {
-		_, err := c.IssueCertificate(ctx, csrFor(t, newP256(t), "gw-replace"), false)
-		errs <- err
-	}()
-	<-clock.armed
-	<-clock.armed // restarted by the 202
+	errs := silentRequest(t, r, c, clock, "gw-replace")
 	_, err := c.IssueCertificate(ctx, csrFor(t, newP256(t), "gw-replace"), false)
 	assert.ErrorIs(t, err, hub.ErrRenewalBusy, "one request at a time per session")
 	clock.set(clock.Now().Add(hub.DefaultIssueTimeout))
@@ -314,14 +323,7 @@ func TestIssueCertificateConnectionLoss(t *testing.T) {
 	<-clock.armed
 	c.connected(t)
 
-	r.hub.FailIssue(1, hubtest.IssueFault{Silent: true})
-	errs := make(chan error, 1)
-	go func() {
-		_, err := c.IssueCertificate(ctx, csrFor(t, newP256(t), "gw-loss"), false)
-		errs <- err
-	}()
-	<-clock.armed
-	<-clock.armed // the 202: the hub has it
+	errs := silentRequest(t, r, c, clock, "gw-loss")
 	require.NoError(t, r.hub.Disconnect("gw-loss"))
 	require.NoError(t, r.hub.Await(ctx, func() bool { return r.hub.Stats().Connections >= 3 }), "reconnected")
 	c.connected(t)

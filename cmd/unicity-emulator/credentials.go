@@ -1,14 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/http"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -16,7 +13,6 @@ import (
 
 	"github.com/unicity-iot/unicity/dps/dpstest"
 	"github.com/unicity-iot/unicity/hub/hubtest"
-	"github.com/unicity-iot/unicity/internal/atomicfile"
 )
 
 // Certificate management: credential policies on enrollments (DPS issues operational
@@ -68,25 +64,11 @@ type policies struct {
 }
 
 func loadPolicies(path string) (*policies, error) {
-	p := &policies{path: path}
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return p, nil
-	}
-	if err != nil {
+	var doc policiesDoc
+	if err := readDoc(path, &doc, &doc.Version); err != nil {
 		return nil, err
 	}
-	var doc policiesDoc
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&doc); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	if doc.Version != configVersion {
-		return nil, fmt.Errorf("%s: unsupported version %d", path, doc.Version)
-	}
-	p.list = doc.Policies
-	return p, nil
+	return &policies{path: path, list: doc.Policies}, nil
 }
 
 // applyAll links every saved policy; one whose enrollment is gone went with it.
@@ -131,11 +113,7 @@ func (p *policies) set(dps *dpstest.Server, req policyRequest) error {
 	if req.Policy != nil {
 		list = append(list, req)
 	}
-	data, err := json.MarshalIndent(policiesDoc{Version: configVersion, Policies: list}, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := atomicfile.Write(p.path, append(data, '\n'), 0o600); err != nil {
+	if err := writeDoc(p.path, policiesDoc{Version: configVersion, Policies: list}); err != nil {
 		return fmt.Errorf("cannot save the policy: %w", err)
 	}
 	p.list = list

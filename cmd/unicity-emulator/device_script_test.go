@@ -99,16 +99,26 @@ func (d *scriptDevice) roots() (*x509.CertPool, error) {
 	return p, nil
 }
 
+// identity loads the credential kept as ID+suffix .key and .pem, and what verifies the hubs.
+func (d *scriptDevice) identity(suffix string) (*attest.Identity, *x509.CertPool, error) {
+	key, err := certcodec.ReadPrivateKey(d.file(suffix + ".key"))
+	if err != nil {
+		return nil, nil, err
+	}
+	chain, err := certcodec.ReadCertificates(d.file(suffix + ".pem"))
+	if err != nil {
+		return nil, nil, err
+	}
+	id, err := attest.NewIdentity(chain, key, time.Now())
+	if err != nil {
+		return nil, nil, err
+	}
+	roots, err := d.roots()
+	return id, roots, err
+}
+
 func (d *scriptDevice) provision(ctx context.Context, p384 bool) (string, error) {
-	onboardingKey, err := certcodec.ReadPrivateKey(d.file(".key"))
-	if err != nil {
-		return "", err
-	}
-	chain, err := certcodec.ReadCertificates(d.file(".pem"))
-	if err != nil {
-		return "", err
-	}
-	id, err := attest.NewIdentity(chain, onboardingKey, time.Now())
+	id, roots, err := d.identity("")
 	if err != nil {
 		return "", err
 	}
@@ -117,10 +127,6 @@ func (d *scriptDevice) provision(ctx context.Context, p384 bool) (string, error)
 		curve = elliptic.P384()
 	}
 	key, err := ecdsa.GenerateKey(curve, rand.Reader)
-	if err != nil {
-		return "", err
-	}
-	roots, err := d.roots()
 	if err != nil {
 		return "", err
 	}
@@ -154,23 +160,11 @@ func (d *scriptDevice) keep(ders [][]byte, key crypto.Signer) (*x509.Certificate
 
 // session connects with the operational credential and, with renew, renews it.
 func (d *scriptDevice) session(ctx context.Context, renew bool) (string, error) {
-	key, err := certcodec.ReadPrivateKey(d.file("-op.key"))
-	if err != nil {
-		return "", err
-	}
-	chain, err := certcodec.ReadCertificates(d.file("-op.pem"))
-	if err != nil {
-		return "", err
-	}
-	id, err := attest.NewIdentity(chain, key, time.Now())
+	id, roots, err := d.identity("-op")
 	if err != nil {
 		return "", err
 	}
 	hubName, err := os.ReadFile(d.file("-hub.txt"))
-	if err != nil {
-		return "", err
-	}
-	roots, err := d.roots()
 	if err != nil {
 		return "", err
 	}

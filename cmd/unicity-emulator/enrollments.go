@@ -36,25 +36,41 @@ type enrollments struct {
 }
 
 func loadEnrollments(path string) (*enrollments, error) {
-	e := &enrollments{path: path, ctx: context.Background()}
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return e, nil
-	}
-	if err != nil {
+	var doc enrollmentsDoc
+	if err := readDoc(path, &doc, &doc.Version); err != nil {
 		return nil, err
 	}
-	var doc enrollmentsDoc
+	return &enrollments{path: path, ctx: context.Background(), list: doc.Enrollments}, nil
+}
+
+// readDoc decodes the JSON document at path into doc, refusing unknown fields and a version
+// (the document's own field) other than configVersion. A missing file leaves doc empty.
+func readDoc(path string, doc any, version *int) error {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&doc); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+	if err := dec.Decode(doc); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
 	}
-	if doc.Version != configVersion {
-		return nil, fmt.Errorf("%s: unsupported version %d", path, doc.Version)
+	if *version != configVersion {
+		return fmt.Errorf("%s: unsupported version %d", path, *version)
 	}
-	e.list = doc.Enrollments
-	return e, nil
+	return nil
+}
+
+// writeDoc replaces the JSON document at path, 0600, whole or not at all.
+func writeDoc(path string, doc any) error {
+	data, err := json.MarshalIndent(doc, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(path, append(data, '\n'), 0o600)
 }
 
 // applyAll enrolls every saved enrollment with dps.
@@ -83,11 +99,7 @@ func (e *enrollments) add(dps *dpstest.Server, allocate dpstest.AllocateFunc, re
 		}
 	}
 	list = append(list, req)
-	data, err := json.MarshalIndent(enrollmentsDoc{Version: configVersion, Enrollments: list}, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := atomicfile.Write(e.path, append(data, '\n'), 0o600); err != nil {
+	if err := writeDoc(e.path, enrollmentsDoc{Version: configVersion, Enrollments: list}); err != nil {
 		return fmt.Errorf("cannot save the enrollment: %w", err)
 	}
 	e.list = list
