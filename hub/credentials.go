@@ -207,39 +207,63 @@ func (c *Client) IssueCertificate(ctx context.Context, csr []byte, replace bool)
 	}
 
 	var cn *conn
-	var tok mqtt.Token
 	for {
 		if cn, err = c.nextConn(ctx, cn); err != nil {
 			return fail(err)
 		}
-		mc := cn.mc
-		tok, err = c.handoff(ctx, cn, func() mqtt.Token { return mc.Publish(issueCertificatePrefix+rid, 1, false, payload) })
-		if err == nil {
-			break
-		}
-		if ctx.Err() != nil {
+		chain, sent, err := c.sendIssue(ctx, cn, rid, payload, final, req.PublicKey)
+		var ce *CertificateError
+		switch {
+		case ctx.Err() != nil:
 			return fail(ctx.Err())
-		}
-		// The connection ended before the request went out: it goes on the next one.
-	}
-	// requestLost ends the wait when the connection went before the hub said it has the
-	// request, unless its answer came just before.
-	requestLost := func(err error) ([][]byte, error) {
-		select {
-		case r := <-final:
-			return issuedChain(r, req.PublicKey)
+		case !sent: // the connection ended before the request went out: it goes on the next one
+		case err == nil, errors.As(err, &ce):
+			return chain, err
 		default:
 			return fail(err)
+		}
+	}
+}
+
+// sendIssue publishes the request on cn and waits for its answer, across reconnects once
+// the hub has it. sent is false when the request certainly did not leave: cn was gone
+// before it was tried, or paho refused it at once. Once it may have left it is never sent
+// again: a second request would be a second operation at the hub.
+func (c *Client) sendIssue(ctx context.Context, cn *conn, rid string, payload []byte, final <-chan response, pub crypto.PublicKey) (chain [][]byte, sent bool, err error) {
+	select {
+	case <-cn.lost:
+		return nil, false, cn.cause()
+	default:
+	}
+	mc := cn.mc
+	tok, err := c.handoff(ctx, cn, func() mqtt.Token { return mc.Publish(issueCertificatePrefix+rid, 1, false, payload) })
+	if err != nil {
+		return nil, true, fmt.Errorf("%w: %w", ErrRequestLost, err)
+	}
+	// requestLost ends the wait when the connection went before the hub said it has the
+	// request (a PUBACK, or a 202, which comes first), unless its answer came just before.
+	requestLost := func(err error) ([][]byte, bool, error) {
+		select {
+		case r := <-final:
+			chain, err := issuedChain(r, pub)
+			return chain, true, err
+		default:
+			return nil, true, err
 		}
 	}
 	published, lost := tok.Done(), cn.lost
 	for {
 		select {
 		case r := <-final:
-			return issuedChain(r, req.PublicKey)
+			chain, err := issuedChain(r, pub)
+			return chain, true, err
 		case <-published:
 			published = nil
-			if err := tok.Error(); err != nil {
+			err := tok.Error()
+			switch {
+			case errors.Is(err, mqtt.ErrNotConnected):
+				return nil, false, err // paho had let the connection go: nothing was sent
+			case err != nil:
 				cn.end(fmt.Errorf("cannot publish a certificate request: %w", err))
 				if !c.requestAccepted() {
 					return requestLost(fmt.Errorf("%w: %w", ErrRequestLost, err))
@@ -252,7 +276,7 @@ func (c *Client) IssueCertificate(ctx context.Context, csr []byte, replace bool)
 				return requestLost(ErrRequestLost)
 			}
 		case <-ctx.Done():
-			return fail(ctx.Err())
+			return nil, true, ctx.Err()
 		}
 	}
 }
