@@ -13,6 +13,8 @@ import (
 	keyfile "github.com/foxboron/go-tpm-keyfiles"
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/unicity-iot/unicity/internal/atomicfile"
 )
 
 // Operational certificates (certificates.md §1–3): DPS, or later IoT Hub, issues a
@@ -21,10 +23,11 @@ import (
 
 // NewOperationalKey creates a sign-only key in the TPM for an operational certificate
 // (ECDSAP256 when alg is empty, or ECDSAP384; RSA is not issued), saves it as a TSS2 keyfile
-// at path and returns it loaded. The file is written by WriteKeyfile: 0600, never replacing
-// a file, removed again when anything after the write fails. Nothing refers to the new key
-// until the caller records it, so a power cut leaves at most a keyfile nobody uses, for the
-// caller to destroy.
+// at path and returns it loaded. It never replaces a file. The keyfile is 0600 and appears
+// whole or not at all (a power cut may leave a temporary file matching
+// atomicfile.TempGlob(path), which the caller may remove); it is removed again when loading
+// it fails. Nothing refers to the new key until the caller records it, so a power cut leaves
+// at most a keyfile nobody uses, for the caller to destroy.
 func NewOperationalKey(tpm transport.TPMCloser, alg KeyAlgorithm, path string) (*Key, error) {
 	switch alg {
 	case "":
@@ -40,8 +43,11 @@ func NewOperationalKey(tpm transport.TPMCloser, alg KeyAlgorithm, path string) (
 	case err != nil:
 		return nil, fmt.Errorf("%w: %w", tpmErrorKind(err, ErrInvalidKey), err)
 	}
-	if err := WriteKeyfile(path, k); err != nil {
-		return nil, err
+	if _, err := os.Lstat(path); err == nil {
+		return nil, fmt.Errorf("%w: %s", ErrKeyExists, path)
+	}
+	if err := atomicfile.Write(path, k.Bytes(), 0o600); err != nil {
+		return nil, fmt.Errorf("cannot write keyfile %s: %w", path, err)
 	}
 	key, err := LoadKey(tpm, keySpecTPM+path)
 	if err != nil {

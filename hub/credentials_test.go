@@ -248,10 +248,30 @@ func TestIssueCertificateErrors(t *testing.T) {
 	assert.NotEmpty(t, chain)
 }
 
+// deadlineClock holds the timers of the certificate request's deadline, of length hold,
+// until the test moves time past them, and fires the others (the reconnect backoff) at once.
+type deadlineClock struct {
+	*manualClock
+	hold time.Duration
+}
+
+func newDeadlineClock(hold time.Duration) *deadlineClock {
+	return &deadlineClock{&manualClock{now: time.Now(), armed: make(chan time.Duration, 8)}, hold}
+}
+
+func (c *deadlineClock) After(d time.Duration) <-chan time.Time {
+	if d != c.hold {
+		ch := make(chan time.Time, 1)
+		ch <- c.Now()
+		return ch
+	}
+	return c.manualClock.After(d)
+}
+
 // silentRequest starts a request the hub accepts and never answers, and returns once the
 // client has taken the 202 (its deadline restarted); the request's error comes on the
 // channel.
-func silentRequest(t *testing.T, r *renewalRig, c *running, clock *manualClock, id string) <-chan error {
+func silentRequest(t *testing.T, r *renewalRig, c *running, clock *deadlineClock, id string) <-chan error {
 	t.Helper()
 	r.hub.FailIssue(1, hubtest.IssueFault{Silent: true})
 	errs := make(chan error, 1)
@@ -267,7 +287,7 @@ func silentRequest(t *testing.T, r *renewalRig, c *running, clock *manualClock, 
 // An operation the client gave up on stays active at the hub: a new request is refused
 // (409005) until it replaces it, and replacing what is not there is refused (412001).
 func TestIssueCertificateReplace(t *testing.T) {
-	clock := &manualClock{now: time.Now(), armed: make(chan time.Duration, 8)}
+	clock := newDeadlineClock(hub.DefaultIssueTimeout)
 	r := newRenewalRig(t)
 	c, _ := r.renewing(t, "gw-replace", func(cfg *hub.Config) { cfg.Clock = clock })
 	ctx := testContext(t)
@@ -291,7 +311,7 @@ func TestIssueCertificateReplace(t *testing.T) {
 
 // A 202 restarts the client's deadline; the certificate comes after it.
 func TestIssueCertificateAcceptedThenIssued(t *testing.T) {
-	clock := &manualClock{now: time.Now(), armed: make(chan time.Duration, 8)}
+	clock := newDeadlineClock(5 * time.Second)
 	r := newRenewalRig(t)
 	c, _ := r.renewing(t, "gw-202", func(cfg *hub.Config) { cfg.Clock, cfg.IssueTimeout = clock, 5*time.Second })
 	r.hub.FailIssue(1, hubtest.IssueFault{Delay: 200 * time.Millisecond})
@@ -312,7 +332,7 @@ func TestIssueCertificateAcceptedThenIssued(t *testing.T) {
 // The wait survives a reconnect once the hub has the request; a connection that drops before
 // the hub acknowledged it is reported as such.
 func TestIssueCertificateConnectionLoss(t *testing.T) {
-	clock := &manualClock{now: time.Now(), armed: make(chan time.Duration, 8)}
+	clock := newDeadlineClock(hub.DefaultIssueTimeout)
 	r := newRenewalRig(t)
 	c, _ := r.renewing(t, "gw-loss", func(cfg *hub.Config) { cfg.Clock = clock })
 	ctx := testContext(t)

@@ -73,6 +73,7 @@ type deviceRecord struct {
 	ID              string               `json:"id"`
 	CAs             [][]byte             `json:"cas,omitempty"`
 	Thumbprints     []string             `json:"thumbprints,omitempty"`
+	Issued          [][]byte             `json:"issued,omitempty"` // operational certificates
 	SymmetricKeys   [][]byte             `json:"symmetric_keys,omitempty"`
 	Disabled        bool                 `json:"disabled,omitempty"`
 	Desired         map[string]any       `json:"desired"`
@@ -111,6 +112,9 @@ func newDeviceRecord(hub string, d hubtest.DeviceState) *deviceRecord {
 	for _, ca := range d.CAs {
 		r.CAs = append(r.CAs, ca.Raw)
 	}
+	for _, c := range d.Issued {
+		r.Issued = append(r.Issued, c.Raw)
+	}
 	return r
 }
 
@@ -119,12 +123,17 @@ func (r *deviceRecord) state() (hubtest.DeviceState, error) {
 		Disabled: r.Disabled}, Twin: hubtest.Twin{Desired: r.Desired, Reported: r.Reported, DesiredVersion: r.DesiredVersion,
 		ReportedVersion: r.ReportedVersion}, C2D: r.C2D, Persistent: r.Persistent, Subscriptions: r.Subscriptions,
 		ClientType: r.ClientType, ModelID: r.ModelID, APIVersion: r.APIVersion, LastSeen: r.LastSeen}
-	for _, der := range r.CAs {
-		ca, err := x509.ParseCertificate(der)
-		if err != nil {
-			return d, fmt.Errorf("device %q: %w", r.ID, err)
+	for _, list := range []struct {
+		ders [][]byte
+		to   *[]*x509.Certificate
+	}{{r.CAs, &d.CAs}, {r.Issued, &d.Issued}} {
+		for _, der := range list.ders {
+			c, err := x509.ParseCertificate(der)
+			if err != nil {
+				return d, fmt.Errorf("device %q: %w", r.ID, err)
+			}
+			*list.to = append(*list.to, c)
 		}
-		d.CAs = append(d.CAs, ca)
 	}
 	return d, nil
 }

@@ -170,7 +170,7 @@ func (h *Hub) Revoke(deviceID, thumbprint string) ([]CertificateInfo, error) {
 		}
 	}
 	h.broadcast()
-	return revoked, nil
+	return revoked, h.save(d)
 }
 
 func certificateInfo(c *x509.Certificate) CertificateInfo {
@@ -299,7 +299,12 @@ func (h *Hub) issueCertificate(c *mqttsrv.Conn, d *device, topic string, payload
 		}
 		delete(h.creds.ops, d.ID)
 		if leaf != nil {
+			held := d.Issued
 			d.Issued = mergeIssued(d.Issued, []*x509.Certificate{leaf}, h.now())
+			if err := h.save(d); err != nil { // a certificate the hub would forget on restart
+				d.Issued = held
+				status, body = 500, errorBody(CodeInternal, "cannot save the certificate: "+err.Error(), 0)
+			}
 		}
 		cn := d.conn
 		h.broadcast()

@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -383,4 +384,44 @@ func TestCredentialsSubscriptionNeedsIssuer(t *testing.T) {
 	tok := c.Subscribe("$iothub/credentials/res/#", 1, nil)
 	require.True(t, tok.WaitTimeout(10*time.Second))
 	assert.Equal(t, byte(0x80), tok.(interface{ Result() map[string]byte }).Result()["$iothub/credentials/res/#"])
+}
+
+// The journal hears of each certificate issued and revoked, so that a restarted hub accepts
+// the same ones; a certificate it could not keep is answered 500, not issued.
+func TestOperationalCertificatesJournaled(t *testing.T) {
+	j := newJournal()
+	r := newRenewal(t, hubtest.WithJournal(j))
+	c := r.session(t, r.cert)
+	c.request(t, "1", r.id, csrB64(t, r.id, newKey(t)), "")
+	_, a := c.acceptedThen(t)
+	require.Equal(t, 200, a.status)
+	devs, _ := j.saved()
+	require.Len(t, devs, 1)
+	assert.Len(t, devs[0].Issued, 2)
+
+	j.mu.Lock()
+	j.fail = errors.New("disk full")
+	j.mu.Unlock()
+	c.request(t, "2", r.id, csrB64(t, r.id, newKey(t)), "")
+	_, a = c.acceptedThen(t)
+	assert.Equal(t, 500, a.status)
+	assert.Equal(t, hubtest.CodeInternal, a.body.ErrorCode)
+	info, err := r.srv.Device(r.id)
+	require.NoError(t, err)
+	assert.Len(t, info.Operational, 2, "not issued")
+	j.mu.Lock()
+	j.fail = nil
+	j.mu.Unlock()
+
+	_, err = r.srv.Revoke(r.id, certcodec.Thumbprint(r.cert.Leaf))
+	require.NoError(t, err)
+	devs, _ = j.saved()
+	require.Len(t, devs[0].Issued, 1, "the revocation is kept")
+
+	restarted := newFixture(t)
+	require.NoError(t, restarted.srv.Restore(devs, nil))
+	info, err = restarted.srv.Device(r.id)
+	require.NoError(t, err)
+	require.Len(t, info.Operational, 1)
+	assert.Equal(t, certcodec.Thumbprint(devs[0].Issued[0]), info.Operational[0].Thumbprint)
 }
