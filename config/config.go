@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -19,6 +20,8 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/spool"
+	"github.com/unicity-iot/unicity/telemetry"
 )
 
 // ErrNotExist reports that the configuration file is missing, as distinct from present
@@ -113,6 +116,9 @@ type Config struct {
 	Runtime      Runtime      `toml:"runtime"`
 	API          APIConfig    `toml:"api"`
 	Agent        Policy       `toml:"agent"`
+	// Telemetry is the [telemetry] table: the on-disk queue of the applications' messages.
+	// Its dir defaults to "telemetry" inside [state] dir.
+	Telemetry telemetry.Options `toml:"telemetry"`
 
 	// Path is the file the configuration was read from, for messages.
 	Path string `toml:"-"`
@@ -193,6 +199,9 @@ type Policy struct {
 	HubFailures int `toml:"hub_failures"`
 }
 
+// TelemetryDirName is [telemetry] dir's default inside [state] dir.
+const TelemetryDirName = "telemetry"
+
 // Default returns the configuration an empty file stands for.
 func Default() Config {
 	return Config{
@@ -208,6 +217,12 @@ func Default() Config {
 		TPM:     TPMConfig{Device: "/dev/tpmrm0"},
 		State:   StateConfig{Dir: "/var/lib/unicity"},
 		Runtime: Runtime{Dir: "/run/unicity"},
+		Telemetry: telemetry.Options{
+			Dir:      filepath.Join("/var/lib/unicity", TelemetryDirName),
+			MaxBytes: spool.DefaultMaxBytes,
+			MaxAge:   spool.DefaultMaxAge,
+			WhenFull: spool.RefuseNew,
+		},
 		Agent: Policy{
 			RetryMin:            time.Second,
 			RetryMax:            5 * time.Minute,
@@ -250,6 +265,9 @@ func Parse(name string, data []byte) (*Config, error) {
 	if undecoded := md.Undecoded(); len(undecoded) > 0 {
 		k := undecoded[0]
 		return nil, &Error{File: name, Line: lineOf(data, k), Key: k.String(), Err: errors.New("unknown key")}
+	}
+	if !md.IsDefined("telemetry", "dir") {
+		cfg.Telemetry.Dir = filepath.Join(cfg.State.Dir, TelemetryDirName)
 	}
 	if err := cfg.validate(); err != nil {
 		var ce *Error
@@ -412,7 +430,31 @@ func (c *Config) validate() error {
 	if pol.HubFailures < 1 {
 		return invalid("agent.hub_failures", "must be at least 1")
 	}
+	return c.validateTelemetry()
+}
+
+func (c *Config) validateTelemetry() error {
+	t := c.Telemetry
+	if t.Dir == "" {
+		return invalid("telemetry.dir", "must not be empty")
+	}
+	// The runtime directory is a tmpfs under systemd: a queue there is lost at every boot.
+	if within(t.Dir, c.Runtime.Dir) {
+		return invalid("telemetry.dir", "%s is inside runtime.dir (%s), which does not survive a reboot: keep it inside state.dir", t.Dir, c.Runtime.Dir)
+	}
+	if t.MaxBytes < spool.MinMaxBytes {
+		return invalid("telemetry.max_bytes", "must be at least %d (64 KiB)", spool.MinMaxBytes)
+	}
+	if t.MaxAge <= 0 {
+		return invalid("telemetry.max_age", "must be positive")
+	}
 	return nil
+}
+
+// within reports whether path is dir or inside it, lexically.
+func within(path, dir string) bool {
+	rel, err := filepath.Rel(filepath.Clean(dir), filepath.Clean(path))
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
 }
 
 func validateEndpoint(ep string) error {

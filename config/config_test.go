@@ -11,6 +11,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/unicity-iot/unicity/spool"
+	"github.com/unicity-iot/unicity/telemetry"
 )
 
 func writeConfig(t *testing.T, body string) string {
@@ -66,6 +69,26 @@ hub_failures = 3
 	assert.Equal(t, 3, cfg.Agent.HubFailures)
 }
 
+// TestTelemetryTable: the queue lives in the state directory unless the file says where, and
+// the table's values reach the store's options.
+func TestTelemetryTable(t *testing.T) {
+	const scope = "[provisioning]\nid_scope = \"0ne00000000\"\n"
+	cfg, err := Parse("c.toml", []byte(scope+"[state]\ndir = \"/data/unicity\"\n"))
+	require.NoError(t, err)
+	assert.Equal(t, telemetry.Options{Dir: "/data/unicity/telemetry", MaxBytes: 16 << 20, MaxAge: 168 * time.Hour, WhenFull: spool.RefuseNew}, cfg.Telemetry)
+
+	cfg, err = Parse("c.toml", []byte(scope+`[state]
+dir = "/data/unicity"
+[telemetry]
+dir = "/data/queue"
+max_bytes = 1048576
+max_age = "24h"
+when_full = "drop-oldest"
+`))
+	require.NoError(t, err)
+	assert.Equal(t, telemetry.Options{Dir: "/data/queue", MaxBytes: 1 << 20, MaxAge: 24 * time.Hour, WhenFull: spool.DropOldest}, cfg.Telemetry)
+}
+
 func TestLoadConfigMissingFile(t *testing.T) {
 	_, err := Load(filepath.Join(t.TempDir(), "nope.toml"))
 	require.ErrorIs(t, err, ErrNotExist)
@@ -107,6 +130,11 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"retry bounds", scope + "[agent]\nretry_min = \"10s\"\nretry_max = \"1s\"\n", 5, "agent.retry_max", "less than"},
 		{"negative delay", scope + "[agent]\nfirst_boot_delay = \"-1s\"\n", 4, "agent.first_boot_delay", "negative"},
 		{"hub failures", scope + "[agent]\nhub_failures = 0\n", 4, "agent.hub_failures", "at least 1"},
+		{"telemetry policy", scope + "[telemetry]\nwhen_full = \"drop-newest\"\n", 4, "telemetry.when_full", "refuse-new or drop-oldest"},
+		{"telemetry size", scope + "[telemetry]\nmax_bytes = 4096\n", 4, "telemetry.max_bytes", "at least 65536"},
+		{"telemetry age", scope + "[telemetry]\nmax_age = \"0s\"\n", 4, "telemetry.max_age", "positive"},
+		{"telemetry on tmpfs", scope + "[telemetry]\ndir = \"/run/unicity/queue\"\n", 4, "telemetry.dir", "does not survive a reboot"},
+		{"telemetry unknown key", scope + "[telemetry]\nmax_messages = 10\n", 4, "telemetry.max_messages", "unknown key"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -28,6 +28,7 @@ func (c *Config) HostChecks(uid int) []HostCheck {
 		{"api group", c.checkAPIGroup},
 		{"state dir", func() (string, error) { return c.checkDir("state.dir", c.State.Dir, uid) }},
 		{"runtime dir", func() (string, error) { return c.checkDir("runtime.dir", c.Runtime.Dir, uid) }},
+		{"telemetry dir", func() (string, error) { return c.checkDir("telemetry.dir", c.Telemetry.Dir, uid) }},
 	}
 }
 

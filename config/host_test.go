@@ -79,3 +79,24 @@ func TestHostChecksAPIGroup(t *testing.T) {
 	require.NoError(t, err)
 	assert.Contains(t, detail, "not set")
 }
+
+// TestHostChecksTelemetryDir: the telemetry queue's directory is held to the state
+// directory's rule, since whoever can write there can forge what the device sends.
+func TestHostChecksTelemetryDir(t *testing.T) {
+	cfg := Default()
+	cfg.Path = "config.toml"
+	cfg.Telemetry.Dir = filepath.Join(t.TempDir(), "telemetry")
+	require.NoError(t, os.Mkdir(cfg.Telemetry.Dir, 0o700))
+	require.NoError(t, os.Chmod(cfg.Telemetry.Dir, 0o777))
+	for _, hc := range cfg.HostChecks(os.Geteuid()) {
+		if hc.Name == "telemetry dir" {
+			_, err := hc.Check()
+			var ce *Error
+			require.ErrorAs(t, err, &ce)
+			assert.Equal(t, "telemetry.dir", ce.Key)
+			assert.ErrorContains(t, err, "writable by every user")
+			return
+		}
+	}
+	t.Fatal("no telemetry dir check")
+}
