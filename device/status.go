@@ -50,6 +50,33 @@ type Status struct {
 	ConnectedSince time.Time `json:"connected_since,omitzero"`
 	PID            int       `json:"pid"`
 	UpdatedAt      time.Time `json:"updated_at"`
+	// Telemetry is the applications' messages on their way to the hub, as the running
+	// agent's local API reports it (the status file has none).
+	Telemetry *TelemetryStatus `json:"telemetry,omitempty"`
+}
+
+// TelemetryStatus is the on-disk telemetry queue ([telemetry] in the configuration) in
+// `status`, GET /v1/status and the twin's health report.
+type TelemetryStatus struct {
+	// Messages is the queue's depth: stored and not yet acknowledged by the hub, InFlight of
+	// them sent and waiting for their PUBACK.
+	Messages int   `json:"messages"`
+	InFlight int   `json:"in_flight"`
+	Bytes    int64 `json:"bytes"`
+	MaxBytes int64 `json:"max_bytes"`
+	// OldestAgeSeconds is how long the oldest message has waited; 0 with an empty queue.
+	OldestAgeSeconds int64  `json:"oldest_age_s"`
+	WhenFull         string `json:"when_full"`
+	// Dropped (to make room, when_full = "drop-oldest"), Expired (older than max_age) and
+	// Rejected (refused by the hub for good) count messages removed unsent since the agent
+	// started; Torn counts damaged records dropped when the queue was opened.
+	Dropped  int64 `json:"dropped"`
+	Expired  int64 `json:"expired"`
+	Rejected int64 `json:"rejected"`
+	Torn     int64 `json:"torn"`
+	// Problem says why the queue is not open: the agent waits for a valid clock, or the
+	// directory cannot be used. Applications are answered 503 meanwhile.
+	Problem string `json:"problem,omitempty"`
 }
 
 // WriteStatus replaces the status file in dir. Readers see one whole status or the previous

@@ -1,5 +1,5 @@
 // Package gateway relays between the agent's hub session and the gateway's applications:
-// telemetry up (Send, Enqueue), the twin, cloud-to-device messages (kept in a backlog while
+// telemetry up (Submit, through the on-disk store of package telemetry), the twin, cloud-to-device messages (kept in a backlog while
 // no application listens), desired properties and direct methods down to the applications'
 // event streams; it reports the agent's health in the twin and answers the unicity.* direct
 // methods itself. It speaks no HTTP: the local API (package localapi) serves it to the
@@ -20,6 +20,7 @@ import (
 	"github.com/unicity-iot/unicity/internal/version"
 	"github.com/unicity-iot/unicity/localapi"
 	"github.com/unicity-iot/unicity/storage"
+	"github.com/unicity-iot/unicity/telemetry"
 )
 
 // ErrNoSession: no hub session is up to carry the request.
@@ -66,6 +67,8 @@ type Agent interface {
 type Gateway struct {
 	Agent Agent
 	Hubs  *device.HubSessions
+	// Clock dates and ages the telemetry store's messages; nil means the system clock.
+	Clock device.Clock
 
 	reportNow chan struct{}
 
@@ -78,6 +81,9 @@ type Gateway struct {
 	nextCall uint64
 	hubState hub.State
 	notAfter time.Time // of the identity certificate the session presents
+
+	store        *telemetry.Store // nil until open
+	storeProblem error            // why store is nil
 }
 
 type pendingCall struct {
@@ -135,11 +141,18 @@ func (g *Gateway) configure(hc *hub.Config) {
 	}
 }
 
-// Run reports the agent's health whenever a connection comes up, until ctx ends.
+// Run forwards the applications' telemetry and reports the agent's health whenever a
+// connection comes up, until ctx ends; it returns once the telemetry store is closed.
 func (g *Gateway) Run(ctx context.Context) {
 	g.mu.Lock()
 	g.ctx = ctx
 	g.mu.Unlock()
+	forwarding := make(chan struct{})
+	go func() {
+		defer close(forwarding)
+		g.runTelemetry(ctx)
+	}()
+	defer func() { <-forwarding }()
 	updates, cancel := g.Agent.Subscribe()
 	defer cancel()
 	pending := false
@@ -173,6 +186,8 @@ type Health struct {
 	// LastError is null when there is none, which removes an old one from the twin.
 	LastError   *string    `json:"last_error"`
 	LastErrorAt *time.Time `json:"last_error_at"`
+	// Telemetry is the on-disk queue as the connection came up: what waited while offline.
+	Telemetry *device.TelemetryStatus `json:"telemetry"`
 }
 
 // health gathers the report from the agent's status, the assignment in force and the session.
@@ -188,6 +203,7 @@ func (g *Gateway) health() Health {
 		Transport:           hs.Transport,
 		ConnectedAt:         hs.Since,
 		CertificateNotAfter: notAfter,
+		Telemetry:           g.TelemetryStatus(),
 	}
 	if st := g.Agent.Assignment(); st != nil {
 		h.ProvisionedAt, h.Substatus = st.ProvisionedAt, st.Substatus

@@ -4,6 +4,9 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
+	"io/fs"
+	"os"
 	"net"
 	"net/http"
 	"strings"
@@ -17,10 +20,10 @@ import (
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/device/devicetest"
 	"github.com/unicity-iot/unicity/gateway"
-	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/localapi"
+	"github.com/unicity-iot/unicity/spool"
 )
 
 // The relay's goroutines, the hub session's and the local API's end with the agent.
@@ -37,9 +40,20 @@ type gatewayBed struct {
 }
 
 func newGatewayBed(t *testing.T) *gatewayBed {
+	gb := startGatewayBed(t, nil)
+	gb.WaitPhase(device.PhaseConnected)
+	return gb
+}
+
+// startGatewayBed starts the agent and its gateway, after prepare (when set) has changed
+// the testbed.
+func startGatewayBed(t *testing.T, prepare func(*devicetest.Testbed)) *gatewayBed {
 	srv := hubtest.NewServer(t)
 	// DPS keeps assigning the same hub, so a re-registration lands back on it.
 	tb := devicetest.New(t, devicetest.Assigned(srv.Name()))
+	if prepare != nil {
+		prepare(tb)
+	}
 	require.NoError(t, srv.Register(hubtest.Device{ID: "gw-0001", Thumbprints: []string{certcodec.Thumbprint(tb.Leaf.Certificate())}}))
 	hubs := device.NewHubSessions(tb.Config, srv.RootCAs())
 	tb.Agent.Hub = hubs
@@ -49,7 +63,6 @@ func newGatewayBed(t *testing.T) *gatewayBed {
 	api := &localapi.Server{Agent: tb.Agent, Gateway: g, Clock: tb.Clock}
 	tb.Agent.Services = []func(context.Context){g.Run, func(ctx context.Context) { api.Serve(ctx, ln) }}
 	tb.Start()
-	tb.WaitPhase(device.PhaseConnected)
 	socket := localapi.Socket(tb.Config)
 	return &gatewayBed{Testbed: tb, srv: srv, gateway: g, api: localapi.NewClient(tb.Config),
 		http: &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -102,23 +115,30 @@ func TestGatewayReportsHealth(t *testing.T) {
 func TestGatewayTelemetry(t *testing.T) {
 	gb := newGatewayBed(t)
 	ctx := ctxFor(t)
-	require.NoError(t, gb.api.SendTelemetry(ctx, []byte("21.5 C"), map[string]string{"sensor": "t 1", "$.ct": "text/plain"}, 10*time.Second))
+	answer, err := gb.api.SendTelemetry(ctx, []byte("21.5 C"), map[string]string{"sensor": "t 1", "$.ct": "text/plain"}, 10*time.Second)
+	require.NoError(t, err)
+	assert.True(t, answer.Delivered)
 
-	var res map[string]any
+	var res localapi.TelemetryAnswer
 	status := gb.call(t, "POST", "/v1/telemetry", `{"payload":{"temp":22},"properties":{"$.ct":"application/json","$.ce":"utf-8"}}`, &res)
 	assert.Equal(t, http.StatusOK, status)
-	assert.Equal(t, true, res["delivered"])
+	assert.True(t, res.Delivered)
+	assert.NotEmpty(t, res.MessageID, "the agent gives a message without $.mid one")
 	status = gb.call(t, "POST", "/v1/telemetry?wait=0", `{"payload_base64":"AAE="}`, &res)
 	assert.Equal(t, http.StatusAccepted, status)
+	assert.True(t, res.Queued)
+	assert.False(t, res.Delivered)
 
 	got, err := gb.srv.WaitTelemetry(ctx, "gw-0001", 3)
 	require.NoError(t, err)
 	assert.Equal(t, "21.5 C", string(got[0].Payload))
 	assert.Equal(t, map[string]string{"sensor": "t 1"}, got[0].Properties)
-	assert.Equal(t, map[string]string{"$.ct": "text/plain"}, got[0].System)
+	assert.Equal(t, "text/plain", got[0].System["$.ct"])
 	assert.JSONEq(t, `{"temp":22}`, string(got[1].Payload))
-	assert.Equal(t, map[string]string{"$.ct": "application/json", "$.ce": "utf-8"}, got[1].System)
+	assert.Equal(t, "application/json", got[1].System["$.ct"])
+	assert.NotEmpty(t, got[1].System["$.mid"])
 	assert.Equal(t, []byte{0, 1}, got[2].Payload)
+	assert.Equal(t, res.MessageID, got[2].System["$.mid"], "the answer names the message the hub gets")
 
 	tests := []struct {
 		name, path, body string
@@ -132,6 +152,7 @@ func TestGatewayTelemetry(t *testing.T) {
 		{"too large", "/v1/telemetry", `{"payload_base64":"` + strings.Repeat("A", 600<<10) + `"}`, 413, "exceeds"},
 		{"over the hub's limit", "/v1/telemetry", `{"payload_base64":"` + strings.Repeat("A", 344<<10) + `"}`, 413, "too large"},
 		{"bad timeout", "/v1/telemetry?timeout=forever", `{}`, 400, "timeout"},
+		{"empty property name", "/v1/telemetry", `{"payload":1,"properties":{"":"x"}}`, 400, "property"},
 		{"patch not an object", "/v1/twin/reported", `[1]`, 400, "invalid JSON body"},
 	}
 	for _, tt := range tests {
@@ -331,27 +352,87 @@ func (s *eventStream) close() {
 	}
 }
 
-func TestGatewayQueueFull(t *testing.T) {
-	gb := newGatewayBed(t)
-	// A queue no session drains: what does not fit is refused, never dropped.
-	gb.gateway.Hubs.Queue = hub.NewQueue(1, 0)
-	var res map[string]any
-	assert.Equal(t, http.StatusAccepted, gb.call(t, "POST", "/v1/telemetry?wait=0", `{"payload":1}`, &res))
-	req, err := http.NewRequest("POST", "http://unicity/v1/telemetry", strings.NewReader(`{"payload":2}`))
-	require.NoError(t, err)
-	resp, err := gb.http.Do(req)
-	require.NoError(t, err)
-	resp.Body.Close()
-	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
-	assert.Equal(t, "5", resp.Header.Get("Retry-After"))
+// TestGatewayTelemetryWhileOffline: with the hub unreachable, a message whose PUBACK does not
+// come within the wait is 202 with its message ID, stored; a full queue (refuse-new) is 507
+// with Retry-After and stores nothing; the status shows the queue. Once the hub is back,
+// every stored message arrives, in order, with its message ID.
+func TestGatewayTelemetryWhileOffline(t *testing.T) {
+	gb := startGatewayBed(t, func(tb *devicetest.Testbed) { tb.Config.Telemetry.MaxBytes = spool.MinMaxBytes })
+	gb.WaitPhase(device.PhaseConnected)
+	ctx := ctxFor(t)
+	gb.srv.FailConnects(1<<20, 3)
+	require.NoError(t, gb.srv.Disconnect("gw-0001"))
 
-	err = gb.api.SendTelemetry(ctxFor(t), []byte("3"), nil, time.Second)
+	var res localapi.TelemetryAnswer
+	assert.Equal(t, http.StatusAccepted, gb.call(t, "POST", "/v1/telemetry?timeout=50ms", `{"payload":0,"properties":{"$.mid":"m-0"}}`, &res))
+	assert.Equal(t, localapi.TelemetryAnswer{Queued: true, MessageID: "m-0"}, res, "not confirmed, but stored: it will be sent")
+
+	// A quarter of the queue per message at most: the fourth 15 KiB message does not fit.
+	payload := `"` + strings.Repeat("x", 15<<10) + `"`
+	var mids []string
+	for i := 1; ; i++ {
+		req, err := http.NewRequest("POST", "http://unicity/v1/telemetry?wait=0", strings.NewReader(fmt.Sprintf(`{"payload":%s,"properties":{"$.mid":"m-%d"}}`, payload, i)))
+		require.NoError(t, err)
+		resp, err := gb.http.Do(req)
+		require.NoError(t, err)
+		var res localapi.TelemetryAnswer
+		require.NoError(t, json.NewDecoder(resp.Body).Decode(&res))
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusInsufficientStorage {
+			assert.Equal(t, "30", resp.Header.Get("Retry-After"))
+			assert.Contains(t, res.Error, "full")
+			assert.Empty(t, res.MessageID, "nothing stored")
+			break
+		}
+		require.Equal(t, http.StatusAccepted, resp.StatusCode, res.Error)
+		mids = append(mids, res.MessageID)
+		require.Less(t, i, 10, "the queue never filled")
+	}
+	_, err := gb.api.SendTelemetry(ctx, []byte(payload), nil, time.Second)
 	require.ErrorIs(t, err, device.ErrTemporary, "unicity send exits 75")
 	assert.Contains(t, err.Error(), "queue full")
 
-	// Waiting for an acknowledgement that cannot come: 504, and the message is taken back.
-	gb.gateway.Hubs.Queue = hub.NewQueue(0, 0)
-	var e struct{ Error string }
-	assert.Equal(t, http.StatusGatewayTimeout, gb.call(t, "POST", "/v1/telemetry?timeout=50ms", `{"payload":4}`, &e))
-	assert.Contains(t, e.Error, "not sent")
+	st, err := gb.api.Status(ctx)
+	require.NoError(t, err)
+	require.NotNil(t, st.Telemetry)
+	assert.Equal(t, 1+len(mids), st.Telemetry.Messages)
+	assert.Greater(t, st.Telemetry.Bytes, int64(45<<10))
+	assert.Equal(t, int64(spool.MinMaxBytes), st.Telemetry.MaxBytes)
+	assert.Equal(t, "refuse-new", st.Telemetry.WhenFull)
+	assert.Empty(t, st.Telemetry.Problem)
+
+	gb.srv.FailConnects(0, 0)
+	got, err := gb.srv.WaitTelemetry(ctx, "gw-0001", 1+len(mids))
+	require.NoError(t, err)
+	var arrived []string
+	for _, m := range got {
+		arrived = append(arrived, m.System["$.mid"])
+	}
+	assert.Equal(t, append([]string{"m-0"}, mids...), arrived)
+	require.Eventually(t, func() bool { return gb.gateway.TelemetryStatus().Messages == 0 }, 10*time.Second, 10*time.Millisecond,
+		"acknowledged messages leave the queue")
+}
+
+// TestGatewayTelemetryBeforeTheClock: until the agent has found the clock valid, the store is
+// not open: 503 with Retry-After, and the status says why.
+func TestGatewayTelemetryBeforeTheClock(t *testing.T) {
+	gb := startGatewayBed(t, func(tb *devicetest.Testbed) { tb.Clock.Set(time.Unix(0, 0)) })
+	gb.WaitPhase(device.PhaseWaitingClock)
+	req, err := http.NewRequest("POST", "http://unicity/v1/telemetry", strings.NewReader(`{"payload":1}`))
+	require.NoError(t, err)
+	resp, err := gb.http.Do(req)
+	require.NoError(t, err)
+	var res localapi.TelemetryAnswer
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&res))
+	resp.Body.Close()
+	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
+	assert.Equal(t, "5", resp.Header.Get("Retry-After"))
+	assert.Contains(t, res.Error, "valid clock")
+
+	st, err := gb.api.Status(ctxFor(t))
+	require.NoError(t, err)
+	require.NotNil(t, st.Telemetry)
+	assert.Contains(t, st.Telemetry.Problem, "valid clock")
+	_, err = os.Stat(gb.Config.Telemetry.Dir)
+	assert.ErrorIs(t, err, fs.ErrNotExist, "not opened before the clock is valid")
 }

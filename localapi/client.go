@@ -121,40 +121,46 @@ func boolParam(b bool) string {
 	return "0"
 }
 
-// SendTelemetry sends one telemetry message through the running agent and returns once the
-// hub has acknowledged it. A full queue or no acknowledgement in time is marked device.ErrTemporary,
-// no agent device.ErrUnreachable.
-func (c *Client) SendTelemetry(ctx context.Context, payload []byte, props map[string]string, wait time.Duration) error {
+// SendTelemetry sends one telemetry message through the running agent. With wait above zero
+// it returns once the hub has acknowledged it (Delivered), or once the agent has it stored
+// when no acknowledgement came within wait (Queued: the agent sends it later); with wait 0,
+// once stored. A full queue, an agent not ready or stopping, and no answer in time are
+// marked device.ErrTemporary, no agent device.ErrUnreachable.
+func (c *Client) SendTelemetry(ctx context.Context, payload []byte, props map[string]string, wait time.Duration) (TelemetryAnswer, error) {
 	body, err := json.Marshal(TelemetryRequest{PayloadBase64: payload, Properties: props})
 	if err != nil {
-		return err
+		return TelemetryAnswer{}, err
 	}
-	path := "/v1/telemetry?timeout=" + url.QueryEscape(wait.String())
+	path := "/v1/telemetry?wait=0"
+	if wait > 0 {
+		path = "/v1/telemetry?timeout=" + url.QueryEscape(wait.String())
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://unicity"+path, bytes.NewReader(body))
 	if err != nil {
-		return err
+		return TelemetryAnswer{}, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := c.http.Do(req)
 	if err != nil {
 		var ue *url.Error
 		if errors.Is(err, ErrNotRunning) && errors.As(err, &ue) {
-			return device.Mark(ue.Err, device.ErrUnreachable) // no agent: the request itself says nothing
+			return TelemetryAnswer{}, device.Mark(ue.Err, device.ErrUnreachable) // no agent: the request itself says nothing
 		}
-		return err
+		return TelemetryAnswer{}, err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusOK {
-		return nil
-	}
-	var answer struct {
-		Error string `json:"error"`
-	}
-	json.NewDecoder(bufio.NewReader(io.LimitReader(resp.Body, 64<<10))).Decode(&answer)
-	err = fmt.Errorf("agent answered %s: %s", resp.Status, answer.Error)
+	var answer TelemetryAnswer
+	decodeErr := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&answer)
 	switch resp.StatusCode {
+	case http.StatusOK, http.StatusAccepted:
+		if decodeErr != nil {
+			return TelemetryAnswer{}, fmt.Errorf("cannot read the agent's answer: %w", decodeErr)
+		}
+		return answer, nil
+	case http.StatusInsufficientStorage:
+		return answer, device.Mark(fmt.Errorf("telemetry queue full (agent answered %s): %s", resp.Status, answer.Error), device.ErrTemporary)
 	case http.StatusServiceUnavailable, http.StatusGatewayTimeout:
-		return device.Mark(err, device.ErrTemporary)
+		return answer, device.Mark(fmt.Errorf("agent answered %s: %s", resp.Status, answer.Error), device.ErrTemporary)
 	}
-	return err
+	return answer, fmt.Errorf("agent answered %s: %s", resp.Status, answer.Error)
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/internal/clock"
 	"github.com/unicity-iot/unicity/storage"
+	"github.com/unicity-iot/unicity/telemetry"
 )
 
 // Agent is what the local API asks of the agent (device.Agent).
@@ -30,10 +31,12 @@ type Agent interface {
 
 // Gateway is the hub session as the applications' routes use it (package gateway).
 type Gateway interface {
-	// Enqueue queues a telemetry message; Send queues it and returns once the hub has
-	// acknowledged it. Both refuse with hub.ErrQueueFull and hub.ErrTooLarge.
-	Enqueue(m hub.Message) error
-	Send(ctx context.Context, m hub.Message) error
+	// Submit stores application app's telemetry message and, with wait above zero, waits up
+	// to wait for the hub's PUBACK: package telemetry's errors, or one marked ErrNotReady
+	// before the store is open.
+	Submit(ctx context.Context, app string, m hub.Message, wait time.Duration) (telemetry.Receipt, error)
+	// TelemetryStatus is the telemetry queue's figures for the status.
+	TelemetryStatus() *device.TelemetryStatus
 	Twin(ctx context.Context) (hub.Twin, error)
 	// UpdateReported patches the reported properties; what the application may not patch is
 	// refused with an error marked ErrBadRequest.
@@ -60,6 +63,20 @@ type Stream struct {
 
 // ErrBadRequest marks a request the gateway refuses as the application's mistake (400).
 var ErrBadRequest = errors.New("bad request")
+
+// ErrNotReady marks a request the gateway cannot serve yet (503 with Retry-After): the
+// telemetry store opens once the agent has found the clock valid.
+var ErrNotReady = errors.New("not ready")
+
+// notReadyRetry is the Retry-After of a 503 before the agent is ready.
+const notReadyRetry = 5 * time.Second
+
+// AppHeader names the application a telemetry message comes from, for the order of its
+// messages; without it, the application is the peer's user (uid:N, from SO_PEERCRED).
+const AppHeader = "X-Unicity-App"
+
+// maxAppName bounds AppHeader: it is stored with every message.
+const maxAppName = 64
 
 // Request body limits: the hub's own limits with room for JSON and base64.
 const (
@@ -88,7 +105,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) {
 	}
 	mux := http.NewServeMux()
 	s.routes(mux)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }, ConnContext: withPeer}
 	go func() {
 		<-ctx.Done()
 		shutdown, cancel := context.WithTimeout(context.Background(), time.Second)
@@ -114,8 +131,12 @@ func (s *Server) routes(mux *http.ServeMux) {
 }
 
 func (s *Server) handleStatus(w http.ResponseWriter, _ *http.Request) {
+	st := s.Agent.Status()
+	if s.Gateway != nil {
+		st.Telemetry = s.Gateway.TelemetryStatus()
+	}
 	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(s.Agent.Status())
+	json.NewEncoder(w).Encode(st)
 }
 
 // handleReprovision asks the loop for a registration. ?force=1 skips the rate limit;
@@ -153,7 +174,7 @@ func (s *Server) handleReprovision(w http.ResponseWriter, r *http.Request) {
 	case res := <-done:
 		if res.err != nil {
 			if wait := device.RetryAfter(res.err, s.Clock.Now()); wait > 0 {
-				w.Header().Set("Retry-After", strconv.FormatInt(int64((wait+time.Second-1)/time.Second), 10))
+				w.Header().Set("Retry-After", seconds(wait))
 			}
 			writeJSON(w, RegistrationStatus(res.err), progressLine{Error: res.err.Error(), Kind: kindOf(res.err)})
 			return
@@ -188,6 +209,20 @@ func (s *Server) handleReprovision(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// TelemetryAnswer is the body of a POST /v1/telemetry answer that is not an error, and of
+// a 504 or a 503 that came before the message was known to be stored (MessageID, to send it
+// again as itself).
+type TelemetryAnswer struct {
+	// Delivered: the hub acknowledged it (200). Queued: stored, and it will be sent (202).
+	Delivered bool   `json:"delivered"`
+	Queued    bool   `json:"queued,omitempty"`
+	MessageID string `json:"message_id,omitempty"`
+	Error     string `json:"error,omitempty"`
+}
+
+// handleTelemetry stores a message in the agent's telemetry queue: answered once the hub
+// acknowledged it (200), within ?timeout=, or once it is durable with ?wait=0 (202). A
+// message stored whose acknowledgement did not come in time is 202 too: it will be sent.
 func (s *Server) handleTelemetry(w http.ResponseWriter, r *http.Request) {
 	var req TelemetryRequest
 	if !decodeBody(w, r, maxTelemetryBody, &req) {
@@ -197,51 +232,76 @@ func (s *Server) handleTelemetry(w http.ResponseWriter, r *http.Request) {
 		apiError(w, http.StatusBadRequest, "give payload or payload_base64, not both")
 		return
 	}
+	app, err := appOf(r)
+	if err != nil {
+		apiError(w, http.StatusBadRequest, err.Error())
+		return
+	}
 	m := hub.Message{Payload: req.PayloadBase64, Properties: req.Properties}
 	if len(req.Payload) > 0 {
 		m.Payload = req.Payload
 	}
-	if r.URL.Query().Get("wait") == "0" {
-		if err := s.Gateway.Enqueue(m); err != nil {
-			sendError(w, err)
-			return
-		}
-		writeJSON(w, http.StatusAccepted, map[string]any{"queued": true})
-		return
-	}
 	wait := defaultSendWait
-	if t := r.URL.Query().Get("timeout"); t != "" {
-		d, err := time.ParseDuration(t)
+	switch q := r.URL.Query(); {
+	case q.Get("wait") == "0":
+		wait = 0
+	case q.Get("timeout") != "":
+		d, err := time.ParseDuration(q.Get("timeout"))
 		if err != nil || d <= 0 || d > maxSendWait {
 			apiError(w, http.StatusBadRequest, fmt.Sprintf("timeout: want a duration up to %s, such as 10s", maxSendWait))
 			return
 		}
 		wait = d
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), wait)
-	defer cancel()
-	if err := s.Gateway.Send(ctx, m); err != nil {
-		sendError(w, err)
-		return
+	receipt, err := s.Gateway.Submit(r.Context(), app, m, wait)
+	switch {
+	case err == nil && receipt.Delivered:
+		writeJSON(w, http.StatusOK, TelemetryAnswer{Delivered: true, MessageID: receipt.MID})
+	case err == nil, errors.Is(err, telemetry.ErrNotConfirmed):
+		writeJSON(w, http.StatusAccepted, TelemetryAnswer{Queued: true, MessageID: receipt.MID})
+	default:
+		telemetryError(w, err, receipt.MID)
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"delivered": true})
 }
 
-// sendError answers a refused or unconfirmed telemetry message.
-func sendError(w http.ResponseWriter, err error) {
+// telemetryError answers a message refused, or not known to be stored, as package
+// telemetry's doc maps its errors.
+func telemetryError(w http.ResponseWriter, err error, mid string) {
+	status := http.StatusInternalServerError
 	switch {
-	case errors.Is(err, hub.ErrQueueFull):
-		w.Header().Set("Retry-After", "5")
-		apiError(w, http.StatusServiceUnavailable, err.Error())
-	case errors.Is(err, hub.ErrTooLarge):
-		apiError(w, http.StatusRequestEntityTooLarge, err.Error())
+	case errors.Is(err, ErrNotReady):
+		w.Header().Set("Retry-After", seconds(notReadyRetry))
+		status = http.StatusServiceUnavailable
+	case errors.Is(err, telemetry.ErrInvalid):
+		status = http.StatusBadRequest
+	case errors.Is(err, telemetry.ErrTooLarge):
+		status = http.StatusRequestEntityTooLarge
+	case errors.Is(err, telemetry.ErrFull):
+		w.Header().Set("Retry-After", seconds(telemetry.RetryAfter))
+		status = http.StatusInsufficientStorage
+	case errors.Is(err, telemetry.ErrDropped):
+		status = http.StatusInsufficientStorage
+	case errors.Is(err, telemetry.ErrClosed), errors.Is(err, context.Canceled):
+		status = http.StatusServiceUnavailable // the agent is stopping
 	case errors.Is(err, context.DeadlineExceeded):
-		apiError(w, http.StatusGatewayTimeout, err.Error())
-	case errors.Is(err, context.Canceled):
-		apiError(w, http.StatusServiceUnavailable, err.Error()) // the agent is stopping
-	default:
-		apiError(w, http.StatusBadRequest, err.Error())
+		status = http.StatusGatewayTimeout
 	}
+	writeJSON(w, status, TelemetryAnswer{MessageID: mid, Error: err.Error()})
+}
+
+func seconds(d time.Duration) string {
+	return strconv.FormatInt(int64((d+time.Second-1)/time.Second), 10)
+}
+
+// appOf is the application a request comes from: AppHeader, or the peer's user.
+func appOf(r *http.Request) (string, error) {
+	if name := r.Header.Get(AppHeader); name != "" {
+		if len(name) > maxAppName || strings.ContainsFunc(name, func(c rune) bool { return c < 0x21 || c > 0x7e }) {
+			return "", fmt.Errorf("%s: want at most %d printable ASCII characters without spaces", AppHeader, maxAppName)
+		}
+		return name, nil
+	}
+	return peerOf(r.Context()), nil
 }
 
 func (s *Server) handleTwin(w http.ResponseWriter, r *http.Request) {

@@ -69,6 +69,7 @@ func runRun(ctx context.Context, e *env, args []string) error {
 		OnStatus:    statusLogger(log),
 	}
 	relay := gateway.New(agent, hubs)
+	relay.Clock = agentClock
 	apiServer := &localapi.Server{Agent: agent, Gateway: relay, Clock: agentClock}
 	agent.Services = []func(context.Context){relay.Run, func(ctx context.Context) { apiServer.Serve(ctx, api) }}
 	prov.Clock = agentClock

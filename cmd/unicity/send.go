@@ -28,21 +28,26 @@ func (p properties) Set(s string) error {
 
 // sendReport is `unicity send --json`.
 type sendReport struct {
-	Delivered bool   `json:"delivered"`
+	Delivered bool `json:"delivered"`
+	// Queued: the agent has it stored and sends it later (no acknowledgement within
+	// --timeout, or --timeout 0).
+	Queued    bool   `json:"queued,omitempty"`
 	MessageID string `json:"message_id"`
 	Bytes     int    `json:"bytes"`
 }
 
-// runSend sends stdin as one telemetry message through the running agent's hub session and
-// returns once the hub has acknowledged it. The message carries a message ID ($.mid), one
-// made up when none is given, so that it can be found on the cloud side.
+// runSend sends stdin as one telemetry message through the running agent's telemetry queue
+// and returns once the hub has acknowledged it, or once the agent has it stored when no
+// acknowledgement comes within --timeout (it is sent later: sending it again would make a
+// duplicate). The message carries a message ID ($.mid), one made up when none is given, so
+// that it can be found on the cloud side and duplicates dropped.
 func runSend(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "send", "[--config FILE] [--property NAME=VALUE]... [--timeout D] [--json] < payload")
 	var tf tpmFlags
 	tf.register(fs)
 	props := properties{}
 	fs.Var(props, "property", "message property `NAME=VALUE` (repeatable); system properties by their wire names, e.g. '$.ct=application/json'")
-	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the hub's acknowledgement; the message is withdrawn if it was not sent by then")
+	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the hub's acknowledgement (0: only until the agent has stored the message); a stored message is sent even when it does not come in time")
 	out := e.jsonFlag(fs, "print the outcome as one JSON object")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -64,13 +69,21 @@ func runSend(ctx context.Context, e *env, args []string) error {
 	// The agent bounds the wait by --timeout; this bounds a wedged agent.
 	ctx, cancel := context.WithTimeout(ctx, *timeout+10*time.Second)
 	defer cancel()
-	if err := localapi.NewClient(cfg).SendTelemetry(ctx, payload, props, *timeout); err != nil {
+	if *timeout < 0 {
+		return usageErrorf("send: --timeout must not be negative")
+	}
+	answer, err := localapi.NewClient(cfg).SendTelemetry(ctx, payload, props, *timeout)
+	if err != nil {
 		return fmt.Errorf("cannot send: %w", err)
 	}
-	r := sendReport{Delivered: true, MessageID: props[hub.PropMessageID], Bytes: len(payload)}
+	r := sendReport{Delivered: answer.Delivered, Queued: answer.Queued, MessageID: props[hub.PropMessageID], Bytes: len(payload)}
 	if out.on {
 		return out.print(r)
 	}
-	_, err = fmt.Fprintf(e.stdout, "delivered: message %s, %d bytes, acknowledged by the hub\n", r.MessageID, r.Bytes)
+	if r.Delivered {
+		_, err = fmt.Fprintf(e.stdout, "delivered: message %s, %d bytes, acknowledged by the hub\n", r.MessageID, r.Bytes)
+	} else {
+		_, err = fmt.Fprintf(e.stdout, "queued: message %s, %d bytes, stored by the agent; it sends it once the hub is reachable\n", r.MessageID, r.Bytes)
+	}
 	return err
 }

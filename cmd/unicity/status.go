@@ -40,6 +40,8 @@ type statusReport struct {
 	StatusAt       time.Time    `json:"status_at,omitzero"`
 	// Problems are what `unicity run` refuses to start with (device.HostChecks).
 	Problems []string `json:"problems,omitempty"`
+	// Telemetry is the running agent's telemetry queue.
+	Telemetry *device.TelemetryStatus `json:"telemetry,omitempty"`
 }
 
 // statusTimeout bounds the question to the service: a wedged agent must not wedge status.
@@ -128,6 +130,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	}
 	if live != nil {
 		r.Message, r.LastError, r.NextRetry, r.StatusAt = live.Message, live.LastError, live.NextRetry, live.UpdatedAt
+		r.Telemetry = live.Telemetry
 	}
 	if live != nil && r.ServiceRunning && live.AssignedHub != "" && (live.StoreError != "" || r.AssignedHub == "") {
 		// The assignment in force is the agent's: not stored, or not readable by this user.
@@ -201,4 +204,28 @@ func printStatus(w io.Writer, r statusReport) {
 	for _, p := range r.Problems {
 		fmt.Fprintf(w, "  problem:          %s\n", p)
 	}
+	if t := r.Telemetry; t != nil {
+		fmt.Fprintln(w, "Telemetry queue")
+		if t.Problem != "" {
+			fmt.Fprintf(w, "  not open:         %s\n", t.Problem)
+			return
+		}
+		fmt.Fprintf(w, "  queued:           %d messages (%d sent, awaiting the hub), %s of %s\n", t.Messages, t.InFlight, sizeOf(t.Bytes), sizeOf(t.MaxBytes))
+		if t.Messages > 0 {
+			fmt.Fprintf(w, "  oldest:           %s ago\n", time.Duration(t.OldestAgeSeconds)*time.Second)
+		}
+		fmt.Fprintf(w, "  when full:        %s\n", t.WhenFull)
+		fmt.Fprintf(w, "  removed unsent:   %d dropped, %d expired, %d rejected by the hub\n", t.Dropped, t.Expired, t.Rejected)
+		if t.Torn > 0 {
+			fmt.Fprintf(w, "  torn records:     %d dropped at start (a crash or power cut mid-write)\n", t.Torn)
+		}
+	}
+}
+
+// sizeOf is n bytes in KiB or MiB.
+func sizeOf(n int64) string {
+	if n >= 1<<20 {
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	}
+	return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
 }
