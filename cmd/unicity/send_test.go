@@ -48,6 +48,7 @@ func TestSendUsage(t *testing.T) {
 		{"property without value", []string{"--property", "novalue"}, "x", exitUsage, "NAME=VALUE"},
 		{"property without name", []string{"--property", "=v"}, "x", exitUsage, "NAME=VALUE"},
 		{"payload over the hub's limit", nil, strings.Repeat("x", hub.MaxTelemetrySize+1), exitUsage, "exceeds"},
+		{"negative timeout", []string{"--timeout", "-1s"}, "x", exitUsage, "negative"},
 		{"no agent", []string{"--property", "a=b"}, "x", exitUnavailable, "not running"},
 	}
 	for _, tt := range tests {
