@@ -69,7 +69,7 @@ func TestShortBench(t *testing.T) {
 			}
 		}
 	}
-	for _, name := range []string{"peak RSS, connected idle", "telemetry: PUBACK latency p99", "binary size (this machine)",
+	for _, name := range []string{"peak RSS, connected idle", "telemetry: PUBACK latency p99", "telemetry, durable: messages/s, one at a time", "binary size (this machine)",
 		"wire, first boot: DPS bytes sent", "wire, first boot: hub bytes received", "fleet storm: time until all assigned"} {
 		f := r.Figure(name)
 		if assert.NotNil(t, f, name) {

@@ -54,8 +54,9 @@ func (h *harness) idle(ctx context.Context, a *agent) error {
 }
 
 // telemetry sends messages through the local API of the connected agent for d (POST
-// /v1/telemetry, which answers once the hub's PUBACK arrived): one at a time for the latency,
-// then from several clients at once for the throughput.
+// /v1/telemetry, which stores each on disk and answers once the hub's PUBACK arrived): one at
+// a time for the latency, then from several clients at once for the throughput; then one at
+// a time with ?wait=0, answered once the message is durable (fdatasync'd).
 func (h *harness) telemetry(ctx context.Context, d *device) error {
 	h.step(fmt.Sprintf("telemetry: %d messages one at a time, then %d from %d clients", h.opts.Messages, h.opts.Messages, telemetryClients))
 	sock := filepath.Join(d.runtime, "api.sock")
@@ -65,9 +66,9 @@ func (h *harness) telemetry(ctx context.Context, d *device) error {
 		},
 		MaxIdleConnsPerHost: telemetryClients,
 	}}
-	send := func(i int) (time.Duration, error) {
+	post := func(query string, want int, i int) (time.Duration, error) {
 		body, _ := json.Marshal(map[string]any{"payload": map[string]any{"seq": i, "temperature": 21.5}})
-		req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://unicity/v1/telemetry", bytes.NewReader(body))
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://unicity/v1/telemetry"+query, bytes.NewReader(body))
 		if err != nil {
 			return 0, err
 		}
@@ -79,23 +80,34 @@ func (h *harness) telemetry(ctx context.Context, d *device) error {
 		}
 		data, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return 0, fmt.Errorf("POST /v1/telemetry: %s: %s", resp.Status, strings.TrimSpace(string(data)))
+		if resp.StatusCode != want {
+			return 0, fmt.Errorf("POST /v1/telemetry%s: %s: %s", query, resp.Status, strings.TrimSpace(string(data)))
 		}
 		return time.Since(start), nil
 	}
+	send := func(i int) (time.Duration, error) { return post("", http.StatusOK, i) }
+	// oneAtATime sends n messages, each after the answer to the one before: the latencies,
+	// sorted, and the rate.
+	oneAtATime := func(n, from int, send func(int) (time.Duration, error)) ([]float64, float64, error) {
+		lat := make([]float64, 0, n)
+		start := time.Now()
+		for i := range n {
+			d, err := send(from + i)
+			if err != nil {
+				return nil, 0, err
+			}
+			lat = append(lat, float64(d.Microseconds())/1000)
+		}
+		rate := float64(n) / time.Since(start).Seconds()
+		slices.Sort(lat)
+		return lat, rate, nil
+	}
 
 	n := h.opts.Messages
-	lat := make([]float64, 0, n)
-	start := time.Now()
-	for i := range n {
-		d, err := send(i)
-		if err != nil {
-			return err
-		}
-		lat = append(lat, float64(d.Microseconds())/1000)
+	lat, sequential, err := oneAtATime(n, 0, send)
+	if err != nil {
+		return err
 	}
-	sequential := float64(n) / time.Since(start).Seconds()
 
 	var (
 		wg       sync.WaitGroup
@@ -103,7 +115,7 @@ func (h *harness) telemetry(ctx context.Context, d *device) error {
 		firstErr error
 		next     = make(chan int)
 	)
-	start = time.Now()
+	start := time.Now()
 	for range telemetryClients {
 		wg.Go(func() {
 			for i := range next {
@@ -124,13 +136,19 @@ func (h *harness) telemetry(ctx context.Context, d *device) error {
 		return firstErr
 	}
 	parallel := float64(n) / time.Since(start).Seconds()
+	durable, durableRate, err := oneAtATime(n, 2*n, func(i int) (time.Duration, error) { return post("?wait=0", http.StatusAccepted, i) })
+	if err != nil {
+		return err
+	}
 
 	r := h.report
-	slices.Sort(lat)
-	r.add("telemetry: PUBACK latency p50", "ms", []float64{percentile(lat, 50)}, "", 0, "POST /v1/telemetry until the hub's PUBACK, one at a time")
+	r.add("telemetry: PUBACK latency p50", "ms", []float64{percentile(lat, 50)}, "", 0, "POST /v1/telemetry until the hub's PUBACK, one at a time (stored on disk first)")
 	r.add("telemetry: PUBACK latency p99", "ms", []float64{percentile(lat, 99)}, "", 0, "")
 	r.add("telemetry: messages/s, one at a time", "msg/s", []float64{sequential}, "", 0, "")
 	r.add(fmt.Sprintf("telemetry: messages/s, %d clients", telemetryClients), "msg/s", []float64{parallel}, "", 0, "each waits for its PUBACK")
+	r.add("telemetry, durable: latency p50", "ms", []float64{percentile(durable, 50)}, "", 0, "POST /v1/telemetry?wait=0 until the message is fdatasync'd, one at a time")
+	r.add("telemetry, durable: latency p99", "ms", []float64{percentile(durable, 99)}, "", 0, "")
+	r.add("telemetry, durable: messages/s, one at a time", "msg/s", []float64{durableRate}, ">=", 1000, "")
 	return nil
 }
 
