@@ -84,6 +84,17 @@ func (gb *gatewayBed) call(t *testing.T, method, path, body string, out any) int
 	return resp.StatusCode
 }
 
+// postTelemetry posts a message and returns the answer, its headers with it.
+func (gb *gatewayBed) postTelemetry(t *testing.T, query, body string) (*http.Response, localapi.TelemetryAnswer) {
+	t.Helper()
+	resp, err := gb.http.Post("http://unicity/v1/telemetry"+query, "application/json", strings.NewReader(body))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var res localapi.TelemetryAnswer
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&res))
+	return resp, res
+}
+
 func ctxFor(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	t.Cleanup(cancel)
@@ -371,13 +382,7 @@ func TestGatewayTelemetryWhileOffline(t *testing.T) {
 	payload := `"` + strings.Repeat("x", 15<<10) + `"`
 	var mids []string
 	for i := 1; ; i++ {
-		req, err := http.NewRequest("POST", "http://unicity/v1/telemetry?wait=0", strings.NewReader(fmt.Sprintf(`{"payload":%s,"properties":{"$.mid":"m-%d"}}`, payload, i)))
-		require.NoError(t, err)
-		resp, err := gb.http.Do(req)
-		require.NoError(t, err)
-		var res localapi.TelemetryAnswer
-		require.NoError(t, json.NewDecoder(resp.Body).Decode(&res))
-		resp.Body.Close()
+		resp, res := gb.postTelemetry(t, "?wait=0", fmt.Sprintf(`{"payload":%s,"properties":{"$.mid":"m-%d"}}`, payload, i))
 		if resp.StatusCode == http.StatusInsufficientStorage {
 			assert.Equal(t, "30", resp.Header.Get("Retry-After"))
 			assert.Contains(t, res.Error, "full")
@@ -418,13 +423,7 @@ func TestGatewayTelemetryWhileOffline(t *testing.T) {
 func TestGatewayTelemetryBeforeTheClock(t *testing.T) {
 	gb := startGatewayBed(t, func(tb *devicetest.Testbed) { tb.Clock.Set(time.Unix(0, 0)) })
 	gb.WaitPhase(device.PhaseWaitingClock)
-	req, err := http.NewRequest("POST", "http://unicity/v1/telemetry", strings.NewReader(`{"payload":1}`))
-	require.NoError(t, err)
-	resp, err := gb.http.Do(req)
-	require.NoError(t, err)
-	var res localapi.TelemetryAnswer
-	require.NoError(t, json.NewDecoder(resp.Body).Decode(&res))
-	resp.Body.Close()
+	resp, res := gb.postTelemetry(t, "", `{"payload":1}`)
 	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
 	assert.Equal(t, "5", resp.Header.Get("Retry-After"))
 	assert.Contains(t, res.Error, "valid clock")
