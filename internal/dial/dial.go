@@ -1,9 +1,9 @@
-// Package dial opens the network connection an MQTT client runs over: MQTT over TLS on 8883,
-// or MQTT over a TLS WebSocket on 443, directly or through an HTTP CONNECT proxy. It builds the
-// TLS configuration (Azure's roots plus an optional extra bundle, TLS 1.2 floor, the device's
-// client certificate). It does not speak MQTT, but it bounds the size of the packets read
-// from the connection, since the MQTT codec would allocate any announced size. Shared by dps
-// and hub.
+// Package dial opens the network connection a DPS or IoT Hub client runs over: MQTT over TLS
+// on 8883, MQTT over a TLS WebSocket on 443, or (for DPS's REST API) plain TLS on 443, directly
+// or through an HTTP CONNECT proxy. It builds the TLS configuration (Azure's roots plus an
+// optional extra bundle, TLS 1.2 floor, the device's client certificate). It speaks neither
+// MQTT nor HTTP, but it bounds the size of the MQTT packets read from the connection, since
+// the MQTT codec would allocate any announced size. Shared by dps and hub.
 package dial
 
 import (
@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -29,12 +30,14 @@ import (
 const (
 	TransportMQTT      = "mqtt"    // MQTT over TLS, port 8883
 	TransportWebSocket = "mqtt-ws" // MQTT over a TLS WebSocket, port 443
-	TransportAuto      = "auto"    // 8883, falling back to the WebSocket when 8883 is blocked
+	TransportHTTPS     = "https"   // DPS's REST API over TLS, port 443 (Config.HTTPS)
+	TransportAuto      = "auto"    // 8883, falling back to the WebSocket (then HTTPS) when blocked
 )
 
 const (
 	portMQTT      = "8883"
 	portWebSocket = "443"
+	portHTTPS     = "443"
 	// websocketPath is where Azure (and the emulator) serve MQTT over WebSocket.
 	websocketPath = "/$iothub/websocket"
 	// DefaultTimeout bounds one connection attempt (TCP, proxy, TLS and WebSocket handshakes).
@@ -56,6 +59,11 @@ type Config struct {
 	Transport string
 	// Prefer is the transport that worked last time (Dial's second result); auto tries it first.
 	Prefer string
+	// HTTPS says the caller speaks DPS's REST API as well as MQTT: TransportHTTPS is then a
+	// transport of its own, the last that auto tries. A caller that speaks only MQTT (IoT
+	// Hub) takes TransportHTTPS, configured or preferred, for the WebSocket: the transport
+	// that goes the way HTTPS went, to port 443 through the same proxy.
+	HTTPS bool
 	// Proxy is the http:// URL of an HTTP CONNECT proxy, with optional user:password for basic
 	// auth. Empty: https_proxy/HTTPS_PROXY from the environment, honouring NO_PROXY.
 	Proxy string
@@ -72,7 +80,9 @@ type Config struct {
 
 // Dial connects to cfg.Host and returns the connection and the transport that carried it, to
 // be stored and passed back as cfg.Prefer next time. In auto mode a failure on 8883 (refused,
-// reset, timed out, TLS) falls back to the WebSocket on 443.
+// reset, timed out, TLS) falls back to the WebSocket on 443, and a failed WebSocket handshake
+// to HTTPS when cfg.HTTPS. An MQTT connection is bounded by cfg.MaxPacket; an HTTPS one is
+// the bare TLS connection.
 func Dial(ctx context.Context, cfg Config) (net.Conn, string, error) {
 	order, err := cfg.order()
 	if err != nil {
@@ -91,6 +101,9 @@ func Dial(ctx context.Context, cfg Config) (net.Conn, string, error) {
 			a.timeout = min(a.timeout, fallbackAfter)
 		}
 		conn, err := a.dial(ctx)
+		if err == nil && a.transport == TransportHTTPS {
+			return conn, a.transport, nil
+		}
 		if err == nil {
 			return limitPackets(conn, cfg.MaxPacket), a.transport, nil
 		}
@@ -123,17 +136,33 @@ func (cfg Config) order() ([]string, error) {
 	if cfg.Host == "" {
 		return nil, errors.New("no endpoint host configured")
 	}
+	auto := []string{TransportMQTT, TransportWebSocket}
+	if cfg.HTTPS {
+		auto = append(auto, TransportHTTPS)
+	}
 	switch cfg.Transport {
 	case TransportMQTT, TransportWebSocket:
 		return []string{cfg.Transport}, nil
+	case TransportHTTPS:
+		return []string{cfg.speakable(TransportHTTPS)}, nil
 	case "", TransportAuto:
-		if cfg.Prefer == TransportWebSocket {
-			return []string{TransportWebSocket, TransportMQTT}, nil
+		prefer := cfg.speakable(cfg.Prefer)
+		i := slices.Index(auto, prefer)
+		if i <= 0 {
+			return auto, nil
 		}
-		return []string{TransportMQTT, TransportWebSocket}, nil
+		return append([]string{prefer}, slices.Delete(auto, i, i+1)...), nil
 	default:
-		return nil, fmt.Errorf("unknown transport %q (want %s, %s or %s)", cfg.Transport, TransportAuto, TransportMQTT, TransportWebSocket)
+		return nil, fmt.Errorf("unknown transport %q (want %s, %s, %s or %s)", cfg.Transport, TransportAuto, TransportMQTT, TransportWebSocket, TransportHTTPS)
 	}
+}
+
+// speakable is the transport the caller can speak that stands for transport.
+func (cfg Config) speakable(transport string) string {
+	if transport == TransportHTTPS && !cfg.HTTPS {
+		return TransportWebSocket
+	}
+	return transport
 }
 
 // target splits cfg.Host into the TLS server name and the address to connect to.
@@ -146,8 +175,11 @@ func (cfg Config) target(transport string) (serverName, addr string, err error) 
 	}
 	host := strings.TrimSuffix(strings.TrimPrefix(cfg.Host, "["), "]")
 	port := portMQTT
-	if transport == TransportWebSocket {
+	switch transport {
+	case TransportWebSocket:
 		port = portWebSocket
+	case TransportHTTPS:
+		port = portHTTPS
 	}
 	return host, net.JoinHostPort(host, port), nil
 }

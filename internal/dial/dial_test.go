@@ -197,6 +197,11 @@ func TestDial(t *testing.T) {
 	blocking := dialtest.NewProxy(t,
 		dialtest.WithRoute(azureHost+":8883", ""),
 		dialtest.WithRoute(azureHost+":443", s.wsAddr))
+	// Port 443 reaches a TLS server that does no WebSocket, as behind a middlebox that does
+	// not pass WebSocket upgrades.
+	noWebSocket := dialtest.NewProxy(t,
+		dialtest.WithRoute(azureHost+":8883", ""),
+		dialtest.WithRoute(azureHost+":443", s.tlsAddr))
 
 	tests := []struct {
 		name          string
@@ -215,6 +220,19 @@ func TestDial(t *testing.T) {
 		{name: "auto falls back to 443 when 8883 is blocked", cfg: dial.Config{Host: azureHost, Transport: dial.TransportAuto, Proxy: blocking.URL.String()},
 			wantTransport: dial.TransportWebSocket, proxy: blocking, wantTunnels: []string{azureHost + ":443"}},
 		{name: "auto tries the preferred transport first", cfg: dial.Config{Host: azureHost, Prefer: dial.TransportWebSocket, Proxy: authProxy.URL.String()},
+			wantTransport: dial.TransportWebSocket, proxy: authProxy, wantTunnels: []string{azureHost + ":443"}},
+		{name: "https", cfg: dial.Config{Host: s.tlsAddr, Transport: dial.TransportHTTPS, HTTPS: true}, wantTransport: dial.TransportHTTPS},
+		{name: "https via proxy on 443", cfg: dial.Config{Host: azureHost, Transport: dial.TransportHTTPS, HTTPS: true, Proxy: noWebSocket.URL.String()},
+			wantTransport: dial.TransportHTTPS, proxy: noWebSocket, wantTunnels: []string{azureHost + ":443"}},
+		{name: "auto falls back to https when the websocket handshake fails", cfg: dial.Config{Host: azureHost, HTTPS: true, Proxy: noWebSocket.URL.String()},
+			wantTransport: dial.TransportHTTPS, proxy: noWebSocket, wantTunnels: []string{azureHost + ":443", azureHost + ":443"}},
+		{name: "auto tries a preferred https first", cfg: dial.Config{Host: azureHost, HTTPS: true, Prefer: dial.TransportHTTPS, Proxy: noWebSocket.URL.String()},
+			wantTransport: dial.TransportHTTPS, proxy: noWebSocket, wantTunnels: []string{azureHost + ":443"}},
+		{name: "auto without https does not try it", cfg: dial.Config{Host: azureHost, Prefer: dial.TransportMQTT, Proxy: blocking.URL.String()},
+			wantTransport: dial.TransportWebSocket, proxy: blocking, wantTunnels: []string{azureHost + ":443"}},
+		{name: "an MQTT-only caller takes https for the websocket", cfg: dial.Config{Host: azureHost, Transport: dial.TransportHTTPS, Proxy: authProxy.URL.String()},
+			wantTransport: dial.TransportWebSocket, proxy: authProxy, wantTunnels: []string{azureHost + ":443"}},
+		{name: "an MQTT-only caller preferring https tries the websocket first", cfg: dial.Config{Host: azureHost, Prefer: dial.TransportHTTPS, Proxy: authProxy.URL.String()},
 			wantTransport: dial.TransportWebSocket, proxy: authProxy, wantTunnels: []string{azureHost + ":443"}},
 	}
 	for _, tt := range tests {
@@ -280,6 +298,7 @@ func TestDialFailures(t *testing.T) {
 		{"server name mismatch", dial.Config{Host: "127.0.0.2:" + port(s.tlsAddr), Transport: dial.TransportMQTT, RootCAs: s.roots}, "", true},
 		{"refused", dial.Config{Host: closedAddr, Transport: dial.TransportMQTT, RootCAs: s.roots}, "connection refused", true},
 		{"auto reports both attempts", dial.Config{Host: closedAddr, RootCAs: s.roots}, "(mqtt-ws)", true},
+		{"auto with https reports all three attempts", dial.Config{Host: closedAddr, RootCAs: s.roots, HTTPS: true}, "(https)", true},
 		{"wrong proxy credentials", dial.Config{Host: s.tlsAddr, Transport: dial.TransportMQTT, RootCAs: s.roots,
 			Proxy: strings.Replace(authProxy.URL.String(), "right", "wrong", 1)}, "requires authentication", true},
 		{"unknown transport", dial.Config{Host: s.tlsAddr, Transport: "amqp"}, `unknown transport "amqp"`, false},
@@ -381,7 +400,8 @@ func TestDialCancel(t *testing.T) {
 }
 
 // TestDialBoundsIncomingPackets: what Dial returns refuses an incoming MQTT packet over
-// MaxPacket, on both transports (the test servers echo what they receive).
+// MaxPacket, on both MQTT transports (the test servers echo what they receive), and leaves
+// the bytes of an HTTPS connection alone.
 func TestDialBoundsIncomingPackets(t *testing.T) {
 	s := startServers(t)
 	big := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
@@ -400,4 +420,14 @@ func TestDialBoundsIncomingPackets(t *testing.T) {
 			assert.ErrorIs(t, err, dial.ErrPacketTooLarge)
 		})
 	}
+	t.Run("https", func(t *testing.T) {
+		conn, _, err := dial.Dial(t.Context(), dial.Config{Host: s.tlsAddr, Transport: dial.TransportHTTPS, HTTPS: true,
+			RootCAs: s.roots, MaxPacket: 1000})
+		require.NoError(t, err)
+		defer conn.Close()
+		require.NoError(t, big.Write(conn))
+		p, err := packets.ReadPacket(conn)
+		require.NoError(t, err)
+		assert.Len(t, p.(*packets.PublishPacket).Payload, 2000)
+	})
 }
