@@ -1,6 +1,7 @@
 // Package mqttsrv accepts MQTT 3.1.1 connections over TLS and WebSocket and hands each one's
 // packets to a Handler. One TLS port serves both: a connection that opens with an HTTP
-// request is upgraded to a WebSocket, anything else is read as MQTT. It is the framing, keep-alive and acknowledgement layer under the DPS
+// request is upgraded to a WebSocket (or given to the service's own HTTP handler, for a REST
+// API beside MQTT), anything else is read as MQTT. It is the framing, keep-alive and acknowledgement layer under the DPS
 // and IoT Hub emulators, which are request/response services and not brokers: nothing is
 // routed between connections here, a handler answers the connection that asked.
 // Packets are encoded and decoded by paho's codec; this package only frames and bounds them.
@@ -69,6 +70,10 @@ type Server struct {
 	// before anything is allocated for it.
 	MaxPacketSize  int
 	ConnectTimeout time.Duration
+	// HTTP, if set, serves the HTTP requests that arrive on Serve's port, with Request.TLS
+	// set: a service's REST API. It must hand WebSocket upgrades to WebSocket(). nil serves
+	// WebSocket() alone.
+	HTTP http.Handler
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -106,7 +111,7 @@ func (s *Server) Serve(l net.Listener) error {
 			}
 			state := conn.ConnectionState()
 			pc := &peekedConn{Conn: conn, r: bufio.NewReader(conn), state: &state}
-			if first, err := pc.r.Peek(1); err == nil && first[0] == 'G' {
+			if first, err := pc.r.Peek(1); err == nil && isHTTPMethod(first[0]) {
 				s.serveHTTP(pc)
 				return
 			}
@@ -125,9 +130,6 @@ func (s *Server) WebSocket() http.Handler {
 			return
 		}
 		state := r.TLS
-		if state == nil {
-			state, _ = r.Context().Value(tlsStateKey{}).(*tls.ConnectionState)
-		}
 		ws, err := upgrader.Upgrade(w, r, nil)
 		if err != nil {
 			return // the upgrader has answered the request

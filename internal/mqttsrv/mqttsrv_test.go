@@ -4,9 +4,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -93,7 +95,7 @@ type fixture struct {
 	client  tls.Certificate
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t *testing.T, opts ...func(*mqttsrv.Server)) *fixture {
 	t.Helper()
 	ca, err := pki.NewRoot("mqttsrv test CA")
 	require.NoError(t, err)
@@ -109,6 +111,9 @@ func newFixture(t *testing.T) *fixture {
 		ClientCAs:    ca.Pool(),
 		MinVersion:   tls.VersionTLS12,
 	}}
+	for _, o := range opts {
+		o(srv)
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	go srv.Serve(l)
@@ -222,6 +227,44 @@ func TestWebSocketOnTheMQTTPort(t *testing.T) {
 			assert.Equal(t, "device-1", f.handler.connected[0].TLS.PeerCertificates[0].Subject.CommonName)
 		})
 	}
+}
+
+// TestHTTPHandlerOnTheMQTTPort: with an HTTP handler, the MQTT port serves REST requests of
+// any method, with the client's certificate, beside WebSocket upgrades and plain MQTT.
+func TestHTTPHandlerOnTheMQTTPort(t *testing.T) {
+	f := newFixture(t, func(s *mqttsrv.Server) {
+		s.HTTP = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Header.Get("Upgrade") != "" {
+				s.WebSocket().ServeHTTP(w, r)
+				return
+			}
+			if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+				http.Error(w, "no client certificate", http.StatusUnauthorized)
+				return
+			}
+			io.WriteString(w, r.Method+" "+r.URL.Path+" from "+r.TLS.PeerCertificates[0].Subject.CommonName)
+		})
+	})
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: f.clientTLS()}}
+	defer client.CloseIdleConnections()
+	for _, method := range []string{http.MethodPut, http.MethodGet, http.MethodPost, http.MethodDelete} {
+		req, err := http.NewRequest(method, "https://"+f.addr+"/scope/registrations/device-1/register", strings.NewReader("{}"))
+		require.NoError(t, err)
+		resp, err := client.Do(req)
+		require.NoError(t, err, method)
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		require.NoError(t, err)
+		assert.Equal(t, http.StatusOK, resp.StatusCode, method)
+		assert.Equal(t, method+" /scope/registrations/device-1/register from device-1", string(body))
+	}
+
+	ws, err := f.connect(t, "wss://"+f.addr+"/$iothub/websocket", "user")
+	require.NoError(t, err)
+	requestReply(t, ws)
+	c, err := f.connect(t, "ssl://"+f.addr, "user")
+	require.NoError(t, err)
+	requestReply(t, c)
 }
 
 func TestConnectedRunsAfterConnack(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"time"
 )
 
 // peekedConn is a TLS connection whose first bytes have been looked at to choose between
@@ -21,8 +22,17 @@ func (c *peekedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 type tlsStateKey struct{}
 
+// idleTimeout closes a REST client's kept-alive connection it has left idle.
+const idleTimeout = time.Minute
+
+// isHTTPMethod tells the first byte of an HTTP request (a method: GET for a WebSocket
+// upgrade, PUT and GET for a REST API) from that of MQTT's CONNECT (0x10). The upper-case
+// letters are types 4 and 5 (PUBACK, PUBREC), which no client opens with.
+func isHTTPMethod(b byte) bool { return 'A' <= b && b <= 'Z' }
+
 // serveHTTP hands a connection that opened with an HTTP request to the server's HTTP/1.1
-// server, created on first use, which upgrades it to MQTT over WebSocket.
+// server, created on first use, which upgrades it to MQTT over WebSocket or passes it to the
+// HTTP handler.
 func (s *Server) serveHTTP(c *peekedConn) {
 	s.mu.Lock()
 	if s.closed {
@@ -32,10 +42,18 @@ func (s *Server) serveHTTP(c *peekedConn) {
 	}
 	if s.http == nil {
 		s.upgrades = &connListener{conns: make(chan net.Conn), done: make(chan struct{}), addr: c.LocalAddr()}
+		h := s.HTTP
+		if h == nil {
+			h = s.WebSocket()
+		}
 		s.http = &http.Server{
-			Handler:           s.WebSocket(),
-			ReadHeaderTimeout: s.connectTimeout(),
 			// net/http sets Request.TLS only for a *tls.Conn; carry the handshake's state.
+			Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				r.TLS, _ = r.Context().Value(tlsStateKey{}).(*tls.ConnectionState)
+				h.ServeHTTP(w, r)
+			}),
+			ReadHeaderTimeout: s.connectTimeout(),
+			IdleTimeout:       idleTimeout,
 			ConnContext: func(ctx context.Context, nc net.Conn) context.Context {
 				if pc, ok := nc.(*peekedConn); ok {
 					return context.WithValue(ctx, tlsStateKey{}, pc.state)
