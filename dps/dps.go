@@ -1,6 +1,6 @@
 // Package dps registers one device identity with the Azure Device Provisioning Service over
-// MQTT (TLS on 8883, WebSocket on 443, optionally through a proxy) and returns the IoT Hub it
-// was assigned to. One call registers, polls and retries what is worth retrying; it stores
+// MQTT (TLS on 8883, WebSocket on 443) or its REST API over HTTPS (443), optionally through a
+// proxy, and returns the IoT Hub it was assigned to. One call registers, polls and retries what is worth retrying; it stores
 // nothing and decides no policy beyond that call.
 package dps
 
@@ -50,6 +50,9 @@ const (
 	sasLifetime         = time.Hour
 )
 
+// userAgent names this client to DPS: ClientVersion over MQTT, User-Agent over HTTPS.
+var userAgent = "unicity/" + version.Version
+
 // Request says who registers, where, and how.
 type Request struct {
 	// Endpoint is the DPS host, "global.azure-devices-provisioning.net" or "host:port".
@@ -58,8 +61,9 @@ type Request struct {
 	// RegistrationID defaults to the certificate's CN; with a certificate it must equal it.
 	RegistrationID string
 
-	// Transport is dial.TransportMQTT, dial.TransportWebSocket or dial.TransportAuto
-	// (empty: auto). PreferTransport is the one that worked last time (Assignment.Transport).
+	// Transport is dial.TransportMQTT, dial.TransportWebSocket, dial.TransportHTTPS or
+	// dial.TransportAuto (empty: auto, which tries them in that order). PreferTransport is the
+	// one that worked last time (Assignment.Transport).
 	Transport       string
 	PreferTransport string
 	// Proxy is an http:// CONNECT proxy URL; empty: https_proxy from the environment.
@@ -69,10 +73,12 @@ type Request struct {
 
 	// Certificate is the X.509 identity (leaf + intermediates and the signer), or nil for
 	// symmetric-key attestation with SymmetricKey, the decoded key. With GroupKey set,
-	// SymmetricKey is the enrollment group's key and the device key is derived from it.
+	// SymmetricKey is the enrollment group's key and the device key is derived from it. Or TPM,
+	// for TPM attestation.
 	Certificate  *tls.Certificate
 	SymmetricKey []byte
 	GroupKey     bool
+	TPM          *TPM
 
 	// Payload is custom allocation data, a JSON object; Assignment.Payload is the reply's.
 	Payload json.RawMessage
@@ -88,6 +94,22 @@ type Request struct {
 	// Clock and Jitter pace polls and retries; nil means real time and math/rand.
 	Clock  clock.Clock
 	Jitter func(max time.Duration) time.Duration
+}
+
+// TPM is the device's side of TPM attestation (certificates.md §4): an individual enrollment
+// of the TPM's endorsement key, over HTTPS only (DPS serves no TPM attestation over MQTT).
+// The registration needs RegistrationID.
+type TPM struct {
+	// EndorsementKey and StorageRootKey are the marshalled TPM2B_PUBLIC of each
+	// (attest.EndorsementKey.Public, attest.StorageRootKey.Public).
+	EndorsementKey, StorageRootKey []byte
+	// Activate answers DPS's challenge to the first register request: authenticationKey is
+	// the decoded authenticationKey of its 401 (attest.ImportIdentityKey takes it). It
+	// imports the identity key DPS sent into the TPM and returns what signs with it
+	// (attest.HMACKey); the rest of the registration is authenticated by SAS tokens it
+	// signs. Its error ends Register, wrapped, for the caller to classify
+	// (attest.ErrNotThisTPM is a refusal).
+	Activate func(ctx context.Context, authenticationKey []byte) (sas.Signer, error)
 }
 
 // Progress reports a step of a registration, for the agent's status line.
@@ -133,6 +155,8 @@ type registration struct {
 	req          Request
 	regID        string
 	symmetricKey []byte
+	signer       sas.Signer // the TPM's identity key, once DPS's challenge is answered
+	apiVersion   string
 	username     string
 	body         []byte
 	csrPublic    crypto.PublicKey
@@ -162,9 +186,16 @@ func newRegistration(req Request) (*registration, error) {
 		r.replyTimeout = DefaultReplyTimeout
 	}
 
+	transport := req.Transport
+	given := 0
+	for _, set := range []bool{req.Certificate != nil, req.SymmetricKey != nil, req.TPM != nil} {
+		if set {
+			given++
+		}
+	}
 	switch {
-	case req.Certificate != nil && req.SymmetricKey != nil:
-		return nil, errors.New("cannot register: both a certificate and a symmetric key given; choose one attestation")
+	case given > 1:
+		return nil, errors.New("cannot register: more than one of a certificate, a symmetric key and a TPM given; choose one attestation")
 	case req.Certificate != nil:
 		cn, err := leafCN(req.Certificate)
 		if err != nil {
@@ -184,15 +215,33 @@ func newRegistration(req Request) (*registration, error) {
 		if req.GroupKey {
 			r.symmetricKey = sas.DeviceKey(req.SymmetricKey, r.regID)
 		}
+	case req.TPM != nil:
+		switch {
+		case r.regID == "":
+			return nil, errors.New("cannot register with TPM attestation: no registration ID configured")
+		case len(req.TPM.EndorsementKey) == 0 || len(req.TPM.StorageRootKey) == 0 || req.TPM.Activate == nil:
+			return nil, errors.New("cannot register with TPM attestation: the endorsement key, storage root key or activation is missing")
+		case transport != "" && transport != dial.TransportAuto && transport != dial.TransportHTTPS:
+			return nil, fmt.Errorf("cannot register with TPM attestation over %s: DPS serves it over HTTPS only (transport %s or %s)", transport, dial.TransportHTTPS, dial.TransportAuto)
+		}
+		transport = dial.TransportHTTPS
 	default:
-		return nil, errors.New("cannot register: no certificate and no symmetric key")
+		return nil, errors.New("cannot register: no certificate, no symmetric key and no TPM")
 	}
 
+	type tpmKeys struct {
+		EndorsementKey []byte `json:"endorsementKey"` // base64, as DPS takes them
+		StorageRootKey []byte `json:"storageRootKey"`
+	}
 	body := struct {
 		RegistrationID string          `json:"registrationId"`
+		TPM            *tpmKeys        `json:"tpm,omitempty"`
 		Payload        json.RawMessage `json:"payload,omitempty"`
 		CSR            string          `json:"csr,omitempty"`
 	}{RegistrationID: r.regID}
+	if req.TPM != nil {
+		body.TPM = &tpmKeys{EndorsementKey: req.TPM.EndorsementKey, StorageRootKey: req.TPM.StorageRootKey}
+	}
 	if len(req.Payload) > 0 {
 		var obj map[string]json.RawMessage
 		if err := json.Unmarshal(req.Payload, &obj); err != nil || obj == nil {
@@ -216,12 +265,14 @@ func newRegistration(req Request) (*registration, error) {
 	if r.body, err = json.Marshal(body); err != nil {
 		return nil, fmt.Errorf("cannot encode the registration request: %w", err)
 	}
+	r.apiVersion = api
 	r.username = fmt.Sprintf("%s/registrations/%s/api-version=%s&ClientVersion=%s",
-		req.IDScope, r.regID, api, url.QueryEscape("unicity/"+version.Version))
+		req.IDScope, r.regID, api, url.QueryEscape(userAgent))
 	r.dial = dial.Config{
 		Host:        req.Endpoint,
-		Transport:   req.Transport,
+		Transport:   transport,
 		Prefer:      req.PreferTransport,
+		HTTPS:       true,
 		Proxy:       req.Proxy,
 		RootCAs:     req.RootCAs,
 		Certificate: req.Certificate,
@@ -277,13 +328,13 @@ func (r *registration) run(ctx context.Context) (*Assignment, error) {
 // session connects once and registers or polls over that connection until DPS gives an
 // outcome or the connection fails.
 func (r *registration) session(ctx context.Context) (*Assignment, error) {
-	s, err := r.connect(ctx)
+	c, transport, err := r.connect(ctx)
 	if err != nil {
 		return nil, err
 	}
-	defer s.close()
+	defer c.close()
 	for {
-		rep, err := s.request(ctx, r.operationID)
+		rep, err := c.request(ctx, r.operationID)
 		if err != nil {
 			return nil, err
 		}
@@ -298,7 +349,7 @@ func (r *registration) session(ctx context.Context) (*Assignment, error) {
 				return nil, err
 			}
 		case a != nil:
-			a.Transport = s.transport
+			a.Transport = transport
 			return a, nil
 		default:
 			wait := r.pollInterval(rep)
@@ -477,12 +528,25 @@ func (r *registration) giveUp(ctx context.Context) error {
 	return fmt.Errorf("%w (gave up: %w)", r.last, context.Cause(ctx))
 }
 
-// password is the MQTT password: a fresh SAS token for symmetric keys, none for X.509.
-func (r *registration) password() string {
-	if r.symmetricKey == nil {
-		return ""
+// challenged reports whether rep is TPM attestation's challenge that the TPM has yet to take.
+func (r *registration) challenged(rep *reply) bool {
+	return rep.status == 401 && rep.fail != nil && rep.fail.Challenge != nil && r.req.TPM != nil && r.signer == nil
+}
+
+// activate has the TPM take DPS's challenge; its identity key signs from then on.
+func (r *registration) activate(ctx context.Context, authenticationKey []byte) error {
+	signer, err := r.req.TPM.Activate(ctx, authenticationKey)
+	switch {
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case err != nil:
+		return fmt.Errorf("cannot answer DPS's TPM attestation challenge: %w", err)
+	case signer == nil:
+		return errors.New("cannot answer DPS's TPM attestation challenge: the TPM gave no identity key")
 	}
-	return sas.Token(r.symmetricKey, r.req.IDScope+"/registrations/"+r.regID, r.clock.Now().Add(sasLifetime), "registration")
+	r.signer = signer
+	r.progress(Progress{Message: "answered DPS's TPM attestation challenge: the identity key is in the TPM"})
+	return nil
 }
 
 func seconds(d time.Duration) string {

@@ -1,6 +1,7 @@
 package dps
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -15,9 +16,16 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/internal/dial"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/sas"
 )
+
+// testTPM is TPM attestation with placeholder keys, for what is checked before the TPM is used.
+func testTPM() *TPM {
+	return &TPM{EndorsementKey: []byte("ek"), StorageRootKey: []byte("srk"),
+		Activate: func(context.Context, []byte) (sas.Signer, error) { return nil, errors.New("not used") }}
+}
 
 func testCert(t *testing.T, cn string) *tls.Certificate {
 	t.Helper()
@@ -41,7 +49,9 @@ func TestRequestWire(t *testing.T) {
 		assert.Equal(t, "myRegistrationId", r.regID, "the CN")
 		assert.Equal(t, "0neFEEDC0DE/registrations/myRegistrationId/api-version=2021-06-01&ClientVersion=unicity%2Fdev", r.username)
 		assert.Equal(t, `{"registrationId":"myRegistrationId"}`, string(r.body))
-		assert.Empty(t, r.password(), "no password with X.509")
+		tok, err := r.sasToken(t.Context())
+		require.NoError(t, err)
+		assert.Empty(t, tok, "no password with X.509")
 	})
 	t.Run("custom payload", func(t *testing.T) {
 		req := base
@@ -57,8 +67,10 @@ func TestRequestWire(t *testing.T) {
 		req.RegistrationID, req.SymmetricKey, req.Clock = "myRegistrationId", []byte("device key"), fixedClock(now)
 		r, err := newRegistration(req)
 		require.NoError(t, err)
-		assert.Equal(t, sas.Token([]byte("device key"), "0neFEEDC0DE/registrations/myRegistrationId", time.Unix(1578941692, 0), "registration"), r.password())
-		assert.Contains(t, r.password(), "&se=1578941692&skn=registration")
+		tok, err := r.sasToken(t.Context())
+		require.NoError(t, err)
+		assert.Equal(t, sas.Token([]byte("device key"), "0neFEEDC0DE/registrations/myRegistrationId", time.Unix(1578941692, 0), "registration"), tok)
+		assert.Contains(t, tok, "&se=1578941692&skn=registration")
 	})
 	t.Run("group key", func(t *testing.T) {
 		req := base
@@ -66,6 +78,18 @@ func TestRequestWire(t *testing.T) {
 		r, err := newRegistration(req)
 		require.NoError(t, err)
 		assert.Equal(t, sas.DeviceKey([]byte("group key"), "dev-7"), r.symmetricKey)
+	})
+	t.Run("tpm", func(t *testing.T) {
+		req := base
+		req.RegistrationID, req.TPM = "myRegistrationId", testTPM()
+		r, err := newRegistration(req)
+		require.NoError(t, err)
+		assert.Equal(t, `{"registrationId":"myRegistrationId","tpm":{"endorsementKey":"ZWs=","storageRootKey":"c3Jr"}}`, string(r.body))
+		assert.Equal(t, dial.TransportHTTPS, r.dial.Transport, "auto means HTTPS for TPM attestation")
+		assert.Equal(t, "2021-06-01", r.apiVersion)
+		tok, err := r.sasToken(t.Context())
+		require.NoError(t, err)
+		assert.Empty(t, tok, "no SAS token before the challenge is answered")
 	})
 	t.Run("certificate request", func(t *testing.T) {
 		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -97,8 +121,15 @@ func TestRequestRejected(t *testing.T) {
 	}{
 		{"no endpoint", Request{IDScope: "0ne1", Certificate: cert}, "DPS endpoint and ID scope are required", false},
 		{"no scope", Request{Endpoint: "h", Certificate: cert}, "DPS endpoint and ID scope are required", false},
-		{"no credentials", Request{Endpoint: "h", IDScope: "0ne1"}, "no certificate and no symmetric key", false},
+		{"no credentials", Request{Endpoint: "h", IDScope: "0ne1"}, "no certificate, no symmetric key and no TPM", false},
 		{"both credentials", Request{Endpoint: "h", IDScope: "0ne1", Certificate: cert, SymmetricKey: []byte("k")}, "choose one attestation", false},
+		{"certificate and TPM", Request{Endpoint: "h", IDScope: "0ne1", Certificate: cert, TPM: testTPM()}, "choose one attestation", false},
+		{"symmetric key and TPM", Request{Endpoint: "h", IDScope: "0ne1", RegistrationID: "r", SymmetricKey: []byte("k"), TPM: testTPM()}, "choose one attestation", false},
+		{"TPM without registration ID", Request{Endpoint: "h", IDScope: "0ne1", TPM: testTPM()}, "no registration ID configured", false},
+		{"TPM without activation", Request{Endpoint: "h", IDScope: "0ne1", RegistrationID: "r", TPM: &TPM{EndorsementKey: []byte("ek"), StorageRootKey: []byte("srk")}},
+			"the endorsement key, storage root key or activation is missing", false},
+		{"TPM over MQTT", Request{Endpoint: "h", IDScope: "0ne1", RegistrationID: "r", TPM: testTPM(), Transport: dial.TransportWebSocket},
+			"cannot register with TPM attestation over mqtt-ws: DPS serves it over HTTPS only", false},
 		{"symmetric key without registration ID", Request{Endpoint: "h", IDScope: "0ne1", SymmetricKey: []byte("k")}, "no registration ID configured", false},
 		{"registration ID is not the CN", Request{Endpoint: "h", IDScope: "0ne1", Certificate: cert, RegistrationID: "gw-01"},
 			"registration ID 'gw-01' does not match certificate CN 'GW-001'", true},

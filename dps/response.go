@@ -72,6 +72,8 @@ type errorBody struct {
 	ErrorCode  int
 	TrackingID string
 	Message    string
+	// Challenge is the decoded authenticationKey of TPM attestation's 401, nil otherwise.
+	Challenge []byte
 }
 
 // parseTopic reads the status, $rid and retry-after of a response topic. The query is parsed
@@ -100,15 +102,21 @@ func parseTopic(topic string) (status int, rid string, retryAfter time.Duration,
 	}
 	rid = rids[0]
 	for k, v := range values {
-		if !strings.EqualFold(k, "retry-after") {
-			continue
-		}
-		// A value that is not a whole number of seconds is ignored, as if absent.
-		if secs, err := strconv.ParseUint(v[0], 10, 32); err == nil {
-			retryAfter, hasRetryAfter = min(time.Duration(secs)*time.Second, maxRetryAfter), true
+		if strings.EqualFold(k, "retry-after") {
+			retryAfter, hasRetryAfter = parseRetryAfter(v[0])
 		}
 	}
 	return status, rid, retryAfter, hasRetryAfter, nil
+}
+
+// parseRetryAfter reads a retry-after value, a whole number of seconds (over MQTT in the
+// topic, over HTTPS in the Retry-After header). Anything else is ignored, as if absent.
+func parseRetryAfter(v string) (time.Duration, bool) {
+	secs, err := strconv.ParseUint(v, 10, 32)
+	if err != nil {
+		return 0, false
+	}
+	return min(time.Duration(secs)*time.Second, maxRetryAfter), true
 }
 
 // parseReply parses one response strictly (protocol.md §3, §7.3): unknown fields are
@@ -119,15 +127,29 @@ func parseReply(topic string, body []byte) (*reply, error) {
 		return nil, err
 	}
 	r := &reply{status: status, rid: rid, retryAfter: retryAfter, hasRetryAfter: hasRetryAfter}
+	return r, r.parseBody(body)
+}
+
+// parseBody parses the body of a reply whose status is known, whichever transport carried it.
+func (r *reply) parseBody(body []byte) (err error) {
 	if len(body) > maxReply {
-		return r, fmt.Errorf("%w: %d bytes, more than DPS's limit of %d", errMalformed, len(body), maxReply)
+		return fmt.Errorf("%w: %d bytes, more than DPS's limit of %d", errMalformed, len(body), maxReply)
 	}
-	if status == 200 || status == 202 {
+	if r.status == 200 || r.status == 202 {
 		r.op, err = parseOperation(body)
 	} else {
 		r.fail, err = parseErrorBody(body)
 	}
-	return r, err
+	return err
+}
+
+// usable is what a reply whose body failed to parse is still good for: nothing when it is an
+// operation; when it is an error, its status, which carries the meaning (protocol.md §8.1).
+func usable(rep *reply, err error) (*reply, error) {
+	if err != nil && (rep.status == 200 || rep.status == 202) {
+		return nil, malformed(err)
+	}
+	return rep, nil
 }
 
 func parseOperation(body []byte) (*operation, error) {
@@ -218,17 +240,30 @@ func parseState(data []byte) (*registrationState, error) {
 
 func parseErrorBody(body []byte) (*errorBody, error) {
 	var raw struct {
-		ErrorCode  *int   `json:"errorCode"`
-		TrackingID string `json:"trackingId"`
-		Message    string `json:"message"`
+		ErrorCode         *int    `json:"errorCode"`
+		TrackingID        string  `json:"trackingId"`
+		Message           string  `json:"message"`
+		AuthenticationKey *string `json:"authenticationKey"`
 	}
 	if err := decodeObject(body, &raw); err != nil {
 		return nil, err
 	}
-	if raw.ErrorCode == nil {
+	e := &errorBody{TrackingID: raw.TrackingID, Message: raw.Message}
+	if raw.AuthenticationKey != nil {
+		// TPM attestation's challenge (certificates.md §4), a 401 with no errorCode.
+		key, err := base64.StdEncoding.DecodeString(*raw.AuthenticationKey)
+		if err != nil || len(key) == 0 {
+			return nil, fmt.Errorf("%w: authenticationKey is not base64", errMalformed)
+		}
+		e.Challenge = key
+	}
+	switch {
+	case raw.ErrorCode != nil:
+		e.ErrorCode = *raw.ErrorCode
+	case e.Challenge == nil:
 		return nil, fmt.Errorf("%w: error reply without errorCode", errMalformed)
 	}
-	return &errorBody{ErrorCode: *raw.ErrorCode, TrackingID: raw.TrackingID, Message: raw.Message}, nil
+	return e, nil
 }
 
 // decodeObject decodes one JSON object and nothing after it.

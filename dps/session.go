@@ -11,8 +11,6 @@ import (
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
-
-	"github.com/unicity-iot/unicity/internal/dial"
 )
 
 const (
@@ -24,13 +22,12 @@ const (
 	disconnectGrace = 100 // ms
 )
 
-// session is one MQTT connection to DPS. The connection is dialled here rather than by paho
-// so that ctx can abort every step of it.
+// session is one MQTT connection to DPS. The connection is dialled by connect rather than by
+// paho so that ctx can abort every step of it.
 type session struct {
-	r         *registration
-	conn      net.Conn
-	transport string
-	client    mqtt.Client
+	r      *registration
+	conn   net.Conn
+	client mqtt.Client
 	// connecting is the CONNECT's token; paho's connect goroutine has ended once it is done.
 	connecting mqtt.Token
 	inbox      chan inbound
@@ -45,23 +42,14 @@ type inbound struct {
 	payload []byte
 }
 
-func (r *registration) connect(ctx context.Context) (*session, error) {
-	cfg := r.dial
-	if r.transport != "" {
-		cfg.Prefer = r.transport
+// mqttSession runs MQTT over conn, which dial opened: CONNECT and SUBSCRIBE.
+func (r *registration) mqttSession(ctx context.Context, conn net.Conn, transport string) (*session, error) {
+	s := &session{r: r, conn: conn, inbox: make(chan inbound, 16), lost: make(chan struct{})}
+	password, err := r.sasToken(ctx)
+	if err != nil {
+		conn.Close()
+		return nil, err
 	}
-	conn, transport, err := dial.Dial(ctx, cfg)
-	switch {
-	case err == nil:
-	case ctx.Err() != nil:
-		return nil, ctx.Err()
-	case errors.Is(err, dial.ErrUnreachable):
-		return nil, unreachable("cannot reach DPS at "+r.req.Endpoint, err)
-	default:
-		return nil, fmt.Errorf("cannot connect to DPS: %w", err)
-	}
-	r.transport = transport
-	s := &session{r: r, conn: conn, transport: transport, inbox: make(chan inbound, 16), lost: make(chan struct{})}
 
 	opened := false
 	opts := mqtt.NewClientOptions().
@@ -82,8 +70,8 @@ func (r *registration) connect(ctx context.Context) (*session, error) {
 		SetKeepAlive(keepAlive).
 		SetConnectTimeout(r.replyTimeout).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) { s.drop(err) })
-	if pw := r.password(); pw != "" {
-		opts.SetPassword(pw)
+	if password != "" {
+		opts.SetPassword(password)
 	}
 	s.client = mqtt.NewClient(opts)
 
@@ -229,12 +217,7 @@ func match(m inbound, rid string) (*reply, error) {
 	if rep == nil || rep.rid != rid {
 		return nil, nil
 	}
-	if err != nil && (rep.status == 200 || rep.status == 202) {
-		return nil, malformed(err)
-	}
-	// An error reply's meaning is in its status (protocol.md §8.1), even when its body is
-	// not what it should be.
-	return rep, nil
+	return usable(rep, err)
 }
 
 // close ends the session, politely if it is up, and waits until paho has let go.
