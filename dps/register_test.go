@@ -98,11 +98,20 @@ func deviceCert(t testing.TB, s *dpstest.Server, cn string) *tls.Certificate {
 // request is an X.509 request to s over MQTT with a fake clock and a progress log.
 func request(t testing.TB, s *dpstest.Server, cn string) (dps.Request, *fakeClock, *progressLog) {
 	t.Helper()
+	return requestOver(t, s, cn, dial.TransportMQTT)
+}
+
+// transports are those whose behaviour must be the same; s.Addr() serves both.
+var transports = []string{dial.TransportMQTT, dial.TransportHTTPS}
+
+// requestOver is request over the given transport.
+func requestOver(t testing.TB, s *dpstest.Server, cn, transport string) (dps.Request, *fakeClock, *progressLog) {
+	t.Helper()
 	clock, log := &fakeClock{}, &progressLog{}
 	return dps.Request{
 		Endpoint:     s.Addr(),
 		IDScope:      s.IDScope(),
-		Transport:    dial.TransportMQTT,
+		Transport:    transport,
 		RootCAs:      s.RootCAs(),
 		Certificate:  deviceCert(t, s, cn),
 		Clock:        clock,
@@ -179,6 +188,12 @@ func TestRegisterTransports(t *testing.T) {
 			want: dial.TransportMQTT, via: authProxy, tunnels: []string{host + ":8883"}},
 		{name: "auto falls back to 443 when 8883 is blocked", endpoint: host, transport: dial.TransportAuto, proxy: firewall.URL.String(),
 			want: dial.TransportWebSocket, via: firewall, tunnels: []string{host + ":443"}},
+		{name: "https", endpoint: s.Addr(), transport: dial.TransportHTTPS, want: dial.TransportHTTPS},
+		{name: "https on the websocket port", endpoint: s.WebSocketAddr(), transport: dial.TransportHTTPS, want: dial.TransportHTTPS},
+		{name: "https via proxy", endpoint: host, transport: dial.TransportHTTPS, proxy: authProxy.URL.String(),
+			want: dial.TransportHTTPS, via: authProxy, tunnels: []string{host + ":443"}},
+		{name: "https via proxy from https_proxy", endpoint: host, transport: dial.TransportHTTPS, envProxy: authProxy.URL.String(),
+			want: dial.TransportHTTPS, via: authProxy, tunnels: []string{host + ":443"}},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -218,15 +233,18 @@ func TestRegisterSymmetricKey(t *testing.T) {
 		{"individual", "sas-dev-1", individualKey, false, "sas-device-one"},
 		{"group-derived", "sas-dev-2", groupKey, true, "sas-dev-2"},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			req, _, _ := request(t, s, "unused")
-			req.Certificate, req.RegistrationID, req.SymmetricKey, req.GroupKey = nil, tt.regID, tt.key, tt.group
-			a, err := dps.Register(t.Context(), req)
-			require.NoError(t, err)
-			assert.Equal(t, tt.wantDevice, a.DeviceID)
-			assert.Equal(t, tt.regID, a.RegistrationID)
-		})
+	for _, transport := range transports {
+		for _, tt := range tests {
+			t.Run(transport+"/"+tt.name, func(t *testing.T) {
+				req, _, _ := requestOver(t, s, "unused", transport)
+				req.Certificate, req.RegistrationID, req.SymmetricKey, req.GroupKey = nil, tt.regID, tt.key, tt.group
+				a, err := dps.Register(t.Context(), req)
+				require.NoError(t, err)
+				assert.Equal(t, tt.wantDevice, a.DeviceID)
+				assert.Equal(t, tt.regID, a.RegistrationID)
+				assert.Equal(t, transport, a.Transport)
+			})
+		}
 	}
 }
 
@@ -337,14 +355,19 @@ func TestRegisterPayload(t *testing.T) {
 // TestRegisterRefused covers the permanent errors: each returns at once, matches ErrRefused
 // and says what is wrong in words a technician understands.
 func TestRegisterRefused(t *testing.T) {
+	wrongSymmetricKey := func(t *testing.T, s *dpstest.Server, req *dps.Request) {
+		require.NoError(t, s.AddIndividual(dpstest.Individual{RegistrationID: "sas-ref", SymmetricKey: []byte("right-key")}))
+		req.Certificate, req.RegistrationID, req.SymmetricKey = nil, "sas-ref", []byte("wrong-key")
+	}
 	tests := []struct {
-		name   string
-		server []func(*dpstest.Config)
-		setup  func(t *testing.T, s *dpstest.Server, req *dps.Request)
-		want   string // the whole message when exact, else a part of it
-		exact  bool
-		status int
-		code   int
+		name     string
+		server   []func(*dpstest.Config)
+		setup    func(t *testing.T, s *dpstest.Server, req *dps.Request)
+		want     string // the whole message when exact, else a part of it
+		exact    bool
+		status   int
+		code     int
+		mqttOnly bool // CONNECT, which HTTPS does not have
 	}{
 		{name: "registration ID is not the certificate CN", exact: true,
 			setup: func(t *testing.T, s *dpstest.Server, req *dps.Request) {
@@ -355,7 +378,7 @@ func TestRegisterRefused(t *testing.T) {
 			setup: func(t *testing.T, s *dpstest.Server, req *dps.Request) {
 				require.NoError(t, s.RemoveEnrollment("factory"))
 			},
-			want: "DPS refused the connection (CONNACK 5): no enrollment matches this certificate (registration ID 'gw-ref')"},
+			want: "DPS refused the connection (CONNACK 5): no enrollment matches this certificate (registration ID 'gw-ref')", mqttOnly: true},
 		{name: "unknown certificate refused with 401",
 			server: []func(*dpstest.Config){func(c *dpstest.Config) { c.UnknownDevice = dpstest.Refuse401 }},
 			setup: func(t *testing.T, s *dpstest.Server, req *dps.Request) {
@@ -374,12 +397,13 @@ func TestRegisterRefused(t *testing.T) {
 				})
 			},
 			want: "DPS could not assign a hub", status: 200, code: 400207},
-		{name: "wrong symmetric key",
-			setup: func(t *testing.T, s *dpstest.Server, req *dps.Request) {
-				require.NoError(t, s.AddIndividual(dpstest.Individual{RegistrationID: "sas-ref", SymmetricKey: []byte("right-key")}))
-				req.Certificate, req.RegistrationID, req.SymmetricKey = nil, "sas-ref", []byte("wrong-key")
-			},
-			want: "DPS did not accept the symmetric key for registration ID 'sas-ref'"},
+		{name: "wrong symmetric key refused at CONNECT",
+			setup: wrongSymmetricKey,
+			want:  "DPS did not accept the symmetric key for registration ID 'sas-ref'", mqttOnly: true},
+		{name: "wrong symmetric key refused with 401",
+			server: []func(*dpstest.Config){func(c *dpstest.Config) { c.UnknownDevice = dpstest.Refuse401 }},
+			setup:  wrongSymmetricKey,
+			want:   "DPS did not accept the symmetric key for registration ID 'sas-ref'", status: 401, code: 401002},
 		{name: "bad request",
 			setup: func(t *testing.T, s *dpstest.Server, req *dps.Request) {
 				s.AddFault(dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Status, Status: 400})
@@ -399,34 +423,39 @@ func TestRegisterRefused(t *testing.T) {
 			setup: func(t *testing.T, s *dpstest.Server, req *dps.Request) {
 				s.AddFault(dpstest.Fault{Step: dpstest.StepConnect, Action: dpstest.Status, Status: 4})
 			},
-			want: "DPS refused the connection (CONNACK 4)"},
+			want: "DPS refused the connection (CONNACK 4)", mqttOnly: true},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			s := newServer(t, tt.server...)
-			req, _, log := request(t, s, "gw-ref")
-			tt.setup(t, s, &req)
-			_, err := dps.Register(t.Context(), req)
-			require.Error(t, err)
-			assert.ErrorIs(t, err, dps.ErrRefused)
-			assert.NotErrorIs(t, err, dps.ErrUnreachable)
-			var e *dps.Error
-			require.ErrorAs(t, err, &e)
-			assert.False(t, e.Temporary())
-			if tt.exact {
-				assert.Equal(t, tt.want, err.Error())
-			} else {
-				assert.Contains(t, err.Error(), tt.want)
+	for _, transport := range transports {
+		for _, tt := range tests {
+			if tt.mqttOnly && transport != dial.TransportMQTT {
+				continue
 			}
-			assert.Equal(t, tt.status, e.Status)
-			assert.Equal(t, tt.code, e.ErrorCode)
-			if tt.status >= 400 {
-				assert.NotEmpty(t, e.TrackingID)
-			}
-			for _, m := range log.all() {
-				assert.NotContains(t, m, "retrying", "permanent errors are not retried")
-			}
-		})
+			t.Run(transport+"/"+tt.name, func(t *testing.T) {
+				s := newServer(t, tt.server...)
+				req, _, log := requestOver(t, s, "gw-ref", transport)
+				tt.setup(t, s, &req)
+				_, err := dps.Register(t.Context(), req)
+				require.Error(t, err)
+				assert.ErrorIs(t, err, dps.ErrRefused)
+				assert.NotErrorIs(t, err, dps.ErrUnreachable)
+				var e *dps.Error
+				require.ErrorAs(t, err, &e)
+				assert.False(t, e.Temporary())
+				if tt.exact {
+					assert.Equal(t, tt.want, err.Error())
+				} else {
+					assert.Contains(t, err.Error(), tt.want)
+				}
+				assert.Equal(t, tt.status, e.Status)
+				assert.Equal(t, tt.code, e.ErrorCode)
+				if tt.status >= 400 {
+					assert.NotEmpty(t, e.TrackingID)
+				}
+				for _, m := range log.all() {
+					assert.NotContains(t, m, "retrying", "permanent errors are not retried")
+				}
+			})
+		}
 	}
 }
 
@@ -438,31 +467,35 @@ func TestRegisterFaults(t *testing.T) {
 		fault     dpstest.Fault
 		wantWaits []time.Duration // nil: not checked
 		wantMsg   string          // a progress message, "" for none
-		wantStats func(t *testing.T, st dpstest.Stats)
+		httpsMsg  string          // the message over HTTPS when it differs
+		wantStats func(t *testing.T, st dpstest.Stats, transport string)
+		mqttOnly  bool // connect, subscribe and $rid, which HTTPS does not have
 	}{
-		{name: "drop at connect", fault: dpstest.Fault{Step: dpstest.StepConnect, Action: dpstest.Drop, Times: 1}},
-		{name: "drop at subscribe", fault: dpstest.Fault{Step: dpstest.StepSubscribe, Action: dpstest.Drop, Times: 1}},
+		{name: "drop at connect", fault: dpstest.Fault{Step: dpstest.StepConnect, Action: dpstest.Drop, Times: 1}, mqttOnly: true},
+		{name: "drop at subscribe", fault: dpstest.Fault{Step: dpstest.StepSubscribe, Action: dpstest.Drop, Times: 1}, mqttOnly: true},
 		{name: "subscription refused", fault: dpstest.Fault{Step: dpstest.StepSubscribe, Action: dpstest.Status, Times: 1},
-			wantMsg: "DPS refused the subscription"},
+			wantMsg: "DPS refused the subscription", mqttOnly: true},
 		{name: "drop at register", fault: dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Drop, Times: 1},
-			wantMsg: "the connection to DPS dropped before DPS acknowledged the request"},
+			wantMsg: "the connection to DPS dropped before DPS acknowledged the request", httpsMsg: "the connection to DPS dropped while waiting for its reply"},
 		{name: "drop after the register reply resumes polling", fault: dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.DropAfterReply, Times: 1},
-			wantStats: func(t *testing.T, st dpstest.Stats) {
+			wantStats: func(t *testing.T, st dpstest.Stats, transport string) {
 				assert.Equal(t, int64(1), st.Registrations, "the cached operationId is polled, not re-registered")
-				assert.Equal(t, int64(2), st.Connections)
+				if transport == dial.TransportMQTT {
+					assert.Equal(t, int64(2), st.Connections)
+				}
 			}},
 		{name: "drop at poll", fault: dpstest.Fault{Step: dpstest.StepPoll, Action: dpstest.Drop, Times: 1},
-			wantStats: func(t *testing.T, st dpstest.Stats) {
+			wantStats: func(t *testing.T, st dpstest.Stats, _ string) {
 				assert.Equal(t, int64(1), st.Registrations)
 				assert.Equal(t, int64(2), st.Polls)
 			}},
 		{name: "drop after the poll reply", fault: dpstest.Fault{Step: dpstest.StepPoll, Action: dpstest.DropAfterReply, Times: 1}},
 		{name: "CONNACK server unavailable", fault: dpstest.Fault{Step: dpstest.StepConnect, Action: dpstest.Status, Status: 3, Times: 1},
-			wantMsg: "DPS is unavailable (CONNACK 3: server unavailable); retrying in"},
+			wantMsg: "DPS is unavailable (CONNACK 3: server unavailable); retrying in", mqttOnly: true},
 		{name: "500 at register", fault: dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Status, Status: 500, Times: 1},
 			wantWaits: []time.Duration{2 * time.Second, 2 * time.Second}, wantMsg: "DPS had an internal error: DPS says 'scripted fault'; retrying in 2 s"},
 		{name: "503 at poll", fault: dpstest.Fault{Step: dpstest.StepPoll, Action: dpstest.Status, Status: 503, Times: 1},
-			wantStats: func(t *testing.T, st dpstest.Stats) { assert.Equal(t, int64(1), st.Registrations) }},
+			wantStats: func(t *testing.T, st dpstest.Stats, _ string) { assert.Equal(t, int64(1), st.Registrations) }},
 		{name: "429 with retry-after", fault: dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Status, Status: 429, RetryAfter: 40 * time.Second, Times: 1},
 			wantWaits: []time.Duration{40 * time.Second, 2 * time.Second}, wantMsg: "throttled by DPS: DPS says 'scripted fault'; retrying in 40 s"},
 		{name: "429 without retry-after", fault: dpstest.Fault{Step: dpstest.StepPoll, Action: dpstest.Status, Status: 429, Times: 1},
@@ -474,31 +507,40 @@ func TestRegisterFaults(t *testing.T) {
 		{name: "oversized reply", fault: dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Oversized, Times: 1},
 			wantMsg: "DPS sent a reply this agent cannot use"},
 		{name: "wrong $rid is ignored", fault: dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.WrongRID, Times: 1},
-			wantMsg: "DPS did not reply within"},
+			wantMsg: "DPS did not reply within", mqttOnly: true},
 		{name: "reply later than the timeout", fault: dpstest.Fault{Step: dpstest.StepPoll, Action: dpstest.Delay, Delay: time.Minute, Times: 1},
 			wantMsg: "DPS did not reply within"},
 		{name: "poll of a forgotten operation registers again", fault: dpstest.Fault{Step: dpstest.StepPoll, Action: dpstest.Status, Status: 404, Times: 1},
 			wantMsg:   "DPS no longer knows the registration operation; registering again",
-			wantStats: func(t *testing.T, st dpstest.Stats) { assert.Equal(t, int64(2), st.Registrations) }},
+			wantStats: func(t *testing.T, st dpstest.Stats, _ string) { assert.Equal(t, int64(2), st.Registrations) }},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			s := newServer(t, func(c *dpstest.Config) { c.Faults = []dpstest.Fault{tt.fault} })
-			req, clock, log := request(t, s, "gw-fault")
-			req.ReplyTimeout = 500 * time.Millisecond
-			a, err := dps.Register(t.Context(), req)
-			require.NoError(t, err)
-			assert.Equal(t, dpstest.DefaultHub, a.AssignedHub)
-			if tt.wantWaits != nil {
-				assert.Equal(t, tt.wantWaits, clock.Waits())
+	for _, transport := range transports {
+		for _, tt := range tests {
+			if tt.mqttOnly && transport != dial.TransportMQTT {
+				continue
 			}
-			if tt.wantMsg != "" {
-				assert.True(t, containsPrefix(log.all(), tt.wantMsg), "progress %q in %q", tt.wantMsg, log.all())
-			}
-			if tt.wantStats != nil {
-				tt.wantStats(t, s.Stats())
-			}
-		})
+			t.Run(transport+"/"+tt.name, func(t *testing.T) {
+				s := newServer(t, func(c *dpstest.Config) { c.Faults = []dpstest.Fault{tt.fault} })
+				req, clock, log := requestOver(t, s, "gw-fault", transport)
+				req.ReplyTimeout = 500 * time.Millisecond
+				a, err := dps.Register(t.Context(), req)
+				require.NoError(t, err)
+				assert.Equal(t, dpstest.DefaultHub, a.AssignedHub)
+				if tt.wantWaits != nil {
+					assert.Equal(t, tt.wantWaits, clock.Waits())
+				}
+				want := tt.wantMsg
+				if tt.httpsMsg != "" && transport == dial.TransportHTTPS {
+					want = tt.httpsMsg
+				}
+				if want != "" {
+					assert.True(t, containsPrefix(log.all(), want), "progress %q in %q", want, log.all())
+				}
+				if tt.wantStats != nil {
+					tt.wantStats(t, s.Stats(), transport)
+				}
+			})
+		}
 	}
 }
 
@@ -514,11 +556,17 @@ func containsPrefix(msgs []string, prefix string) bool {
 // TestRegisterGivesUp: temporary errors are retried until the context ends; then the call
 // returns the last of them, classified for the exit code.
 func TestRegisterGivesUp(t *testing.T) {
+	for _, transport := range transports {
+		t.Run(transport, func(t *testing.T) { testRegisterGivesUp(t, transport) })
+	}
+}
+
+func testRegisterGivesUp(t *testing.T, transport string) {
 	t.Run("throttled", func(t *testing.T) {
 		s := newServer(t, func(c *dpstest.Config) {
 			c.Faults = []dpstest.Fault{{Step: dpstest.StepRegister, Action: dpstest.Status, Status: 429, RetryAfter: 40 * time.Second}}
 		})
-		req, _, _ := request(t, s, "gw-throttled")
+		req, _, _ := requestOver(t, s, "gw-throttled", transport)
 		ctx, cancel := context.WithCancel(t.Context())
 		defer cancel()
 		retries := 0
@@ -542,7 +590,7 @@ func TestRegisterGivesUp(t *testing.T) {
 	})
 	t.Run("unreachable", func(t *testing.T) {
 		s := newServer(t)
-		req, _, _ := request(t, s, "gw-untrusted")
+		req, _, _ := requestOver(t, s, "gw-untrusted", transport)
 		req.RootCAs = nil // Azure's roots do not know the emulator
 		ctx, cancel := context.WithCancel(t.Context())
 		defer cancel()
@@ -569,24 +617,25 @@ func TestRegisterGivesUp(t *testing.T) {
 // context's error and leaves no goroutine behind.
 func TestRegisterCancel(t *testing.T) {
 	tests := []struct {
-		name  string
-		setup func(t *testing.T, s *dpstest.Server, req *dps.Request, clock *fakeClock, cancel func())
+		name     string
+		setup    func(t *testing.T, s *dpstest.Server, req *dps.Request, clock *fakeClock, cancel func())
+		mqttOnly bool
 	}{
-		{"during the TLS handshake", func(t *testing.T, s *dpstest.Server, req *dps.Request, _ *fakeClock, cancel func()) {
+		{name: "during the TLS handshake", setup: func(t *testing.T, s *dpstest.Server, req *dps.Request, _ *fakeClock, cancel func()) {
 			req.Endpoint = silentListener(t, cancel)
 		}},
-		{"during the WebSocket handshake", func(t *testing.T, s *dpstest.Server, req *dps.Request, _ *fakeClock, cancel func()) {
+		{name: "during the WebSocket handshake", mqttOnly: true, setup: func(t *testing.T, s *dpstest.Server, req *dps.Request, _ *fakeClock, cancel func()) {
 			req.Endpoint, req.Transport = silentListener(t, cancel), dial.TransportWebSocket
 		}},
-		{"waiting for CONNACK", func(t *testing.T, s *dpstest.Server, req *dps.Request, _ *fakeClock, cancel func()) {
+		{name: "waiting for CONNACK", mqttOnly: true, setup: func(t *testing.T, s *dpstest.Server, req *dps.Request, _ *fakeClock, cancel func()) {
 			s.AddFault(dpstest.Fault{Step: dpstest.StepConnect, Action: dpstest.Delay, Delay: time.Hour})
 			time.AfterFunc(200*time.Millisecond, cancel)
 		}},
-		{"waiting for the register reply", func(t *testing.T, s *dpstest.Server, req *dps.Request, _ *fakeClock, cancel func()) {
+		{name: "waiting for the register reply", setup: func(t *testing.T, s *dpstest.Server, req *dps.Request, _ *fakeClock, cancel func()) {
 			s.AddFault(dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Delay, Delay: time.Hour})
 			time.AfterFunc(200*time.Millisecond, cancel)
 		}},
-		{"waiting to poll", func(t *testing.T, s *dpstest.Server, req *dps.Request, clock *fakeClock, cancel func()) {
+		{name: "waiting to poll", setup: func(t *testing.T, s *dpstest.Server, req *dps.Request, clock *fakeClock, cancel func()) {
 			clock.block = true
 			req.Progress = func(p dps.Progress) {
 				if strings.HasPrefix(p.Message, "DPS is assigning") {
@@ -594,7 +643,7 @@ func TestRegisterCancel(t *testing.T) {
 				}
 			}
 		}},
-		{"waiting to retry", func(t *testing.T, s *dpstest.Server, req *dps.Request, clock *fakeClock, cancel func()) {
+		{name: "waiting to retry", setup: func(t *testing.T, s *dpstest.Server, req *dps.Request, clock *fakeClock, cancel func()) {
 			clock.block = true
 			s.AddFault(dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Status, Status: 500})
 			req.Progress = func(p dps.Progress) {
@@ -604,25 +653,32 @@ func TestRegisterCancel(t *testing.T) {
 			}
 		}},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			s := newServer(t)
-			// Checked after the test's other cleanups have closed its listeners. dpstest's
-			// delayed CONNACK waits for the server to close, which is not ours to check.
-			ignore := goleak.IgnoreCurrent()
-			t.Cleanup(func() {
-				goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("github.com/unicity-iot/unicity/dps/dpstest.(*Server).sleep"))
+	for _, transport := range transports {
+		for _, tt := range tests {
+			if tt.mqttOnly && transport != dial.TransportMQTT {
+				continue
+			}
+			t.Run(transport+"/"+tt.name, func(t *testing.T) {
+				s := newServer(t)
+				// Checked after the test's other cleanups have closed its listeners. dpstest's
+				// delayed CONNACK waits for the server to close, and its HTTP server, started
+				// by the first HTTPS request, lives as long as it does: neither is ours to check.
+				ignore := goleak.IgnoreCurrent()
+				t.Cleanup(func() {
+					goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("github.com/unicity-iot/unicity/dps/dpstest.(*Server).sleep"),
+						goleak.IgnoreTopFunction("github.com/unicity-iot/unicity/internal/mqttsrv.(*connListener).Accept"))
+				})
+				req, clock, _ := requestOver(t, s, "gw-cancel", transport)
+				req.ReplyTimeout = time.Hour
+				ctx, cancel := context.WithCancel(t.Context())
+				defer cancel()
+				tt.setup(t, s, &req, clock, cancel)
+				start := time.Now()
+				_, err := dps.Register(ctx, req)
+				require.ErrorIs(t, err, context.Canceled)
+				assert.Less(t, time.Since(start), 10*time.Second)
 			})
-			req, clock, _ := request(t, s, "gw-cancel")
-			req.ReplyTimeout = time.Hour
-			ctx, cancel := context.WithCancel(t.Context())
-			defer cancel()
-			tt.setup(t, s, &req, clock, cancel)
-			start := time.Now()
-			_, err := dps.Register(ctx, req)
-			require.ErrorIs(t, err, context.Canceled)
-			assert.Less(t, time.Since(start), 10*time.Second)
-		})
+		}
 	}
 }
 

@@ -13,6 +13,10 @@ const (
 	StepSubscribe
 	StepRegister
 	StepPoll
+	// StepWebSocket is the HTTP request that upgrades a connection to MQTT over WebSocket,
+	// before any MQTT: as a middlebox that does not pass WebSocket would, Drop closes the
+	// connection and Status answers the request with that HTTP status.
+	StepWebSocket
 )
 
 // Action is what a Fault does instead of, or to, the normal answer.
@@ -38,7 +42,10 @@ const (
 )
 
 // Fault is a scripted misbehaviour for client robustness tests. Register and poll take
-// every action; connect takes Drop, Delay and Status; subscribe takes Drop and Status.
+// every action; connect takes Drop, Delay and Status; subscribe takes Drop and Status. Over
+// HTTPS, where each request authenticates by itself, there is no connect nor subscribe;
+// register and poll take every action but WrongRID (no $rid), Drop closes the connection
+// without a response and DropAfterReply closes it after one.
 type Fault struct {
 	Step   Step
 	Action Action

@@ -2,6 +2,7 @@ package dpstest
 
 import (
 	"bytes"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
@@ -87,7 +88,7 @@ func (h *handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 			}
 			return byte(f.Status), false
 		case Delay:
-			if !s.sleep(c, f.Delay) {
+			if !s.sleep(c.Done(), f.Delay) {
 				return packets.ErrRefusedServerUnavailable, false
 			}
 		}
@@ -97,23 +98,14 @@ func (h *handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 		s.log.Info("refused connection", "client", c.ClientID, "err", err)
 		return packets.ErrRefusedBadUsernameOrPassword, false
 	}
-	if !strings.EqualFold(scope, s.cfg.IDScope) {
-		// DPS finds the instance by its ID scope before it looks at credentials, and
-		// answers an unknown scope with "server unavailable" (Azure/azure-iot-sdk-python#670).
-		s.stats.refused.Add(1)
-		s.log.Info("refused connection", "registration", regID, "reason", fmt.Sprintf("ID scope %q is not this service's", scope))
+	if !s.knownScope(scope, regID) {
 		return packets.ErrRefusedServerUnavailable, false
-	}
-	st := &connState{regID: regID, apiVersion: apiVersion, subQoS: -1}
-	var peer []*x509.Certificate
-	if c.TLS != nil {
-		peer = c.TLS.PeerCertificates
 	}
 	var password []byte
 	if len(c.Password) > 0 { // ESDK-C sends an empty password with X.509
-		password, st.sas = c.Password, true
+		password = c.Password
 	}
-	st.enroll, st.refusal = s.authenticate(regID, password, peer)
+	st := s.admit(regID, apiVersion, password, c.TLS)
 	if st.enroll == nil {
 		s.stats.refused.Add(1)
 		s.log.Info("unknown device", "registration", regID, "reason", st.refusal)
@@ -124,6 +116,31 @@ func (h *handler) Connect(c *mqttsrv.Conn) (byte, bool) {
 	c.Value = st
 	s.stats.connections.Add(1)
 	return packets.Accepted, false
+}
+
+// knownScope reports whether scope is this instance's. DPS finds the instance by its ID scope
+// before it looks at credentials, and answers an unknown scope with "server unavailable"
+// (Azure/azure-iot-sdk-python#670).
+func (s *Server) knownScope(scope, regID string) bool {
+	if strings.EqualFold(scope, s.cfg.IDScope) {
+		return true
+	}
+	s.stats.refused.Add(1)
+	s.log.Info("refused connection", "registration", regID, "reason", fmt.Sprintf("ID scope %q is not this service's", scope))
+	return false
+}
+
+// admit authenticates a device for the requests that follow: over MQTT once per connection,
+// over HTTPS once per request. A device it refuses gets a state without enrollment, and its
+// requests are answered 401.
+func (s *Server) admit(regID, apiVersion string, password []byte, tlsState *tls.ConnectionState) *connState {
+	st := &connState{regID: regID, apiVersion: apiVersion, sas: password != nil, subQoS: -1}
+	var peer []*x509.Certificate
+	if tlsState != nil {
+		peer = tlsState.PeerCertificates
+	}
+	st.enroll, st.refusal = s.authenticate(regID, password, peer)
+	return st
 }
 
 func (h *handler) Subscribe(c *mqttsrv.Conn, filters []string, qos []byte) []byte {
@@ -194,41 +211,18 @@ func (h *handler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
 	}
 
 	f := s.fault(step, st.regID)
-	var r reply
-	switch {
-	case f != nil && f.Action == Drop:
+	if f != nil && f.Action == Drop {
 		return errDropped
-	case f != nil && f.Action == Status:
-		r = s.errorReply(f.Status, f.Status*1000, "scripted fault", noRetryAfter)
-		if f.RetryAfter > 0 {
-			r.retryAfter = f.RetryAfter
-		}
-	case step == StepRegister:
-		r = s.register(st, m.Payload)
-	default:
-		if unescaped, err := url.QueryUnescape(opID); err == nil {
-			opID = unescaped
-		}
-		r = s.poll(st, opID)
 	}
-	if step == StepRegister {
-		s.mu.Lock()
-		err := s.noteRegisterLocked(st.regID, r)
-		s.mu.Unlock()
-		if err != nil {
-			return err
-		}
+	if unescaped, err := url.QueryUnescape(opID); err == nil {
+		opID = unescaped
 	}
-	if r.err != nil {
-		return r.err
+	r, err := s.answer(st, step, f, m.Payload, opID)
+	if err != nil {
+		return err
 	}
-
 	if f != nil {
 		switch f.Action {
-		case Malformed:
-			r.body = r.body[:len(r.body)/2]
-		case Oversized:
-			r.body = oversize(r.body, s.cfg.MaxMessageSize)
 		case WrongRID:
 			rid = "not-" + rid
 		case Delay:
@@ -236,7 +230,7 @@ func (h *handler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
 			s.wg.Add(1)
 			go func() {
 				defer s.wg.Done()
-				if s.sleep(c, f.Delay) {
+				if s.sleep(c.Done(), f.Delay) {
 					s.send(c, qos, rid, r)
 				}
 			}()
@@ -250,15 +244,53 @@ func (h *handler) Publish(c *mqttsrv.Conn, m mqttsrv.Message) error {
 	return nil
 }
 
-// sleep waits d unless the connection or the server ends first; it reports whether the
-// wait completed.
-func (s *Server) sleep(c *mqttsrv.Conn, d time.Duration) bool {
+// answer is the reply to a register or poll request, as a fault that fires changes it:
+// Status replaces it, Malformed and Oversized spoil its body after the register requests'
+// history has noted it. An error means the Journal failed: the connection is closed instead.
+func (s *Server) answer(st *connState, step Step, f *Fault, body []byte, opID string) (reply, error) {
+	var r reply
+	switch {
+	case f != nil && f.Action == Status:
+		r = s.errorReply(f.Status, f.Status*1000, "scripted fault", noRetryAfter)
+		if f.RetryAfter > 0 {
+			r.retryAfter = f.RetryAfter
+		}
+	case step == StepRegister:
+		r = s.register(st, body)
+	default:
+		r = s.poll(st, opID)
+	}
+	if step == StepRegister {
+		s.mu.Lock()
+		err := s.noteRegisterLocked(st.regID, r)
+		s.mu.Unlock()
+		if err != nil {
+			return r, err
+		}
+	}
+	if r.err != nil {
+		return r, r.err
+	}
+	if f != nil {
+		switch f.Action {
+		case Malformed:
+			r.body = r.body[:len(r.body)/2]
+		case Oversized:
+			r.body = oversize(r.body, s.cfg.MaxMessageSize)
+		}
+	}
+	return r, nil
+}
+
+// sleep waits d unless done (the connection's or the request's end) or the server's end
+// comes first; it reports whether the wait completed.
+func (s *Server) sleep(done <-chan struct{}, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
 		return true
-	case <-c.Done():
+	case <-done:
 	case <-s.closing:
 	}
 	return false
@@ -273,9 +305,14 @@ func (s *Server) send(c *mqttsrv.Conn, qos int, rid string, r reply) {
 	}
 	topic := "$dps/registrations/res/" + strconv.Itoa(r.status) + "/?$rid=" + rid
 	if r.retryAfter >= 0 {
-		topic += "&retry-after=" + strconv.Itoa(int((r.retryAfter+time.Second-1)/time.Second))
+		topic += "&retry-after=" + retryAfterSeconds(r.retryAfter)
 	}
 	c.Publish(mqttsrv.Message{Topic: topic, QoS: byte(qos), Payload: r.body})
+}
+
+// retryAfterSeconds is retry-after as DPS sends it: whole seconds, rounded up.
+func retryAfterSeconds(d time.Duration) string {
+	return strconv.Itoa(int((d + time.Second - 1) / time.Second))
 }
 
 // errorReply is a request-level error (protocol.md §3.3).

@@ -1,11 +1,12 @@
 // Package dpstest is an in-process Azure Device Provisioning Service for tests and for
-// unicity-emulator, in the style of net/http/httptest. It serves the device-facing MQTT API
-// over TLS and WebSocket as pinned by shared/protocol.md: X.509 (CA and thumbprint) and
-// symmetric-key enrollments, register and poll with retry-after, reprovisioning, certificate
-// issuance from a CSR, the service's throttling limits and scripted faults. The service-side
-// API (enrollments, registrations, the history of register requests, statistics) is Go
-// methods, not HTTP; a Journal can keep registrations and history across restarts. It is not
-// a broker: every reply goes to the connection that asked.
+// unicity-emulator, in the style of net/http/httptest. It serves the device-facing API over
+// MQTT (TLS and WebSocket) as pinned by shared/protocol.md, and its REST form over HTTPS on
+// the same ports (https.go): X.509 (CA and thumbprint) and symmetric-key enrollments,
+// register and poll with retry-after, reprovisioning, certificate issuance from a CSR, the
+// service's throttling limits and scripted faults. The service-side API (enrollments,
+// registrations, the history of register requests, statistics) is Go methods, not HTTP; a
+// Journal can keep registrations and history across restarts. It is not a broker: every
+// reply goes to the connection that asked.
 package dpstest
 
 import (
@@ -70,7 +71,8 @@ type Config struct {
 	// IDScope selects this instance; empty picks a random "0ne…" scope.
 	IDScope string
 	// Addr is the MQTT/TLS listen address, WebSocketAddr the MQTT-over-WebSocket (HTTPS) one;
-	// empty means "127.0.0.1:0". WebSocketAddr "-" serves no WebSocket.
+	// empty means "127.0.0.1:0". WebSocketAddr "-" serves no WebSocket port. Both serve MQTT
+	// over WebSocket and the REST API over HTTPS; Addr serves MQTT over TLS as well.
 	Addr, WebSocketAddr string
 	// ServerCA issues the server certificate and is what clients trust; nil makes a fresh
 	// root. ServerNames are added to localhost, 127.0.0.1 and GlobalHost.
@@ -244,6 +246,7 @@ func New(cfg Config) (*Server, error) {
 		maxPacket = cfg.MaxMessageSize + 1<<16 + 16
 	}
 	s.mqtt = &mqttsrv.Server{Handler: (*handler)(s), TLSConfig: s.tlsConfig, MaxPacketSize: maxPacket}
+	s.mqtt.HTTP = s.httpHandler()
 	return s, nil
 }
 
@@ -277,7 +280,7 @@ func (s *Server) Start() error {
 		}
 		s.wsLn = wsLn
 		s.https = &http.Server{
-			Handler: s.mqtt.WebSocket(),
+			Handler: s.mqtt.HTTP,
 			// The listener does TLS; setting TLSConfig (without "h2") keeps net/http from
 			// adding HTTP/2 to it, which WebSocket upgrades cannot use.
 			TLSConfig:         s.tlsConfig,
