@@ -121,6 +121,12 @@ func (r *registration) replyError(rep *reply) *Error {
 
 // authFailure explains a 401, 403 or CONNACK 4/5: DPS did not accept who we are.
 func (r *registration) authFailure() string {
+	switch {
+	case r.req.TPM != nil && r.signer == nil:
+		return fmt.Sprintf("no individual enrollment matches this TPM's endorsement key (registration ID %s)", quote(r.regID))
+	case r.req.TPM != nil:
+		return fmt.Sprintf("DPS did not accept the SAS token signed with the TPM's identity key for registration ID %s", quote(r.regID))
+	}
 	if r.symmetricKey != nil {
 		return fmt.Sprintf("DPS did not accept the symmetric key for registration ID %s: the key is wrong or no enrollment matches", quote(r.regID))
 	}

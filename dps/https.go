@@ -108,11 +108,17 @@ func (c *httpsChannel) roundTrip(ctx context.Context, operationID string) (*repl
 	if err != nil {
 		return nil, c.failure(ctx, reqCtx, err)
 	}
-	rep := &reply{status: resp.StatusCode}
-	if v := resp.Header.Get("Retry-After"); v != "" {
-		rep.retryAfter, rep.hasRetryAfter = parseRetryAfter(v)
+	return usable(parseHTTPReply(resp.StatusCode, resp.Header.Get("Retry-After"), data))
+}
+
+// parseHTTPReply parses a response of the REST API as parseReply does an MQTT one: the
+// status from the status line, retry-after from its header ("" when absent).
+func parseHTTPReply(status int, retryAfter string, body []byte) (*reply, error) {
+	r := &reply{status: status}
+	if retryAfter != "" {
+		r.retryAfter, r.hasRetryAfter = parseRetryAfter(retryAfter)
 	}
-	return usable(rep, rep.parseBody(data))
+	return r, r.parseBody(body)
 }
 
 // failure classifies a request that got no reply as an MQTT request that got none: the
