@@ -353,9 +353,9 @@ func (c *Config) validate() error {
 		}
 	}
 	switch p.Transport {
-	case "auto", "mqtt", "mqtt-ws":
+	case "auto", "mqtt", "mqtt-ws", "https":
 	default:
-		return invalid("provisioning.transport", "%q is not one of auto, mqtt, mqtt-ws", p.Transport)
+		return invalid("provisioning.transport", "%q is not one of auto, mqtt, mqtt-ws, https", p.Transport)
 	}
 	if p.Payload != "" && !json.Valid([]byte(p.Payload)) {
 		return invalid("provisioning.payload", "not valid JSON")

@@ -89,6 +89,14 @@ when_full = "drop-oldest"
 	assert.Equal(t, telemetry.Options{Dir: "/data/queue", MaxBytes: 1 << 20, MaxAge: 24 * time.Hour, WhenFull: spool.DropOldest}, cfg.Telemetry)
 }
 
+func TestLoadConfigTransports(t *testing.T) {
+	for _, transport := range []string{"auto", "mqtt", "mqtt-ws", "https"} {
+		cfg, err := Load(writeConfig(t, "[provisioning]\nid_scope = \"0ne00000000\"\ntransport = \""+transport+"\"\n"))
+		require.NoError(t, err, transport)
+		assert.Equal(t, transport, cfg.Provisioning.Transport)
+	}
+}
+
 func TestLoadConfigMissingFile(t *testing.T) {
 	_, err := Load(filepath.Join(t.TempDir(), "nope.toml"))
 	require.ErrorIs(t, err, ErrNotExist)
@@ -112,7 +120,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"bad duration", scope + "[agent]\nparked_retry = \"an hour\"\n", 4, "agent.parked_retry", ""},
 		{"missing scope", "[provisioning]\n", 0, "provisioning.id_scope", "missing"},
 		{"bad scope", "[provisioning]\nid_scope = \"scope/1\"\n", 2, "provisioning.id_scope", "not an ID scope"},
-		{"bad transport", scope + "transport = \"amqp\"\n", 3, "provisioning.transport", "amqp"},
+		{"bad transport", scope + "transport = \"amqp\"\n", 3, "provisioning.transport", "\"amqp\" is not one of auto, mqtt, mqtt-ws, https"},
 		{"bad payload", scope + "payload = '{\"a\":'\n", 3, "provisioning.payload", "JSON"},
 		{"bad proxy", scope + "proxy = \"socks5://x:1\"\n", 3, "provisioning.proxy", "proxy URL"},
 		{"endpoint URL", scope + "global_endpoint = \"mqtts://dps\"\n", 3, "provisioning.global_endpoint", "host"},
