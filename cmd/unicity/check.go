@@ -115,7 +115,7 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 		c.fail("tls", &exitError{code: exitConfig, err: err})
 		return
 	}
-	c.endpoint(ctx, "dps", cfg, cfg.Provisioning.GlobalEndpoint, "", roots, cert)
+	c.endpoint(ctx, "dps", cfg, cfg.Provisioning.GlobalEndpoint, "", true, roots, cert)
 
 	st, err := storage.New(cfg.State.Dir).Load()
 	switch {
@@ -126,7 +126,7 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 	case binding != "" && !st.BelongsTo(regID, binding):
 		c.warn("hub", "the stored assignment belongs to another identity (%s): the agent will register again", st.RegistrationID)
 	default:
-		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, roots, cert)
+		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, false, roots, cert)
 	}
 }
 
@@ -252,9 +252,10 @@ func (c *checker) symmetricKey(ctx context.Context, cfg *config.Config) (regID, 
 	return id.RegistrationID, creds.StateBinding()
 }
 
-// endpoint checks DNS, TCP and TLS (with the device's certificate, when it has one) to host.
+// endpoint checks DNS, TCP and TLS (with the device's certificate, when it has one) to host,
+// over the transports the service speaks: DPS has HTTPS too (restAPI), the hub only MQTT.
 // Through a proxy, only the TLS check applies.
-func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config, host, prefer string, roots *x509.CertPool, cert *tls.Certificate) {
+func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config, host, prefer string, restAPI bool, roots *x509.CertPool, cert *tls.Certificate) {
 	transport := cfg.Provisioning.Transport
 	hostname, port := host, ""
 	if h, p, err := net.SplitHostPort(host); err == nil {
@@ -276,7 +277,7 @@ func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config,
 			switch transport {
 			case dial.TransportMQTT:
 				ports = []string{"8883"}
-			case dial.TransportWebSocket:
+			case dial.TransportWebSocket, dial.TransportHTTPS:
 				ports = []string{"443"}
 			default:
 				ports = []string{"8883", "443"}
@@ -291,7 +292,7 @@ func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config,
 				if i == 0 {
 					c.pass(name+" tcp", "%s accepts connections", addr)
 				} else {
-					c.warn(name+" tcp", "%s accepts connections, but %v (the WebSocket transport will be used)", addr, tcpErr)
+					c.warn(name+" tcp", "%s accepts connections, but %v (a transport on 443 will be used)", addr, tcpErr)
 				}
 				tcpErr = nil
 				break
@@ -305,7 +306,7 @@ func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config,
 	}
 
 	conn, used, err := dial.Dial(ctx, dial.Config{
-		Host: host, Transport: transport, Prefer: prefer, Proxy: cfg.Provisioning.Proxy,
+		Host: host, Transport: transport, Prefer: prefer, HTTPS: restAPI, Proxy: cfg.Provisioning.Proxy,
 		RootCAs: roots, Certificate: cert, Timeout: checkTimeout,
 	})
 	if err != nil {
