@@ -50,7 +50,7 @@ func skipOrFail(t *testing.T, format string, args ...any) {
 func installNodeSDK(t *testing.T, npm string) string {
 	t.Helper()
 	h := sha256.New()
-	files := []string{"package.json", "package-lock.json", "common.js", "provision.js", "restart.js"}
+	files := []string{"package.json", "package-lock.json", "common.js", "provision.js", "restart.js", "provision-http.js"}
 	for _, f := range files {
 		data, err := os.ReadFile(filepath.Join(nodeSDKDir, f))
 		require.NoError(t, err)

@@ -39,8 +39,8 @@ to start from no devices.`
 
 func runServe(ctx context.Context, e *env, args []string) error {
 	fs, dir := newFlags("serve")
-	dpsAddr := fs.String("dps-addr", "", "DPS MQTT/TLS listen `address` (default: the last serve's, else a free port of 127.0.0.1)")
-	dpsWSAddr := fs.String("dps-ws-addr", "", "DPS MQTT-over-WebSocket listen `address` (\"-\": none; default: the last serve's, else a free port of 127.0.0.1)")
+	dpsAddr := fs.String("dps-addr", "", "DPS listen `address`: MQTT/TLS, MQTT over WebSocket and HTTPS (REST) (default: the last serve's, else a free port of 127.0.0.1)")
+	dpsWSAddr := fs.String("dps-ws-addr", "", "DPS MQTT-over-WebSocket and HTTPS (REST) listen `address` (\"-\": none; default: the last serve's, else a free port of 127.0.0.1)")
 	var hubAddrs, hubWSAddrs, names multiFlag
 	fs.Var(&hubAddrs, "hub-addr", "IoT Hub MQTT/TLS listen `address`, once per hub; a host alone listens on 8883 (default: the last serve's, else a loopback address of the hub's own)")
 	fs.Var(&hubWSAddrs, "hub-ws-addr", "IoT Hub WebSocket listen `address`, once per hub in the same order (\"-\": none; default: 443 of the hub's address, else a free port)")
