@@ -103,21 +103,27 @@ func FuzzParseHTTPReply(f *testing.F) {
 		if r == nil || r.status != status {
 			t.Fatalf("reply %+v for status %d", r, status)
 		}
-		if err != nil {
-			return
-		}
-		switch {
-		case r.op != nil:
-			if r.op.Status == statusAssigned && (r.op.State == nil || r.op.State.AssignedHub == "") {
-				t.Fatalf("assigned without hub: %+v", r.op)
-			}
-		case r.fail == nil:
-			t.Fatalf("accepted reply has neither operation nor error: %+v", r)
-		case r.fail.Challenge != nil && len(r.fail.Challenge) == 0:
-			t.Fatalf("empty challenge accepted")
-		}
-		if r.retryAfter < 0 || r.retryAfter > maxRetryAfter {
-			t.Fatalf("retry-after %v out of range", r.retryAfter)
+		if err == nil {
+			checkAccepted(t, r)
 		}
 	})
+}
+
+// checkAccepted fails the fuzzers on a reply the parser accepted but the registration
+// cannot use: an assignment always names a hub, a failure always carries an error code or a
+// challenge, and retry-after is in range.
+func checkAccepted(t *testing.T, r *reply) {
+	switch {
+	case r.op != nil:
+		if r.op.Status == statusAssigned && (r.op.State == nil || r.op.State.AssignedHub == "") {
+			t.Fatalf("assigned without hub: %+v", r.op)
+		}
+	case r.fail == nil:
+		t.Fatalf("accepted reply has neither operation nor error: %+v", r)
+	case r.fail.Challenge != nil && len(r.fail.Challenge) == 0:
+		t.Fatalf("empty challenge accepted")
+	}
+	if r.retryAfter < 0 || r.retryAfter > maxRetryAfter {
+		t.Fatalf("retry-after %v out of range", r.retryAfter)
+	}
 }

@@ -22,13 +22,8 @@ import (
 // pinned by the lock file), with an X.509 certificate and with a symmetric key, over verified
 // TLS; a wrong key is refused.
 func TestNodeSDKHTTP(t *testing.T) {
-	node := needTool(t, "node")
-	npm := needTool(t, "npm")
-	sdk := installNodeSDK(t, npm)
-
-	dir := filepath.Join(t.TempDir(), "emu")
-	_, code := runCLI(t, "init", "--dir", dir)
-	require.Equal(t, 0, code)
+	node, sdk := nodeSDK(t)
+	dir := initDir(t)
 	s := serve(t, dir, "--hubs", "2", "--retry-after", "1")
 	_, port, err := net.SplitHostPort(s.DPS)
 	require.NoError(t, err)

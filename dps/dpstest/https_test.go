@@ -172,9 +172,7 @@ func TestRESTLimits(t *testing.T) {
 
 func TestRESTFaults(t *testing.T) {
 	t.Run("status with retry-after", func(t *testing.T) {
-		s := dpstest.NewServer(t, func(c *dpstest.Config) {
-			c.Faults = []dpstest.Fault{{Step: dpstest.StepRegister, Action: dpstest.Status, Status: 503, RetryAfter: 7 * time.Second, Times: 1}}
-		})
+		s := withFault(t, dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Status, Status: 503, RetryAfter: 7 * time.Second, Times: 1})
 		c := newREST(t, s, s.Addr(), "rest-fault", factoryCert(t, s, "rest-fault"))
 		r := c.register(`{}`)
 		assert.Equal(t, http.StatusServiceUnavailable, r.status)
@@ -182,25 +180,19 @@ func TestRESTFaults(t *testing.T) {
 		assert.Equal(t, http.StatusAccepted, c.register(`{}`).status, "once")
 	})
 	t.Run("drop", func(t *testing.T) {
-		s := dpstest.NewServer(t, func(c *dpstest.Config) {
-			c.Faults = []dpstest.Fault{{Step: dpstest.StepRegister, Action: dpstest.Drop, Times: 1}}
-		})
+		s := withFault(t, dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Drop, Times: 1})
 		c := newREST(t, s, s.Addr(), "rest-drop", factoryCert(t, s, "rest-drop"))
 		_, err := c.http.Do(mustRequest(t, http.MethodPut, "https://"+s.Addr()+"/"+s.IDScope()+"/registrations/rest-drop/register?api-version=2019-03-31", nil))
 		assert.Error(t, err)
 	})
 	t.Run("drop after reply", func(t *testing.T) {
-		s := dpstest.NewServer(t, func(c *dpstest.Config) {
-			c.Faults = []dpstest.Fault{{Step: dpstest.StepRegister, Action: dpstest.DropAfterReply, Times: 1}}
-		})
+		s := withFault(t, dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.DropAfterReply, Times: 1})
 		r := newREST(t, s, s.Addr(), "rest-dar", factoryCert(t, s, "rest-dar")).register(`{}`)
 		assert.Equal(t, http.StatusAccepted, r.status)
 		assert.True(t, r.connClosed)
 	})
 	t.Run("malformed", func(t *testing.T) {
-		s := dpstest.NewServer(t, func(c *dpstest.Config) {
-			c.Faults = []dpstest.Fault{{Step: dpstest.StepRegister, Action: dpstest.Malformed, Times: 1}}
-		})
+		s := withFault(t, dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Malformed, Times: 1})
 		c := newREST(t, s, s.Addr(), "rest-malformed", factoryCert(t, s, "rest-malformed"))
 		resp, err := c.http.Do(mustRequest(t, http.MethodPut, "https://"+s.Addr()+"/"+s.IDScope()+"/registrations/rest-malformed/register?api-version=2019-03-31", nil))
 		require.NoError(t, err)
@@ -211,30 +203,29 @@ func TestRESTFaults(t *testing.T) {
 		assert.False(t, json.Valid(data), "%s", data)
 	})
 	t.Run("delay", func(t *testing.T) {
-		s := dpstest.NewServer(t, func(c *dpstest.Config) {
-			c.Faults = []dpstest.Fault{{Step: dpstest.StepRegister, Action: dpstest.Delay, Delay: 300 * time.Millisecond, Times: 1}}
-		})
+		s := withFault(t, dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Delay, Delay: 300 * time.Millisecond, Times: 1})
 		start := time.Now()
 		r := newREST(t, s, s.Addr(), "rest-delay", factoryCert(t, s, "rest-delay")).register(`{}`)
 		assert.Equal(t, http.StatusAccepted, r.status)
 		assert.GreaterOrEqual(t, time.Since(start), 300*time.Millisecond)
 	})
 	t.Run("websocket refused", func(t *testing.T) {
-		s := dpstest.NewServer(t, func(c *dpstest.Config) {
-			c.Faults = []dpstest.Fault{{Step: dpstest.StepWebSocket, Action: dpstest.Status, Status: http.StatusForbidden, Times: 1}}
-		})
+		s := withFault(t, dpstest.Fault{Step: dpstest.StepWebSocket, Action: dpstest.Status, Status: http.StatusForbidden, Times: 1})
 		_, err := dial(t, s, dialOpts{regID: "ws-refused", cert: factoryCert(t, s, "ws-refused"), webSocket: true})
 		require.Error(t, err)
 		assert.Contains(t, err.Error(), "bad handshake")
 		mustDial(t, s, dialOpts{regID: "ws-refused", cert: factoryCert(t, s, "ws-refused"), webSocket: true}) // once
 	})
 	t.Run("websocket dropped", func(t *testing.T) {
-		s := dpstest.NewServer(t, func(c *dpstest.Config) {
-			c.Faults = []dpstest.Fault{{Step: dpstest.StepWebSocket, Action: dpstest.Drop, Times: 1}}
-		})
+		s := withFault(t, dpstest.Fault{Step: dpstest.StepWebSocket, Action: dpstest.Drop, Times: 1})
 		_, err := dial(t, s, dialOpts{regID: "ws-dropped", cert: factoryCert(t, s, "ws-dropped"), webSocket: true})
 		require.Error(t, err)
 	})
+}
+
+// withFault is a server with one fault armed.
+func withFault(t *testing.T, f dpstest.Fault) *dpstest.Server {
+	return dpstest.NewServer(t, func(c *dpstest.Config) { c.Faults = []dpstest.Fault{f} })
 }
 
 func mustRequest(t *testing.T, method, url string, body io.Reader) *http.Request {

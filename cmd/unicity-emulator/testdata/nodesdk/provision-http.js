@@ -1,16 +1,15 @@
 'use strict';
 // Provisions a device through the emulator's DPS with Microsoft's Node.js SDK and its HTTP
 // transport (azure-iot-provisioning-device-http): DPS's REST API over HTTPS, with an X.509
-// certificate or a symmetric key. It prints the assignment as one JSON line,
-// {"event":"registered",...}, and exits 0; any failure exits 1 with the error on stderr.
+// certificate or a symmetric key. It reports the assignment, {"event":"registered",...}, and
+// exits 0; any failure exits 1 with the error (and DPS's status and body) on stderr.
 //
-// TLS trust comes from NODE_EXTRA_CA_CERTS (the emulator's trust bundle); verification stays
-// on. The SDK's HTTP transport takes a host name only and connects to 443; an https.Agent
-// handed to it through its own http.agent option (azure-iot-http-base) supplies DPS_PORT.
+// The SDK's HTTP transport takes a host name only and connects to 443; an https.Agent handed
+// to it through its own http.agent option (azure-iot-http-base) supplies DPS_PORT.
 //
 // Environment: DPS_HOST (a name the emulator's certificate covers), DPS_PORT, ID_SCOPE,
 // REGISTRATION_ID, and CERT_FILE (leaf + chain, PEM) with KEY_FILE (PEM), or SYMMETRIC_KEY
-// (base64).
+// (base64). TLS trust as in common.js.
 
 const fs = require('fs');
 const https = require('https');
@@ -22,16 +21,9 @@ const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key
 const { Http: HttpBase } = require(require.resolve('azure-iot-http-base', {
   paths: [require.resolve('azure-iot-provisioning-device-http')],
 }));
+const { env, report, run } = require('./common');
 
-function env(name) {
-  const v = process.env[name];
-  if (!v) {
-    throw new Error(`${name} is not set`);
-  }
-  return v;
-}
-
-async function main() {
+run(async () => {
   const registrationId = env('REGISTRATION_ID');
   let security;
   if (process.env.SYMMETRIC_KEY) {
@@ -49,22 +41,22 @@ async function main() {
   httpBase.setOptions({ http: { agent } });
 
   const provisioning = ProvisioningDeviceClient.create(env('DPS_HOST'), env('ID_SCOPE'), new ProvisioningHttp(httpBase), security);
-  const result = await provisioning.register();
-  console.log(JSON.stringify({
-    event: 'registered',
+  let result;
+  try {
+    result = await provisioning.register();
+  } catch (err) {
+    if (err && err.response) {
+      console.error(`status ${err.response.statusCode}: ${err.responseBody}`);
+    }
+    throw err;
+  } finally {
+    agent.destroy();
+  }
+  report('registered', {
     assignedHub: result.assignedHub,
     deviceId: result.deviceId,
     registrationId: result.registrationId,
     status: result.status,
     substatus: result.substatus,
-  }));
-  agent.destroy();
-}
-
-main().catch((err) => {
-  console.error(err && err.stack ? err.stack : err);
-  if (err && err.response) {
-    console.error(`status ${err.response.statusCode}: ${err.responseBody}`);
-  }
-  process.exit(1);
+  });
 });
