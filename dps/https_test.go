@@ -2,7 +2,10 @@ package dps_test
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/hmac"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
@@ -44,6 +47,27 @@ func TestRegisterHTTPS(t *testing.T) {
 	assert.Equal(t, []time.Duration{5 * time.Second}, clock.Waits(), "DPS's Retry-After header")
 	assert.Equal(t, []string{"connected to DPS over https", "DPS is assigning a hub; polling in 5 s"}, log.all())
 	assert.Equal(t, dpstest.Stats{Registrations: 1, Polls: 1, Assignments: 1}, s.Stats())
+}
+
+// TestRegisterHTTPSPayloadAndIssuance: custom allocation data goes both ways, and a CSR is
+// sent with its api-version and comes back as a certificate, as over MQTT.
+func TestRegisterHTTPSPayloadAndIssuance(t *testing.T) {
+	s := newServer(t)
+	allocateWith(t, s, func(r dpstest.AllocationRequest) (dpstest.AllocationResult, error) {
+		return dpstest.AllocationResult{Hub: r.LinkedHubs[0], Payload: r.Payload}, nil
+	})
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	req, _, _ := requestOver(t, s, "gw-https-csr", dial.TransportHTTPS)
+	req.Payload, req.CSRSigner = json.RawMessage(`{"site":"north"}`), key
+	a, err := dps.Register(t.Context(), req)
+	require.NoError(t, err)
+	assert.JSONEq(t, `{"site":"north"}`, string(a.Payload))
+	require.NotEmpty(t, a.IssuedChain)
+	leaf, err := x509.ParseCertificate(a.IssuedChain[0])
+	require.NoError(t, err)
+	assert.True(t, key.PublicKey.Equal(leaf.PublicKey))
+	assert.Equal(t, "gw-https-csr", leaf.Subject.CommonName)
 }
 
 // TestRegisterAutoFallsBackToHTTPS: behind a firewall that blocks 8883 and a middlebox that
