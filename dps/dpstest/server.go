@@ -132,7 +132,7 @@ func DefaultConfig() Config {
 
 // Stats counts what the server has seen since it started.
 type Stats struct {
-	Connections   int64 // CONNECTs accepted
+	Connections   int64 // MQTT CONNECTs accepted (HTTPS has none: its requests count below)
 	Refused       int64 // connections or requests refused for authentication
 	Registrations int64 // register requests, throttled ones included
 	Polls         int64 // operation status requests, throttled ones included
