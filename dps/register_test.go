@@ -403,7 +403,7 @@ func TestRegisterRefused(t *testing.T) {
 		{name: "wrong symmetric key refused with 401",
 			server: []func(*dpstest.Config){func(c *dpstest.Config) { c.UnknownDevice = dpstest.Refuse401 }},
 			setup:  wrongSymmetricKey,
-			want:   "DPS did not accept the symmetric key for registration ID 'sas-ref'", status: 401, code: 401002},
+			want:   "DPS did not accept the symmetric key for registration ID 'sas-ref'", status: 401, code: 401000},
 		{name: "bad request",
 			setup: func(t *testing.T, s *dpstest.Server, req *dps.Request) {
 				s.AddFault(dpstest.Fault{Step: dpstest.StepRegister, Action: dpstest.Status, Status: 400})

@@ -110,7 +110,8 @@ func TestREST(t *testing.T) {
 		c.auth = sas.Token([]byte("wrong"), s.IDScope()+"/registrations/rest-sas", time.Now().Add(time.Hour), "registration")
 		r = c.register(``)
 		assert.Equal(t, http.StatusUnauthorized, r.status)
-		assert.Equal(t, float64(401002), r.body["errorCode"])
+		assert.Equal(t, float64(401000), r.body["errorCode"], "what DPS tells a SAS device")
+		assert.Equal(t, "Unauthorized", r.body["message"])
 		assert.NotEmpty(t, r.body["trackingId"])
 	})
 	t.Run("refused", func(t *testing.T) {
@@ -120,13 +121,15 @@ func TestREST(t *testing.T) {
 		r := newREST(t, s, s.Addr(), "rest-stranger", &cert).register(`{}`)
 		assert.Equal(t, http.StatusUnauthorized, r.status, "HTTPS always refuses with 401: there is no CONNACK")
 		assert.Equal(t, float64(401002), r.body["errorCode"])
+		assert.Equal(t, "Invalid certificate.", r.body["message"])
 
 		c := newREST(t, s, s.Addr(), "rest-anonymous", nil)
 		assert.Equal(t, http.StatusUnauthorized, c.register(`{}`).status, "neither certificate nor SAS token")
 
 		other := newREST(t, s, s.Addr(), "rest-scope", factoryCert(t, s, "rest-scope"))
 		r = other.do(http.MethodPut, "/0neFFFFFFFF/registrations/rest-scope/register?api-version=2019-03-31", `{}`)
-		assert.Equal(t, http.StatusUnauthorized, r.status, "another ID scope")
+		assert.Equal(t, http.StatusServiceUnavailable, r.status, "another ID scope, as CONNACK 3 over MQTT")
+		assert.Equal(t, float64(503000), r.body["errorCode"])
 	})
 	t.Run("bad requests", func(t *testing.T) {
 		c := newREST(t, s, s.Addr(), "rest-bad", factoryCert(t, s, "rest-bad"))
