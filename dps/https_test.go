@@ -56,6 +56,7 @@ func TestRegisterHTTPSPayloadAndIssuance(t *testing.T) {
 	allocateWith(t, s, func(r dpstest.AllocationRequest) (dpstest.AllocationResult, error) {
 		return dpstest.AllocationResult{Hub: r.LinkedHubs[0], Payload: r.Payload}, nil
 	})
+	require.NoError(t, s.SetCredentialPolicy("factory", &dpstest.CredentialPolicy{Name: "ops", Validity: time.Hour}))
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	require.NoError(t, err)
 	req, _, _ := requestOver(t, s, "gw-https-csr", dial.TransportHTTPS)
@@ -68,6 +69,7 @@ func TestRegisterHTTPSPayloadAndIssuance(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, key.PublicKey.Equal(leaf.PublicKey))
 	assert.Equal(t, "gw-https-csr", leaf.Subject.CommonName)
+	assert.Equal(t, time.Hour, leaf.NotAfter.Sub(leaf.NotBefore), "the enrollment's policy")
 }
 
 // TestRegisterAutoFallsBackToHTTPS: behind a firewall that blocks 8883 and a middlebox that
