@@ -12,6 +12,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -60,6 +61,8 @@ const (
 	DefaultMaxPacketSize  = 512 << 10
 	DefaultConnectTimeout = 10 * time.Second
 	writeTimeout          = 10 * time.Second
+	// lingerTimeout bounds how long a closing connection waits for the client's last packets.
+	lingerTimeout = 500 * time.Millisecond
 )
 
 // Server serves MQTT connections to Handler. Set the fields before the first Serve.
@@ -211,7 +214,7 @@ func (s *Server) serve(nc net.Conn, state *tls.ConnectionState, ws bool) {
 		return
 	}
 	defer s.untrack(nc)
-	defer nc.Close()
+	defer closeGracefully(nc)
 
 	c := &Conn{nc: nc, TLS: state, WebSocket: ws, RemoteAddr: nc.RemoteAddr(),
 		done: make(chan struct{}), pending: make(map[uint16]chan struct{})}
@@ -246,6 +249,21 @@ func (s *Server) serve(nc net.Conn, state *tls.ConnectionState, ws bool) {
 	err = s.loop(c, r)
 	c.end()
 	s.Handler.Disconnected(c, err)
+}
+
+// closeGracefully ends a connection the server is done with so that the client still reads
+// what was written last: an answer followed by a scripted drop, a refusing CONNACK. Closing
+// a socket with unread input makes the kernel send RST, and a client that gets RST discards
+// what it had received but not yet read; so the write side is shut first (TLS close_notify,
+// then FIN) and the client's last packets are read away, for a moment at most.
+func closeGracefully(nc net.Conn) {
+	defer nc.Close()
+	cw, ok := nc.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		return
+	}
+	nc.SetReadDeadline(time.Now().Add(lingerTimeout))
+	io.Copy(io.Discard, nc)
 }
 
 // loop reads packets until the connection ends; the returned error says why (nil for a
