@@ -1,0 +1,566 @@
+package device
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/config"
+	"github.com/unicity-iot/unicity/internal/backoff"
+	"github.com/unicity-iot/unicity/storage"
+)
+
+// run is one run of the lifecycle, from the state lock to the end of Agent.Run. It owns what
+// the lifecycle knows (the lock, the identity and its binding, the assignment in force, the
+// phase) and changes it only through its methods, on the loop's goroutine; answer is the one
+// place that decides what a request gets.
+type run struct {
+	a       *Agent
+	lock    *storage.Locked
+	id      *Identity
+	binding string
+	// assignment is the one in force, nil before the first. The loop writes it under a.mu
+	// (inForce) and reads it freely; other goroutines read it under a.mu (Agent.Assignment).
+	assignment *storage.State
+	// phase is where the lifecycle is, as the status shows it; enter sets both.
+	phase Phase
+	// refusal is what a request gets in the phases that wait for the lock, the TPM or the
+	// clock.
+	refusal error
+	// refused says why, while the run waits out the rate limit before registering again
+	// because the hub refused the identity.
+	refused string
+	// pending are the requests the registration under way answers with its outcome.
+	pending []*request
+}
+
+func (a *Agent) lifecycle(ctx context.Context) error {
+	r := &run{a: a}
+	a.mu.Lock()
+	a.current = r
+	a.mu.Unlock()
+
+	if err := r.lockState(ctx); err != nil {
+		return err
+	}
+	defer r.lock.Unlock()
+	creds, err := r.openCredentials(ctx)
+	if err != nil {
+		return err
+	}
+	defer creds.Close()
+	if err := r.awaitIdentity(ctx, creds); err != nil {
+		return err
+	}
+	r.binding = creds.StateBinding()
+
+	firstBoot := r.loadState()
+	for {
+		if r.assignment == nil {
+			if err := r.provision(ctx, firstBoot); err != nil {
+				return err
+			}
+			firstBoot = false
+		}
+		if err := r.serve(ctx); err != nil {
+			return err
+		}
+	}
+}
+
+// enter moves the run to phase, applying change to the status with it.
+func (r *run) enter(phase Phase, change func(*Status)) {
+	r.phase = phase
+	r.a.setStatus(func(s *Status) {
+		s.Phase = phase
+		change(s)
+	})
+}
+
+// inForce makes st the assignment in force, in the status too.
+func (r *run) inForce(st *storage.State) {
+	r.a.setStatus(func(s *Status) {
+		s.AssignedHub, s.DeviceID = st.AssignedHub, st.DeviceID
+		r.assignment = st // setStatus holds a.mu
+	})
+}
+
+// answer answers a request, or keeps it for the registration under way to answer, as the
+// phase and the state decide. registered reports that the request made a registration; err
+// is that registration's failure (the assignment in force then stays).
+func (r *run) answer(ctx context.Context, req *request) (registered bool, err error) {
+	switch r.phase {
+	case PhaseWaitingLock, PhaseWaitingTPM, PhaseWaitingClock:
+		req.reply <- result{err: r.refusal}
+		return false, nil
+	case PhaseProvisioning, PhaseParked:
+		if r.refused == "" {
+			r.pending = append(r.pending, req)
+			return false, nil
+		}
+		if req.ProvisionOnly {
+			req.reply <- result{err: Mark(fmt.Errorf("%s; the agent is about to register again", r.refused), ErrTemporary)}
+			return false, nil
+		}
+		r.a.setStatus(func(s *Status) {
+			s.NextRetry = time.Time{}
+			s.Message = fmt.Sprintf("registering %s with DPS again, as asked", r.id.RegistrationID)
+		})
+		return true, r.registerAsked(ctx, req)
+	}
+	// Connecting or connected: the assignment in force stays until a new one replaces it.
+	st := r.assignment
+	if req.ProvisionOnly {
+		req.reply <- result{state: st}
+		return false, nil
+	}
+	if !req.Force && !r.mayReprovision() {
+		req.reply <- result{err: checkRateLimit(r.a.Config.Agent, st, r.a.Clock.Now())}
+		return false, nil
+	}
+	r.a.setStatus(func(s *Status) {
+		s.Message = fmt.Sprintf("registering %s with DPS again, as asked; %s stays in force until then", r.id.RegistrationID, st.AssignedHub)
+	})
+	if err := r.registerAsked(ctx, req); err != nil {
+		r.a.NoteError(fmt.Errorf("registering again: %w", err))
+		return true, err
+	}
+	return true, nil
+}
+
+// registerAsked makes the registration req asked for and answers it with the outcome.
+func (r *run) registerAsked(ctx context.Context, req *request) error {
+	req.begin()
+	st, err := r.register(ctx, 1, r.a.Clock.Now())
+	req.reply <- result{state: st, err: err}
+	return err
+}
+
+// answerPending answers the requests kept for the registration under way.
+func (r *run) answerPending(res result) {
+	for _, req := range r.pending {
+		req.reply <- res
+	}
+	r.pending = nil
+}
+
+// lockState takes the state lock, waiting while a command run by hand holds it.
+func (r *run) lockState(ctx context.Context) error {
+	l, err := r.a.tryLock()
+	if !errors.Is(err, storage.ErrLocked) {
+		r.lock = l
+		return err
+	}
+	r.refusal = Mark(errors.New("the agent is waiting for the state lock"), ErrTemporary)
+	r.enter(PhaseWaitingLock, func(s *Status) {
+		s.Message = "waiting for the provisioning state, locked by another unicity process"
+	})
+	for {
+		if req, err := r.a.pause(ctx, clockPoll); err != nil {
+			return err
+		} else if req != nil {
+			r.answer(ctx, req)
+		}
+		l, err := r.a.tryLock()
+		if !errors.Is(err, storage.ErrLocked) {
+			r.lock = l
+			return err
+		}
+	}
+}
+
+// tryLock takes the state lock. On a read-only state directory it takes it read-only: the
+// stored assignment serves this boot, and a new one is kept in memory (see run.store).
+func (a *Agent) tryLock() (*storage.Locked, error) {
+	l, err := a.Store.TryLock()
+	if !errors.Is(err, storage.ErrReadOnly) {
+		return l, err
+	}
+	l, rerr := a.Store.TryLockReadOnly()
+	if rerr != nil {
+		return nil, err
+	}
+	a.NoteError(fmt.Errorf("%w: the stored assignment is used, a new one could not be stored", err))
+	return l, nil
+}
+
+// openCredentials opens the identity, waiting for a TPM that does not exist or answer yet.
+func (r *run) openCredentials(ctx context.Context) (*Credentials, error) {
+	r.enter(PhaseLoading, func(s *Status) { s.Message = "loading the device identity" })
+	for attempt := 1; ; attempt++ {
+		done := r.a.covered(identityLoadBound)
+		creds, err := r.a.Credentials(ctx, r.a.Config)
+		done()
+		if err == nil {
+			return creds, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if errors.Is(err, ErrIdentity) || isConfigError(err) {
+			return nil, err
+		}
+		what, d := "waiting for the TPM", r.a.Backoff(attempt)
+		if TPMAbsent(err) {
+			what, d = "waiting for the TPM to appear", tpmDevicePoll
+		}
+		r.refusal = Mark(fmt.Errorf("the agent is not ready: %s: %w", what, err), ErrTemporary)
+		req, werr := r.retryLater(ctx, PhaseWaitingTPM, what, err, attempt, d)
+		if werr != nil {
+			return nil, werr
+		}
+		if req != nil {
+			r.answer(ctx, req)
+		}
+	}
+}
+
+// awaitIdentity waits until the clock is plausible for the identity, then checks it.
+func (r *run) awaitIdentity(ctx context.Context, creds *Credentials) error {
+	validFrom := creds.ValidFrom()
+	r.refusal = Mark(errors.New("the agent is waiting for a valid clock"), ErrTemporary)
+	for {
+		now := r.a.Clock.Now()
+		if !now.Before(validFrom) {
+			id, err := creds.Identity(now)
+			if err == nil {
+				r.id = id
+				r.a.setStatus(func(s *Status) { s.RegistrationID = id.RegistrationID })
+				return nil
+			}
+			if !errors.Is(err, attest.ErrClockNotSet) {
+				return err
+			}
+		}
+		r.enter(PhaseWaitingClock, func(s *Status) {
+			// The date only: a message that changed every second would flood the log.
+			s.Message = fmt.Sprintf("waiting for a valid clock: it says %s, the identity is valid from %s",
+				now.UTC().Format(time.DateOnly), validFrom.UTC().Format(time.RFC3339))
+		})
+		req, err := r.a.pause(ctx, clockPoll)
+		if err != nil {
+			return err
+		}
+		if req != nil {
+			r.answer(ctx, req)
+		}
+	}
+}
+
+// loadState puts the stored assignment in force if it belongs to this identity. firstBoot
+// reports that the device never registered (as opposed to a state that had to be
+// discarded).
+func (r *run) loadState() (firstBoot bool) {
+	st, err := r.lock.Load()
+	switch {
+	case errors.Is(err, storage.ErrNotExist):
+		return true
+	case err != nil:
+		r.a.NoteError(fmt.Errorf("registering again: %w", err))
+		return false
+	case !st.BelongsTo(r.id.RegistrationID, r.binding):
+		r.a.NoteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.CertSHA256))
+		return false
+	}
+	r.inForce(st)
+	return false
+}
+
+// provision registers until DPS assigns a hub, then stores the assignment and puts it in
+// force. When registering again, the assignment in force stays stored until the new one
+// replaces it.
+func (r *run) provision(ctx context.Context, firstBoot bool) error {
+	r.refused = ""
+	defer r.answerPending(result{err: Mark(errors.New("the agent is stopping"), ErrTemporary)})
+
+	if firstBoot && r.a.Config.Agent.FirstBootDelay > 0 {
+		d := backoff.Jitter(r.a.Config.Agent.FirstBootDelay)
+		r.enter(PhaseProvisioning, func(s *Status) {
+			s.NextRetry = r.a.Clock.Now().Add(d)
+			s.Message = fmt.Sprintf("first boot: waiting %s before registering with DPS, to spread the fleet's registrations", d.Round(time.Second))
+		})
+		if req, err := r.a.pause(ctx, d); err != nil {
+			return err
+		} else if req != nil {
+			r.answer(ctx, req) // kept for the registration
+		}
+	}
+
+	start := r.a.Clock.Now()
+	failures := 0
+	for attempt := 1; ; attempt++ {
+		r.enter(PhaseProvisioning, func(s *Status) {
+			s.NextRetry = time.Time{}
+			s.Message = fmt.Sprintf("registering %s with DPS (attempt %d)", r.id.RegistrationID, attempt)
+		})
+		for _, req := range r.pending {
+			req.begin()
+		}
+		st, err := r.register(ctx, attempt, start)
+		if err == nil {
+			r.answerPending(result{state: st})
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		r.answerPending(result{err: err})
+		failures++
+
+		var req *request
+		if errors.Is(err, ErrRefused) {
+			req, err = r.park(ctx, err)
+			failures = 0
+		} else {
+			d := max(r.a.Backoff(failures), retryAfter(err))
+			req, err = r.retryLater(ctx, PhaseProvisioning, "cannot register with DPS", err, failures, d)
+		}
+		if err != nil {
+			return err
+		}
+		if req != nil {
+			r.answer(ctx, req) // kept for the next attempt, which starts now
+		}
+	}
+}
+
+// register makes attempt number attempt of a registration that began at start, stores its
+// result (see store) and puts it in force.
+func (r *run) register(ctx context.Context, attempt int, start time.Time) (*storage.State, error) {
+	var st *storage.State
+	err := r.a.bounded(ctx, func(ctx context.Context) error {
+		var err error
+		st, err = registerBound(ctx, r.a.Provisioner, r.id, r.binding, r.assignment, r.a.Clock.Now, attempt, start)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.store(ctx, st)
+	r.inForce(st)
+	return st, nil
+}
+
+// registerBound makes one registration and binds the assignment to the identity.
+func registerBound(ctx context.Context, p Provisioner, id *Identity, binding string, prev *storage.State, now func() time.Time, attempt int, start time.Time) (*storage.State, error) {
+	st, err := p.Register(ctx, id, prev)
+	if err != nil {
+		return nil, err
+	}
+	st.RegistrationID, st.CertSHA256 = id.RegistrationID, binding
+	st.ProvisionedAt = now()
+	st.Attempts, st.Duration = attempt, st.ProvisionedAt.Sub(start)
+	return st, nil
+}
+
+// store saves a new assignment. One the disk refuses (full, read-only) is used all the same
+// for this boot, and its write retried with backoff until it succeeds or a newer assignment
+// replaces it: registering again cannot cure a disk, and each registration is billed and
+// counted against the DPS quota. The status shows the refusal meanwhile (StoreError).
+func (r *run) store(ctx context.Context, st *storage.State) {
+	a := r.a
+	a.saveMu.Lock()
+	a.saves++
+	n := a.saves
+	err := r.lock.Save(st)
+	a.saveMu.Unlock()
+	if err == nil {
+		a.setStatus(func(s *Status) { s.StoreError = "" })
+		return
+	}
+	err = fmt.Errorf("%w; the assignment is in use but not stored, and the write is retried", err)
+	a.setStatus(func(s *Status) { s.StoreError, s.LastError, s.LastErrorAt = err.Error(), err.Error(), a.Clock.Now() })
+	a.bg.Go(func() { r.retryStore(ctx, st, n) })
+}
+
+// retryStore writes st, the n'th assignment saved, with backoff until it is stored or a newer
+// one was saved. It runs beside the loop: it touches only the lock and the Agent's save
+// counter.
+func (r *run) retryStore(ctx context.Context, st *storage.State, n int) {
+	a := r.a
+	for attempt := 1; ; attempt++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.Clock.After(a.Backoff(attempt)):
+		}
+		a.saveMu.Lock()
+		if a.saves != n {
+			a.saveMu.Unlock()
+			return
+		}
+		err := r.lock.Save(st)
+		a.saveMu.Unlock()
+		if err == nil {
+			a.setStatus(func(s *Status) { s.StoreError = "" })
+			return
+		}
+	}
+}
+
+// park waits out a permanent refusal on the slow retry, or until someone asks for a
+// registration (the enrollment was fixed).
+func (r *run) park(ctx context.Context, cause error) (*request, error) {
+	next := r.a.Clock.Now().Add(r.a.Config.Agent.ParkedRetry)
+	r.a.markReady()
+	r.enter(PhaseParked, func(s *Status) {
+		s.NextRetry, s.Attempts = next, 0
+		s.Message = fmt.Sprintf("parked: DPS refused the device (%v); next try at %s, or run `unicity reprovision` once fixed", cause, next.UTC().Format(time.RFC3339))
+		s.LastError, s.LastErrorAt = cause.Error(), r.a.Clock.Now()
+	})
+	return r.a.pause(ctx, r.a.Config.Agent.ParkedRetry)
+}
+
+// serve keeps the device connected to the hub of the assignment in force. It returns nil
+// once another assignment is in force (the device registered again).
+func (r *run) serve(ctx context.Context) error {
+	st := r.assignment
+	failures := 0
+	for {
+		r.enter(PhaseConnecting, func(s *Status) {
+			s.NextRetry, s.ConnectedSince = time.Time{}, time.Time{}
+			s.Message = fmt.Sprintf("connecting to %s as %s", st.AssignedHub, st.DeviceID)
+		})
+		var sess Session
+		err := r.a.bounded(ctx, func(ctx context.Context) error {
+			var err error
+			sess, err = r.a.Hub.Connect(ctx, r.id, st)
+			return err
+		})
+		if err == nil {
+			renewed, serr := r.connected(ctx, sess)
+			if renewed || serr != nil {
+				return serr
+			}
+			err = sess.Err()
+			failures = 0
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		failures++
+		if errors.Is(err, ErrStale) {
+			// The session already retried the hub that many times.
+			failures = max(failures, r.a.Config.Agent.HubFailures)
+		}
+		if errors.Is(err, ErrIdentityRejected) {
+			r.a.NoteError(err)
+			return r.reprovision(ctx, fmt.Sprintf("%s refused the identity", st.AssignedHub))
+		}
+		if failures >= r.a.Config.Agent.HubFailures && r.mayReprovision() {
+			r.a.NoteError(err)
+			r.enter(PhaseProvisioning, func(s *Status) {
+				s.NextRetry = time.Time{}
+				s.Message = fmt.Sprintf("%s could not be reached %d times in a row; asking DPS whether the assignment changed", st.AssignedHub, failures)
+			})
+			failures = 0
+			_, rerr := r.register(ctx, 1, r.a.Clock.Now())
+			if rerr == nil {
+				return nil
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			err = fmt.Errorf("%w; registering again with DPS failed too: %w", err, rerr)
+		}
+		req, werr := r.retryLater(ctx, PhaseConnecting, "cannot connect to "+st.AssignedHub, err, failures, r.a.Backoff(failures))
+		if werr != nil {
+			return werr
+		}
+		if req != nil {
+			if registered, rerr := r.answer(ctx, req); registered && rerr == nil {
+				return nil
+			}
+		}
+	}
+}
+
+// connected waits on a live session. renewed reports that a request made the device
+// register again; (false, nil) means the connection was lost.
+func (r *run) connected(ctx context.Context, sess Session) (renewed bool, err error) {
+	defer sess.Close()
+	now := r.a.Clock.Now()
+	st := r.assignment
+	r.a.markReady()
+	r.enter(PhaseConnected, func(s *Status) {
+		s.NextRetry, s.Attempts, s.ConnectedSince = time.Time{}, 0, now
+		s.Message = fmt.Sprintf("connected to %s as %s", st.AssignedHub, st.DeviceID)
+	})
+	for {
+		select {
+		case <-ctx.Done():
+			return false, ctx.Err()
+		case <-sess.Done():
+			return false, nil
+		case p := <-r.a.pings:
+			close(p)
+		case req := <-r.a.requests:
+			if registered, err := r.answer(ctx, req); registered && err == nil {
+				return true, nil
+			}
+		}
+	}
+}
+
+// reprovision registers again because the hub refused the identity: the assignment in force
+// is useless, so it keeps trying, paced by the rate limit, then by the usual backoff,
+// parking on refusals. A request by hand skips the rate limit.
+func (r *run) reprovision(ctx context.Context, why string) error {
+	st := r.assignment
+	r.refused = why
+	defer func() { r.refused = "" }()
+	for {
+		wait := st.ProvisionedAt.Add(r.a.Config.Agent.ReprovisionInterval).Sub(r.a.Clock.Now())
+		if wait <= 0 {
+			return r.provision(ctx, false)
+		}
+		next := r.a.Clock.Now().Add(wait)
+		r.enter(PhaseProvisioning, func(s *Status) {
+			s.NextRetry = next
+			s.Message = fmt.Sprintf("%s; registering again with DPS at %s (at most one registration per %s)", why, next.UTC().Format(time.RFC3339), r.a.Config.Agent.ReprovisionInterval)
+		})
+		req, err := r.a.pause(ctx, wait)
+		if err != nil {
+			return err
+		}
+		if req == nil {
+			continue
+		}
+		registered, err := r.answer(ctx, req)
+		if !registered {
+			continue
+		}
+		if err == nil {
+			return nil
+		}
+		return r.provision(ctx, false)
+	}
+}
+
+func (r *run) mayReprovision() bool {
+	return checkRateLimit(r.a.Config.Agent, r.assignment, r.a.Clock.Now()) == nil
+}
+
+// checkRateLimit refuses a registration sooner than [agent] reprovision_interval after the
+// one that produced st, with a *RateLimitError.
+func checkRateLimit(pol config.Policy, st *storage.State, now time.Time) error {
+	next := st.ProvisionedAt.Add(pol.ReprovisionInterval)
+	if !now.Before(next) {
+		return nil
+	}
+	return &RateLimitError{Last: st.ProvisionedAt, Next: next, Interval: pol.ReprovisionInterval}
+}
+
+// retryLater records err, enters phase and waits d. It returns early with a request that
+// arrived, for answer.
+func (r *run) retryLater(ctx context.Context, phase Phase, what string, err error, attempt int, d time.Duration) (*request, error) {
+	next := r.a.Clock.Now().Add(d)
+	r.enter(phase, func(s *Status) {
+		s.NextRetry, s.Attempts = next, attempt
+		s.Message = fmt.Sprintf("%s: %v; retrying in %s", what, err, d.Round(100*time.Millisecond))
+		s.LastError, s.LastErrorAt = err.Error(), r.a.Clock.Now()
+	})
+	return r.a.pause(ctx, d)
+}
