@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
-	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/config"
@@ -63,7 +62,8 @@ type Credentials struct {
 	RegistrationID string
 
 	symmetricKey []byte
-	tpm          transport.TPMCloser
+	// tpm opens the TPM if the key or the chain lives in it; nil for a symmetric key.
+	tpm *attest.Opener
 }
 
 // OpenCredentials opens the TPM, the key and the certificate chain the configuration names,
@@ -86,32 +86,20 @@ func OpenCredentials(ctx context.Context, cfg *config.Config) (*Credentials, err
 	default:
 		return nil, Mark(fmt.Errorf("attestation method %q is not supported", cfg.Attestation.Method), ErrIdentity)
 	}
-	c := &Credentials{RegistrationID: cfg.Provisioning.RegistrationID}
-	if needsTPM(cfg) {
-		tpm, err := attest.OpenTPM(ctx, cfg.TPM.Device)
-		if err != nil {
-			return nil, classifyIdentityError(err)
-		}
-		c.tpm = tpm
-	}
-	key, err := attest.LoadKey(c.tpm, cfg.Attestation.IdentityKey)
+	c := &Credentials{RegistrationID: cfg.Provisioning.RegistrationID, tpm: attest.NewOpener(ctx, cfg.TPM.Device)}
+	key, err := c.tpm.LoadKey(cfg.Attestation.IdentityKey)
 	if err != nil {
 		c.Close()
 		return nil, classifyIdentityError(err)
 	}
 	c.Key = key
-	chain, err := attest.LoadChain(c.tpm, cfg.Attestation.IdentityCert)
+	chain, err := c.tpm.LoadChain(cfg.Attestation.IdentityCert)
 	if err != nil {
 		c.Close()
 		return nil, classifyIdentityError(err)
 	}
 	c.Chain = chain
 	return c, nil
-}
-
-func needsTPM(cfg *config.Config) bool {
-	return strings.HasPrefix(cfg.Attestation.IdentityKey, "tpmkey:") ||
-		strings.HasPrefix(cfg.Attestation.IdentityCert, "tpm-nv:")
 }
 
 // classifyIdentityError marks what only a person can fix. A TPM that does not exist yet (its

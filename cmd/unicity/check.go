@@ -145,21 +145,21 @@ func (c *checker) host(cfg *config.Config) {
 // identity, the registration ID and the state binding when they pass. release closes the key
 // and the TPM once the network checks are done with them.
 func (c *checker) x509(ctx context.Context, cfg *config.Config, tf *tpmFlags) (cert *tls.Certificate, regID, binding string, release func()) {
-	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
+	tpm := tf.opener(ctx, cfg)
 	release = func() { tpm.Close() }
 	if strings.HasPrefix(cfg.Attestation.IdentityKey, "file:") && !strings.HasPrefix(cfg.Attestation.IdentityCert, "tpm-nv:") {
 		c.warn("tpm", "not used: the key is a software key (development only)")
-	} else if _, err := tpm.get(); err != nil {
-		c.fail("tpm", heldBy(cfg, tpm.spec, err))
+	} else if _, err := tpm.TPM(); err != nil {
+		c.fail("tpm", heldBy(cfg, tpm.Spec(), err))
 	} else {
-		c.pass("tpm", "%s answers", tpm.spec)
+		c.pass("tpm", "%s answers", tpm.Spec())
 	}
 
-	chain, chainErr := tpm.loadChain(cfg.Attestation.IdentityCert)
+	chain, chainErr := tpm.LoadChain(cfg.Attestation.IdentityCert)
 	var key *attest.Key
 	if c.failure == nil {
 		var err error
-		key, err = attest.LoadKey(tpm.tpm, cfg.Attestation.IdentityKey)
+		key, err = tpm.LoadKey(cfg.Attestation.IdentityKey)
 		if err != nil {
 			c.fail("key", err)
 		} else {
@@ -175,7 +175,7 @@ func (c *checker) x509(ctx context.Context, cfg *config.Config, tf *tpmFlags) (c
 		if leaf == nil {
 			leaf = chain[0]
 		}
-		if err := signAndVerify(key, leaf); err != nil {
+		if err := attest.ProveKey(key, leaf); err != nil {
 			c.fail("key", err)
 		} else {
 			c.pass("key", "%s signs, and the certificate verifies its signature", key.Location)

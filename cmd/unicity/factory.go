@@ -2,12 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto"
-	"crypto/ecdsa"
-	"crypto/rand"
-	"crypto/rsa"
-	"crypto/sha256"
-	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -18,7 +12,6 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
-	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/config"
@@ -89,43 +82,61 @@ func requireFlags(fs *flag.FlagSet, names ...string) error {
 	return nil
 }
 
-// lazyTPM opens the TPM on first use, so that commands on software keys and PEM files need
-// none. A TPM that failed to open is not tried again: one wait on it is enough.
-type lazyTPM struct {
-	ctx  context.Context // ends every wait on the TPM (a signal)
-	spec string
-	tpm  transport.TPMCloser
-	err  error
+// opener opens the TPM the flags and the configuration name, when a key or a chain needs it.
+func (f *tpmFlags) opener(ctx context.Context, cfg *config.Config) *attest.Opener {
+	return attest.NewOpener(ctx, f.device(cfg))
 }
 
-func (l *lazyTPM) get() (transport.TPMCloser, error) {
-	if l.tpm == nil && l.err == nil {
-		tpm, err := attest.OpenTPM(l.ctx, l.spec)
-		if err != nil {
-			l.err = err
-			return nil, err
-		}
-		l.tpm = tpm
+// parse parses args, checks that the required flags are set, and reads the configuration
+// (see loadConfig).
+func (f *tpmFlags) parse(fs *flag.FlagSet, args []string, optional bool, required ...string) (*config.Config, error) {
+	if err := parseFlags(fs, args); err != nil {
+		return nil, err
 	}
-	return l.tpm, l.err
+	if err := requireFlags(fs, required...); err != nil {
+		return nil, err
+	}
+	return f.loadConfig(fs, optional)
 }
 
-func (l *lazyTPM) Close() {
-	if l.tpm != nil {
-		l.tpm.Close()
-	}
+// identityFlags parses the flags of the commands that check the configured identity
+// (--config, --tpm, --json) and reads the configuration.
+func identityFlags(e *env, name string, args []string) (*tpmFlags, *jsonOutput, *config.Config, error) {
+	fs := newFlagSet(e, name, "[--config FILE] [--tpm DEV] [--json]")
+	tf := new(tpmFlags)
+	tf.register(fs)
+	out := e.jsonFlag(fs, "print one JSON object")
+	cfg, err := tf.parse(fs, args, false)
+	return tf, out, cfg, err
 }
 
-// loadKey loads a key spec or a bare keyfile path, warning about software keys.
-func (l *lazyTPM) loadKey(e *env, spec string) (*attest.Key, error) {
-	var tpm transport.TPMCloser
-	if !strings.HasPrefix(spec, "file:") {
-		var err error
-		if tpm, err = l.get(); err != nil {
-			return nil, err
-		}
+// keyFlags are the flags of the factory commands that use a device key, before a
+// configuration may be installed: --key, --tpm and --config (for its [tpm] device).
+type keyFlags struct {
+	tpmFlags
+	key string
+}
+
+func newKeyFlags(fs *flag.FlagSet) *keyFlags {
+	f := &keyFlags{}
+	f.register(fs)
+	fs.StringVar(&f.key, "key", "", "device key: `KEYFILE`, tpmkey:handle=0x81......, or file:PATH")
+	return f
+}
+
+// parse parses args, checks that --key and the other required flags are set, and returns the
+// opener of the TPM, which opens it only if the key or a chain needs it.
+func (f *keyFlags) parse(ctx context.Context, fs *flag.FlagSet, args []string, required ...string) (*attest.Opener, error) {
+	cfg, err := f.tpmFlags.parse(fs, args, true, append([]string{"key"}, required...)...)
+	if err != nil {
+		return nil, err
 	}
-	key, err := attest.LoadKey(tpm, spec)
+	return f.opener(ctx, cfg), nil
+}
+
+// loadKey loads a key spec or a bare keyfile path through tpm, warning about software keys.
+func loadKey(e *env, tpm *attest.Opener, spec string) (*attest.Key, error) {
+	key, err := tpm.LoadKey(spec)
 	if err != nil {
 		return nil, err
 	}
@@ -133,18 +144,6 @@ func (l *lazyTPM) loadKey(e *env, spec string) (*attest.Key, error) {
 		fmt.Fprintf(e.stderr, "unicity: warning: %s is a software key for development only: its private key is readable on disk\n", spec)
 	}
 	return key, nil
-}
-
-func (l *lazyTPM) loadChain(spec string) ([]*x509.Certificate, error) {
-	var tpm transport.TPM
-	if strings.HasPrefix(spec, "tpm-nv:") {
-		t, err := l.get()
-		if err != nil {
-			return nil, err
-		}
-		tpm = t
-	}
-	return attest.LoadChain(tpm, spec)
 }
 
 func runFactoryKeygen(ctx context.Context, e *env, args []string) error {
@@ -178,11 +177,12 @@ func runFactoryKeygen(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	tpm, err := attest.OpenTPM(ctx, tf.device(cfg))
+	opener := tf.opener(ctx, cfg)
+	defer opener.Close()
+	tpm, err := opener.TPM()
 	if err != nil {
 		return err
 	}
-	defer tpm.Close()
 	k, err := attest.CreateKey(tpm, a)
 	if err != nil {
 		return err
@@ -209,27 +209,18 @@ func runFactoryKeygen(ctx context.Context, e *env, args []string) error {
 
 func runFactoryCSR(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "factory csr", "--key KEYFILE --cn REGID --out CSR.pem [--tpm DEV]")
-	var tf tpmFlags
-	tf.register(fs)
-	keySpec := fs.String("key", "", "device key: `KEYFILE`, tpmkey:handle=0x81......, or file:PATH")
+	kf := newKeyFlags(fs)
 	cn := fs.String("cn", "", "registration ID for the certificate's CN (`REGID`)")
 	out := fs.String("out", "", "write the PEM CSR to `FILE`")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := requireFlags(fs, "key", "cn", "out"); err != nil {
-		return err
-	}
-	if err := attest.ValidRegistrationID(*cn); err != nil {
-		return fmt.Errorf("--cn: %w", err)
-	}
-	cfg, err := tf.loadConfig(fs, true)
+	tpm, err := kf.parse(ctx, fs, args, "cn", "out")
 	if err != nil {
 		return err
 	}
-	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
 	defer tpm.Close()
-	key, err := tpm.loadKey(e, *keySpec)
+	if err := attest.ValidRegistrationID(*cn); err != nil {
+		return fmt.Errorf("--cn: %w", err)
+	}
+	key, err := loadKey(e, tpm, kf.key)
 	if err != nil {
 		return err
 	}
@@ -247,23 +238,14 @@ func runFactoryCSR(ctx context.Context, e *env, args []string) error {
 
 func runFactoryInstall(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "factory install", "--key KEYFILE --cert CERT.pem [--chain CHAIN.pem] --out IDENTITY.pem [--tpm DEV]")
-	var tf tpmFlags
-	tf.register(fs)
-	keySpec := fs.String("key", "", "device key: `KEYFILE`, tpmkey:handle=0x81......, or file:PATH")
+	kf := newKeyFlags(fs)
 	certPath := fs.String("cert", "", "the device certificate, PEM (`FILE`)")
 	chainPath := fs.String("chain", "", "intermediate CA certificates, PEM, nearest first (`FILE`)")
 	out := fs.String("out", "", "write the identity chain, leaf first, to `FILE` (PEM) or tpm-nv:0x01......")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := requireFlags(fs, "key", "cert", "out"); err != nil {
-		return err
-	}
-	cfg, err := tf.loadConfig(fs, true)
+	tpm, err := kf.parse(ctx, fs, args, "cert", "out")
 	if err != nil {
 		return err
 	}
-	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
 	defer tpm.Close()
 	chain, err := attest.LoadChain(nil, *certPath)
 	if err != nil {
@@ -276,7 +258,7 @@ func runFactoryInstall(ctx context.Context, e *env, args []string) error {
 		}
 		chain = append(chain, more...)
 	}
-	key, err := tpm.loadKey(e, *keySpec)
+	key, err := loadKey(e, tpm, kf.key)
 	if err != nil {
 		return err
 	}
@@ -285,7 +267,7 @@ func runFactoryInstall(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := signAndVerify(key, id.Chain[0]); err != nil {
+	if err := attest.ProveKey(key, id.Chain[0]); err != nil {
 		return err
 	}
 	if nv, ok := strings.CutPrefix(*out, "tpm-nv:"); ok {
@@ -293,7 +275,7 @@ func runFactoryInstall(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return err
 		}
-		t, err := tpm.get()
+		t, err := tpm.TPM()
 		if err != nil {
 			return err
 		}
@@ -304,27 +286,6 @@ func runFactoryInstall(ctx context.Context, e *env, args []string) error {
 		return configErrorf("cannot install the identity: %w", err)
 	}
 	return json.NewEncoder(e.stdout).Encode(attest.NewManifest(id.Chain[0]))
-}
-
-// signAndVerify proves the key signs what the certificate's public key verifies: the
-// check that holds whatever the TPM did.
-func signAndVerify(key crypto.Signer, leaf *x509.Certificate) error {
-	digest := sha256.Sum256([]byte("unicity end-of-line check"))
-	sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
-	if err != nil {
-		return err
-	}
-	ok := false
-	switch pub := leaf.PublicKey.(type) {
-	case *ecdsa.PublicKey:
-		ok = ecdsa.VerifyASN1(pub, digest[:], sig)
-	case *rsa.PublicKey:
-		ok = rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig) == nil
-	}
-	if !ok {
-		return fmt.Errorf("%w: a signature by the key does not verify with the certificate", attest.ErrKeyMismatch)
-	}
-	return nil
 }
 
 // verifyResult is `factory verify --json`.
@@ -338,27 +299,20 @@ type verifyResult struct {
 }
 
 func runFactoryVerify(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "factory verify", "[--config FILE] [--tpm DEV] [--json]")
-	var tf tpmFlags
-	tf.register(fs)
-	out := e.jsonFlag(fs, "print one JSON object")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	cfg, err := tf.loadConfig(fs, false)
+	tf, out, cfg, err := identityFlags(e, "factory verify", args)
 	if err != nil {
 		return err
 	}
 	if cfg.Attestation.Method != "x509" {
 		return configErrorf("factory verify checks an X.509 identity; %s configures %s attestation (see `unicity identity` and `unicity check`)", cfg.Path, cfg.Attestation.Method)
 	}
-	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
+	tpm := tf.opener(ctx, cfg)
 	defer tpm.Close()
-	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
+	chain, err := tpm.LoadChain(cfg.Attestation.IdentityCert)
 	if err != nil {
 		return err
 	}
-	key, err := tpm.loadKey(e, cfg.Attestation.IdentityKey)
+	key, err := loadKey(e, tpm, cfg.Attestation.IdentityKey)
 	if err != nil {
 		return err
 	}
@@ -367,7 +321,7 @@ func runFactoryVerify(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := signAndVerify(key, id.Chain[0]); err != nil {
+	if err := attest.ProveKey(key, id.Chain[0]); err != nil {
 		return err
 	}
 	r := verifyResult{

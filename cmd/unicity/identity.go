@@ -40,23 +40,16 @@ type identityReport struct {
 // runIdentity shows the configured identity. It reports what it can even when the identity is
 // unusable, and then fails (exit 78) with the reason.
 func runIdentity(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "identity", "[--config FILE] [--tpm DEV] [--json]")
-	var tf tpmFlags
-	tf.register(fs)
-	out := e.jsonFlag(fs, "print one JSON object")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	cfg, err := tf.loadConfig(fs, false)
+	tf, out, cfg, err := identityFlags(e, "identity", args)
 	if err != nil {
 		return err
 	}
 	if cfg.Attestation.Method == "symmetric_key" {
 		return symmetricIdentity(ctx, e, cfg, out)
 	}
-	tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
+	tpm := tf.opener(ctx, cfg)
 	defer tpm.Close()
-	chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
+	chain, err := tpm.LoadChain(cfg.Attestation.IdentityCert)
 	if err != nil {
 		return err
 	}
@@ -141,8 +134,8 @@ func symmetricIdentity(ctx context.Context, e *env, cfg *config.Config, out *jso
 }
 
 // checkIdentity loads the key and runs the identity checks, filling in what it learns.
-func checkIdentity(e *env, tpm *lazyTPM, keySpec string, chain []*x509.Certificate, r *identityReport) error {
-	key, err := tpm.loadKey(e, keySpec)
+func checkIdentity(e *env, tpm *attest.Opener, keySpec string, chain []*x509.Certificate, r *identityReport) error {
+	key, err := loadKey(e, tpm, keySpec)
 	if err != nil {
 		switch {
 		case errors.Is(err, attest.ErrTPMUnavailable):
@@ -161,7 +154,7 @@ func checkIdentity(e *env, tpm *lazyTPM, keySpec string, chain []*x509.Certifica
 	if _, err := attest.NewIdentity(chain, key, now()); err != nil {
 		return err
 	}
-	if err := signAndVerify(key, chain[0]); err != nil {
+	if err := attest.ProveKey(key, chain[0]); err != nil {
 		match = false
 		return err
 	}

@@ -77,8 +77,8 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 			creds.Close()
 		}
 	} else {
-		tpm := &lazyTPM{ctx: ctx, spec: tf.device(cfg)}
-		chain, err := tpm.loadChain(cfg.Attestation.IdentityCert)
+		tpm := tf.opener(ctx, cfg)
+		chain, err := tpm.LoadChain(cfg.Attestation.IdentityCert)
 		tpm.Close()
 		if err != nil {
 			r.IdentityError = err.Error()
