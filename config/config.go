@@ -115,7 +115,7 @@ type Config struct {
 	State        StateConfig  `toml:"state"`
 	Runtime      Runtime      `toml:"runtime"`
 	API          APIConfig    `toml:"api"`
-	Agent        Policy       `toml:"agent"`
+	Agent        AgentConfig  `toml:"agent"`
 	// Telemetry is the [telemetry] table: the on-disk queue of the applications' messages.
 	// Its dir defaults to "telemetry" inside [state] dir.
 	Telemetry telemetry.Options `toml:"telemetry"`
@@ -165,6 +165,18 @@ type StateConfig struct {
 	Dir string `toml:"dir"`
 }
 
+// Network is how the agent reaches DPS and the hub alike: the transport and the proxy. Their
+// keys are in [provisioning] (a file contract), but they hold for the hub session too.
+type Network struct {
+	Transport string // auto, mqtt, mqtt-ws or https (DPS only; the hub then takes the WebSocket)
+	Proxy     string // an http:// or https:// proxy URL; empty: the environment's, if any
+}
+
+// Network is the network settings both the dps and the hub adapters read.
+func (c *Config) Network() Network {
+	return Network{Transport: c.Provisioning.Transport, Proxy: c.Provisioning.Proxy}
+}
+
 // Runtime is the [runtime] table: the directory for the live status and the API socket
 // (systemd's RuntimeDirectory=).
 type Runtime struct {
@@ -178,8 +190,8 @@ type APIConfig struct {
 	Group string `toml:"group"`
 }
 
-// Policy is the [agent] table: how patient the agent is with DPS and the hub.
-type Policy struct {
+// AgentConfig is the [agent] table: how patient the agent is with DPS and the hub.
+type AgentConfig struct {
 	// FirstBootDelay is the window of a random delay before the first registration, so that
 	// a fleet powered on at once does not reach DPS at once. Zero registers at once.
 	FirstBootDelay time.Duration `toml:"first_boot_delay"`
@@ -223,7 +235,7 @@ func Default() Config {
 			MaxAge:   spool.DefaultMaxAge,
 			WhenFull: spool.RefuseNew,
 		},
-		Agent: Policy{
+		Agent: AgentConfig{
 			RetryMin:            time.Second,
 			RetryMax:            5 * time.Minute,
 			ParkedRetry:         time.Hour,

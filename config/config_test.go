@@ -60,6 +60,8 @@ hub_failures = 3
 	require.NoError(t, err)
 	assert.Equal(t, "127.0.0.1:8883", cfg.Provisioning.GlobalEndpoint)
 	assert.Equal(t, "mqtt-ws", cfg.Provisioning.Transport)
+	assert.Equal(t, Network{Transport: "mqtt-ws", Proxy: "http://proxy.example:3128"}, cfg.Network(),
+		"the hub reads [provisioning] transport and proxy too")
 	assert.Equal(t, "tpmkey:handle=0x81000002", cfg.Attestation.IdentityKey)
 	assert.Equal(t, "/tmp/state", cfg.State.Dir)
 	assert.Equal(t, "/run/unicity", cfg.Runtime.Dir)

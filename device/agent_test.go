@@ -56,7 +56,7 @@ func TestFirstBootProvisionsAndConnects(t *testing.T) {
 func TestSecondBootUsesStoredAssignment(t *testing.T) {
 	tb := devicetest.New(t)
 	tb.SaveState(&storage.State{
-		RegistrationID: "GW-0001", CertSHA256: certcodec.Thumbprint(tb.Leaf.Certificate()),
+		RegistrationID: "GW-0001", Binding: certcodec.Thumbprint(tb.Leaf.Certificate()),
 		AssignedHub: "hub-b.example", DeviceID: "gw-0001", ProvisionedAt: tb.Clock.Now().Add(-time.Hour),
 	})
 	tb.Start()
@@ -72,10 +72,10 @@ func TestStateNotUsableRegistersAgain(t *testing.T) {
 		note  string
 	}{
 		{"another certificate", func(tb *devicetest.Testbed) {
-			tb.SaveState(&storage.State{RegistrationID: "gw-0001", CertSHA256: strings.Repeat("AB", 32), AssignedHub: "hub-old", DeviceID: "gw-0001"})
+			tb.SaveState(&storage.State{RegistrationID: "gw-0001", Binding: strings.Repeat("AB", 32), AssignedHub: "hub-old", DeviceID: "gw-0001"})
 		}, "another identity"},
 		{"another device (cloned image)", func(tb *devicetest.Testbed) {
-			tb.SaveState(&storage.State{RegistrationID: "gw-0002", CertSHA256: certcodec.Thumbprint(tb.Leaf.Certificate()), AssignedHub: "hub-old", DeviceID: "gw-0002"})
+			tb.SaveState(&storage.State{RegistrationID: "gw-0002", Binding: certcodec.Thumbprint(tb.Leaf.Certificate()), AssignedHub: "hub-old", DeviceID: "gw-0002"})
 		}, "another identity"},
 		{"corrupt", func(tb *devicetest.Testbed) {
 			require.NoError(t, os.MkdirAll(tb.Config.State.Dir, 0o700))
@@ -169,7 +169,7 @@ func TestHubRefusingIdentityReprovisionsRateLimited(t *testing.T) {
 	tb := devicetest.New(t, devicetest.Assigned("hub-b.example"))
 	provisioned := tb.Clock.Now().Add(-time.Minute)
 	tb.SaveState(&storage.State{
-		RegistrationID: "gw-0001", CertSHA256: certcodec.Thumbprint(tb.Leaf.Certificate()),
+		RegistrationID: "gw-0001", Binding: certcodec.Thumbprint(tb.Leaf.Certificate()),
 		AssignedHub: "hub-a.example", DeviceID: "gw-0001", ProvisionedAt: provisioned,
 	})
 	tb.Hub.SetRefusal("hub-a.example", device.Mark(errors.New("CONNACK 5"), device.ErrIdentityRejected))
@@ -380,7 +380,7 @@ func TestSymmetricKeyDevice(t *testing.T) {
 	tb.WaitPhase(device.PhaseConnected)
 	require.NoError(t, tb.Stop())
 	st := tb.LoadState()
-	assert.Equal(t, device.SymmetricKeyBinding(key), st.CertSHA256)
+	assert.Equal(t, device.SymmetricKeyBinding(key), st.Binding)
 	ids := tb.Hub.IDs()
 	assert.Equal(t, key, ids[0].SymmetricKey)
 	assert.Nil(t, ids[0].X509)
@@ -391,7 +391,7 @@ func TestSymmetricKeyDevice(t *testing.T) {
 	tb.Start()
 	tb.WaitPhase(device.PhaseConnected)
 	assert.Equal(t, 2, tb.DPS.Calls(), "the state belonged to the old key")
-	assert.Equal(t, device.SymmetricKeyBinding(rotated), tb.LoadState().CertSHA256)
+	assert.Equal(t, device.SymmetricKeyBinding(rotated), tb.LoadState().Binding)
 	assert.Contains(t, tb.Agent.Status().LastError, "belongs to another identity")
 	for _, form := range []string{base64.StdEncoding.EncodeToString(key), base64.StdEncoding.EncodeToString(rotated)} {
 		assert.NotContains(t, fmt.Sprintf("%+v", tb.Agent.Status()), form)

@@ -51,13 +51,13 @@ func RootCAs(cfg *config.Config) (*x509.CertPool, error) {
 
 // Register makes one dps.Register call and marks its errors for the lifecycle.
 func (p *DPS) Register(ctx context.Context, id *Identity, prev *storage.State) (*storage.State, error) {
-	pc := p.Config.Provisioning
+	pc, network := p.Config.Provisioning, p.Config.Network()
 	req := dps.Request{
 		Endpoint:       pc.GlobalEndpoint,
 		IDScope:        pc.IDScope,
 		RegistrationID: id.RegistrationID,
-		Transport:      pc.Transport,
-		Proxy:          pc.Proxy,
+		Transport:      network.Transport,
+		Proxy:          network.Proxy,
 		RootCAs:        p.RootCAs,
 		SymmetricKey:   id.SymmetricKey,
 		Progress:       p.Progress,

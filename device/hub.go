@@ -52,15 +52,15 @@ func (h *HubSessions) Client() *hub.Client {
 // session then reconnects by itself until the hub refuses the identity (ErrIdentityRejected)
 // or [agent] hub_failures attempts fail in a row (ErrStale).
 func (h *HubSessions) Connect(ctx context.Context, id *Identity, st *storage.State) (Session, error) {
-	pc := h.Config.Provisioning
+	network := h.Config.Network()
 	hc := hub.Config{
 		Hub:      st.AssignedHub,
 		DeviceID: st.DeviceID,
 		ModelID:  h.Config.Hub.ModelID,
 		Dial: dial.Config{
-			Transport: pc.Transport,
+			Transport: network.Transport,
 			Prefer:    st.Transport,
-			Proxy:     pc.Proxy,
+			Proxy:     network.Proxy,
 			RootCAs:   h.RootCAs,
 		},
 		SymmetricKey: id.SymmetricKey,

@@ -261,7 +261,7 @@ func (r *run) loadState() (firstBoot bool) {
 		r.a.NoteError(fmt.Errorf("registering again: %w", err))
 		return false
 	case !st.BelongsTo(r.id.RegistrationID, r.binding):
-		r.a.NoteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.CertSHA256))
+		r.a.NoteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.Binding))
 		return false
 	}
 	r.inForce(st)
@@ -349,7 +349,7 @@ func registerBound(ctx context.Context, p Provisioner, id *Identity, binding str
 	if err != nil {
 		return nil, err
 	}
-	st.RegistrationID, st.CertSHA256 = id.RegistrationID, binding
+	st.RegistrationID, st.Binding = id.RegistrationID, binding
 	st.ProvisionedAt = now()
 	st.Attempts, st.Duration = attempt, st.ProvisionedAt.Sub(start)
 	return st, nil
@@ -545,7 +545,7 @@ func (r *run) mayReprovision() bool {
 
 // checkRateLimit refuses a registration sooner than [agent] reprovision_interval after the
 // one that produced st, with a *RateLimitError.
-func checkRateLimit(pol config.Policy, st *storage.State, now time.Time) error {
+func checkRateLimit(pol config.AgentConfig, st *storage.State, now time.Time) error {
 	next := st.ProvisionedAt.Add(pol.ReprovisionInterval)
 	if !now.Before(next) {
 		return nil

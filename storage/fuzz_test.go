@@ -50,7 +50,7 @@ func FuzzStateFile(f *testing.F) {
 		if err != nil {
 			t.Fatalf("a saved state does not load: %v", err)
 		}
-		if !again.BelongsTo(st.RegistrationID, st.CertSHA256) || again.AssignedHub != st.AssignedHub || again.DeviceID != st.DeviceID {
+		if !again.BelongsTo(st.RegistrationID, st.Binding) || again.AssignedHub != st.AssignedHub || again.DeviceID != st.DeviceID {
 			t.Fatalf("round trip changed the state: %+v != %+v", again, st)
 		}
 	})

@@ -47,10 +47,12 @@ var (
 type State struct {
 	Version int `json:"version"`
 
-	// The identity this assignment belongs to: a different certificate (replaced, or a cloned
-	// SD-card image) must not reuse it.
+	// The identity this assignment belongs to: a different certificate or key (replaced, or
+	// a cloned SD-card image) must not reuse it. Binding is the leaf certificate's SHA-256
+	// thumbprint, or for a symmetric key "sas:" and a digest of it; its JSON key predates
+	// symmetric keys and stays, a file contract.
 	RegistrationID string `json:"registration_id"`
-	CertSHA256     string `json:"cert_sha256"`
+	Binding        string `json:"cert_sha256"`
 
 	AssignedHub string          `json:"assigned_hub"`
 	DeviceID    string          `json:"device_id"`
@@ -73,8 +75,8 @@ type State struct {
 
 // BelongsTo reports whether the state was obtained with this identity. Registration IDs
 // compare case-insensitively, as DPS treats them.
-func (s *State) BelongsTo(registrationID, certSHA256 string) bool {
-	return strings.EqualFold(s.RegistrationID, registrationID) && strings.EqualFold(s.CertSHA256, certSHA256)
+func (s *State) BelongsTo(registrationID, binding string) bool {
+	return strings.EqualFold(s.RegistrationID, registrationID) && strings.EqualFold(s.Binding, binding)
 }
 
 // check rejects a state that cannot stand for an assignment.
@@ -82,7 +84,7 @@ func (s *State) check() error {
 	switch {
 	case s.Version != Version:
 		return fmt.Errorf("format version %d, this agent reads version %d", s.Version, Version)
-	case s.RegistrationID == "" || s.CertSHA256 == "":
+	case s.RegistrationID == "" || s.Binding == "":
 		return errors.New("no identity recorded")
 	case s.AssignedHub == "" || s.DeviceID == "":
 		return errors.New("no assigned hub or device ID")

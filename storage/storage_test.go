@@ -21,7 +21,7 @@ import (
 func sample(hub string) *State {
 	return &State{
 		RegistrationID: "gw-0001",
-		CertSHA256:     "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08",
+		Binding:        "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08",
 		AssignedHub:    hub,
 		DeviceID:       "gw-0001",
 		Substatus:      "initialAssignment",
@@ -99,11 +99,11 @@ func TestBelongsTo(t *testing.T) {
 		name, regID, thumb string
 		want               bool
 	}{
-		{"same", "gw-0001", st.CertSHA256, true},
-		{"registration ID case-insensitive", "GW-0001", st.CertSHA256, true},
+		{"same", "gw-0001", st.Binding, true},
+		{"registration ID case-insensitive", "GW-0001", st.Binding, true},
 		{"thumbprint case-insensitive", "gw-0001", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", true},
-		{"other certificate", "gw-0001", "00" + st.CertSHA256[2:], false},
-		{"other device (cloned image)", "gw-0002", st.CertSHA256, false},
+		{"other certificate", "gw-0001", "00" + st.Binding[2:], false},
+		{"other device (cloned image)", "gw-0002", st.Binding, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

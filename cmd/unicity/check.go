@@ -256,12 +256,13 @@ func (c *checker) symmetricKey(ctx context.Context, cfg *config.Config) (regID, 
 // over the transports the service speaks: DPS has HTTPS too (restAPI), the hub only MQTT.
 // Through a proxy, only the TLS check applies.
 func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config, host, prefer string, restAPI bool, roots *x509.CertPool, cert *tls.Certificate) {
-	transport := cfg.Provisioning.Transport
+	network := cfg.Network()
+	transport := network.Transport
 	hostname, port := host, ""
 	if h, p, err := net.SplitHostPort(host); err == nil {
 		hostname, port = h, p
 	}
-	viaProxy := cfg.Provisioning.Proxy != "" || os.Getenv("https_proxy") != "" || os.Getenv("HTTPS_PROXY") != ""
+	viaProxy := network.Proxy != "" || os.Getenv("https_proxy") != "" || os.Getenv("HTTPS_PROXY") != ""
 	if !viaProxy {
 		dctx, cancel := context.WithTimeout(ctx, checkTimeout)
 		addrs, err := net.DefaultResolver.LookupHost(dctx, hostname)
@@ -306,7 +307,7 @@ func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config,
 	}
 
 	conn, used, err := dial.Dial(ctx, dial.Config{
-		Host: host, Transport: transport, Prefer: prefer, HTTPS: restAPI, Proxy: cfg.Provisioning.Proxy,
+		Host: host, Transport: transport, Prefer: prefer, HTTPS: restAPI, Proxy: network.Proxy,
 		RootCAs: roots, Certificate: cert, Timeout: checkTimeout,
 	})
 	if err != nil {

@@ -82,13 +82,13 @@ func provisionCommand(ctx context.Context, e *env, name string, args []string) e
 		return configErrorf("%w", err)
 	}
 	prov.Progress = func(p dps.Progress) { fmt.Fprintf(e.stderr, "unicity: %s\n", p.Message) }
-	byHand := &device.ByHand{Config: cfg, Store: storage.New(cfg.State.Dir), Provisioner: prov, Now: now}
+	reg := &device.StandaloneRegistration{Config: cfg, Store: storage.New(cfg.State.Dir), Provisioner: prov, Now: now}
 	var st *storage.State
 	fresh := true
 	if again {
-		st, err = byHand.Reprovision(ctx, *force)
+		st, err = reg.Reprovision(ctx, *force)
 	} else {
-		st, fresh, err = byHand.Provision(ctx)
+		st, fresh, err = reg.Provision(ctx)
 	}
 	if err != nil {
 		return err

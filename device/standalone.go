@@ -10,9 +10,10 @@ import (
 	"github.com/unicity-iot/unicity/storage"
 )
 
-// ByHand is a registration a command runs while the service does not: it holds the state
-// lock throughout, so a service starting meanwhile waits for it rather than racing it.
-type ByHand struct {
+// StandaloneRegistration is a registration a command (`unicity provision`, `reprovision`)
+// runs while the service does not: it holds the state lock throughout, so a service starting
+// meanwhile waits for it rather than racing it.
+type StandaloneRegistration struct {
 	Config      *config.Config
 	Store       *storage.Store
 	Provisioner Provisioner
@@ -22,27 +23,27 @@ type ByHand struct {
 
 // Provision registers unless the state holds an assignment for this identity, and returns
 // the assignment in force; fresh reports whether it registered.
-func (b *ByHand) Provision(ctx context.Context) (st *storage.State, fresh bool, err error) {
-	return b.run(ctx, false, false)
+func (s *StandaloneRegistration) Provision(ctx context.Context) (st *storage.State, fresh bool, err error) {
+	return s.run(ctx, false, false)
 }
 
 // Reprovision registers again even if provisioned; force skips the rate limit. The previous
 // assignment stays stored unless a new one replaces it.
-func (b *ByHand) Reprovision(ctx context.Context, force bool) (*storage.State, error) {
-	st, _, err := b.run(ctx, true, force)
+func (s *StandaloneRegistration) Reprovision(ctx context.Context, force bool) (*storage.State, error) {
+	st, _, err := s.run(ctx, true, force)
 	return st, err
 }
 
-func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bool, error) {
-	now := b.Now
+func (s *StandaloneRegistration) run(ctx context.Context, again, force bool) (*storage.State, bool, error) {
+	now := s.Now
 	if now == nil {
 		now = time.Now
 	}
-	open := b.Credentials
+	open := s.Credentials
 	if open == nil {
 		open = OpenCredentials
 	}
-	lock, err := b.Store.TryLock()
+	lock, err := s.Store.TryLock()
 	if errors.Is(err, storage.ErrLocked) {
 		return nil, false, Mark(fmt.Errorf("%w (is the service starting? try again, or see `unicity status`)", err), ErrTemporary)
 	}
@@ -51,7 +52,7 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 	}
 	defer lock.Unlock()
 
-	creds, err := open(ctx, b.Config)
+	creds, err := open(ctx, s.Config)
 	if err != nil {
 		return nil, false, err
 	}
@@ -60,7 +61,7 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 	if err != nil {
 		return nil, false, err
 	}
-	thumb := creds.StateBinding()
+	binding := creds.StateBinding()
 
 	prev, err := lock.Load()
 	switch {
@@ -68,7 +69,7 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 		prev = nil
 	case err != nil:
 		return nil, false, err
-	case !prev.BelongsTo(id.RegistrationID, thumb):
+	case !prev.BelongsTo(id.RegistrationID, binding):
 		prev = nil
 	}
 	if prev != nil {
@@ -76,7 +77,7 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 			return prev, false, nil
 		}
 		if !force {
-			if err := checkRateLimit(b.Config.Agent, prev, now()); err != nil {
+			if err := checkRateLimit(s.Config.Agent, prev, now()); err != nil {
 				return nil, false, err
 			}
 		}
@@ -84,7 +85,7 @@ func (b *ByHand) run(ctx context.Context, again, force bool) (*storage.State, bo
 	if err := lock.CheckWritable(); err != nil {
 		return nil, false, fmt.Errorf("not registering, the assignment could not be stored: %w", err)
 	}
-	st, err := registerBound(ctx, b.Provisioner, id, thumb, prev, now, 1, now())
+	st, err := registerBound(ctx, s.Provisioner, id, binding, prev, now, 1, now())
 	if err != nil {
 		return nil, false, err
 	}
