@@ -130,12 +130,25 @@ func (r *run) answer(ctx context.Context, req *request) (registered bool, err er
 	return true, nil
 }
 
-// registerAsked makes the registration req asked for and answers it with the outcome.
+// registerAsked makes the registration req asked for and answers it with the outcome. A new
+// assignment is shown as being connected to before the answer goes, so that whoever asked
+// and then reads the status does not see the old connection as the new one's.
 func (r *run) registerAsked(ctx context.Context, req *request) error {
 	req.begin()
 	st, err := r.register(ctx, 1, r.a.Clock.Now())
+	if err == nil {
+		r.connecting(st)
+	}
 	req.reply <- result{state: st, err: err}
 	return err
+}
+
+// connecting enters the connecting phase for the hub st names.
+func (r *run) connecting(st *storage.State) {
+	r.enter(PhaseConnecting, func(s *Status) {
+		s.NextRetry, s.ConnectedSince = time.Time{}, time.Time{}
+		s.Message = fmt.Sprintf("connecting to %s as %s", st.AssignedHub, st.DeviceID)
+	})
 }
 
 // answerPending answers the requests kept for the registration under way.
@@ -419,10 +432,7 @@ func (r *run) serve(ctx context.Context) error {
 	st := r.assignment
 	failures := 0
 	for {
-		r.enter(PhaseConnecting, func(s *Status) {
-			s.NextRetry, s.ConnectedSince = time.Time{}, time.Time{}
-			s.Message = fmt.Sprintf("connecting to %s as %s", st.AssignedHub, st.DeviceID)
-		})
+		r.connecting(st)
 		var sess Session
 		err := r.a.bounded(ctx, func(ctx context.Context) error {
 			var err error
