@@ -116,6 +116,8 @@ type Config struct {
 	Runtime      Runtime      `toml:"runtime"`
 	API          APIConfig    `toml:"api"`
 	Agent        AgentConfig  `toml:"agent"`
+	// Certificates is the [certificates] table: operational certificates issued by DPS.
+	Certificates Certificates `toml:"certificates"`
 	// Telemetry is the [telemetry] table: the on-disk queue of the applications' messages.
 	// Its dir defaults to "telemetry" inside [state] dir.
 	Telemetry telemetry.Options `toml:"telemetry"`
@@ -211,6 +213,17 @@ type AgentConfig struct {
 	HubFailures int `toml:"hub_failures"`
 }
 
+// Certificates is the [certificates] table. With Issuance "dps" the factory identity is only
+// the onboarding credential: each DPS registration sends a CSR for a new TPM key of KeyType,
+// and the hub is reached with the certificate DPS issues for it.
+type Certificates struct {
+	Issuance string              `toml:"issuance"`
+	KeyType  attest.KeyAlgorithm `toml:"key_type"`
+}
+
+// Issued reports whether the hub is reached with an operational certificate DPS issues.
+func (c Certificates) Issued() bool { return c.Issuance == "dps" }
+
 // TelemetryDirName is [telemetry] dir's default inside [state] dir.
 const TelemetryDirName = "telemetry"
 
@@ -226,9 +239,10 @@ func Default() Config {
 			IdentityCert: "/var/lib/unicity/identity.pem",
 			IdentityKey:  "tpmkey:/var/lib/unicity/identity.key",
 		},
-		TPM:     TPMConfig{Device: "/dev/tpmrm0"},
-		State:   StateConfig{Dir: "/var/lib/unicity"},
-		Runtime: Runtime{Dir: "/run/unicity"},
+		TPM:          TPMConfig{Device: "/dev/tpmrm0"},
+		Certificates: Certificates{Issuance: "none", KeyType: attest.ECDSAP256},
+		State:        StateConfig{Dir: "/var/lib/unicity"},
+		Runtime:      Runtime{Dir: "/run/unicity"},
 		Telemetry: telemetry.Options{
 			Dir:      filepath.Join("/var/lib/unicity", TelemetryDirName),
 			MaxBytes: spool.DefaultMaxBytes,
@@ -442,7 +456,29 @@ func (c *Config) validate() error {
 	if pol.HubFailures < 1 {
 		return invalid("agent.hub_failures", "must be at least 1")
 	}
+	if err := c.validateCertificates(); err != nil {
+		return err
+	}
 	return c.validateTelemetry()
+}
+
+func (c *Config) validateCertificates() error {
+	cc := c.Certificates
+	switch cc.Issuance {
+	case "none":
+	case "dps":
+		if c.Attestation.Method != "x509" {
+			return invalid("certificates.issuance", "\"dps\" needs attestation method = \"x509\": the operational key lives in the TPM")
+		}
+	default:
+		return invalid("certificates.issuance", "%q is not one of none, dps", cc.Issuance)
+	}
+	switch cc.KeyType {
+	case attest.ECDSAP256, attest.ECDSAP384:
+	default:
+		return invalid("certificates.key_type", "%q is not one of %s, %s", cc.KeyType, attest.ECDSAP256, attest.ECDSAP384)
+	}
+	return nil
 }
 
 func (c *Config) validateTelemetry() error {

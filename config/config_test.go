@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/spool"
 	"github.com/unicity-iot/unicity/telemetry"
 )
@@ -73,6 +74,14 @@ hub_failures = 3
 
 // TestTelemetryTable: the queue lives in the state directory unless the file says where, and
 // the table's values reach the store's options.
+func TestCertificatesTable(t *testing.T) {
+	cfg, err := Load(writeConfig(t, "[provisioning]\nid_scope = \"0ne00000000\"\n[certificates]\nissuance = \"dps\"\nkey_type = \"ecdsa-p384\"\n"))
+	require.NoError(t, err)
+	assert.True(t, cfg.Certificates.Issued())
+	assert.Equal(t, attest.ECDSAP384, cfg.Certificates.KeyType)
+	assert.False(t, Default().Certificates.Issued(), "issuance is off by default")
+}
+
 func TestTelemetryTable(t *testing.T) {
 	const scope = "[provisioning]\nid_scope = \"0ne00000000\"\n"
 	cfg, err := Parse("c.toml", []byte(scope+"[state]\ndir = \"/data/unicity\"\n"))
@@ -128,6 +137,9 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"endpoint URL", scope + "global_endpoint = \"mqtts://dps\"\n", 3, "provisioning.global_endpoint", "host"},
 		{"endpoint port", scope + "global_endpoint = \"dps:99999\"\n", 3, "provisioning.global_endpoint", "port"},
 		{"bad regid", scope + "registration_id = \"gw/1\"\n", 3, "provisioning.registration_id", "invalid registration ID"},
+		{"bad issuance", scope + "[certificates]\nissuance = \"hub\"\n", 4, "certificates.issuance", "not one of none, dps"},
+		{"issuance without x509", "[provisioning]\nid_scope = \"0ne00000000\"\nregistration_id = \"gw-1\"\n[attestation]\nmethod = \"symmetric_key\"\nsymmetric_key = \"/k\"\n[certificates]\nissuance = \"dps\"\n", 8, "certificates.issuance", "needs attestation method"},
+		{"bad key type", scope + "[certificates]\nkey_type = \"rsa-2048\"\n", 4, "certificates.key_type", "not one of ecdsa-p256, ecdsa-p384"},
 		{"bad method", scope + "[attestation]\nmethod = \"tpm\"\n", 4, "attestation.method", "x509"},
 		{"key handle range", scope + "[attestation]\nidentity_key = \"tpmkey:handle=0x01000002\"\n", 4, "attestation.identity_key", "0x81000000 to 0x81FFFFFF"},
 		{"key handle format", scope + "[attestation]\nidentity_key = \"tpmkey:handle=81000002\"\n", 4, "attestation.identity_key", "persistent handle"},
