@@ -60,6 +60,7 @@ func (p *DPS) Register(ctx context.Context, id *Identity, prev *storage.State) (
 		Proxy:          network.Proxy,
 		RootCAs:        p.RootCAs,
 		SymmetricKey:   id.SymmetricKey,
+		CSRSigner:      id.CSR,
 		Progress:       p.Progress,
 	}
 	if id.X509 != nil {
@@ -95,6 +96,9 @@ func markDPSError(err error) error {
 	var de *dps.Error
 	switch {
 	case errors.Is(err, dps.ErrRefused):
+		return Mark(err, ErrRefused)
+	case errors.Is(err, dps.ErrNotIssued), errors.Is(err, dps.ErrMQTT5), errors.Is(err, dps.ErrConnectionProfile):
+		// The enrollment or the hub must change: the agent parks, the status saying which.
 		return Mark(err, ErrRefused)
 	case errors.Is(err, dps.ErrUnreachable):
 		return Mark(err, ErrUnreachable)

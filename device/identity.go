@@ -3,6 +3,7 @@ package device
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/x509"
@@ -33,6 +34,9 @@ type Identity struct {
 	// SymmetricKey is the device's own key, decoded (derived already when the configured
 	// file holds an enrollment group's key). A secret: it goes to dps and hub, nowhere else.
 	SymmetricKey []byte
+	// CSR, when set, is the new key DPS is asked to issue an operational certificate for
+	// ([certificates] issuance = "dps"); the identity above stays the one DPS authenticates.
+	CSR crypto.Signer
 }
 
 // String names the identity without its key, so that printing it (%v, %+v, %#v, a log
@@ -244,6 +248,15 @@ func ReadSymmetricKey(path string) ([]byte, error) {
 		return nil, fmt.Errorf("symmetric key %s holds %d bytes; Azure's keys are %d to %d bytes", path, n, minSymmetricKey, maxSymmetricKey)
 	}
 	return key, nil
+}
+
+// TPM is the TPM the configuration names, opened at its first use: operational keys live in
+// it whatever the onboarding key is.
+func (c *Credentials) TPM() (*attest.TPM, error) {
+	if c.tpm == nil {
+		return nil, fmt.Errorf("%w: a symmetric-key device has no TPM configured", attest.ErrNoTPM)
+	}
+	return c.tpm.TPM()
 }
 
 // Close releases the key and the TPM.

@@ -19,8 +19,15 @@ import (
 type run struct {
 	a       *Agent
 	lock    *storage.Locked
+	creds   *Credentials
 	id      *Identity
 	binding string
+	// op is the operational credential the hub is reached with, nil when the onboarding
+	// identity is ([certificates] issuance = "none") or none is usable yet.
+	op *operational
+	// storedKey is the operational key the stored state names: destroyed only once a state
+	// naming another is stored.
+	storedKey string
 	// assignment is the one in force, nil before the first. The loop writes it under a.mu
 	// (inForce) and reads it freely; other goroutines read it under a.mu (Agent.Assignment).
 	assignment *storage.State
@@ -51,6 +58,8 @@ func (a *Agent) lifecycle(ctx context.Context) error {
 		return err
 	}
 	defer creds.Close()
+	r.creds = creds
+	defer func() { r.op.close() }()
 	if err := r.awaitIdentity(ctx, creds); err != nil {
 		return err
 	}
@@ -274,11 +283,49 @@ func (r *run) loadState() (firstBoot bool) {
 		r.a.NoteError(fmt.Errorf("registering again: %w", err))
 		return false
 	case !st.BelongsTo(r.id.RegistrationID, r.binding):
+		r.collectKeys("")
 		r.a.NoteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.Binding))
 		return false
 	}
+	r.storedKey = st.OperationalKey
+	r.collectKeys(st.OperationalKey)
+	if r.issuing() {
+		op, err := r.loadOperational(st, r.a.Clock.Now())
+		if err != nil {
+			r.setCredential(CredentialNeeded)
+			r.a.NoteError(fmt.Errorf("registering again with the onboarding identity: %w", err))
+			return false
+		}
+		r.op = op
+	}
 	r.inForce(st)
+	r.setCredential(r.credential())
 	return false
+}
+
+func (r *run) issuing() bool { return r.a.Config.Certificates.Issued() }
+
+// credential is which credential the hub is reached with now.
+func (r *run) credential() CredentialState {
+	switch {
+	case r.op != nil:
+		return CredentialOperational
+	case r.issuing():
+		return CredentialNeeded
+	}
+	return CredentialOnboarding
+}
+
+func (r *run) setCredential(c CredentialState) {
+	r.a.setStatus(func(s *Status) { s.Credential = c })
+}
+
+// hubIdentity is what the hub is reached with: the operational credential when there is one.
+func (r *run) hubIdentity() *Identity {
+	if r.op == nil {
+		return r.id
+	}
+	return &Identity{RegistrationID: r.id.RegistrationID, X509: r.op.id}
 }
 
 // provision registers until DPS assigns a hub, then stores the assignment and puts it in
@@ -341,18 +388,49 @@ func (r *run) provision(ctx context.Context, firstBoot bool) error {
 
 // register makes attempt number attempt of a registration that began at start, stores its
 // result (see store) and puts it in force.
+// With issuance on, the registration sends a CSR for a new key, and the issued certificate
+// becomes the hub's credential; the key of the one it replaces is destroyed once the new
+// state is stored.
 func (r *run) register(ctx context.Context, attempt int, start time.Time) (*storage.State, error) {
+	id := r.id
+	var key *attest.Key
+	if r.issuing() {
+		var err error
+		if key, err = r.newOperationalKey(); err != nil {
+			return nil, err
+		}
+		csr := *r.id
+		csr.CSR = key
+		id = &csr
+	}
 	var st *storage.State
 	err := r.a.bounded(ctx, func(ctx context.Context) error {
 		var err error
-		st, err = registerBound(ctx, r.a.Provisioner, r.id, r.binding, r.assignment, r.a.Clock.Now, attempt, start)
+		st, err = registerBound(ctx, r.a.Provisioner, id, r.binding, r.assignment, r.a.Clock.Now, attempt, start)
 		return err
 	})
+	var op *operational
+	if err == nil && key != nil {
+		op, err = issued(st.IssuedChain, key, r.a.Clock.Now())
+		if err == nil {
+			st.OperationalKey = op.spec()
+		}
+	}
 	if err != nil {
+		if key != nil {
+			key.Destroy() // nothing names it
+		}
 		return nil, err
 	}
-	r.store(ctx, st)
+	saved := r.store(ctx, st)
+	r.op.close()
+	r.op = op
 	r.inForce(st)
+	r.setCredential(r.credential())
+	if saved && r.storedKey != st.OperationalKey {
+		r.destroyKey(r.storedKey)
+		r.storedKey = st.OperationalKey
+	}
 	return st, nil
 }
 
@@ -372,7 +450,8 @@ func registerBound(ctx context.Context, p Provisioner, id *Identity, binding str
 // for this boot, and its write retried with backoff until it succeeds or a newer assignment
 // replaces it: registering again cannot cure a disk, and each registration is billed and
 // counted against the DPS quota. The status shows the refusal meanwhile (StoreError).
-func (r *run) store(ctx context.Context, st *storage.State) {
+// It reports whether st is stored.
+func (r *run) store(ctx context.Context, st *storage.State) (saved bool) {
 	a := r.a
 	a.saveMu.Lock()
 	a.saves++
@@ -381,11 +460,12 @@ func (r *run) store(ctx context.Context, st *storage.State) {
 	a.saveMu.Unlock()
 	if err == nil {
 		a.setStatus(func(s *Status) { s.StoreError = "" })
-		return
+		return true
 	}
 	err = fmt.Errorf("%w; the assignment is in use but not stored, and the write is retried", err)
 	a.setStatus(func(s *Status) { s.StoreError, s.LastError, s.LastErrorAt = err.Error(), err.Error(), a.Clock.Now() })
 	a.bg.Go(func() { r.retryStore(ctx, st, n) })
+	return false
 }
 
 // retryStore writes st, the n'th assignment saved, with backoff until it is stored or a newer
@@ -432,11 +512,17 @@ func (r *run) serve(ctx context.Context) error {
 	st := r.assignment
 	failures := 0
 	for {
+		if r.op != nil && !r.a.Clock.Now().Before(r.op.id.Chain[0].NotAfter) {
+			r.op.close()
+			r.op = nil
+			r.setCredential(CredentialNeeded)
+			return r.reprovision(ctx, fmt.Sprintf("%v at %s", ErrOperationalExpired, st.AssignedHub))
+		}
 		r.connecting(st)
 		var sess Session
 		err := r.a.bounded(ctx, func(ctx context.Context) error {
 			var err error
-			sess, err = r.a.Hub.Connect(ctx, r.id, st)
+			sess, err = r.a.Hub.Connect(ctx, r.hubIdentity(), st)
 			return err
 		})
 		if err == nil {
@@ -457,6 +543,13 @@ func (r *run) serve(ctx context.Context) error {
 		}
 		if errors.Is(err, ErrIdentityRejected) {
 			r.a.NoteError(err)
+			if r.op != nil {
+				// Revoked, or expired by the hub's clock: only a new one helps.
+				r.op.close()
+				r.op = nil
+				r.setCredential(CredentialNeeded)
+				return r.reprovision(ctx, fmt.Sprintf("%s refused the operational certificate", st.AssignedHub))
+			}
 			return r.reprovision(ctx, fmt.Sprintf("%s refused the identity", st.AssignedHub))
 		}
 		if failures >= r.a.Config.Agent.HubFailures && r.mayReprovision() {

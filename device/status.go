@@ -40,6 +40,8 @@ type Status struct {
 	DeviceID       string    `json:"device_id,omitempty"`
 	LastError      string    `json:"last_error,omitempty"`
 	LastErrorAt    time.Time `json:"last_error_at,omitzero"`
+	// Credential is which credential the hub is reached with (see CredentialState).
+	Credential CredentialState `json:"credential,omitempty"`
 	// StoreError says why the assignment in use is not stored (disk full, read-only): the
 	// agent keeps it in memory for this boot and retries the write.
 	StoreError string    `json:"store_error,omitempty"`

@@ -23,7 +23,6 @@ import (
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/dial"
-	"github.com/unicity-iot/unicity/internal/pki"
 )
 
 // renewalRig is DPS with a credential policy on its factory enrollment and one hub that
@@ -35,16 +34,7 @@ type renewalRig struct {
 
 func newRenewalRig(t *testing.T) *renewalRig {
 	t.Helper()
-	root, err := pki.NewRoot("renewal root")
-	require.NoError(t, err)
-	srv := hubtest.NewServer(t, hubtest.WithCA(root))
-	fleet := hubtest.NewFleet(srv.Hub)
-	d := dpstest.NewServer(t, func(c *dpstest.Config) {
-		c.ServerCA, c.Hubs, c.Registrar = root, fleet.Names(), fleet
-		c.RetryAfter, c.PollLimit = 0, 0
-	})
-	require.NoError(t, d.SetCredentialPolicy("factory", &dpstest.CredentialPolicy{Name: "ops", Validity: time.Hour}))
-	fleet.SetIssuer(d)
+	d, srv := hubtest.NewIssuing(t, time.Hour)
 	return &renewalRig{dps: d, hub: srv}
 }
 
@@ -69,20 +59,10 @@ func (r *renewalRig) provision(t *testing.T, id string, key crypto.Signer) tls.C
 	require.NoError(t, err)
 	cert := onboarding.TLSCertificate()
 	a, err := dps.Register(testContext(t), dps.Request{Endpoint: r.dps.Addr(), IDScope: r.dps.IDScope(),
-		Transport: dial.TransportMQTT, RootCAs: r.dps.RootCAs(), Certificate: &cert, CSRSigner: key, Clock: instantClock{}})
+		Transport: dial.TransportMQTT, RootCAs: r.dps.RootCAs(), Certificate: &cert, CSRSigner: key, Clock: hubtest.InstantClock{}})
 	require.NoError(t, err)
 	require.Equal(t, r.hub.Name(), a.AssignedHub)
 	return identity(t, a.IssuedChain, key)
-}
-
-// instantClock lets DPS polls go at once; the emulator assigns without delay.
-type instantClock struct{}
-
-func (instantClock) Now() time.Time { return time.Now() }
-func (instantClock) After(time.Duration) <-chan time.Time {
-	ch := make(chan time.Time, 1)
-	ch <- time.Now()
-	return ch
 }
 
 // renewing is a connected client of a provisioned device that may renew.

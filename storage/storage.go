@@ -61,6 +61,12 @@ type State struct {
 	Payload     json.RawMessage `json:"payload,omitempty"`
 	// IssuedChain is the DER certificates DPS issued, if any, leaf first.
 	IssuedChain [][]byte `json:"issued_chain,omitempty"`
+	// OperationalKey is where the key of IssuedChain's leaf lives ("tpmkey:" and a TSS2
+	// keyfile in the state directory), written before this state names it. A file written
+	// before this field existed has neither, and loads as a state without an operational
+	// certificate: the format version stays 1, as an agent that does not know the field
+	// ignores it and connects with the onboarding identity.
+	OperationalKey string `json:"operational_key,omitempty"`
 
 	// ProvisionedAt is when this assignment was stored; DPSCreatedAt and DPSUpdatedAt are the
 	// registration record's own times.

@@ -28,6 +28,7 @@ func sample(hub string) *State {
 		Transport:      "mqtt",
 		Payload:        json.RawMessage(`{"site":"north"}`),
 		IssuedChain:    [][]byte{{0x30, 0x82, 0x01}},
+		OperationalKey: "tpmkey:/var/lib/unicity/operational-X.key",
 		ProvisionedAt:  time.Date(2026, 11, 23, 15, 0, 0, 0, time.UTC),
 		Attempts:       2,
 		Duration:       1500 * time.Millisecond,
@@ -40,6 +41,16 @@ func lock(t *testing.T, s *Store) *Locked {
 	require.NoError(t, err)
 	t.Cleanup(func() { l.Unlock() })
 	return l
+}
+
+func TestStateBeforeOperationalKeysLoads(t *testing.T) {
+	dir := t.TempDir()
+	old := `{"version":1,"registration_id":"gw-0001","cert_sha256":"AB","assigned_hub":"hub-a","device_id":"gw-0001","provisioned_at":"2026-11-23T15:00:00Z"}`
+	require.NoError(t, os.WriteFile(filepath.Join(dir, FileName), []byte(old), 0o600))
+	st, err := New(dir).Load()
+	require.NoError(t, err)
+	assert.Empty(t, st.OperationalKey)
+	assert.Empty(t, st.IssuedChain)
 }
 
 func TestSaveLoadRoundTrip(t *testing.T) {

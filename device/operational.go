@@ -1,0 +1,142 @@
+package device
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/internal/atomicfile"
+	"github.com/unicity-iot/unicity/storage"
+)
+
+// Operational certificates ([certificates] issuance = "dps", certificates.md §1): the factory
+// identity only onboards with DPS; each registration sends a CSR for a new key made in the
+// TPM, and the hub is reached with the certificate DPS issues for it. The key's file is
+// written before the state that names it, so a power cut leaves at most a keyfile no state
+// names, which the next start destroys (collectKeys).
+
+// CredentialState is which credential the hub is reached with, as the status shows it.
+type CredentialState string
+
+const (
+	// CredentialOnboarding: issuance is off; the factory identity serves DPS and the hub.
+	CredentialOnboarding CredentialState = "onboarding"
+	// CredentialOperational: the hub is reached with a certificate DPS issued.
+	CredentialOperational CredentialState = "operational"
+	// CredentialNeeded: issuance is on and no operational certificate can be used (none yet,
+	// expired, refused by the hub, its key gone): the agent registers for one with the
+	// onboarding identity.
+	CredentialNeeded CredentialState = "needed"
+)
+
+// operationalKeyGlob matches the keyfiles the agent makes in the state directory.
+const operationalKeyGlob = "operational-*.key"
+
+// ErrOperationalExpired marks an operational certificate whose NotAfter has passed: the
+// agent registers again with the onboarding identity for a new one.
+var ErrOperationalExpired = errors.New("the operational certificate has expired")
+
+// operational is an operational credential: its key, loaded, and the identity its issued
+// chain makes with it.
+type operational struct {
+	key *attest.Key
+	id  *attest.Identity
+}
+
+// Spec is where the key lives, as the state names it.
+func (o *operational) spec() string { return o.key.Location }
+
+// close flushes the key from the TPM; its file stays.
+func (o *operational) close() {
+	if o != nil {
+		o.key.Close()
+	}
+}
+
+// newOperationalKey makes the key of the next registration's CSR, in a file no state names
+// yet.
+func (r *run) newOperationalKey() (*attest.Key, error) {
+	tpm, err := r.creds.TPM()
+	if err != nil {
+		return nil, fmt.Errorf("cannot make an operational key: %w", err)
+	}
+	path := filepath.Join(r.a.Config.State.Dir, "operational-"+rand.Text()+".key")
+	key, err := attest.NewOperationalKey(tpm, r.a.Config.Certificates.KeyType, path)
+	if err != nil {
+		return nil, fmt.Errorf("cannot make an operational key: %w", err)
+	}
+	return key, nil
+}
+
+// loadOperational opens the operational credential st names and checks it at now. A state
+// without one, or whose key is gone, fails: the agent registers for a new one.
+func (r *run) loadOperational(st *storage.State, now time.Time) (*operational, error) {
+	if st.OperationalKey == "" || len(st.IssuedChain) == 0 {
+		return nil, errors.New("the stored assignment has no operational certificate")
+	}
+	if _, err := os.Stat(strings.TrimPrefix(st.OperationalKey, "tpmkey:")); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("the key of the operational certificate is missing (%s)", st.OperationalKey)
+	}
+	tpm, err := r.creds.TPM()
+	if err != nil {
+		return nil, fmt.Errorf("cannot load the operational key: %w", err)
+	}
+	key, err := attest.LoadKey(tpm, st.OperationalKey)
+	if err != nil {
+		return nil, fmt.Errorf("cannot load the operational key: %w", err)
+	}
+	o, err := issued(st.IssuedChain, key, now)
+	if err != nil {
+		key.Close()
+		return nil, err
+	}
+	return o, nil
+}
+
+// issued checks a chain issued for key at now.
+func issued(chain [][]byte, key *attest.Key, now time.Time) (*operational, error) {
+	id, err := attest.IssuedIdentity(chain, key, now)
+	if errors.Is(err, attest.ErrExpired) {
+		return nil, Mark(fmt.Errorf("%w: %w", ErrOperationalExpired, err), ErrOperationalExpired)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("the operational certificate cannot be used: %w", err)
+	}
+	return &operational{key: key, id: id}, nil
+}
+
+// collectKeys destroys the keyfiles in the state directory that the stored state does not
+// name: made for a registration whose state a power cut or a failure kept from being stored,
+// or replaced by a newer one. Keyfile keys are no TPM objects, so removing the file is all.
+func (r *run) collectKeys(keep string) {
+	dir := r.a.Config.State.Dir
+	paths, _ := filepath.Glob(filepath.Join(dir, operationalKeyGlob))
+	temps, _ := filepath.Glob(atomicfile.TempGlob(filepath.Join(dir, operationalKeyGlob)))
+	for _, p := range paths {
+		if "tpmkey:"+p == keep {
+			continue
+		}
+		if err := attest.DestroyKey(nil, "tpmkey:"+p); err != nil {
+			r.a.NoteError(fmt.Errorf("cannot remove an unused operational key: %w", err))
+		}
+	}
+	for _, p := range temps {
+		os.Remove(p)
+	}
+}
+
+// destroyKey destroys the key of an operational certificate no stored state names any more.
+func (r *run) destroyKey(spec string) {
+	if spec == "" {
+		return
+	}
+	if err := attest.DestroyKey(nil, spec); err != nil {
+		r.a.NoteError(fmt.Errorf("cannot remove the replaced operational key: %w", err))
+	}
+}
