@@ -66,6 +66,10 @@ type Agent struct {
 	// OnStatus is called after every change of the status, for the service's log. It runs
 	// under the status lock: it must not call back into the Agent.
 	OnStatus func(Status)
+	// OnCredential, when set, is called on the loop's goroutine when the hub's credential
+	// changes (an operational certificate issued, or given up for the onboarding identity),
+	// for the service's log.
+	OnCredential func(CredentialEvent)
 	// Services run beside the lifecycle for as long as Run runs (the local API, the gateway
 	// relay); Run returns once they have. They reach the agent through its exported methods
 	// (Status, Subscribe, Register, Assignment, NoteError).

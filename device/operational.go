@@ -2,6 +2,7 @@ package device
 
 import (
 	"crypto/rand"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/atomicfile"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -111,6 +113,55 @@ func issued(chain [][]byte, key *attest.Key, now time.Time) (*operational, error
 	return &operational{key: key, id: id}, nil
 }
 
+// dropOperational stops using the operational credential, which no longer works: the agent
+// registers with the onboarding identity for a new one.
+func (r *run) dropOperational(why string) {
+	r.a.credentialEvent(CredentialEvent{Kind: EventFellBack, Reason: why, Replaced: certcodec.Thumbprint(r.op.id.Chain[0])})
+	r.op.close()
+	r.op = nil
+	r.setCredential(CredentialNeeded)
+}
+
+// Kinds of CredentialEvent.
+const (
+	// EventIssued: DPS issued an operational certificate, now the hub's credential.
+	EventIssued = "issued"
+	// EventFellBack: the operational certificate cannot be used (Reason says why); the
+	// agent registers with the onboarding identity for a new one.
+	EventFellBack = "fell_back_to_onboarding"
+)
+
+// CredentialEvent is a change of the credential the hub is reached with, for the service's
+// log (Agent.OnCredential).
+type CredentialEvent struct {
+	Kind string
+	// Thumbprint is the new operational certificate's SHA-256 thumbprint (issued), Replaced
+	// that of the one before it, if any.
+	Thumbprint, Replaced string
+	NotAfter             time.Time
+	// Key is where the new certificate's key lives.
+	Key    string
+	Reason string
+}
+
+func (a *Agent) credentialEvent(ev CredentialEvent) {
+	if a.OnCredential != nil {
+		a.OnCredential(ev)
+	}
+}
+
+// storedThumbprint is the thumbprint of st's operational certificate, "" when it has none.
+func storedThumbprint(st *storage.State) string {
+	if st == nil || len(st.IssuedChain) == 0 {
+		return ""
+	}
+	c, err := x509.ParseCertificate(st.IssuedChain[0])
+	if err != nil {
+		return ""
+	}
+	return certcodec.Thumbprint(c)
+}
+
 // collectKeys destroys the keyfiles in the state directory that the stored state does not
 // name: made for a registration whose state a power cut or a failure kept from being stored,
 // or replaced by a newer one. Keyfile keys are no TPM objects, so removing the file is all.
@@ -139,4 +190,41 @@ func (r *run) destroyKey(spec string) {
 	if err := attest.DestroyKey(nil, spec); err != nil {
 		r.a.NoteError(fmt.Errorf("cannot remove the replaced operational key: %w", err))
 	}
+}
+
+// CertificateInfo describes a credential's certificate for `status`, `identity` and `check`:
+// its manifest (as `factory install` prints it) with its role, where its key lives and the
+// days it has left.
+type CertificateInfo struct {
+	// Role is "onboarding" (the factory identity, for DPS) or "operational" (issued by DPS,
+	// for the hub).
+	Role    string `json:"role"`
+	Subject string `json:"subject"`
+	attest.Manifest
+	// DaysLeft is the whole days until NotAfter, negative once it passed.
+	DaysLeft int `json:"days_left"`
+	// Key is where the certificate's key lives, as the configuration or the state names it.
+	Key string `json:"key"`
+}
+
+// DescribeCertificate is the CertificateInfo of c at now.
+func DescribeCertificate(role string, c *x509.Certificate, key string, now time.Time) CertificateInfo {
+	return CertificateInfo{
+		Role: role, Subject: c.Subject.String(), Manifest: attest.NewManifest(c),
+		DaysLeft: int(c.NotAfter.Sub(now).Hours() / 24), Key: key,
+	}
+}
+
+// StoredOperational describes the operational certificate st holds, without the TPM; nil
+// when it holds none.
+func StoredOperational(st *storage.State, now time.Time) (*CertificateInfo, error) {
+	if len(st.IssuedChain) == 0 {
+		return nil, nil
+	}
+	c, err := x509.ParseCertificate(st.IssuedChain[0])
+	if err != nil {
+		return nil, fmt.Errorf("the stored operational certificate: %w", err)
+	}
+	info := DescribeCertificate("operational", c, st.OperationalKey, now)
+	return &info, nil
 }

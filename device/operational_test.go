@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -36,6 +37,8 @@ type issuanceRig struct {
 	clock *offsetClock
 
 	agent  *device.Agent
+	mu     sync.Mutex
+	events []string
 	cancel context.CancelFunc
 	done   chan error
 }
@@ -89,6 +92,11 @@ func (r *issuanceRig) start() {
 		Hub:         device.NewHubSessions(r.cfg, prov.RootCAs),
 		Clock:       r.clock,
 		Backoff:     func(int) time.Duration { return 10 * time.Millisecond },
+		OnCredential: func(ev device.CredentialEvent) {
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			r.events = append(r.events, ev.Kind)
+		},
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel, r.done = cancel, make(chan error, 1)
@@ -215,6 +223,9 @@ func TestRevokedCertificateRegistersWithANewKey(t *testing.T) {
 	second := r.state()
 	assert.NotEqual(t, leafThumbprint(t, first), leafThumbprint(t, second))
 	assert.Equal(t, []string{leafThumbprint(t, second)}, r.hubAccepts())
+	r.mu.Lock()
+	assert.Equal(t, []string{device.EventIssued, device.EventFellBack, device.EventIssued}, r.events)
+	r.mu.Unlock()
 	assert.NoFileExists(t, strings.TrimPrefix(first.OperationalKey, "tpmkey:"), "the old key is destroyed")
 	assert.Len(t, r.keyfiles(), 1)
 	r.stop()

@@ -9,6 +9,7 @@ import (
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/internal/backoff"
+	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -293,6 +294,7 @@ func (r *run) loadState() (firstBoot bool) {
 		op, err := r.loadOperational(st, r.a.Clock.Now())
 		if err != nil {
 			r.setCredential(CredentialNeeded)
+			r.a.credentialEvent(CredentialEvent{Kind: EventFellBack, Reason: err.Error(), Replaced: storedThumbprint(st)})
 			r.a.NoteError(fmt.Errorf("registering again with the onboarding identity: %w", err))
 			return false
 		}
@@ -423,6 +425,10 @@ func (r *run) register(ctx context.Context, attempt int, start time.Time) (*stor
 		return nil, err
 	}
 	saved := r.store(ctx, st)
+	if op != nil {
+		r.a.credentialEvent(CredentialEvent{Kind: EventIssued, Thumbprint: certcodec.Thumbprint(op.id.Chain[0]),
+			Replaced: storedThumbprint(r.assignment), NotAfter: op.id.Chain[0].NotAfter, Key: op.spec()})
+	}
 	r.op.close()
 	r.op = op
 	r.inForce(st)
@@ -513,10 +519,9 @@ func (r *run) serve(ctx context.Context) error {
 	failures := 0
 	for {
 		if r.op != nil && !r.a.Clock.Now().Before(r.op.id.Chain[0].NotAfter) {
-			r.op.close()
-			r.op = nil
-			r.setCredential(CredentialNeeded)
-			return r.reprovision(ctx, fmt.Sprintf("%v at %s", ErrOperationalExpired, st.AssignedHub))
+			why := fmt.Sprintf("%v at %s", ErrOperationalExpired, r.op.id.Chain[0].NotAfter.UTC().Format(time.RFC3339))
+			r.dropOperational(why)
+			return r.reprovision(ctx, why)
 		}
 		r.connecting(st)
 		var sess Session
@@ -545,10 +550,9 @@ func (r *run) serve(ctx context.Context) error {
 			r.a.NoteError(err)
 			if r.op != nil {
 				// Revoked, or expired by the hub's clock: only a new one helps.
-				r.op.close()
-				r.op = nil
-				r.setCredential(CredentialNeeded)
-				return r.reprovision(ctx, fmt.Sprintf("%s refused the operational certificate", st.AssignedHub))
+				why := fmt.Sprintf("%s refused the operational certificate", st.AssignedHub)
+				r.dropOperational(why)
+				return r.reprovision(ctx, why)
 			}
 			return r.reprovision(ctx, fmt.Sprintf("%s refused the identity", st.AssignedHub))
 		}

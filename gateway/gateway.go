@@ -80,7 +80,9 @@ type Gateway struct {
 	calls    map[string]*pendingCall
 	nextCall uint64
 	hubState hub.State
-	notAfter time.Time // of the identity certificate the session presents
+	// validFrom and notAfter are those of the certificate the session presents: the
+	// operational one when DPS issued it, else the identity certificate.
+	validFrom, notAfter time.Time
 
 	store        *telemetry.Store // nil until open
 	storeProblem error            // why store is nil
@@ -116,7 +118,7 @@ func New(a Agent, hubs *device.HubSessions) *Gateway {
 func (g *Gateway) configure(hc *hub.Config) {
 	if cert := hc.Dial.Certificate; cert != nil && cert.Leaf != nil {
 		g.mu.Lock()
-		g.notAfter = cert.Leaf.NotAfter
+		g.validFrom, g.notAfter = cert.Leaf.NotBefore, cert.Leaf.NotAfter
 		g.mu.Unlock()
 	}
 	hc.OnMessage = g.onMessage
@@ -173,16 +175,22 @@ func (g *Gateway) Run(ctx context.Context) {
 
 // Health is what the agent reports under ReportedKey.
 type Health struct {
-	AgentVersion         string    `json:"agent_version"`
-	RegistrationID       string    `json:"registration_id"`
-	DeviceID             string    `json:"device_id"`
-	ProvisionedAt        time.Time `json:"provisioned_at,omitzero"`
-	Substatus            string    `json:"substatus,omitempty"`
-	Transport            string    `json:"transport,omitempty"`
-	CertificateNotAfter  time.Time `json:"certificate_not_after,omitzero"`
-	ProvisioningAttempts int       `json:"provisioning_attempts,omitempty"`
-	ProvisioningMillis   int64     `json:"provisioning_duration_ms"`
-	ConnectedAt          time.Time `json:"connected_at,omitzero"`
+	AgentVersion        string    `json:"agent_version"`
+	RegistrationID      string    `json:"registration_id"`
+	DeviceID            string    `json:"device_id"`
+	ProvisionedAt       time.Time `json:"provisioned_at,omitzero"`
+	Substatus           string    `json:"substatus,omitempty"`
+	Transport           string    `json:"transport,omitempty"`
+	CertificateNotAfter time.Time `json:"certificate_not_after,omitzero"`
+	// ValidFrom and ValidUntil are the validity of the certificate the hub is reached with,
+	// as Azure's certificate management recommends reporting it; Credential says which one
+	// it is (device.CredentialState).
+	ValidFrom            time.Time              `json:"validFrom,omitzero"`
+	ValidUntil           time.Time              `json:"validUntil,omitzero"`
+	Credential           device.CredentialState `json:"credential,omitempty"`
+	ProvisioningAttempts int                    `json:"provisioning_attempts,omitempty"`
+	ProvisioningMillis   int64                  `json:"provisioning_duration_ms"`
+	ConnectedAt          time.Time              `json:"connected_at,omitzero"`
 	// LastError is null when there is none, which removes an old one from the twin.
 	LastError   *string    `json:"last_error"`
 	LastErrorAt *time.Time `json:"last_error_at"`
@@ -194,7 +202,7 @@ type Health struct {
 func (g *Gateway) health() Health {
 	status := g.Agent.Status()
 	g.mu.Lock()
-	hs, notAfter := g.hubState, g.notAfter
+	hs, validFrom, notAfter := g.hubState, g.validFrom, g.notAfter
 	g.mu.Unlock()
 	h := Health{
 		AgentVersion:        version.Version,
@@ -203,6 +211,9 @@ func (g *Gateway) health() Health {
 		Transport:           hs.Transport,
 		ConnectedAt:         hs.Since,
 		CertificateNotAfter: notAfter,
+		ValidFrom:           validFrom,
+		ValidUntil:          notAfter,
+		Credential:          status.Credential,
 		Telemetry:           g.TelemetryStatus(),
 	}
 	if st := g.Agent.Assignment(); st != nil {

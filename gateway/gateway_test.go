@@ -120,6 +120,8 @@ func TestGatewayReportsHealth(t *testing.T) {
 	assert.Equal(t, 1, health.ProvisioningAttempts)
 	assert.False(t, health.ProvisionedAt.IsZero())
 	assert.WithinDuration(t, gb.Leaf.Certificate().NotAfter, health.CertificateNotAfter, time.Second)
+	assert.WithinDuration(t, gb.Leaf.Certificate().NotBefore, health.ValidFrom, time.Second)
+	assert.Equal(t, health.CertificateNotAfter, health.ValidUntil)
 	assert.Nil(t, health.LastError)
 }
 

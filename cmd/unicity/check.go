@@ -126,7 +126,40 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 	case binding != "" && !st.BelongsTo(regID, binding):
 		c.warn("hub", "the stored assignment belongs to another identity (%s): the agent will register again", st.RegistrationID)
 	default:
+		c.operational(cfg, st)
 		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, false, roots, cert)
+	}
+}
+
+// renewalShare is the part of its lifetime after which an operational certificate is due for
+// renewal, and check warns.
+const renewalShare = 0.8
+
+// operational checks the stored operational certificate, with issuance on: a warning in the
+// last 20 % of its lifetime, a failure once it expired (the agent then registers again by
+// itself, with the onboarding identity).
+func (c *checker) operational(cfg *config.Config, st *storage.State) {
+	if !cfg.Certificates.Issued() {
+		return
+	}
+	t := now()
+	op, err := device.StoredOperational(st, t)
+	switch {
+	case err != nil:
+		c.fail("operational", err)
+		return
+	case op == nil:
+		c.warn("operational", "no operational certificate stored: the agent registers with DPS for one")
+		return
+	}
+	due := op.NotBefore.Add(time.Duration(float64(op.NotAfter.Sub(op.NotBefore)) * renewalShare))
+	switch {
+	case !t.Before(op.NotAfter):
+		c.fail("operational", fmt.Errorf("%w: %s expired on %s; the agent registers again with the onboarding identity", device.ErrOperationalExpired, op.SHA256Thumbprint, op.NotAfter.UTC().Format(time.RFC3339)))
+	case !t.Before(due):
+		c.warn("operational", "%s expires on %s (%d days left), past %d %% of its lifetime", op.SHA256Thumbprint, op.NotAfter.UTC().Format(time.RFC3339), op.DaysLeft, int(renewalShare*100))
+	default:
+		c.pass("operational", "%s, valid until %s (%d days left), key %s", op.SHA256Thumbprint, op.NotAfter.UTC().Format(time.RFC3339), op.DaysLeft, op.Key)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/storage"
 )
 
 // identityReport is `unicity identity --json`.
@@ -32,6 +33,11 @@ type identityReport struct {
 	// why), so nothing was compared.
 	KeyMatchesCert *bool  `json:"key_matches_cert"`
 	Problem        string `json:"problem,omitempty"`
+	// Operational, with [certificates] issuance = "dps", is the operational certificate the
+	// stored state holds (the fields above are the onboarding identity's); OperationalProblem
+	// says why there is none.
+	Operational        *device.CertificateInfo `json:"operational,omitempty"`
+	OperationalProblem string                  `json:"operational_problem,omitempty"`
 
 	// matchUnknown says, in a few words, why KeyMatchesCert is not known.
 	matchUnknown string
@@ -74,6 +80,9 @@ func runIdentity(ctx context.Context, e *env, args []string) error {
 	problem := checkIdentity(e, tpm, cfg.Attestation.IdentityKey, chain, &r)
 	if problem != nil {
 		r.Problem = problem.Error()
+	}
+	if cfg.Certificates.Issued() {
+		r.Operational, r.OperationalProblem = storedOperational(cfg)
 	}
 	if out.on {
 		if err := out.print(r); err != nil {
@@ -133,6 +142,22 @@ func symmetricIdentity(ctx context.Context, e *env, cfg *config.Config, out *jso
 	return problem
 }
 
+// storedOperational is the operational certificate of the stored state, or why there is none.
+func storedOperational(cfg *config.Config) (*device.CertificateInfo, string) {
+	st, err := storage.New(cfg.State.Dir).Load()
+	if err != nil {
+		return nil, err.Error()
+	}
+	op, err := device.StoredOperational(st, now())
+	switch {
+	case err != nil:
+		return nil, err.Error()
+	case op == nil:
+		return nil, "none issued yet"
+	}
+	return op, ""
+}
+
 // checkIdentity loads the key and runs the identity checks, filling in what it learns.
 func checkIdentity(e *env, tpm *attest.Opener, keySpec string, chain []*x509.Certificate, r *identityReport) error {
 	key, err := loadKey(e, tpm, keySpec)
@@ -189,5 +214,11 @@ func printIdentity(w io.Writer, r identityReport) {
 	fmt.Fprintf(w, "Key matches cert:   %s\n", match)
 	if r.Problem != "" {
 		fmt.Fprintf(w, "Problem:            %s\n", r.Problem)
+	}
+	switch {
+	case r.Operational != nil:
+		printCertificate(w, *r.Operational)
+	case r.OperationalProblem != "":
+		fmt.Fprintf(w, "Operational:        %s\n", r.OperationalProblem)
 	}
 }

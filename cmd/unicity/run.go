@@ -59,14 +59,15 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	}
 	sd := device.Systemd{}
 	agent := &device.Agent{
-		Config:      cfg,
-		Store:       storage.New(cfg.State.Dir),
-		Provisioner: prov,
-		Hub:         hubs,
-		Clock:       agentClock,
-		Notifier:    sd,
-		Watchdog:    sd.WatchdogPeriod(),
-		OnStatus:    statusLogger(log),
+		Config:       cfg,
+		Store:        storage.New(cfg.State.Dir),
+		Provisioner:  prov,
+		Hub:          hubs,
+		Clock:        agentClock,
+		Notifier:     sd,
+		Watchdog:     sd.WatchdogPeriod(),
+		OnStatus:     statusLogger(log),
+		OnCredential: credentialLogger(log),
 	}
 	relay := gateway.New(agent, hubs)
 	relay.Clock = agentClock
@@ -194,5 +195,25 @@ func statusLogger(log *slog.Logger) func(device.Status) {
 			log.Info(s.Message, attrs...)
 		}
 		last = s
+	}
+}
+
+// credentialLogger logs a change of the hub's credential, with the thumbprints an operator
+// matches against the hub's and DPS's records.
+func credentialLogger(log *slog.Logger) func(device.CredentialEvent) {
+	return func(ev device.CredentialEvent) { logCredential(log, ev) }
+}
+
+func logCredential(log *slog.Logger, ev device.CredentialEvent) {
+	switch ev.Kind {
+	case device.EventIssued:
+		attrs := []any{"event", ev.Kind, "sha256_thumbprint", ev.Thumbprint, "not_after", ev.NotAfter.UTC().Format(time.RFC3339), "key", ev.Key}
+		if ev.Replaced != "" {
+			attrs = append(attrs, "replaced", ev.Replaced)
+		}
+		log.Info("DPS issued an operational certificate; the hub is reached with it", attrs...)
+	case device.EventFellBack:
+		log.Warn("the operational certificate cannot be used ("+ev.Reason+"); registering with DPS for a new one with the onboarding identity",
+			"event", ev.Kind, "sha256_thumbprint", ev.Replaced)
 	}
 }

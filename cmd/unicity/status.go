@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"strings"
 	"time"
 
 	"github.com/unicity-iot/unicity/config"
@@ -22,6 +23,11 @@ type statusReport struct {
 	SHA256Thumbprint string    `json:"sha256_thumbprint,omitempty"`
 	NotAfter         time.Time `json:"not_after,omitzero"`
 	IdentityError    string    `json:"identity_error,omitempty"`
+	// Certificates, with [certificates] issuance = "dps": the onboarding certificate (for DPS)
+	// and the stored operational one (for the hub), when there is one.
+	Certificates []device.CertificateInfo `json:"certificates,omitempty"`
+	// Credential is which one the running agent reaches the hub with.
+	Credential device.CredentialState `json:"credential,omitempty"`
 
 	AssignedHub   string    `json:"assigned_hub"`
 	DeviceID      string    `json:"device_id"`
@@ -86,6 +92,9 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 			leaf := chain[0]
 			r.RegistrationID, r.SHA256Thumbprint, r.NotAfter = leaf.Subject.CommonName, certcodec.Thumbprint(leaf), leaf.NotAfter
 			binding = r.SHA256Thumbprint
+			if cfg.Certificates.Issued() {
+				r.Certificates = append(r.Certificates, device.DescribeCertificate("onboarding", leaf, cfg.Attestation.IdentityKey, now()))
+			}
 		}
 	}
 
@@ -103,6 +112,11 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 		r.StateProblem = fmt.Sprintf("the stored assignment belongs to another identity (%s); the agent will register again", st.RegistrationID)
 	default:
 		r.AssignedHub, r.DeviceID, r.Substatus, r.ProvisionedAt = st.AssignedHub, st.DeviceID, st.Substatus, st.ProvisionedAt
+		if op, err := device.StoredOperational(st, now()); err != nil {
+			r.StateProblem = err.Error()
+		} else if op != nil && cfg.Certificates.Issued() {
+			r.Certificates = append(r.Certificates, *op)
+		}
 	}
 
 	qctx, cancel := context.WithTimeout(ctx, statusTimeout)
@@ -131,6 +145,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	if live != nil {
 		r.Message, r.LastError, r.NextRetry, r.StatusAt = live.Message, live.LastError, live.NextRetry, live.UpdatedAt
 		r.Telemetry = live.Telemetry
+		r.Credential = live.Credential
 	}
 	if live != nil && r.ServiceRunning && live.AssignedHub != "" && (live.StoreError != "" || r.AssignedHub == "") {
 		// The assignment in force is the agent's: not stored, or not readable by this user.
@@ -167,6 +182,9 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(w, "  SHA-256:          %s\n", r.SHA256Thumbprint)
 		fmt.Fprintf(w, "  expires:          %s\n", r.NotAfter.UTC().Format(time.RFC3339))
 	}
+	for _, c := range r.Certificates {
+		printCertificate(w, c)
+	}
 	fmt.Fprintln(w, "Assignment")
 	if r.AssignedHub == "" {
 		fmt.Fprintf(w, "  none:             %s\n", r.StateProblem)
@@ -189,6 +207,9 @@ func printStatus(w io.Writer, r statusReport) {
 	if r.ServiceRunning || r.Phase != "not_running" {
 		fmt.Fprintf(w, "  phase:            %s\n", r.Phase)
 		fmt.Fprintf(w, "  status:           %s\n", r.Message)
+		if r.Credential != "" {
+			fmt.Fprintf(w, "  hub credential:   %s\n", r.Credential)
+		}
 	} else {
 		fmt.Fprintf(w, "  phase:            not running\n")
 		if r.Message != "" {
@@ -220,6 +241,26 @@ func printStatus(w io.Writer, r statusReport) {
 			fmt.Fprintf(w, "  torn records:     %d dropped at start (a crash or power cut mid-write)\n", t.Torn)
 		}
 	}
+}
+
+// printCertificate shows one credential's certificate (status, identity).
+func printCertificate(w io.Writer, c device.CertificateInfo) {
+	fmt.Fprintf(w, "%s certificate\n", titleCase(c.Role))
+	fmt.Fprintf(w, "  subject:          %s\n", c.Subject)
+	fmt.Fprintf(w, "  issuer:           %s\n", c.Issuer)
+	fmt.Fprintf(w, "  serial:           %s\n", c.Serial)
+	fmt.Fprintf(w, "  SHA-256:          %s\n", c.SHA256Thumbprint)
+	fmt.Fprintf(w, "  SHA-1:            %s\n", c.SHA1Thumbprint)
+	fmt.Fprintf(w, "  valid:            %s to %s (%d days left)\n", c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339), c.DaysLeft)
+	fmt.Fprintf(w, "  key:              %s\n", c.Key)
+}
+
+// titleCase capitalizes a role name for a heading.
+func titleCase(s string) string {
+	if s == "" {
+		return s
+	}
+	return strings.ToUpper(s[:1]) + s[1:]
 }
 
 // sizeOf is n bytes in KiB or MiB.
