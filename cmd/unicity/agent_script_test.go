@@ -40,6 +40,9 @@ import (
 //	statefile DIR absent|valid|aside|hub NAME
 //	    check the provisioning state in DIR: no state file, a complete one, a corrupt one
 //	    kept aside (state.json.corrupt-*), or one assigned to hub NAME.
+//	awaitcert STATEDIR RUNDIR VAR [NOT]
+//	    wait (60s) until the agent is connected with an operational certificate stored in
+//	    STATEDIR, other than the one whose SHA-256 thumbprint is NOT; set VAR to its thumbprint.
 //	expand SRC DST
 //	    copy SRC to DST with $VAR and ${VAR} replaced by the script's environment (config
 //	    files that name the emulator's addresses and the TPM).
@@ -268,6 +271,49 @@ func cmdStateFile(ts *testscript.TestScript, neg bool, args []string) {
 	default:
 		ts.Fatalf("statefile: unknown check %q", args[1])
 	}
+}
+
+// cmdAwaitCert: awaitcert STATEDIR RUNDIR VAR [NOT]: wait until the agent is connected with
+// an operational certificate stored in STATEDIR (whose SHA-256 thumbprint is not NOT), its
+// key there; VAR is set to the thumbprint.
+func cmdAwaitCert(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 3 || len(args) > 4 {
+		ts.Fatalf("usage: awaitcert STATEDIR RUNDIR VAR [NOT]")
+	}
+	stateDir, runDir := ts.MkAbs(args[0]), ts.MkAbs(args[1])
+	var not string
+	if len(args) == 4 {
+		not = args[3]
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var thumb, last string
+	err := poll.Until(ctx, 50*time.Millisecond, func() bool {
+		st, err := storage.New(stateDir).Load()
+		if err != nil {
+			last = err.Error()
+			return false
+		}
+		op, err := device.StoredOperational(st, time.Now())
+		if err != nil || op == nil {
+			last = fmt.Sprintf("no operational certificate stored (%v)", err)
+			return false
+		}
+		s, err := device.ReadStatus(runDir)
+		if err != nil || s.Phase != device.PhaseConnected || s.Credential != device.CredentialOperational {
+			last = fmt.Sprintf("status %+v (%v)", s, err)
+			return false
+		}
+		if _, err := os.Stat(ts.MkAbs(strings.TrimPrefix(op.Key, "tpmkey:"))); err != nil {
+			ts.Fatalf("the stored operational key: %v", err)
+		}
+		thumb = op.SHA256Thumbprint
+		return !strings.EqualFold(thumb, not)
+	})
+	if err != nil {
+		ts.Fatalf("no new operational certificate in use: %s", last)
+	}
+	ts.Setenv(args[2], thumb)
 }
 
 func cmdExpand(ts *testscript.TestScript, neg bool, args []string) {

@@ -67,6 +67,7 @@ var scriptCmds = map[string]func(ts *testscript.TestScript, neg bool, args []str
 	"freeport":    cmdFreePort,
 	"awaitstatus": cmdAwaitStatus,
 	"statefile":   cmdStateFile,
+	"awaitcert":   cmdAwaitCert,
 	"expand":      cmdExpand,
 }
 
