@@ -2,7 +2,9 @@
 # make demo: the whole first boot of a gateway on a software TPM and the emulator.
 #   1. a private swtpm, and the emulator (DPS + IoT Hub) with its factory CA;
 #   2. the factory line: key inside the TPM, CSR, certificate from the factory CA, install;
-#   3. `unicity run` provisions through DPS and connects to the assigned hub;
+#   3. `unicity run` provisions through DPS, which issues an operational certificate for a new
+#      TPM key (a credential policy on the factory enrollment), and connects to the assigned
+#      hub with it;
 #   4. a telemetry message sent through the agent arrives in the emulator, which counts one
 #      DPS registration and names the hub by a loopback address of its own, without a port.
 # Everything lives in a temporary directory, removed on exit with the processes it started.
@@ -77,6 +79,9 @@ cd "$work"
 "$emulator" sign --dir "$work/emu" --csr identity.csr --out identity-cert.pem
 "$unicity" factory install --tpm "$tpm" --key identity.key --cert identity-cert.pem --out identity.pem
 
+step "credential policy: DPS issues 30-day operational certificates to the factory's devices"
+"$emulator" policy --dir "$work/emu" --group factory --validity 720h
+
 cat >config.toml <<CONFIG
 [provisioning]
 global_endpoint = "$dps"
@@ -97,6 +102,9 @@ dir = "$work/state"
 
 [runtime]
 dir = "$work/run"
+
+[certificates]
+issuance = "dps"
 CONFIG
 echo "config: $work/config.toml"
 
@@ -116,4 +124,4 @@ echo '{"temperature":21.5,"humidity":40}' |
 step "DPS: one registration; the hub is named without a port, as Azure names hubs"
 "$emulator" registrations --dir "$work/emu" --device demo-gw-01
 
-step "done: device demo-gw-01 provisioned on $hub, connected, telemetry delivered"
+step "done: device demo-gw-01 provisioned on $hub, connected with its operational certificate, telemetry delivered"
