@@ -145,7 +145,17 @@ type Attestation struct {
 	// SymmetricKeyGroup says the symmetric_key file holds an enrollment group's key: the
 	// device's own key is derived from it and the registration ID.
 	SymmetricKeyGroup bool `toml:"symmetric_key_group"`
+	// SRKHandle is the persistent handle of the storage root key TPM attestation imports the
+	// identity key under (method "tpm"): reused when it holds one, created there otherwise.
+	SRKHandle string `toml:"srk_handle"`
 }
+
+// DefaultTPMIdentityKey is identity_key's default for method "tpm": the identity key DPS
+// sends is persisted where the Azure SDKs persist it.
+const DefaultTPMIdentityKey = "tpmkey:handle=0x81000100"
+
+// DefaultSRKHandle is srk_handle's default, the TCG's and the Azure SDKs' SRK handle.
+const DefaultSRKHandle = "0x81000001"
 
 // TPMConfig is the [tpm] table.
 type TPMConfig struct {
@@ -238,6 +248,7 @@ func Default() Config {
 			Method:       "x509",
 			IdentityCert: "/var/lib/unicity/identity.pem",
 			IdentityKey:  "tpmkey:/var/lib/unicity/identity.key",
+			SRKHandle:    DefaultSRKHandle,
 		},
 		TPM:          TPMConfig{Device: "/dev/tpmrm0"},
 		Certificates: Certificates{Issuance: "none", KeyType: attest.ECDSAP256},
@@ -294,6 +305,11 @@ func Parse(name string, data []byte) (*Config, error) {
 	}
 	if !md.IsDefined("telemetry", "dir") {
 		cfg.Telemetry.Dir = filepath.Join(cfg.State.Dir, TelemetryDirName)
+	}
+	// x509's default key file is no place for TPM attestation's imported key: DPS's key
+	// goes where the Azure SDKs persist it, unless the file names one.
+	if cfg.Attestation.Method == "tpm" && !md.IsDefined("attestation", "identity_key") {
+		cfg.Attestation.IdentityKey = DefaultTPMIdentityKey
 	}
 	if err := cfg.validate(); err != nil {
 		var ce *Error
@@ -412,8 +428,19 @@ func (c *Config) validate() error {
 		if p.RegistrationID == "" {
 			return invalid("provisioning.registration_id", "missing: symmetric_key attestation has no certificate to take it from")
 		}
+	case "tpm":
+		// DPS serves TPM attestation over HTTPS (and AMQP), never over MQTT.
+		if p.Transport != "auto" && p.Transport != "https" {
+			return invalid("provisioning.transport", "%q cannot carry TPM attestation: DPS serves it over HTTPS only (auto or https)", p.Transport)
+		}
+		if err := validateTPMIdentityKey(a.IdentityKey); err != nil {
+			return invalid("attestation.identity_key", "%v", err)
+		}
 	default:
-		return invalid("attestation.method", "%q is not one of x509, symmetric_key", a.Method)
+		return invalid("attestation.method", "%q is not one of x509, symmetric_key, tpm", a.Method)
+	}
+	if _, err := attest.ParsePersistentHandle(a.SRKHandle); err != nil {
+		return invalid("attestation.srk_handle", "%q is not a persistent handle (0x81000000 to 0x81FFFFFF)", a.SRKHandle)
 	}
 	if a.SymmetricKeyGroup && a.Method != "symmetric_key" {
 		return invalid("attestation.symmetric_key_group", "only with method = \"symmetric_key\"")
@@ -529,6 +556,23 @@ func validateCertSource(s string) error {
 	if h, ok := strings.CutPrefix(s, "tpm-nv:"); ok {
 		_, err := attest.ParseNVIndex(h)
 		return err
+	}
+	return nil
+}
+
+// validateTPMIdentityKey checks where TPM attestation keeps the key DPS sends: a persistent
+// handle, or a keyfile the TPM's SRK loads (no software key: it never leaves the TPM).
+func validateTPMIdentityKey(s string) error {
+	rest, ok := strings.CutPrefix(s, "tpmkey:")
+	if !ok || rest == "" {
+		return fmt.Errorf("%q is not tpmkey:handle=0x81...... or tpmkey:PATH: TPM attestation keeps its key in the TPM", s)
+	}
+	if h, ok := strings.CutPrefix(rest, "handle="); ok {
+		_, err := attest.ParsePersistentHandle(h)
+		return err
+	}
+	if !filepath.IsAbs(rest) {
+		return fmt.Errorf("%q: the keyfile's path must be absolute", s)
 	}
 	return nil
 }

@@ -108,6 +108,22 @@ func TestLoadConfigTransports(t *testing.T) {
 	}
 }
 
+// TestTPMAttestation: method tpm keeps DPS's key at the SDKs' persistent handle unless the file
+// names a handle or keyfile, takes the SRK handle, and goes to DPS over HTTPS (auto or https).
+func TestTPMAttestation(t *testing.T) {
+	const scope = "[provisioning]\nid_scope = \"0ne00000000\"\n"
+	cfg, err := Parse("c.toml", []byte(scope+"[attestation]\nmethod = \"tpm\"\n"))
+	require.NoError(t, err)
+	assert.Equal(t, DefaultTPMIdentityKey, cfg.Attestation.IdentityKey)
+	assert.Equal(t, DefaultSRKHandle, cfg.Attestation.SRKHandle)
+	assert.Empty(t, cfg.Provisioning.RegistrationID, "the agent derives it from the EK")
+
+	cfg, err = Parse("c.toml", []byte(scope+"transport = \"https\"\n[attestation]\nmethod = \"tpm\"\nsrk_handle = \"0x81000002\"\nidentity_key = \"tpmkey:/var/lib/unicity/dps.key\"\n"))
+	require.NoError(t, err)
+	assert.Equal(t, "tpmkey:/var/lib/unicity/dps.key", cfg.Attestation.IdentityKey)
+	assert.Equal(t, "0x81000002", cfg.Attestation.SRKHandle)
+}
+
 func TestLoadConfigMissingFile(t *testing.T) {
 	_, err := Load(filepath.Join(t.TempDir(), "nope.toml"))
 	require.ErrorIs(t, err, ErrNotExist)
@@ -140,7 +156,12 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"bad issuance", scope + "[certificates]\nissuance = \"hub\"\n", 4, "certificates.issuance", "not one of none, dps"},
 		{"issuance without x509", "[provisioning]\nid_scope = \"0ne00000000\"\nregistration_id = \"gw-1\"\n[attestation]\nmethod = \"symmetric_key\"\nsymmetric_key = \"/k\"\n[certificates]\nissuance = \"dps\"\n", 8, "certificates.issuance", "needs attestation method"},
 		{"bad key type", scope + "[certificates]\nkey_type = \"rsa-2048\"\n", 4, "certificates.key_type", "not one of ecdsa-p256, ecdsa-p384"},
-		{"bad method", scope + "[attestation]\nmethod = \"tpm\"\n", 4, "attestation.method", "x509"},
+		{"bad method", scope + "[attestation]\nmethod = \"hsm\"\n", 4, "attestation.method", "x509, symmetric_key, tpm"},
+		{"tpm over mqtt", scope + "transport = \"mqtt\"\n[attestation]\nmethod = \"tpm\"\n", 3, "provisioning.transport", "HTTPS only"},
+		{"tpm over mqtt-ws", scope + "transport = \"mqtt-ws\"\n[attestation]\nmethod = \"tpm\"\n", 3, "provisioning.transport", "HTTPS only"},
+		{"tpm software key", scope + "[attestation]\nmethod = \"tpm\"\nidentity_key = \"file:/k.pem\"\n", 5, "attestation.identity_key", "in the TPM"},
+		{"tpm relative keyfile", scope + "[attestation]\nmethod = \"tpm\"\nidentity_key = \"tpmkey:k.key\"\n", 5, "attestation.identity_key", "absolute"},
+		{"srk handle", scope + "[attestation]\nmethod = \"tpm\"\nsrk_handle = \"0x01000001\"\n", 5, "attestation.srk_handle", "0x81000000 to 0x81FFFFFF"},
 		{"key handle range", scope + "[attestation]\nidentity_key = \"tpmkey:handle=0x01000002\"\n", 4, "attestation.identity_key", "0x81000000 to 0x81FFFFFF"},
 		{"key handle format", scope + "[attestation]\nidentity_key = \"tpmkey:handle=81000002\"\n", 4, "attestation.identity_key", "persistent handle"},
 		{"key source", scope + "[attestation]\nidentity_key = \"pkcs11:foo\"\n", 4, "attestation.identity_key", "unknown key source"},
