@@ -68,6 +68,7 @@ type enrollRequest struct {
 	CAPEM          string          `json:"ca_pem,omitempty"`
 	Thumbprint     string          `json:"thumbprint,omitempty"`
 	SymmetricKey   []byte          `json:"symmetric_key,omitempty"`
+	EndorsementKey []byte          `json:"endorsement_key,omitempty"` // a TPM's EK, TPM2B_PUBLIC
 	DeviceID       string          `json:"device_id,omitempty"`
 	Disabled       bool            `json:"disabled,omitempty"`
 	InitialTwin    json.RawMessage `json:"initial_twin,omitempty"`

@@ -134,7 +134,7 @@ func (e *enrollments) apply(dps *dpstest.Server, allocate dpstest.AllocateFunc, 
 	policy := dpstest.Policy{Disabled: req.Disabled, InitialTwin: req.InitialTwin, Allocate: allocate}
 	if req.Group == "" {
 		return dps.AddIndividual(dpstest.Individual{RegistrationID: req.RegistrationID, Thumbprint: req.Thumbprint,
-			SymmetricKey: req.SymmetricKey, DeviceID: req.DeviceID, Policy: policy})
+			SymmetricKey: req.SymmetricKey, EndorsementKey: req.EndorsementKey, DeviceID: req.DeviceID, Policy: policy})
 	}
 	g := dpstest.Group{ID: req.Group, SymmetricKey: req.SymmetricKey, Policy: policy}
 	if req.CAPEM != "" {

@@ -211,17 +211,18 @@ func deviceCall(ctx context.Context, e *env, dir, name, path string, req deviceR
 func runEnroll(ctx context.Context, e *env, args []string) error {
 	fs, dir := newFlags("enroll")
 	group := fs.String("group", "", "enrollment group `ID` (with --ca or --symmetric-key)")
-	regID := fs.String("registration-id", "", "individual enrollment for this registration `ID` (with --cert, --thumbprint or --symmetric-key)")
+	regID := fs.String("registration-id", "", "individual enrollment for this registration `ID` (with --cert, --thumbprint, --symmetric-key or --tpm-ek)")
 	caFile := fs.String("ca", "", "group: CA certificate `file` (PEM) that device chains must reach")
 	certFile := fs.String("cert", "", "individual: the device certificate `file` (PEM); its thumbprint is enrolled")
 	thumbprint := fs.String("thumbprint", "", "individual: the device certificate's SHA-256 or SHA-1 `hex`")
 	key := fs.String("symmetric-key", "", "symmetric key, `base64` (group key or device key)")
+	tpmEK := fs.String("tpm-ek", "", "individual: a TPM's endorsement key (TPM attestation, over HTTPS): a `file` holding it, or it in base64, as `unicity factory ek` prints it")
 	deviceID := fs.String("device-id", "", "individual: hub device `ID` (default: the registration ID)")
 	disabled := fs.Bool("disabled", false, "enroll disabled")
 	twin := fs.String("initial-twin", "", "initial twin `JSON` ({\"properties\":{\"desired\":…}} or the desired object)")
 	reply := fs.String("allocation-reply", "", "custom allocation: answer every registration with this AllocationResponse `JSON` ({\"iotHubHostName\":HUB,\"payload\":…,\"initialTwin\":…})")
 	script := fs.String("allocation-script", "", "custom allocation: run this `program` for each registration, Azure's AllocationRequest JSON on stdin, its AllocationResponse on stdout")
-	if err := parse(e, fs, "--dir DIR (--group ID (--ca FILE | --symmetric-key B64) | --registration-id ID (--cert FILE | --thumbprint HEX | --symmetric-key B64)) [--device-id ID] [--disabled] [--initial-twin JSON] [--allocation-reply JSON | --allocation-script PROGRAM]", args); err != nil {
+	if err := parse(e, fs, "--dir DIR (--group ID (--ca FILE | --symmetric-key B64) | --registration-id ID (--cert FILE | --thumbprint HEX | --symmetric-key B64 | --tpm-ek FILE|B64)) [--device-id ID] [--disabled] [--initial-twin JSON] [--allocation-reply JSON | --allocation-script PROGRAM]", args); err != nil {
 		return err
 	}
 	if (*group == "") == (*regID == "") {
@@ -246,6 +247,13 @@ func runEnroll(ctx context.Context, e *env, args []string) error {
 			return usageErrorf("enroll: --symmetric-key: %v", err)
 		}
 		req.SymmetricKey = k
+	}
+	if *tpmEK != "" {
+		ek, err := readTPMEK(*tpmEK)
+		if err != nil {
+			return usageErrorf("enroll: --tpm-ek: %v", err)
+		}
+		req.EndorsementKey = ek
 	}
 	if *twin != "" {
 		if !json.Valid([]byte(*twin)) {
@@ -272,4 +280,25 @@ func runEnroll(ctx context.Context, e *env, args []string) error {
 		return fmt.Errorf("enroll: %w", err)
 	}
 	return printJSON(e.stdout, out)
+}
+
+// readTPMEK reads an endorsement key as the portal takes it: the base64 of its marshalled
+// TPM2B_PUBLIC, given as is or in a file (a file of the binary TPM2B_PUBLIC, as
+// tpm2_readpublic -o writes it, is taken too).
+func readTPMEK(arg string) ([]byte, error) {
+	data, err := os.ReadFile(arg)
+	switch {
+	case err == nil:
+		if ek, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(data))); err == nil {
+			return ek, nil
+		}
+		return data, nil
+	case !errors.Is(err, os.ErrNotExist):
+		return nil, err
+	}
+	ek, err := base64.StdEncoding.DecodeString(strings.TrimSpace(arg))
+	if err != nil {
+		return nil, fmt.Errorf("%q is neither a file nor base64", arg)
+	}
+	return ek, nil
 }

@@ -114,6 +114,9 @@ type Individual struct {
 	// Thumbprint is the SHA-256 (or SHA-1) of the device certificate, hex, any case.
 	Thumbprint   string
 	SymmetricKey []byte
+	// EndorsementKey enrolls a TPM (TPM attestation, over HTTPS only): its EK's marshalled
+	// TPM2B_PUBLIC, as the portal takes it in base64.
+	EndorsementKey []byte
 	// DeviceID is the hub device ID; empty means the registration ID.
 	DeviceID string
 	Policy
@@ -136,8 +139,19 @@ func (s *Server) AddGroup(g Group) error {
 
 // AddIndividual enrolls one device, replacing an enrollment with the same registration ID.
 func (s *Server) AddIndividual(e Individual) error {
-	if e.RegistrationID == "" || (e.Thumbprint == "") == (e.SymmetricKey == nil) {
-		return fmt.Errorf("cannot enroll %q: need a registration ID and exactly one of Thumbprint and SymmetricKey", e.RegistrationID)
+	given := 0
+	for _, set := range []bool{e.Thumbprint != "", e.SymmetricKey != nil, e.EndorsementKey != nil} {
+		if set {
+			given++
+		}
+	}
+	if e.RegistrationID == "" || given != 1 {
+		return fmt.Errorf("cannot enroll %q: need a registration ID and exactly one of Thumbprint, SymmetricKey and EndorsementKey", e.RegistrationID)
+	}
+	if e.EndorsementKey != nil {
+		if _, err := parseTPMKey(e.EndorsementKey, "endorsement key"); err != nil {
+			return fmt.Errorf("cannot enroll %q: %w", e.RegistrationID, err)
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -292,8 +306,14 @@ func (s *Server) authSASLocked(regID, token string, now time.Time) (*enrollment,
 		m.Write(toSign)
 		return hmac.Equal(m.Sum(nil), sig)
 	}
-	if e, ok := s.individuals[strings.ToLower(regID)]; ok && e.SymmetricKey != nil && valid(e.SymmetricKey) {
-		return &enrollment{id: e.RegistrationID, individual: true, auth: DeviceAuth{SymmetricKey: e.SymmetricKey}}, ""
+	if e, ok := s.individuals[strings.ToLower(regID)]; ok {
+		key := e.SymmetricKey
+		if e.EndorsementKey != nil {
+			key = s.tpmKeys[strings.ToLower(regID)] // the identity key of its latest challenge
+		}
+		if key != nil && valid(key) {
+			return &enrollment{id: e.RegistrationID, individual: true, auth: DeviceAuth{SymmetricKey: key}}, ""
+		}
 	}
 	for _, g := range s.groups {
 		if g.SymmetricKey == nil {

@@ -74,6 +74,12 @@ func (s *Server) serveREST(w http.ResponseWriter, r *http.Request, step Step) {
 	if a := r.Header.Get("Authorization"); a != "" {
 		password = []byte(a)
 	}
+	if password == nil && step == StepRegister {
+		if reply, ok := s.challengeTPM(regID, body); ok {
+			s.writeReply(w, reply)
+			return
+		}
+	}
 	st := s.admit(regID, apiVersion, password, r.TLS)
 	if st.enroll == nil {
 		s.log.Info("unknown device", "registration", regID, "reason", st.refusal)

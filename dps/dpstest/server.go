@@ -161,6 +161,7 @@ type Server struct {
 	mu          sync.Mutex
 	individuals map[string]*Individual // by lower-case registration ID
 	groups      []*Group
+	tpmKeys     map[string][]byte      // lower-case registration ID → identity key of its latest TPM challenge
 	records     map[string]*record     // by lower-case registration ID
 	ops         map[string]*operation  // by operation ID
 	latestOp    map[string]string      // lower-case registration ID → operation ID
@@ -182,6 +183,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		cfg:         cfg,
 		individuals: make(map[string]*Individual),
+		tpmKeys:     make(map[string][]byte),
 		records:     make(map[string]*record),
 		ops:         make(map[string]*operation),
 		latestOp:    make(map[string]string),
