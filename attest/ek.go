@@ -97,9 +97,13 @@ func ReadEndorsementKey(ctx context.Context, tpm transport.TPM) (*EndorsementKey
 // RegistrationID is the DPS registration ID the Azure SDKs derive from the key: SHA-256 of
 // the marshalled TPM2B_PUBLIC, in lowercase base32 without padding (52 characters).
 func (ek *EndorsementKey) RegistrationID() string {
-	sum := sha256.Sum256(ek.Public)
+	sum := ek.PublicSHA256()
 	return strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(sum[:]))
 }
+
+// PublicSHA256 is the SHA-256 of the marshalled TPM2B_PUBLIC: what the registration ID
+// encodes, and what tells two TPMs apart.
+func (ek *EndorsementKey) PublicSHA256() [sha256.Size]byte { return sha256.Sum256(ek.Public) }
 
 // create makes the key from its template and flushes it again, returning its public area.
 func (ek *EndorsementKey) create(tpm transport.TPM) (*tpm2.TPMTPublic, error) {

@@ -153,12 +153,12 @@ func TestManufacturedTPM(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, d.ek.Certificate.PublicKey.(*rsa.PublicKey).Equal(pk))
 
-	before := loadedHandles(t, tpm)
+	before := attesttest.LoadedHandles(t, tpm)
 	challenge, err := dpstest.NewTPMChallenge(d.ek.Public, d.srk.Public)
 	require.NoError(t, err)
 	key := d.importKey(t, tpm, challenge, attest.DefaultIdentityKeyHandle)
 	assertSignsFor(t, key, challenge.IdentityKey, d.ek.RegistrationID())
-	assert.Equal(t, before, loadedHandles(t, tpm))
+	assert.Equal(t, before, attesttest.LoadedHandles(t, tpm))
 	require.NoError(t, tpm.Close()) // swtpm serves one client at a time
 
 	dir := t.TempDir()

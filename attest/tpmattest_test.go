@@ -29,24 +29,6 @@ var (
 	_ sas.Signer = (*attest.HMACKey)(nil)
 )
 
-// loadedHandles lists the transient objects and the sessions the TPM holds.
-func loadedHandles(t testing.TB, tpm transport.TPM) []tpm2.TPMHandle {
-	t.Helper()
-	var all []tpm2.TPMHandle
-	for _, first := range []uint32{0x80000000, 0x02000000, 0x03000000} {
-		r, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: first, PropertyCount: 64}.Execute(tpm)
-		require.NoError(t, err)
-		h, err := r.CapabilityData.Data.Handles()
-		require.NoError(t, err)
-		for _, x := range h.Handle {
-			if uint32(x)>>24 == first>>24 {
-				all = append(all, x)
-			}
-		}
-	}
-	return all
-}
-
 // tpmSAS is a SAS token whose signature the TPM makes with key.
 func tpmSAS(t testing.TB, key sas.Signer, resource string, expiry time.Time, keyName string) string {
 	t.Helper()
@@ -114,7 +96,7 @@ func TestTPMAttestationRoundTrip(t *testing.T) {
 			}
 			t.Run(name, func(t *testing.T) {
 				tpm := tp.open(t)
-				before := loadedHandles(t, tpm)
+				before := attesttest.LoadedHandles(t, tpm)
 				d := newDevice(t, tpm, 0)
 				assert.True(t, d.srk.Created, "a blank TPM has no SRK: it is made and said so")
 				assert.Equal(t, attest.DefaultSRKHandle, d.srk.Handle)
@@ -135,7 +117,7 @@ func TestTPMAttestationRoundTrip(t *testing.T) {
 				require.NoError(t, key.Close())
 				_, err = key.Sign(context.Background(), []byte("x"))
 				require.ErrorIs(t, err, attest.ErrKeyClosed)
-				assert.Equal(t, before, loadedHandles(t, tpm), "every object and session was flushed")
+				assert.Equal(t, before, attesttest.LoadedHandles(t, tpm), "every object and session was flushed")
 
 				if persist != 0 {
 					// Registering again (a new challenge) replaces the identity key in place.
@@ -143,7 +125,7 @@ func TestTPMAttestationRoundTrip(t *testing.T) {
 					require.NoError(t, err)
 					key := d.importKey(t, tpm, second, persist)
 					assertSignsFor(t, key, second.IdentityKey, regID)
-					assert.Equal(t, before, loadedHandles(t, tpm))
+					assert.Equal(t, before, attesttest.LoadedHandles(t, tpm))
 				}
 			})
 		}
@@ -168,7 +150,7 @@ func TestTPMAttestationWrongTPM(t *testing.T) {
 		t.Run(tp.name, func(t *testing.T) {
 			tpm := tp.open(t)
 			d := newDevice(t, tpm, 0)
-			before := loadedHandles(t, tpm)
+			before := attesttest.LoadedHandles(t, tpm)
 			ctx := context.Background()
 			for name, keys := range map[string][2][]byte{
 				"another EK":  {anotherTPMKey(t, tpm2.RSAEKTemplate), d.srk.Public},
@@ -179,7 +161,7 @@ func TestTPMAttestationWrongTPM(t *testing.T) {
 				_, err = attest.ImportIdentityKey(ctx, tpm, d.ek, d.srk, challenge.AuthenticationKey)
 				require.ErrorIs(t, err, attest.ErrNotThisTPM, name)
 				assert.NotErrorIs(t, err, attest.ErrTPMUnavailable, name)
-				assert.Equal(t, before, loadedHandles(t, tpm), name)
+				assert.Equal(t, before, attesttest.LoadedHandles(t, tpm), name)
 			}
 
 			challenge, err := dpstest.NewTPMChallenge(d.ek.Public, d.srk.Public)
@@ -278,9 +260,9 @@ func TestHMACKeyLeavesNoHandle(t *testing.T) {
 				d := newDevice(t, tpm, 0)
 				challenge, err := dpstest.NewTPMChallenge(d.ek.Public, d.srk.Public)
 				require.NoError(t, err)
-				before := loadedHandles(t, tpm)
+				before := attesttest.LoadedHandles(t, tpm)
 				key := d.importKey(t, tpm, challenge, persist)
-				loaded := loadedHandles(t, tpm)
+				loaded := attesttest.LoadedHandles(t, tpm)
 				want := len(before)
 				if persist == 0 {
 					want++
@@ -291,9 +273,9 @@ func TestHMACKeyLeavesNoHandle(t *testing.T) {
 					resource := "hub-1.azure-devices.net/devices/" + strconv.Itoa(i)
 					require.Equal(t, sas.Token(challenge.IdentityKey, resource, exp, ""), tpmSAS(t, key, resource, exp, ""))
 				}
-				assert.Equal(t, loaded, loadedHandles(t, tpm))
+				assert.Equal(t, loaded, attesttest.LoadedHandles(t, tpm))
 				require.NoError(t, key.Close())
-				assert.Equal(t, before, loadedHandles(t, tpm))
+				assert.Equal(t, before, attesttest.LoadedHandles(t, tpm))
 			})
 		}
 	}
@@ -394,13 +376,13 @@ func TestBusyTPMDuringAttestation(t *testing.T) {
 		{"hmac: retry", tpm2.TPMCCHMAC, tpm2.TPMRCRetry},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			before := loadedHandles(t, tpm)
+			before := attesttest.LoadedHandles(t, tpm)
 			err := attestation(&failingTPM{TPMCloser: tpm, cc: c.cc, rc: c.rc})
 			require.Error(t, err)
 			assert.ErrorIs(t, err, attest.ErrTPMUnavailable)
 			assert.NotErrorIs(t, err, attest.ErrNotThisTPM)
 			assert.NotErrorIs(t, err, attest.ErrInvalidKey)
-			assert.Equal(t, before, loadedHandles(t, tpm), "nothing left loaded")
+			assert.Equal(t, before, attesttest.LoadedHandles(t, tpm), "nothing left loaded")
 			require.NoError(t, attestation(tpm), "the same TPM, answering, attests")
 		})
 	}
@@ -418,7 +400,7 @@ func TestHMACKeyConcurrentSign(t *testing.T) {
 	d := newDevice(t, tpm, 0)
 	challenge, err := dpstest.NewTPMChallenge(d.ek.Public, d.srk.Public)
 	require.NoError(t, err)
-	before := loadedHandles(t, tpm)
+	before := attesttest.LoadedHandles(t, tpm)
 	key := d.importKey(t, tpm, challenge, 0)
 	signing := make(chan struct{})
 	var once sync.Once
@@ -447,5 +429,5 @@ func TestHMACKeyConcurrentSign(t *testing.T) {
 	<-signing
 	require.NoError(t, key.Close())
 	wg.Wait()
-	assert.Equal(t, before, loadedHandles(t, tpm))
+	assert.Equal(t, before, attesttest.LoadedHandles(t, tpm))
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/dps"
 	"github.com/unicity-iot/unicity/internal/dial"
@@ -67,6 +68,9 @@ func (p *DPS) Register(ctx context.Context, id *Identity, prev *storage.State) (
 		cert := id.X509.TLSCertificate()
 		req.Certificate = &cert
 	}
+	if id.TPM != nil {
+		req.TPM = &dps.TPM{EndorsementKey: id.TPM.EK.Public, StorageRootKey: id.TPM.SRK.Public, Activate: id.TPM.Activate}
+	}
 	if pc.Payload != "" {
 		req.Payload = json.RawMessage(pc.Payload)
 	}
@@ -95,7 +99,7 @@ func (p *DPS) Register(ctx context.Context, id *Identity, prev *storage.State) (
 func markDPSError(err error) error {
 	var de *dps.Error
 	switch {
-	case errors.Is(err, dps.ErrRefused):
+	case errors.Is(err, dps.ErrRefused), errors.Is(err, attest.ErrNotThisTPM):
 		return Mark(err, ErrRefused)
 	case errors.Is(err, dps.ErrNotIssued), errors.Is(err, dps.ErrMQTT5), errors.Is(err, dps.ErrConnectionProfile):
 		// The enrollment or the hub must change: the agent parks, the status saying which.

@@ -63,12 +63,12 @@ func (h *HubSessions) Connect(ctx context.Context, id *Identity, st *storage.Sta
 			Proxy:     network.Proxy,
 			RootCAs:   h.RootCAs,
 		},
-		SymmetricKey: id.SymmetricKey,
-		Clock:        h.Clock,
-		MaxFailures:  h.Config.Agent.HubFailures,
-		Backoff:      backoff.FullJitter(h.Config.Agent.RetryMin, h.Config.Agent.RetryMax),
-		Queue:        h.Queue,
-		OnState:      h.OnState,
+		Signer:      id.Signer(),
+		Clock:       h.Clock,
+		MaxFailures: h.Config.Agent.HubFailures,
+		Backoff:     backoff.FullJitter(h.Config.Agent.RetryMin, h.Config.Agent.RetryMax),
+		Queue:       h.Queue,
+		OnState:     h.OnState,
 	}
 	if id.X509 != nil {
 		cert := id.X509.TLSCertificate()

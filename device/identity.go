@@ -26,14 +26,16 @@ import (
 	"github.com/unicity-iot/unicity/sas"
 )
 
-// Identity is what the agent registers and connects with: a checked X.509 identity, or the
-// key of a symmetric-key device. Exactly one of X509 and SymmetricKey is set.
+// Identity is what the agent registers and connects with: a checked X.509 identity, the key
+// of a symmetric-key device, or the TPM of TPM attestation. Exactly one of X509, SymmetricKey
+// and TPM is set.
 type Identity struct {
 	RegistrationID string
 	X509           *attest.Identity
 	// SymmetricKey is the device's own key, decoded (derived already when the configured
 	// file holds an enrollment group's key). A secret: it goes to dps and hub, nowhere else.
 	SymmetricKey []byte
+	TPM          *TPMIdentity
 	// CSR, when set, is the new key DPS is asked to issue an operational certificate for
 	// ([certificates] issuance = "dps"); the identity above stays the one DPS authenticates.
 	CSR crypto.Signer
@@ -42,10 +44,30 @@ type Identity struct {
 // String names the identity without its key, so that printing it (%v, %+v, %#v, a log
 // attribute) cannot leak the key.
 func (id *Identity) String() string {
-	if id.SymmetricKey != nil {
-		return id.RegistrationID + " (symmetric key)"
+	return id.RegistrationID + " (" + id.Method() + ")"
+}
+
+// Method names the attestation: "X.509", "symmetric key" or "TPM".
+func (id *Identity) Method() string {
+	switch {
+	case id.SymmetricKey != nil:
+		return "symmetric key"
+	case id.TPM != nil:
+		return "TPM"
 	}
-	return id.RegistrationID + " (X.509)"
+	return "X.509"
+}
+
+// Signer signs the SAS tokens of a symmetric-key or TPM identity; nil for X.509, which
+// authenticates with its certificate.
+func (id *Identity) Signer() sas.Signer {
+	switch {
+	case id.SymmetricKey != nil:
+		return attest.SymmetricKey(id.SymmetricKey)
+	case id.TPM != nil:
+		return id.TPM
+	}
+	return nil
 }
 
 // GoString is String, for %#v.
@@ -66,7 +88,10 @@ type Credentials struct {
 	RegistrationID string
 
 	symmetricKey []byte
-	// tpm opens the TPM if the key or the chain lives in it; nil for a symmetric key.
+	// Attested is set for TPM attestation.
+	Attested *TPMIdentity
+	// tpm opens the TPM if the key or the chain lives in it, or for TPM attestation; nil
+	// for a symmetric key.
 	tpm *attest.Opener
 }
 
@@ -87,6 +112,8 @@ func OpenCredentials(ctx context.Context, cfg *config.Config) (*Credentials, err
 			key = sas.DeviceKey(key, cfg.Provisioning.RegistrationID)
 		}
 		return &Credentials{RegistrationID: cfg.Provisioning.RegistrationID, symmetricKey: key}, nil
+	case "tpm":
+		return openTPMCredentials(ctx, cfg)
 	default:
 		return nil, Mark(fmt.Errorf("attestation method %q is not supported", cfg.Attestation.Method), ErrIdentity)
 	}
@@ -103,6 +130,27 @@ func OpenCredentials(ctx context.Context, cfg *config.Config) (*Credentials, err
 		return nil, classifyIdentityError(err)
 	}
 	c.Chain = chain
+	return c, nil
+}
+
+// openTPMCredentials opens the TPM of TPM attestation; the registration ID defaults to the
+// one the EK makes.
+func openTPMCredentials(ctx context.Context, cfg *config.Config) (*Credentials, error) {
+	c := &Credentials{RegistrationID: cfg.Provisioning.RegistrationID, tpm: attest.NewOpener(ctx, cfg.TPM.Device)}
+	tpm, err := c.tpm.TPM()
+	if err == nil {
+		c.Attested, err = openTPMIdentity(ctx, tpm, cfg.Attestation)
+	}
+	if err != nil {
+		c.Close()
+		if errors.Is(err, attest.ErrSRKOccupied) {
+			return nil, Mark(err, ErrIdentity)
+		}
+		return nil, classifyIdentityError(err)
+	}
+	if c.RegistrationID == "" {
+		c.RegistrationID = c.Attested.EK.RegistrationID()
+	}
 	return c, nil
 }
 
@@ -153,11 +201,11 @@ func (c *Credentials) ValidFrom() time.Time {
 // Identity checks the credentials at time now and returns the identity to register and
 // connect with.
 func (c *Credentials) Identity(now time.Time) (*Identity, error) {
-	if c.symmetricKey != nil {
+	if c.symmetricKey != nil || c.Attested != nil {
 		if now.Before(version.CommitTime()) {
 			return nil, fmt.Errorf("%w: it says %s, before this build was made", attest.ErrClockNotSet, now.UTC().Format(time.RFC3339))
 		}
-		return &Identity{RegistrationID: c.RegistrationID, SymmetricKey: c.symmetricKey}, nil
+		return &Identity{RegistrationID: c.RegistrationID, SymmetricKey: c.symmetricKey, TPM: c.Attested}, nil
 	}
 	id, err := attest.NewIdentity(c.Chain, c.Key, now)
 	if err != nil {
@@ -171,10 +219,7 @@ func (c *Credentials) Identity(now time.Time) (*Identity, error) {
 
 // String names the credentials without the key they hold; see Identity.String.
 func (c *Credentials) String() string {
-	if c.symmetricKey != nil {
-		return "credentials of " + c.RegistrationID + " (symmetric key)"
-	}
-	return "credentials of " + c.RegistrationID + " (X.509)"
+	return "credentials of " + (&Identity{RegistrationID: c.RegistrationID, SymmetricKey: c.symmetricKey, TPM: c.Attested}).String()
 }
 
 // GoString is String, for %#v.
@@ -185,10 +230,13 @@ func (c *Credentials) Symmetric() bool { return c.symmetricKey != nil }
 
 // StateBinding is what the stored assignment is bound to, so that another identity does not
 // reuse it: the leaf certificate's SHA-256 thumbprint, or for a symmetric key a one-way digest
-// of it (see SymmetricKeyBinding).
+// of it (see SymmetricKeyBinding), or for TPM attestation the EK (see TPMIdentity.Binding).
 func (c *Credentials) StateBinding() string {
 	if c.symmetricKey != nil {
 		return SymmetricKeyBinding(c.symmetricKey)
+	}
+	if c.Attested != nil {
+		return c.Attested.Binding()
 	}
 	return certcodec.Thumbprint(c.Chain[0])
 }
@@ -264,6 +312,9 @@ func (c *Credentials) Close() error {
 	var errs []error
 	if c.Key != nil {
 		errs = append(errs, c.Key.Close())
+	}
+	if c.Attested != nil {
+		errs = append(errs, c.Attested.close())
 	}
 	if c.tpm != nil {
 		errs = append(errs, c.tpm.Close())

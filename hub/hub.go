@@ -14,7 +14,6 @@ import (
 	"net/url"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
@@ -70,7 +69,7 @@ const (
 	methodPrefix       = "$iothub/methods/POST/"
 )
 
-// Config describes the session. Hub, DeviceID and either Dial.Certificate or SymmetricKey
+// Config describes the session. Hub, DeviceID and either Dial.Certificate or Signer
 // are required; the handlers are optional.
 type Config struct {
 	// Hub is the assigned hub exactly as DPS returned it; it may carry a port (the emulator).
@@ -81,11 +80,13 @@ type Config struct {
 	// Dial says how to reach the hub (transport, proxy, roots, client certificate); its Host
 	// is ignored in favour of Hub.
 	Dial dial.Config
-	// SymmetricKey, when set, authenticates the device with SAS tokens signed by this key
+	// Signer, when set, authenticates the device with SAS tokens it signs: the device key of
+	// symmetric-key attestation (attest.SymmetricKey) or TPM attestation's key in the TPM
+	// (attest.HMACKey),
 	// (the device key, decoded) instead of a client certificate. Every connection presents a
 	// fresh token valid for TokenLifetime, and, since the hub disconnects a device whose
 	// token expires, the session reconnects with a new token before that.
-	SymmetricKey []byte
+	Signer sas.Signer
 	// TokenLifetime is a SAS token's validity; zero means DefaultTokenLifetime. Sessions
 	// are renewed after four fifths of it.
 	TokenLifetime time.Duration
@@ -188,8 +189,8 @@ func New(cfg Config) (*Client, error) {
 		return nil, errors.New("hub: no hub host")
 	case cfg.DeviceID == "":
 		return nil, errors.New("hub: no device ID")
-	case cfg.Dial.Certificate != nil && cfg.SymmetricKey != nil:
-		return nil, errors.New("hub: both a client certificate and a symmetric key given; choose one")
+	case cfg.Dial.Certificate != nil && cfg.Signer != nil:
+		return nil, errors.New("hub: both a client certificate and a SAS signer given; choose one")
 	}
 	if cfg.TokenLifetime <= 0 {
 		cfg.TokenLifetime = DefaultTokenLifetime
@@ -248,10 +249,10 @@ func username(hub, deviceID, modelID, api string) string {
 	return u
 }
 
-// Password is the CONNECT password of a symmetric-key device (protocol.md §5.2): a SAS token
-// for the resource "{hub}/devices/{deviceId}", signed with key, valid until expiry.
-func Password(hub, deviceID string, key []byte, expiry time.Time) string {
-	return sas.Token(key, hub+"/devices/"+deviceID, expiry, "")
+// Password is the CONNECT password of a SAS device (protocol.md §5.2): a SAS token for the
+// resource "{hub}/devices/{deviceId}", signed by signer, valid until expiry.
+func Password(ctx context.Context, hub, deviceID string, signer sas.Signer, expiry time.Time) (string, error) {
+	return sas.SignedToken(ctx, signer, hub+"/devices/"+deviceID, expiry, "")
 }
 
 // Queue returns the client's telemetry queue.
@@ -391,15 +392,17 @@ func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, er
 		SetDefaultPublishHandler(c.inbound(r, cn)).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) { cn.end(err) }).
 		SetCustomOpenConnectionFn(opened.recording(ctx, dial.Opener(ctx, dc, func(t string) { transport = t })))
-	// The token is made when paho connects, so that its lifetime starts then; expiry (unix
-	// nanoseconds) is the one the connection was made with.
-	var expiry atomic.Int64
-	if c.cfg.SymmetricKey != nil {
-		opts.SetCredentialsProvider(func() (string, string) {
-			exp := c.cfg.Clock.Now().Add(c.cfg.TokenLifetime)
-			expiry.Store(exp.UnixNano())
-			return c.username, Password(c.cfg.Hub, c.cfg.DeviceID, c.cfg.SymmetricKey, exp)
-		})
+	// The token is made for this connection, so that its lifetime starts now; it is signed
+	// here, where a TPM that cannot sign ends the attempt with its error (paho's credentials
+	// provider could only send an empty password).
+	var expiry time.Time
+	if c.cfg.Signer != nil {
+		expiry = c.cfg.Clock.Now().Add(c.cfg.TokenLifetime)
+		password, err := Password(ctx, c.cfg.Hub, c.cfg.DeviceID, c.cfg.Signer, expiry)
+		if err != nil {
+			return 0, fmt.Errorf("cannot sign the hub's SAS token: %w", err)
+		}
+		opts.SetPassword(password)
 	}
 	cn.mc = mqtt.NewClient(opts)
 
@@ -439,8 +442,8 @@ func (c *Client) session(ctx context.Context, r *runState) (up time.Duration, er
 	c.setState(State{Connected: true, Transport: transport, Since: since})
 
 	var renew <-chan time.Time
-	if c.cfg.SymmetricKey != nil {
-		renewAt := time.Unix(0, expiry.Load()).Add(-c.cfg.TokenLifetime / 5)
+	if c.cfg.Signer != nil {
+		renewAt := expiry.Add(-c.cfg.TokenLifetime / 5)
 		renew = c.cfg.Clock.After(renewAt.Sub(c.cfg.Clock.Now()))
 	}
 

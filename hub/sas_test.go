@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/dial"
@@ -23,7 +24,8 @@ import (
 // the signature here is openssl's for the key "Jefe":
 // printf 'myiothub.azure-devices.net%%2Fdevices%%2Fmy_device\n1578941692' | openssl dgst -sha256 -hmac Jefe -binary | base64
 func TestPasswordVector(t *testing.T) {
-	got := hub.Password("myiothub.azure-devices.net", "my_device", []byte("Jefe"), time.Unix(1578941692, 0))
+	got, err := hub.Password(testContext(t), "myiothub.azure-devices.net", "my_device", attest.SymmetricKey("Jefe"), time.Unix(1578941692, 0))
+	require.NoError(t, err)
 	const sig = "DhnKxlJ5WRGW1pTiHaGnPgWSd/TgqBXjtGEnJmbvtg0="
 	assert.Equal(t, "SharedAccessSignature sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device&sig="+url.QueryEscape(sig)+"&se=1578941692", got)
 }
@@ -42,7 +44,7 @@ func sasConfig(srv *hubtest.Server, id string, key []byte) hub.Config {
 		Hub:          srv.Name(),
 		DeviceID:     id,
 		Dial:         dial.Config{Transport: dial.TransportMQTT, RootCAs: srv.RootCAs()},
-		SymmetricKey: key,
+		Signer:       attest.SymmetricKey(key),
 		Backoff:      fastBackoff,
 		WriteTimeout: time.Second,
 	}
@@ -120,7 +122,7 @@ func TestSymmetricKeyRefused(t *testing.T) {
 func TestCertificateAndKeyAreExclusive(t *testing.T) {
 	srv := hubtest.NewServer(t)
 	cfg := config(srv, "gw-both", newDeviceCA(t).softwareDevice(t, srv.Hub, "gw-both"))
-	cfg.SymmetricKey = newKey(t)
+	cfg.Signer = attest.SymmetricKey(newKey(t))
 	_, err := hub.New(cfg)
 	require.Error(t, err)
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/google/go-tpm-tools/simulator"
+	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/unicity-iot/unicity/attest"
@@ -266,4 +267,27 @@ func (p *Process) Stop() {
 	_ = p.cmd.Process.Kill()
 	err := <-p.exited
 	p.exited <- err
+}
+
+// LoadedHandles lists the transient objects and the sessions the TPM holds: what a test of
+// leaks expects empty.
+func LoadedHandles(t testing.TB, tpm transport.TPM) []tpm2.TPMHandle {
+	t.Helper()
+	var all []tpm2.TPMHandle
+	for _, first := range []uint32{0x80000000, 0x02000000, 0x03000000} {
+		r, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: first, PropertyCount: 64}.Execute(tpm)
+		if err != nil {
+			t.Fatalf("cannot list the TPM's handles: %v", err)
+		}
+		h, err := r.CapabilityData.Data.Handles()
+		if err != nil {
+			t.Fatalf("cannot list the TPM's handles: %v", err)
+		}
+		for _, x := range h.Handle {
+			if uint32(x)>>24 == first>>24 {
+				all = append(all, x)
+			}
+		}
+	}
+	return all
 }
