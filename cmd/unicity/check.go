@@ -102,9 +102,12 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 	// What the stored assignment must be bound to, once the identity checks out.
 	var regID, binding string
 	var cert *tls.Certificate
-	if cfg.Attestation.Method == "symmetric_key" {
+	switch cfg.Attestation.Method {
+	case "symmetric_key":
 		regID, binding = c.symmetricKey(ctx, cfg)
-	} else {
+	case "tpm":
+		regID, binding = c.tpmAttestation(ctx, cfg)
+	default:
 		var release func()
 		cert, regID, binding, release = c.x509(ctx, cfg, tf)
 		defer release()
@@ -283,6 +286,23 @@ func (c *checker) symmetricKey(ctx context.Context, cfg *config.Config) (regID, 
 	}
 	c.pass("clock", "%s", t.UTC().Format(time.RFC3339))
 	return id.RegistrationID, creds.StateBinding()
+}
+
+// tpmAttestation checks the TPM of TPM attestation: its EK, its SRK (created if missing, as
+// the agent would) and whether DPS's identity key is imported yet.
+func (c *checker) tpmAttestation(ctx context.Context, cfg *config.Config) (regID, binding string) {
+	r, err := newTPMIdentityReport(ctx, cfg)
+	if err != nil {
+		c.fail("tpm", err)
+		return "", ""
+	}
+	c.pass("tpm", "%s: EK SHA-256 %s (registration ID %s), SRK %s", cfg.TPM.Device, r.EndorsementKeySHA256, r.RegistrationID, r.srkLine())
+	if r.IdentityKeyImported {
+		c.pass("key", "%s", r.keyLine())
+	} else {
+		c.warn("key", "%s", r.keyLine())
+	}
+	return r.RegistrationID, r.StateBinding
 }
 
 // endpoint checks DNS, TCP and TLS (with the device's certificate, when it has one) to host,

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -29,6 +31,7 @@ func factoryCommands() []command {
 		{Name: "csr", Summary: "make a certificate signing request signed inside the TPM", Run: runFactoryCSR},
 		{Name: "install", Summary: "check and install the device certificate; print the manifest line", Run: runFactoryInstall},
 		{Name: "verify", Summary: "end-of-line check of the configured identity", Run: runFactoryVerify},
+		{Name: "ek", Summary: "print the TPM's endorsement key and registration ID for a TPM enrollment", Run: runFactoryEK},
 	}
 }
 
@@ -85,6 +88,22 @@ func requireFlags(fs *flag.FlagSet, names ...string) error {
 // opener opens the TPM the flags and the configuration name, when a key or a chain needs it.
 func (f *tpmFlags) opener(ctx context.Context, cfg *config.Config) *attest.Opener {
 	return attest.NewOpener(ctx, f.device(cfg))
+}
+
+// openTPM reads the configuration, if any (see loadConfig), and opens the TPM the flags and
+// it name, for the factory commands that need the TPM itself. The caller closes the opener.
+func (f *tpmFlags) openTPM(ctx context.Context, fs *flag.FlagSet) (*attest.Opener, *attest.TPM, *config.Config, error) {
+	cfg, err := f.loadConfig(fs, true)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	opener := f.opener(ctx, cfg)
+	tpm, err := opener.TPM()
+	if err != nil {
+		opener.Close()
+		return nil, nil, nil, err
+	}
+	return opener, tpm, cfg, nil
 }
 
 // parse parses args, checks that the required flags are set, and reads the configuration
@@ -173,16 +192,11 @@ func runFactoryKeygen(ctx context.Context, e *env, args []string) error {
 	if _, err := os.Stat(*out); err == nil {
 		return fmt.Errorf("%w: %s (remove it deliberately if its certificate is revoked)", attest.ErrKeyExists, *out)
 	}
-	cfg, err := tf.loadConfig(fs, true)
+	opener, tpm, _, err := tf.openTPM(ctx, fs)
 	if err != nil {
 		return err
 	}
-	opener := tf.opener(ctx, cfg)
 	defer opener.Close()
-	tpm, err := opener.TPM()
-	if err != nil {
-		return err
-	}
 	k, err := attest.CreateKey(tpm, a)
 	if err != nil {
 		return err
@@ -338,4 +352,57 @@ func runFactoryVerify(ctx context.Context, e *env, args []string) error {
 	_, err = fmt.Fprintf(e.stdout, "OK: %s signs with %s, matches its certificate (SHA-256 %s), valid until %s\n",
 		r.RegistrationID, r.Key, r.SHA256Thumbprint, r.NotAfter.Format(time.RFC3339))
 	return err
+}
+
+// ekManifest is the manifest line of `factory ek`: what a TPM individual enrollment takes.
+type ekManifest struct {
+	RegistrationID string `json:"registration_id"`
+	// EndorsementKey is the base64 of the EK's marshalled TPM2B_PUBLIC, as the Azure portal
+	// and `az iot dps enrollment create --attestation-type tpm --endorsement-key` take it.
+	EndorsementKey       string `json:"endorsement_key"`
+	EndorsementKeySHA256 string `json:"endorsement_key_sha256"`
+	// EKCertificate says the TPM maker's certificate for the key is in NV.
+	EKCertificate bool `json:"ek_certificate"`
+}
+
+func runFactoryEK(ctx context.Context, e *env, args []string) error {
+	fs := newFlagSet(e, "factory ek", "[--tpm DEV] [--config FILE] [--out FILE] [--json]")
+	var tf tpmFlags
+	tf.register(fs)
+	out := fs.String("out", "", "also write the endorsement key, base64, to `FILE` (for `unicity-emulator enroll --tpm-ek`)")
+	js := e.jsonFlag(fs, "print the manifest line only")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	opener, tpm, cfg, err := tf.openTPM(ctx, fs)
+	if err != nil {
+		return err
+	}
+	defer opener.Close()
+	ek, err := attest.ReadEndorsementKey(ctx, tpm)
+	if err != nil {
+		return err
+	}
+	sum := ek.PublicSHA256()
+	m := ekManifest{
+		RegistrationID:       ek.RegistrationID(),
+		EndorsementKey:       base64.StdEncoding.EncodeToString(ek.Public),
+		EndorsementKeySHA256: hex.EncodeToString(sum[:]),
+		EKCertificate:        ek.Certificate != nil,
+	}
+	if cfg != nil && cfg.Provisioning.RegistrationID != "" {
+		m.RegistrationID = cfg.Provisioning.RegistrationID
+	}
+	if *out != "" {
+		if err := os.WriteFile(*out, []byte(m.EndorsementKey+"\n"), 0o644); err != nil {
+			return fmt.Errorf("cannot write the endorsement key: %w", err)
+		}
+	}
+	if js.on {
+		return js.print(m)
+	}
+	fmt.Fprintf(e.stdout, "Registration ID:    %s\n", m.RegistrationID)
+	fmt.Fprintf(e.stdout, "EK public SHA-256:  %s\n", m.EndorsementKeySHA256)
+	fmt.Fprintf(e.stdout, "Endorsement key:    %s\n", m.EndorsementKey)
+	return json.NewEncoder(e.stdout).Encode(m)
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -52,6 +53,9 @@ func runIdentity(ctx context.Context, e *env, args []string) error {
 	}
 	if cfg.Attestation.Method == "symmetric_key" {
 		return symmetricIdentity(ctx, e, cfg, out)
+	}
+	if cfg.Attestation.Method == "tpm" {
+		return tpmIdentity(ctx, e, cfg, out)
 	}
 	tpm := tf.opener(ctx, cfg)
 	defer tpm.Close()
@@ -221,4 +225,82 @@ func printIdentity(w io.Writer, r identityReport) {
 	case r.OperationalProblem != "":
 		fmt.Fprintf(w, "Operational:        %s\n", r.OperationalProblem)
 	}
+}
+
+// tpmIdentityReport is `unicity identity --json` for TPM attestation.
+type tpmIdentityReport struct {
+	Attestation          string `json:"attestation"`
+	RegistrationID       string `json:"registration_id,omitempty"`
+	EndorsementKeySHA256 string `json:"endorsement_key_sha256,omitempty"`
+	EKCertificate        bool   `json:"ek_certificate"`
+	SRKHandle            string `json:"srk_handle"`
+	SRKCreated           bool   `json:"srk_created"`
+	IdentityKey          string `json:"identity_key"`
+	IdentityKeyImported  bool   `json:"identity_key_imported"`
+	StateBinding         string `json:"state_binding,omitempty"`
+	Problem              string `json:"problem,omitempty"`
+}
+
+// newTPMIdentityReport opens the TPM as the agent does (creating the SRK when there is none)
+// and describes what TPM attestation uses.
+func newTPMIdentityReport(ctx context.Context, cfg *config.Config) (tpmIdentityReport, error) {
+	r := tpmIdentityReport{Attestation: cfg.Attestation.Method, SRKHandle: cfg.Attestation.SRKHandle, IdentityKey: cfg.Attestation.IdentityKey}
+	creds, err := device.OpenCredentials(ctx, cfg)
+	if err != nil {
+		r.Problem = err.Error()
+		return r, err
+	}
+	defer creds.Close()
+	sum := creds.Attested.EK.PublicSHA256()
+	r.RegistrationID, r.EndorsementKeySHA256 = creds.RegistrationID, hex.EncodeToString(sum[:])
+	r.EKCertificate = creds.Attested.EK.Certificate != nil
+	r.SRKCreated, r.IdentityKeyImported = creds.Attested.SRK.Created, creds.Attested.Imported()
+	r.StateBinding = creds.StateBinding()
+	return r, nil
+}
+
+// srkLine says where the SRK is and whether this command made it.
+func (r tpmIdentityReport) srkLine() string {
+	if r.SRKCreated {
+		return r.SRKHandle + " (none was there: created and persisted now)"
+	}
+	return r.SRKHandle + " (found)"
+}
+
+// keyLine says where DPS's identity key is kept and whether the TPM holds it yet.
+func (r tpmIdentityReport) keyLine() string {
+	if r.IdentityKeyImported {
+		return r.IdentityKey + " (imported)"
+	}
+	return r.IdentityKey + " (not imported yet: the first registration imports it)"
+}
+
+// tpmIdentity shows a TPM attestation identity: the EK, the SRK and the identity key.
+func tpmIdentity(ctx context.Context, e *env, cfg *config.Config, out *jsonOutput) error {
+	r, problem := newTPMIdentityReport(ctx, cfg)
+	if out.on {
+		if err := out.print(r); err != nil {
+			return err
+		}
+		return problem
+	}
+	fmt.Fprintf(e.stdout, "Attestation:        TPM (endorsement key)\n")
+	if problem != nil {
+		fmt.Fprintf(e.stdout, "Problem:            %s\n", r.Problem)
+		return problem
+	}
+	fmt.Fprintf(e.stdout, "Registration ID:    %s\n", r.RegistrationID)
+	fmt.Fprintf(e.stdout, "EK public SHA-256:  %s\n", r.EndorsementKeySHA256)
+	fmt.Fprintf(e.stdout, "EK certificate:     %s\n", yesNo(r.EKCertificate, "in NV", "none in NV"))
+	fmt.Fprintf(e.stdout, "SRK:                %s\n", r.srkLine())
+	fmt.Fprintf(e.stdout, "Identity key:       %s\n", r.keyLine())
+	fmt.Fprintf(e.stdout, "State binding:      %s\n", r.StateBinding)
+	return nil
+}
+
+func yesNo(b bool, yes, no string) string {
+	if b {
+		return yes
+	}
+	return no
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -28,6 +29,11 @@ type statusReport struct {
 	Certificates []device.CertificateInfo `json:"certificates,omitempty"`
 	// Credential is which one the running agent reaches the hub with.
 	Credential device.CredentialState `json:"credential,omitempty"`
+	// TPM attestation, from the configuration and the state: status leaves the TPM to the
+	// agent (swtpm serves one program at a time).
+	EndorsementKeySHA256 string `json:"endorsement_key_sha256,omitempty"`
+	SRKHandle            string `json:"srk_handle,omitempty"`
+	IdentityKey          string `json:"identity_key,omitempty"`
 
 	AssignedHub   string    `json:"assigned_hub"`
 	DeviceID      string    `json:"device_id"`
@@ -71,7 +77,10 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 
 	// binding is what the stored assignment must be bound to, when known.
 	var binding string
-	if cfg.Attestation.Method == "symmetric_key" {
+	switch cfg.Attestation.Method {
+	case "tpm":
+		r.RegistrationID, r.SRKHandle, r.IdentityKey = cfg.Provisioning.RegistrationID, cfg.Attestation.SRKHandle, cfg.Attestation.IdentityKey
+	case "symmetric_key":
 		r.RegistrationID = cfg.Provisioning.RegistrationID
 		// The key file is the service user's alone: a technician without access sees the
 		// assignment, unchecked, and why.
@@ -82,7 +91,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 			binding = creds.StateBinding()
 			creds.Close()
 		}
-	} else {
+	default:
 		tpm := tf.opener(ctx, cfg)
 		chain, err := tpm.LoadChain(cfg.Attestation.IdentityCert)
 		tpm.Close()
@@ -116,6 +125,12 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 			r.StateProblem = err.Error()
 		} else if op != nil && cfg.Certificates.Issued() {
 			r.Certificates = append(r.Certificates, *op)
+		}
+		if ek, ok := strings.CutPrefix(st.Binding, "tpm:"); ok && r.Attestation == "tpm" {
+			r.EndorsementKeySHA256 = strings.ToLower(ek)
+			if r.RegistrationID == "" {
+				r.RegistrationID = st.RegistrationID
+			}
 		}
 	}
 
@@ -169,7 +184,19 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 
 func printStatus(w io.Writer, r statusReport) {
 	fmt.Fprintln(w, "Identity")
-	if r.Attestation == "symmetric_key" {
+	if r.Attestation == "tpm" {
+		fmt.Fprintf(w, "  registration ID:  %s\n", cmp.Or(r.RegistrationID, "the EK's (see `unicity identity`)"))
+		fmt.Fprintf(w, "  attestation:      TPM (endorsement key)\n")
+		if r.EndorsementKeySHA256 != "" {
+			fmt.Fprintf(w, "  EK SHA-256:       %s\n", r.EndorsementKeySHA256)
+		}
+		fmt.Fprintf(w, "  SRK:              %s\n", r.SRKHandle)
+		imported := "not imported yet (registration imports it)"
+		if r.AssignedHub != "" {
+			imported = "imported at registration"
+		}
+		fmt.Fprintf(w, "  identity key:     %s (%s)\n", r.IdentityKey, imported)
+	} else if r.Attestation == "symmetric_key" {
 		fmt.Fprintf(w, "  registration ID:  %s\n", r.RegistrationID)
 		fmt.Fprintf(w, "  attestation:      symmetric key (no certificate)\n")
 		if r.IdentityError != "" {
