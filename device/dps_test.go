@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/dps"
 )
 
@@ -22,6 +23,7 @@ func TestDPSErrorsAreMarkedForTheLifecycle(t *testing.T) {
 		retryAfter time.Duration
 	}{
 		{"refused", fmt.Errorf("register: %w", &dps.Error{Status: 401, Message: "no enrollment matches this certificate"}), ErrRefused, 0},
+		{"another TPM", fmt.Errorf("cannot answer DPS's TPM attestation challenge: %w", attest.ErrNotThisTPM), ErrRefused, 0},
 		{"unreachable", fmt.Errorf("%w: dial tcp: connection refused", dps.ErrUnreachable), ErrUnreachable, 0},
 		{"cancelled", context.Canceled, context.Canceled, 0},
 	}
