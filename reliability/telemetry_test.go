@@ -59,6 +59,18 @@ func TestTelemetrySurvivesSIGKILL(t *testing.T) {
 		return false
 	}
 
+	// The emulator keeps each hub's last hubtest.MaxRecorded messages: what arrived is read
+	// after every round, while fewer than that have come since, and kept here.
+	mid := regexp.MustCompile(`"\$\.mid":"([^"]+)"`)
+	arrived := map[string]bool{}
+	collect := func() {
+		got, err := exec.Command(e.bin, "telemetry", "--dir", e.dir, "--device", "gw-telemetry").Output()
+		require.NoError(t, err)
+		for _, m := range mid.FindAllSubmatch(got, -1) {
+			arrived[string(m[1])] = true
+		}
+	}
+
 	for round := range rounds {
 		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 		agent, out, exited := g.runAgent(t, ctx)
@@ -85,21 +97,16 @@ func TestTelemetrySurvivesSIGKILL(t *testing.T) {
 		close(stop)
 		apps.Wait()
 		cancel()
+		collect()
 	}
 
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
 	agent, out, exited := g.runAgent(t, ctx)
 	g.awaitPhase(t, agent, exited, device.PhaseConnected, 30*time.Second)
-	mid := regexp.MustCompile(`"\$\.mid":"([^"]+)"`)
 	var missing []string
 	err := poll.Until(ctx, 200*time.Millisecond, func() bool {
-		got, err := exec.Command(e.bin, "telemetry", "--dir", e.dir, "--device", "gw-telemetry").Output()
-		require.NoError(t, err)
-		arrived := map[string]bool{}
-		for _, m := range mid.FindAllSubmatch(got, -1) {
-			arrived[string(m[1])] = true
-		}
+		collect()
 		missing = missing[:0]
 		for m := range acked {
 			if !arrived[m] {
