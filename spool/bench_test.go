@@ -1,10 +1,8 @@
 package spool
 
 import (
-	"bufio"
 	"context"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -12,6 +10,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/hub"
+	"github.com/unicity-iot/unicity/internal/benchmetric"
 )
 
 // benchMessage is a typical telemetry message: 256 bytes of payload and three properties.
@@ -73,15 +72,15 @@ func BenchmarkDurableAppend(b *testing.B) {
 						}
 					}()
 				}
-				io0 := ioWriteBytes()
+				io0 := benchmetric.IOWriteBytes()
 				lat := measure(b, run.writers, func(n int) error {
 					_, err := s.Append(context.Background(), benchMessage(n))
 					return err
 				})
-				report(b, lat)
+				benchmetric.ReportLatencies(b, lat)
 				b.ReportMetric(float64(s.Stats().Written)/float64(b.N), "file-B/msg")
 				if io0 >= 0 {
-					b.ReportMetric(float64(ioWriteBytes()-io0)/float64(b.N), "io-B/msg")
+					b.ReportMetric(float64(benchmetric.IOWriteBytes()-io0)/float64(b.N), "io-B/msg")
 				}
 			})
 		}
@@ -94,7 +93,7 @@ func BenchmarkDurableAppend(b *testing.B) {
 				_, err := q.Enqueue(hub.Message{Payload: m.Payload, Properties: m.Properties})
 				return err
 			})
-			report(b, lat)
+			benchmetric.ReportLatencies(b, lat)
 		})
 	}
 }
@@ -130,31 +129,4 @@ func measure(b *testing.B, writers int, op func(n int) error) []time.Duration {
 	wg.Wait()
 	b.StopTimer()
 	return lat
-}
-
-func report(b *testing.B, lat []time.Duration) {
-	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msg/s")
-	slices.Sort(lat)
-	b.ReportMetric(float64(lat[len(lat)/2])/1e3, "p50-µs")
-	b.ReportMetric(float64(lat[len(lat)*99/100])/1e3, "p99-µs")
-}
-
-// ioWriteBytes is what /proc/self/io counts this process as having sent to storage, or -1.
-func ioWriteBytes() int64 {
-	f, err := os.Open("/proc/self/io")
-	if err != nil {
-		return -1
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "write_bytes: "); ok {
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil {
-				return -1
-			}
-			return n
-		}
-	}
-	return -1
 }

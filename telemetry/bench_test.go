@@ -2,15 +2,13 @@ package telemetry_test
 
 import (
 	"context"
-	"os"
-	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/unicity-iot/unicity/hub"
 	"github.com/unicity-iot/unicity/hub/hubtest"
+	"github.com/unicity-iot/unicity/internal/benchmetric"
 	"github.com/unicity-iot/unicity/telemetry"
 )
 
@@ -44,7 +42,7 @@ func BenchmarkSubmit(b *testing.B) {
 		b.Run("durable/"+run.name, func(b *testing.B) {
 			st := open(b, telemetry.Options{Dir: b.TempDir(), MaxBytes: 1 << 30})
 			forward(b, st, q)
-			io0 := ioWriteBytes()
+			io0 := benchmetric.IOWriteBytes()
 			lat := measure(b, func() error {
 				r, err := st.Submit(ctx, "sensor", message(), run.wait)
 				if err == nil && run.wait > 0 && !r.Delivered {
@@ -53,15 +51,15 @@ func BenchmarkSubmit(b *testing.B) {
 				return err
 			})
 			drained(b, st) // the acknowledgements' writes are the message's too
-			report(b, lat)
+			benchmetric.ReportLatencies(b, lat)
 			b.ReportMetric(float64(st.Stats().Written)/float64(b.N), "file-B/msg")
 			if io0 >= 0 {
-				b.ReportMetric(float64(ioWriteBytes()-io0)/float64(b.N), "io-B/msg")
+				b.ReportMetric(float64(benchmetric.IOWriteBytes()-io0)/float64(b.N), "io-B/msg")
 			}
 		})
 	}
 	b.Run("memory/delivered", func(b *testing.B) {
-		report(b, measure(b, func() error { return q.Send(ctx, message()) }))
+		benchmetric.ReportLatencies(b, measure(b, func() error { return q.Send(ctx, message()) }))
 	})
 }
 
@@ -78,27 +76,4 @@ func measure(b *testing.B, op func() error) []time.Duration {
 	}
 	b.StopTimer()
 	return lat
-}
-
-func report(b *testing.B, lat []time.Duration) {
-	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msg/s")
-	slices.Sort(lat)
-	b.ReportMetric(float64(lat[len(lat)/2])/1e3, "p50-µs")
-	b.ReportMetric(float64(lat[len(lat)*99/100])/1e3, "p99-µs")
-}
-
-// ioWriteBytes is what the kernel counts this process as having sent to storage, or -1.
-func ioWriteBytes() int64 {
-	data, err := os.ReadFile("/proc/self/io")
-	if err != nil {
-		return -1
-	}
-	for line := range strings.SplitSeq(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "write_bytes: "); ok {
-			if n, err := strconv.ParseInt(v, 10, 64); err == nil {
-				return n
-			}
-		}
-	}
-	return -1
 }
