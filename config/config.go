@@ -225,10 +225,14 @@ type AgentConfig struct {
 
 // Certificates is the [certificates] table. With Issuance "dps" the factory identity is only
 // the onboarding credential: each DPS registration sends a CSR for a new TPM key of KeyType,
-// and the hub is reached with the certificate DPS issues for it.
+// and the hub is reached with the certificate DPS issues for it. The agent renews it at
+// RenewAt of its lifetime, spread by ±RenewJitter of it so that a fleet issued the same day
+// does not renew in the same minute.
 type Certificates struct {
-	Issuance string              `toml:"issuance"`
-	KeyType  attest.KeyAlgorithm `toml:"key_type"`
+	Issuance    string              `toml:"issuance"`
+	KeyType     attest.KeyAlgorithm `toml:"key_type"`
+	RenewAt     float64             `toml:"renew_at"`
+	RenewJitter float64             `toml:"renew_jitter"`
 }
 
 // Issued reports whether the hub is reached with an operational certificate DPS issues.
@@ -251,7 +255,7 @@ func Default() Config {
 			SRKHandle:    DefaultSRKHandle,
 		},
 		TPM:          TPMConfig{Device: "/dev/tpmrm0"},
-		Certificates: Certificates{Issuance: "none", KeyType: attest.ECDSAP256},
+		Certificates: Certificates{Issuance: "none", KeyType: attest.ECDSAP256, RenewAt: 0.8, RenewJitter: 0.05},
 		State:        StateConfig{Dir: "/var/lib/unicity"},
 		Runtime:      Runtime{Dir: "/run/unicity"},
 		Telemetry: telemetry.Options{
@@ -504,6 +508,9 @@ func (c *Config) validateCertificates() error {
 	case attest.ECDSAP256, attest.ECDSAP384:
 	default:
 		return invalid("certificates.key_type", "%q is not one of %s, %s", cc.KeyType, attest.ECDSAP256, attest.ECDSAP384)
+	}
+	if cc.RenewJitter < 0 || cc.RenewAt-cc.RenewJitter <= 0 || cc.RenewAt+cc.RenewJitter >= 1 {
+		return invalid("certificates.renew_at", "renew_at ± renew_jitter (%g ± %g) must stay inside (0, 1): shares of the certificate's lifetime", cc.RenewAt, cc.RenewJitter)
 	}
 	return nil
 }

@@ -42,6 +42,8 @@ type Status struct {
 	LastErrorAt    time.Time `json:"last_error_at,omitzero"`
 	// Credential is which credential the hub is reached with (see CredentialState).
 	Credential CredentialState `json:"credential,omitempty"`
+	// Renewal is where the renewal of the operational certificate stands; nil without one.
+	Renewal *RenewalStatus `json:"renewal,omitempty"`
 	// StoreError says why the assignment in use is not stored (disk full, read-only): the
 	// agent keeps it in memory for this boot and retries the write.
 	StoreError string    `json:"store_error,omitempty"`

@@ -67,6 +67,12 @@ type State struct {
 	// certificate: the format version stays 1, as an agent that does not know the field
 	// ignores it and connects with the onboarding identity.
 	OperationalKey string `json:"operational_key,omitempty"`
+	// Renewal is an operational certificate a renewal obtained that the hub has not yet
+	// accepted a connection with. IssuedChain and OperationalKey stay in force until it has,
+	// and it then replaces them; one the hub refuses is dropped.
+	Renewal *Renewal `json:"renewal,omitempty"`
+	// LastRenewal is the outcome of the latest renewal of the operational certificate.
+	LastRenewal *RenewalResult `json:"last_renewal,omitempty"`
 
 	// ProvisionedAt is when this assignment was stored; DPSCreatedAt and DPSUpdatedAt are the
 	// registration record's own times.
@@ -77,6 +83,32 @@ type State struct {
 	// tries, and how long from the first try to the assignment.
 	Attempts int           `json:"attempts,omitempty"`
 	Duration time.Duration `json:"duration_ns,omitempty"`
+}
+
+// Renewal is an operational credential on trial: its chain (DER, leaf first) and its key,
+// as in State.
+type Renewal struct {
+	IssuedChain    [][]byte `json:"issued_chain"`
+	OperationalKey string   `json:"operational_key"`
+	// Via is the path that issued it: "hub" or "dps".
+	Via      string    `json:"via"`
+	IssuedAt time.Time `json:"issued_at"`
+}
+
+// Outcomes of a renewal (RenewalResult.Result).
+const (
+	Renewed       = "renewed"
+	RenewalFailed = "failed"
+)
+
+// RenewalResult is how a renewal ended.
+type RenewalResult struct {
+	At     time.Time `json:"at"`
+	Result string    `json:"result"`
+	Via    string    `json:"via"`
+	// Thumbprint is the renewed certificate's SHA-256 thumbprint; Error why it failed.
+	Thumbprint string `json:"sha256_thumbprint,omitempty"`
+	Error      string `json:"error,omitempty"`
 }
 
 // BelongsTo reports whether the state was obtained with this identity. Registration IDs
