@@ -69,6 +69,8 @@ func (h *HubSessions) Connect(ctx context.Context, id *Identity, st *storage.Sta
 		Backoff:     backoff.FullJitter(h.Config.Agent.RetryMin, h.Config.Agent.RetryMax),
 		Queue:       h.Queue,
 		OnState:     h.OnState,
+		// Renewal asks the hub it is connected to, over this session (see renew).
+		CertificateRenewal: h.Config.Certificates.Issued(),
 	}
 	if id.X509 != nil {
 		cert := id.X509.TLSCertificate()
@@ -83,7 +85,7 @@ func (h *HubSessions) Connect(ctx context.Context, id *Identity, st *storage.Sta
 	}
 	// The session outlives Connect's context, which bounds only the wait for the connection.
 	runCtx, cancel := context.WithCancel(context.Background())
-	s := &hubSession{cancel: cancel, done: make(chan struct{})}
+	s := &hubSession{client: c, cancel: cancel, done: make(chan struct{})}
 	go func() {
 		s.err = markHubError(c.Run(runCtx))
 		close(s.done)
@@ -138,6 +140,7 @@ func markHubError(err error) error {
 }
 
 type hubSession struct {
+	client  *hub.Client
 	cancel  context.CancelFunc
 	done    chan struct{}
 	err     error
@@ -146,6 +149,11 @@ type hubSession struct {
 
 func (s *hubSession) Done() <-chan struct{} { return s.done }
 func (s *hubSession) Err() error            { return s.err }
+
+// IssueCertificate asks the hub for a certificate for csr (hub.Client.IssueCertificate).
+func (s *hubSession) IssueCertificate(ctx context.Context, csr []byte, replace bool) ([][]byte, error) {
+	return s.client.IssueCertificate(ctx, csr, replace)
+}
 
 // Close ends the session and waits for it to disconnect.
 func (s *hubSession) Close() error {

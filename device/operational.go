@@ -1,6 +1,7 @@
 package device
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/x509"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -76,29 +78,64 @@ func (r *run) newOperationalKey() (*attest.Key, error) {
 	return key, nil
 }
 
-// loadOperational opens the operational credential st names and checks it at now. A state
-// without one, or whose key is gone, fails: the agent registers for a new one.
-func (r *run) loadOperational(st *storage.State, now time.Time) (*operational, error) {
-	if st.OperationalKey == "" || len(st.IssuedChain) == 0 {
+// loadOperational opens the operational credential of chain, whose key is spec, and checks
+// it at now. One without a chain, or whose key is gone, fails: the agent registers for a new
+// one.
+func (r *run) loadOperational(spec string, chain [][]byte, now time.Time) (*operational, error) {
+	if spec == "" || len(chain) == 0 {
 		return nil, errors.New("the stored assignment has no operational certificate")
 	}
-	if _, err := os.Stat(strings.TrimPrefix(st.OperationalKey, "tpmkey:")); errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("the key of the operational certificate is missing (%s)", st.OperationalKey)
+	if _, err := os.Stat(strings.TrimPrefix(spec, "tpmkey:")); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("the key of the operational certificate is missing (%s)", spec)
 	}
 	tpm, err := r.creds.TPM()
 	if err != nil {
 		return nil, fmt.Errorf("cannot load the operational key: %w", err)
 	}
-	key, err := attest.LoadKey(tpm, st.OperationalKey)
+	key, err := attest.LoadKey(tpm, spec)
 	if err != nil {
 		return nil, fmt.Errorf("cannot load the operational key: %w", err)
 	}
-	o, err := issued(st.IssuedChain, key, now)
+	o, err := issued(chain, key, now)
 	if err != nil {
 		key.Close()
 		return nil, err
 	}
 	return o, nil
+}
+
+// loadCredentials opens the operational credential st holds, and a renewed one on trial
+// (into r.ren). A renewed one that cannot be used is dropped. When only the renewed one can
+// be used (the old one expired while the device was off), it is put in force untried: if
+// the hub refuses it, the agent registers with the onboarding identity, as for any.
+func (r *run) loadCredentials(ctx context.Context, st *storage.State) (*operational, error) {
+	now := r.a.Clock.Now()
+	op, err := r.loadOperational(st.OperationalKey, st.IssuedChain, now)
+	r.ren = renewal{last: st.LastRenewal}
+	if st.Renewal == nil {
+		return op, err
+	}
+	cand, cerr := r.loadOperational(st.Renewal.OperationalKey, st.Renewal.IssuedChain, now)
+	var old string
+	switch {
+	case cerr != nil:
+		r.a.NoteError(fmt.Errorf("the renewed operational certificate is dropped: %w", cerr))
+		old = st.Renewal.OperationalKey
+		st.Renewal = nil
+	case err != nil:
+		op.close()
+		op, err = cand, nil
+		old = st.OperationalKey
+		st.IssuedChain, st.OperationalKey, st.Renewal = st.Renewal.IssuedChain, st.Renewal.OperationalKey, nil
+	default:
+		r.ren.candidate, r.ren.via = cand, st.Renewal.Via
+		return op, nil
+	}
+	if r.store(ctx, st) {
+		r.destroyKey(old)
+		r.storedKey = st.OperationalKey
+	}
+	return op, err
 }
 
 // issued checks a chain issued for key at now.
@@ -135,6 +172,8 @@ const (
 // log (Agent.OnCredential).
 type CredentialEvent struct {
 	Kind string
+	// Via is the path of a renewal: ViaHub or ViaDPS.
+	Via string
 	// Thumbprint is the new operational certificate's SHA-256 thumbprint (issued), Replaced
 	// that of the one before it, if any.
 	Thumbprint, Replaced string
@@ -165,12 +204,12 @@ func storedThumbprint(st *storage.State) string {
 // collectKeys destroys the keyfiles in the state directory that the stored state does not
 // name: made for a registration whose state a power cut or a failure kept from being stored,
 // or replaced by a newer one. Keyfile keys are no TPM objects, so removing the file is all.
-func (r *run) collectKeys(keep string) {
+func (r *run) collectKeys(keep ...string) {
 	dir := r.a.Config.State.Dir
 	paths, _ := filepath.Glob(filepath.Join(dir, operationalKeyGlob))
 	temps, _ := filepath.Glob(atomicfile.TempGlob(filepath.Join(dir, operationalKeyGlob)))
 	for _, p := range paths {
-		if "tpmkey:"+p == keep {
+		if slices.Contains(keep, "tpmkey:"+p) {
 			continue
 		}
 		if err := attest.DestroyKey(nil, "tpmkey:"+p); err != nil {

@@ -39,6 +39,7 @@ type issuanceRig struct {
 	agent  *device.Agent
 	mu     sync.Mutex
 	events []string
+	full   []device.CredentialEvent
 	cancel context.CancelFunc
 	done   chan error
 }
@@ -96,6 +97,7 @@ func (r *issuanceRig) start() {
 			r.mu.Lock()
 			defer r.mu.Unlock()
 			r.events = append(r.events, ev.Kind)
+			r.full = append(r.full, ev)
 		},
 	}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -26,6 +26,8 @@ type run struct {
 	// op is the operational credential the hub is reached with, nil when the onboarding
 	// identity is ([certificates] issuance = "none") or none is usable yet.
 	op *operational
+	// ren is the renewal of op: the renewed credential on trial and the schedule.
+	ren renewal
 	// storedKey is the operational key the stored state names: destroyed only once a state
 	// naming another is stored.
 	storedKey string
@@ -60,13 +62,16 @@ func (a *Agent) lifecycle(ctx context.Context) error {
 	}
 	defer creds.Close()
 	r.creds = creds
-	defer func() { r.op.close() }()
+	defer func() {
+		r.op.close()
+		r.ren.candidate.close()
+	}()
 	if err := r.awaitIdentity(ctx, creds); err != nil {
 		return err
 	}
 	r.binding = creds.StateBinding()
 
-	firstBoot := r.loadState()
+	firstBoot := r.loadState(ctx)
 	for {
 		if r.assignment == nil {
 			if err := r.provision(ctx, firstBoot); err != nil {
@@ -275,7 +280,7 @@ func (r *run) awaitIdentity(ctx context.Context, creds *Credentials) error {
 // loadState puts the stored assignment in force if it belongs to this identity. firstBoot
 // reports that the device never registered (as opposed to a state that had to be
 // discarded).
-func (r *run) loadState() (firstBoot bool) {
+func (r *run) loadState(ctx context.Context) (firstBoot bool) {
 	st, err := r.lock.Load()
 	switch {
 	case errors.Is(err, storage.ErrNotExist):
@@ -289,9 +294,13 @@ func (r *run) loadState() (firstBoot bool) {
 		return false
 	}
 	r.storedKey = st.OperationalKey
-	r.collectKeys(st.OperationalKey)
+	if st.Renewal != nil {
+		r.collectKeys(st.OperationalKey, st.Renewal.OperationalKey)
+	} else {
+		r.collectKeys(st.OperationalKey)
+	}
 	if r.issuing() {
-		op, err := r.loadOperational(st, r.a.Clock.Now())
+		op, err := r.loadCredentials(ctx, st)
 		if err != nil {
 			r.setCredential(CredentialNeeded)
 			r.a.credentialEvent(CredentialEvent{Kind: EventFellBack, Reason: err.Error(), Replaced: storedThumbprint(st)})
@@ -322,12 +331,17 @@ func (r *run) setCredential(c CredentialState) {
 	r.a.setStatus(func(s *Status) { s.Credential = c })
 }
 
-// hubIdentity is what the hub is reached with: the operational credential when there is one.
+// hubIdentity is what the hub is reached with: a renewed credential on trial, else the
+// operational credential when there is one.
 func (r *run) hubIdentity() *Identity {
-	if r.op == nil {
+	op := r.op
+	if r.ren.candidate != nil {
+		op = r.ren.candidate
+	}
+	if op == nil {
 		return r.id
 	}
-	return &Identity{RegistrationID: r.id.RegistrationID, X509: r.op.id}
+	return &Identity{RegistrationID: r.id.RegistrationID, X509: op.id}
 }
 
 // provision registers until DPS assigns a hub, then stores the assignment and puts it in
@@ -390,28 +404,33 @@ func (r *run) provision(ctx context.Context, firstBoot bool) error {
 
 // register makes attempt number attempt of a registration that began at start, stores its
 // result (see store) and puts it in force.
-// With issuance on, the registration sends a CSR for a new key, and the issued certificate
-// becomes the hub's credential; the key of the one it replaces is destroyed once the new
-// state is stored.
 func (r *run) register(ctx context.Context, attempt int, start time.Time) (*storage.State, error) {
+	st, op, err := r.obtain(ctx, attempt, start)
+	if err != nil {
+		return nil, err
+	}
+	r.swap(ctx, st, op)
+	return st, nil
+}
+
+// obtain makes attempt number attempt of a registration that began at start. With issuance
+// on, the registration sends a CSR for a new key, and op is the certificate DPS issued for it.
+func (r *run) obtain(ctx context.Context, attempt int, start time.Time) (st *storage.State, op *operational, err error) {
 	id := r.id
 	var key *attest.Key
 	if r.issuing() {
-		var err error
 		if key, err = r.newOperationalKey(); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		csr := *r.id
 		csr.CSR = key
 		id = &csr
 	}
-	var st *storage.State
-	err := r.a.bounded(ctx, func(ctx context.Context) error {
+	err = r.a.bounded(ctx, func(ctx context.Context) error {
 		var err error
 		st, err = registerBound(ctx, r.a.Provisioner, id, r.binding, r.assignment, r.a.Clock.Now, attempt, start)
 		return err
 	})
-	var op *operational
 	if err == nil && key != nil {
 		op, err = issued(st.IssuedChain, key, r.a.Clock.Now())
 		if err == nil {
@@ -422,13 +441,30 @@ func (r *run) register(ctx context.Context, attempt int, start time.Time) (*stor
 		if key != nil {
 			key.Destroy() // nothing names it
 		}
-		return nil, err
+		return nil, nil, err
+	}
+	return st, op, nil
+}
+
+// swap stores st, a new assignment, and puts it in force with op, the certificate issued
+// with it (nil without issuance). The key of the one it replaces is destroyed once st is
+// stored, and so is a renewed one on trial.
+func (r *run) swap(ctx context.Context, st *storage.State, op *operational) {
+	if prev := r.assignment; prev != nil {
+		st.LastRenewal = prev.LastRenewal
 	}
 	saved := r.store(ctx, st)
 	if op != nil {
 		r.a.credentialEvent(CredentialEvent{Kind: EventIssued, Thumbprint: certcodec.Thumbprint(op.id.Chain[0]),
 			Replaced: storedThumbprint(r.assignment), NotAfter: op.id.Chain[0].NotAfter, Key: op.spec()})
 	}
+	if cand := r.ren.candidate; cand != nil {
+		cand.close()
+		if saved {
+			r.destroyKey(cand.spec())
+		}
+	}
+	r.ren = renewal{last: st.LastRenewal}
 	r.op.close()
 	r.op = op
 	r.inForce(st)
@@ -437,7 +473,6 @@ func (r *run) register(ctx context.Context, attempt int, start time.Time) (*stor
 		r.destroyKey(r.storedKey)
 		r.storedKey = st.OperationalKey
 	}
-	return st, nil
 }
 
 // registerBound makes one registration and binds the assignment to the identity.
@@ -515,25 +550,45 @@ func (r *run) park(ctx context.Context, cause error) (*request, error) {
 // serve keeps the device connected to the hub of the assignment in force. It returns nil
 // once another assignment is in force (the device registered again).
 func (r *run) serve(ctx context.Context) error {
-	st := r.assignment
 	failures := 0
 	for {
-		if r.op != nil && !r.a.Clock.Now().Before(r.op.id.Chain[0].NotAfter) {
+		st := r.assignment
+		now := r.a.Clock.Now()
+		if cand := r.ren.candidate; cand != nil && !now.Before(cand.id.Chain[0].NotAfter) {
+			r.rejectRenewal(ctx, fmt.Errorf("the renewed certificate %s expired before the hub accepted it", certcodec.Thumbprint(cand.id.Chain[0])))
+		}
+		if r.op != nil && r.ren.candidate == nil && !now.Before(r.op.id.Chain[0].NotAfter) {
 			why := fmt.Sprintf("%v at %s", ErrOperationalExpired, r.op.id.Chain[0].NotAfter.UTC().Format(time.RFC3339))
 			r.dropOperational(why)
 			return r.reprovision(ctx, why)
 		}
 		r.connecting(st)
+		trial := r.ren.candidate
 		var sess Session
 		err := r.a.bounded(ctx, func(ctx context.Context) error {
 			var err error
 			sess, err = r.a.Hub.Connect(ctx, r.hubIdentity(), st)
 			return err
 		})
+		if trial != nil {
+			switch {
+			case err == nil:
+				r.commitRenewal(ctx)
+			case errors.Is(err, ErrIdentityRejected):
+				r.rejectRenewal(ctx, fmt.Errorf("%s refused the renewed certificate %s: %w", st.AssignedHub, certcodec.Thumbprint(trial.id.Chain[0]), err))
+				continue
+			}
+		}
 		if err == nil {
-			renewed, serr := r.connected(ctx, sess)
-			if renewed || serr != nil {
+			end, serr := r.connected(ctx, sess)
+			switch {
+			case serr != nil:
 				return serr
+			case end == sessionRegistered:
+				return nil
+			case end == sessionRenewed:
+				failures = 0
+				continue
 			}
 			err = sess.Err()
 			failures = 0
@@ -584,9 +639,21 @@ func (r *run) serve(ctx context.Context) error {
 	}
 }
 
-// connected waits on a live session. renewed reports that a request made the device
-// register again; (false, nil) means the connection was lost.
-func (r *run) connected(ctx context.Context, sess Session) (renewed bool, err error) {
+// How a session ended (connected).
+type sessionEnd int
+
+const (
+	// sessionLost: the connection was lost.
+	sessionLost sessionEnd = iota
+	// sessionRegistered: the device registered again; another assignment is in force.
+	sessionRegistered
+	// sessionRenewed: a renewal wants a new connection: with a renewed certificate to try,
+	// or to another hub.
+	sessionRenewed
+)
+
+// connected waits on a live session, renewing the operational certificate when it is due.
+func (r *run) connected(ctx context.Context, sess Session) (sessionEnd, error) {
 	defer sess.Close()
 	now := r.a.Clock.Now()
 	st := r.assignment
@@ -595,17 +662,22 @@ func (r *run) connected(ctx context.Context, sess Session) (renewed bool, err er
 		s.NextRetry, s.Attempts, s.ConnectedSince = time.Time{}, 0, now
 		s.Message = fmt.Sprintf("connected to %s as %s", st.AssignedHub, st.DeviceID)
 	})
+	r.showRenewal(sess)
 	for {
 		select {
 		case <-ctx.Done():
-			return false, ctx.Err()
+			return sessionLost, ctx.Err()
 		case <-sess.Done():
-			return false, nil
+			return sessionLost, nil
 		case p := <-r.a.pings:
 			close(p)
+		case <-r.renewalTimer():
+			if due := r.renewalDue(); !due.IsZero() && !r.a.Clock.Now().Before(due) && r.renew(ctx, sess) {
+				return sessionRenewed, nil
+			}
 		case req := <-r.a.requests:
 			if registered, err := r.answer(ctx, req); registered && err == nil {
-				return true, nil
+				return sessionRegistered, nil
 			}
 		}
 	}

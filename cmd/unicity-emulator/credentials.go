@@ -138,6 +138,7 @@ type renewalFaultJSON struct {
 	Accepted          bool    `json:"accepted,omitempty"`
 	Silent            bool    `json:"silent,omitempty"`
 	Drop              bool    `json:"drop,omitempty"`
+	Unsynced          bool    `json:"unsynced,omitempty"`
 	DelaySeconds      float64 `json:"delay_seconds,omitempty"`
 }
 
@@ -147,7 +148,7 @@ func (f *renewalFaultJSON) issueFault() hubtest.IssueFault {
 	}
 	return hubtest.IssueFault{Status: f.ErrorCode / 1000, ErrorCode: f.ErrorCode,
 		RetryAfter: time.Duration(f.RetryAfterSeconds) * time.Second, Accepted: f.Accepted,
-		Silent: f.Silent, Drop: f.Drop, Delay: time.Duration(f.DelaySeconds * float64(time.Second))}
+		Silent: f.Silent, Drop: f.Drop, Unsynced: f.Unsynced, Delay: time.Duration(f.DelaySeconds * float64(time.Second))}
 }
 
 func (a *admin) policy(w http.ResponseWriter, r *http.Request) {
@@ -240,19 +241,20 @@ func runRenewalFault(ctx context.Context, e *env, args []string) error {
 	accepted := fs.Bool("accepted", false, "send 202 before the error, as a failure while signing would")
 	silent := fs.Bool("silent", false, "send 202 and nothing after: the device times out")
 	drop := fs.Bool("drop", false, "close the connection instead of answering")
+	unsynced := fs.Bool("unsynced", false, "issue the certificate without the hub accepting it (credentials not synced yet)")
 	delay := fs.Duration("delay", 0, "hold the final answer this `long` after the 202")
 	times := fs.Int("times", 0, "how many requests the fault answers (`N`; 0: every one until --clear)")
 	restore := fs.Bool("clear", false, "answer normally again")
-	if err := parse(e, fs, "--dir DIR (--error-code N [--retry-after S] [--accepted] | --silent | --drop | --delay D) [--times N] | --clear", args); err != nil {
+	if err := parse(e, fs, "--dir DIR (--error-code N [--retry-after S] [--accepted] | --silent | --drop | --unsynced | --delay D) [--times N] | --clear", args); err != nil {
 		return err
 	}
 	req := renewalFaultRequest{Times: *times}
 	if !*restore {
 		f := &renewalFaultJSON{ErrorCode: *code, RetryAfterSeconds: *retryAfter, Accepted: *accepted,
-			Silent: *silent, Drop: *drop, DelaySeconds: delay.Seconds()}
+			Silent: *silent, Drop: *drop, Unsynced: *unsynced, DelaySeconds: delay.Seconds()}
 		switch {
-		case *code == 0 && !*silent && !*drop && *delay == 0:
-			return usageErrorf("renewal-fault: give --error-code, --silent, --drop, --delay or --clear")
+		case *code == 0 && !*silent && !*drop && !*unsynced && *delay == 0:
+			return usageErrorf("renewal-fault: give --error-code, --silent, --drop, --unsynced, --delay or --clear")
 		case *code != 0 && (*code < 400000 || *code > 599999):
 			return usageErrorf("renewal-fault: --error-code %d is not a six-digit 4xx or 5xx code", *code)
 		case *times < 0 || *retryAfter < 0 || *delay < 0:

@@ -215,5 +215,11 @@ func logCredential(log *slog.Logger, ev device.CredentialEvent) {
 	case device.EventFellBack:
 		log.Warn("the operational certificate cannot be used ("+ev.Reason+"); registering with DPS for a new one with the onboarding identity",
 			"event", ev.Kind, "sha256_thumbprint", ev.Replaced)
+	case device.EventRenewed:
+		log.Info("renewed the operational certificate; the old key is destroyed", "event", ev.Kind, "via", ev.Via,
+			"sha256_thumbprint", ev.Thumbprint, "replaced", ev.Replaced, "not_after", ev.NotAfter.UTC().Format(time.RFC3339), "key", ev.Key)
+	case device.EventRenewalFailed:
+		log.Warn("renewing the operational certificate failed ("+ev.Reason+"); the certificate in force stays, and the agent tries again",
+			"event", ev.Kind, "via", ev.Via, "sha256_thumbprint", ev.Replaced, "not_after", ev.NotAfter.UTC().Format(time.RFC3339))
 	}
 }

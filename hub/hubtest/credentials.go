@@ -77,6 +77,9 @@ type IssueFault struct {
 	Delay time.Duration
 	// Drop closes the connection instead of answering, before acknowledging the request.
 	Drop bool
+	// Unsynced issues the certificate without the hub accepting it at CONNECT, as a hub
+	// whose namespace credentials are not synced yet would (certificates.md §1).
+	Unsynced bool
 }
 
 // credentials is the hub's renewal state, guarded by Hub.mu.
@@ -298,7 +301,7 @@ func (h *Hub) issueCertificate(c *mqttsrv.Conn, d *device, topic string, payload
 			return // replaced meanwhile
 		}
 		delete(h.creds.ops, d.ID)
-		if leaf != nil {
+		if leaf != nil && !f.Unsynced {
 			held := d.Issued
 			d.Issued = mergeIssued(d.Issued, []*x509.Certificate{leaf}, h.now())
 			if err := h.save(d); err != nil { // a certificate the hub would forget on restart
