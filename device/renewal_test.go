@@ -215,4 +215,3 @@ func TestRenewalOnTrialRefusedAfterARestartKeepsTheOld(t *testing.T) {
 	assert.NoFileExists(t, strings.TrimPrefix(renewed.OperationalKey, "tpmkey:"))
 	assert.EqualValues(t, 1, r.dps.Stats().Registrations)
 }
-
