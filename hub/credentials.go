@@ -54,7 +54,9 @@ var transientCodes = map[int]bool{429002: true, 429003: true, 503001: true, 5000
 
 // Sentinels of certificate renewal, for errors.Is.
 var (
-	// ErrRenewalOff: the session was configured without CertificateRenewal.
+	// ErrRenewalOff: the session was configured without CertificateRenewal, or the hub
+	// refused the subscription to its certificate answers (it is not linked to certificate
+	// management).
 	ErrRenewalOff = errors.New("certificate renewal is not enabled on this session")
 	// ErrRenewalBusy: IssueCertificate is already running on this session; one operation
 	// at a time, as the hub allows.
@@ -131,6 +133,9 @@ func (e *CertificateError) Is(target error) bool {
 // renewal is the one certificate request a session may have in flight.
 type renewal struct {
 	busy atomic.Bool
+	// refused says the hub refused the subscription to the credentials responses on the
+	// latest connection.
+	refused atomic.Bool
 	// The request's $rid and where its answers go, guarded by Client.mu: the first
 	// terminal answer, and each 202.
 	rid      string
@@ -160,6 +165,9 @@ func (c *Client) IssueCertificate(ctx context.Context, csr []byte, replace bool)
 	const op = "request a certificate"
 	if !c.cfg.CertificateRenewal {
 		return nil, fmt.Errorf("cannot %s: %w", op, ErrRenewalOff)
+	}
+	if c.renewal.refused.Load() {
+		return nil, fmt.Errorf("cannot %s: hub %s refused the subscription to %s#: %w", op, c.cfg.Hub, credentialsResPrefix, ErrRenewalOff)
 	}
 	req, err := x509.ParseCertificateRequest(csr)
 	if err != nil {

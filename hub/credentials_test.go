@@ -151,22 +151,20 @@ func TestIssueCertificateOff(t *testing.T) {
 	assert.Equal(t, "2021-04-12", info.APIVersion)
 }
 
-// A hub without certificate management refuses the credentials subscription, which fails
-// the session of a device that asked for renewal, and only that.
+// A hub without certificate management refuses the credentials subscription: the session
+// serves all the same, and IssueCertificate says why it cannot renew (the agent then renews
+// through DPS).
 func TestIssueCertificateSubscriptionRefused(t *testing.T) {
 	srv := hubtest.NewServer(t)
 	ca := newDeviceCA(t)
 	cert := ca.softwareDevice(t, srv.Hub, "gw-nosub")
 	cfg := config(srv, "gw-nosub", cert)
-	cfg.CertificateRenewal, cfg.MaxFailures = true, 2
-	c, err := hub.New(cfg)
-	require.NoError(t, err)
-	err = c.Run(testContext(t))
-	require.ErrorIs(t, err, hub.ErrGaveUp)
+	cfg.CertificateRenewal = true
+	c := start(t, cfg)
+	c.connected(t)
+	_, err := c.IssueCertificate(testContext(t), csrFor(t, newP256(t), "gw-nosub"), false)
+	require.ErrorIs(t, err, hub.ErrRenewalOff)
 	assert.ErrorContains(t, err, "refused the subscription to $iothub/credentials/res/#")
-
-	plain := start(t, config(srv, "gw-nosub", cert))
-	plain.connected(t)
 }
 
 // Each answer that is not a certificate is a *CertificateError, transient or permanent as

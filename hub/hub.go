@@ -547,7 +547,15 @@ func (c *Client) subscribe(ctx context.Context, cn *conn) error {
 		return fmt.Errorf("cannot subscribe at hub %s: %w", c.cfg.Hub, err)
 	}
 	for filter, code := range tok.(*mqtt.SubscribeToken).Result() {
-		if code == packets.ErrProtocolViolation || code > 2 {
+		refused := code == packets.ErrProtocolViolation || code > 2
+		if filter == credentialsResPrefix+"#" {
+			// A hub not linked to certificate management: the session serves all the same,
+			// and IssueCertificate says why it cannot, so that the device renews through
+			// DPS rather than going dark (Microsoft's C client fails the session).
+			c.renewal.refused.Store(refused)
+			continue
+		}
+		if refused {
 			return fmt.Errorf("hub %s refused the subscription to %s", c.cfg.Hub, filter)
 		}
 	}
