@@ -157,6 +157,7 @@ func (r *run) dropOperational(why string) {
 	r.op.close()
 	r.op = nil
 	r.setCredential(CredentialNeeded)
+	r.showRenewal(nil)
 }
 
 // Kinds of CredentialEvent.

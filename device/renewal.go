@@ -122,7 +122,7 @@ func (r *run) renewalTimer() <-chan time.Time {
 	return r.a.Clock.After(min(max(due.Sub(r.a.Clock.Now()), 0), renewalRecheck))
 }
 
-// nextVia is the path of the next attempt.
+// nextVia is the path of the next attempt over sess.
 func (r *run) nextVia(sess Session) string {
 	if _, ok := sess.(certificateIssuer); !ok || r.ren.hubBroken || r.ren.hubFailures >= renewalHubTries {
 		return ViaDPS
@@ -130,11 +130,15 @@ func (r *run) nextVia(sess Session) string {
 	return ViaHub
 }
 
-// showRenewal puts where the renewal stands in the status.
+// showRenewal puts where the renewal stands in the status; sess is the live session, nil
+// between sessions (the path of the next attempt is then not known yet).
 func (r *run) showRenewal(sess Session) {
 	var rs *RenewalStatus
 	if r.op != nil {
-		rs = &RenewalStatus{State: RenewalScheduled, NextAt: r.renewalDue(), Via: r.nextVia(sess), Failures: r.ren.failures, Last: r.ren.last}
+		rs = &RenewalStatus{State: RenewalScheduled, NextAt: r.renewalDue(), Failures: r.ren.failures, Last: r.ren.last}
+		if sess != nil {
+			rs.Via = r.nextVia(sess)
+		}
 		switch {
 		case r.ren.candidate != nil:
 			rs.State, rs.Via = RenewalVerifying, r.ren.via
@@ -257,11 +261,12 @@ func (r *run) commitRenewal(ctx context.Context) {
 		r.destroyKey(old)
 		r.storedKey = st.OperationalKey
 	}
+	r.showRenewal(nil)
 	r.a.credentialEvent(CredentialEvent{Kind: EventRenewed, Via: via, Thumbprint: thumb, Replaced: oldThumb,
 		NotAfter: cand.id.Chain[0].NotAfter, Key: cand.spec()})
 }
 
-// rejectRenewal drops the credential on trial, which the hub refused or which expired; the
+// rejectRenewal drops the credential on trial, which the hub refused or which expired (why); the
 // one in force stays.
 func (r *run) rejectRenewal(ctx context.Context, why error) {
 	cand, via := r.ren.candidate, r.ren.via
@@ -273,7 +278,8 @@ func (r *run) rejectRenewal(ctx context.Context, why error) {
 		r.destroyKey(cand.spec())
 	}
 	r.inForce(&st)
-	r.renewalFailed(ctx, via, fmt.Errorf("the hub refused the renewed certificate %s: %w", certcodec.Thumbprint(cand.id.Chain[0]), why))
+	r.renewalFailed(ctx, via, why)
+	r.showRenewal(nil)
 }
 
 // renewalFailed schedules the next attempt after one that failed, and records the failure

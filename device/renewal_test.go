@@ -1,6 +1,7 @@
 package device_test
 
 import (
+	"crypto/x509"
 	"os"
 	"strings"
 	"testing"
@@ -214,4 +215,35 @@ func TestRenewalOnTrialRefusedAfterARestartKeepsTheOld(t *testing.T) {
 	assert.Equal(t, storage.RenewalFailed, st.LastRenewal.Result)
 	assert.NoFileExists(t, strings.TrimPrefix(renewed.OperationalKey, "tpmkey:"))
 	assert.EqualValues(t, 1, r.dps.Stats().Registrations)
+}
+
+func TestRenewalStatus(t *testing.T) {
+	r := newIssuanceRig(t)
+	r.start()
+	s := r.waitFor("renewal scheduled", func(s device.Status) bool { return s.Phase == device.PhaseConnected && s.Renewal != nil })
+	c, err := x509.ParseCertificate(r.state().IssuedChain[0])
+	require.NoError(t, err)
+	assert.Equal(t, device.RenewalScheduled, s.Renewal.State)
+	assert.Equal(t, device.RenewalTime(r.cfg.Certificates, c), s.Renewal.NextAt)
+	assert.Equal(t, device.ViaHub, s.Renewal.Via)
+	r.stop()
+
+	// Transient refusals: retried through the hub, then through DPS.
+	r.hub.Hub.FailIssue(0, hubtest.IssueFault{Status: 503, ErrorCode: 503001})
+	r.renewing()
+	s = r.waitFor("retrying", func(s device.Status) bool { return s.Renewal != nil && s.Renewal.State == device.RenewalRetrying })
+	assert.Equal(t, storage.RenewalFailed, s.Renewal.Last.Result)
+	assert.Equal(t, device.ViaHub, s.Renewal.Last.Via)
+	assert.Contains(t, s.Renewal.Last.Error, "503001")
+	assert.Contains(t, s.LastError, "renewing the operational certificate through the hub")
+	ev := r.awaitRenewals(1)[0]
+	r.hub.Hub.FailIssue(0, hubtest.IssueFault{})
+	assert.Equal(t, device.ViaDPS, ev.Via)
+	kinds := r.eventKinds()
+	assert.Equal(t, []string{device.EventIssued, device.EventRenewalFailed, device.EventRenewalFailed, device.EventRenewalFailed, device.EventRenewed},
+		kinds[:5], "three attempts through the hub before DPS")
+	s = r.waitFor("scheduled again", func(s device.Status) bool {
+		return s.Renewal != nil && s.Renewal.Last != nil && s.Renewal.Last.Result == storage.Renewed
+	})
+	assert.Zero(t, s.Renewal.Failures)
 }

@@ -311,6 +311,7 @@ func (r *run) loadState(ctx context.Context) (firstBoot bool) {
 	}
 	r.inForce(st)
 	r.setCredential(r.credential())
+	r.showRenewal(nil)
 	return false
 }
 
@@ -469,6 +470,7 @@ func (r *run) swap(ctx context.Context, st *storage.State, op *operational) {
 	r.op = op
 	r.inForce(st)
 	r.setCredential(r.credential())
+	r.showRenewal(nil)
 	if saved && r.storedKey != st.OperationalKey {
 		r.destroyKey(r.storedKey)
 		r.storedKey = st.OperationalKey
