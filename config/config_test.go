@@ -80,6 +80,15 @@ func TestCertificatesTable(t *testing.T) {
 	assert.True(t, cfg.Certificates.Issued())
 	assert.Equal(t, attest.ECDSAP384, cfg.Certificates.KeyType)
 	assert.False(t, Default().Certificates.Issued(), "issuance is off by default")
+	assert.Equal(t, 0.8, cfg.Certificates.RenewAt)
+	assert.Equal(t, 0.05, cfg.Certificates.RenewJitter)
+
+	for _, bad := range []string{"renew_at = 1.0", "renew_at = 0.03", "renew_jitter = -0.1", "renew_at = 0.9\nrenew_jitter = 0.1"} {
+		_, err := Load(writeConfig(t, "[provisioning]\nid_scope = \"0ne00000000\"\n[certificates]\n"+bad+"\n"))
+		var ce *Error
+		require.ErrorAs(t, err, &ce, bad)
+		assert.Contains(t, err.Error(), "certificates.renew_at", bad)
+	}
 }
 
 func TestTelemetryTable(t *testing.T) {
