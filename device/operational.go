@@ -71,7 +71,9 @@ func (r *run) newOperationalKey() (*attest.Key, error) {
 		return nil, fmt.Errorf("cannot make an operational key: %w", err)
 	}
 	path := filepath.Join(r.a.Config.State.Dir, "operational-"+rand.Text()+".key")
+	done := r.a.covered(attest.KeyGenerationTimeout + 5*time.Second)
 	key, err := attest.NewOperationalKey(tpm, r.a.Config.Certificates.KeyType, path)
+	done()
 	if err != nil {
 		return nil, fmt.Errorf("cannot make an operational key: %w", err)
 	}
