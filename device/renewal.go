@@ -291,6 +291,10 @@ func (r *run) renewalFailed(ctx context.Context, via string, err error) {
 	if errors.As(err, &ce) {
 		d = max(d, ce.RetryAfter)
 	}
+	if errors.Is(err, ErrRefused) {
+		// DPS refused the device: asking again soon costs a billed registration each time.
+		d = max(d, r.a.Config.Agent.ParkedRetry)
+	}
 	now := r.a.Clock.Now()
 	r.ren.retryAt = now.Add(d)
 	res := &storage.RenewalResult{At: now, Result: storage.RenewalFailed, Via: via, Error: err.Error()}
