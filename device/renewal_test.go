@@ -247,3 +247,20 @@ func TestRenewalStatus(t *testing.T) {
 	})
 	assert.Zero(t, s.Renewal.Failures)
 }
+
+func TestRenewalRefusedByDPSWaitsTheParkedRetry(t *testing.T) {
+	r := newIssuanceRig(t)
+	r.start()
+	r.connected()
+	r.stop()
+	r.hub.Hub.FailIssue(0, hubtest.IssueFault{Status: 400, ErrorCode: 400040})
+	require.NoError(t, r.dps.SetEnabled("factory", false))
+	r.renewing()
+	s := r.waitFor("refused by DPS", func(s device.Status) bool {
+		return s.Renewal != nil && s.Renewal.Last != nil && s.Renewal.Last.Via == device.ViaDPS
+	})
+	assert.Equal(t, device.RenewalRetrying, s.Renewal.State)
+	assert.Equal(t, device.PhaseConnected, s.Phase, "the certificate in force stays in use")
+	assert.WithinDuration(t, r.clock.Now().Add(r.cfg.Agent.ParkedRetry), s.Renewal.NextAt, time.Minute,
+		"a refusal is not asked again at the backoff's pace")
+}
