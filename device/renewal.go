@@ -229,7 +229,7 @@ func (r *run) renewViaDPS(ctx context.Context) (registered bool, err error) {
 		r.swap(ctx, st, op)
 		return true, nil
 	}
-	st.IssuedChain, st.OperationalKey = cur.IssuedChain, cur.OperationalKey
+	st.IssuedChain, st.OperationalKey, st.LastRenewal = cur.IssuedChain, cur.OperationalKey, cur.LastRenewal
 	r.propose(ctx, st, op, ViaDPS)
 	return true, nil
 }
