@@ -41,6 +41,14 @@ func (o *Opener) TPM() (*TPM, error) {
 	return o.tpm, o.err
 }
 
+// TryAgain forgets why the TPM failed to open, so that its next use opens it again: for a
+// program that waits for the TPM rather than giving up.
+func (o *Opener) TryAgain() {
+	if o.tpm == nil {
+		o.err = nil
+	}
+}
+
 // LoadKey loads the key spec names (see LoadKey), opening the TPM unless it is a file: key.
 func (o *Opener) LoadKey(spec string) (*Key, error) {
 	if strings.HasPrefix(spec, keySpecFile) {

@@ -307,6 +307,13 @@ func (c *Credentials) TPM() (*attest.TPM, error) {
 	return c.tpm.TPM()
 }
 
+// retryTPM makes the next TPM call open the TPM again after it failed to open.
+func (c *Credentials) retryTPM() {
+	if c.tpm != nil {
+		c.tpm.TryAgain()
+	}
+}
+
 // Close releases the key and the TPM.
 func (c *Credentials) Close() error {
 	var errs []error

@@ -68,6 +68,7 @@ func (o *operational) close() {
 func (r *run) newOperationalKey() (*attest.Key, error) {
 	tpm, err := r.creds.TPM()
 	if err != nil {
+		r.creds.retryTPM() // the next attempt opens it again
 		return nil, fmt.Errorf("cannot make an operational key: %w", err)
 	}
 	path := filepath.Join(r.a.Config.State.Dir, "operational-"+rand.Text()+".key")
@@ -106,18 +107,43 @@ func (r *run) loadOperational(spec string, chain [][]byte, now time.Time) (*oper
 	return o, nil
 }
 
+// awaitOperational loads an operational credential, waiting while the TPM does not answer:
+// registering again for that would cost a registration and a new key, and cure nothing.
+func (r *run) awaitOperational(ctx context.Context, spec string, chain [][]byte) (*operational, error) {
+	for attempt := 1; ; attempt++ {
+		done := r.a.covered(identityLoadBound)
+		op, err := r.loadOperational(spec, chain, r.a.Clock.Now())
+		done()
+		if !errors.Is(err, attest.ErrTPMUnavailable) {
+			return op, err
+		}
+		r.creds.retryTPM()
+		r.refusal = Mark(fmt.Errorf("the agent is not ready: waiting for the TPM: %w", err), ErrTemporary)
+		req, werr := r.retryLater(ctx, PhaseWaitingTPM, "waiting for the TPM to load the operational key", err, attempt, r.a.Backoff(attempt))
+		if werr != nil {
+			return nil, werr
+		}
+		if req != nil {
+			r.answer(ctx, req)
+		}
+	}
+}
+
 // loadCredentials opens the operational credential st holds, and a renewed one on trial
 // (into r.ren). A renewed one that cannot be used is dropped. When only the renewed one can
 // be used (the old one expired while the device was off), it is put in force untried: if
 // the hub refuses it, the agent registers with the onboarding identity, as for any.
 func (r *run) loadCredentials(ctx context.Context, st *storage.State) (*operational, error) {
-	now := r.a.Clock.Now()
-	op, err := r.loadOperational(st.OperationalKey, st.IssuedChain, now)
+	op, err := r.awaitOperational(ctx, st.OperationalKey, st.IssuedChain)
 	r.ren = renewal{last: st.LastRenewal}
-	if st.Renewal == nil {
+	if st.Renewal == nil || ctx.Err() != nil {
 		return op, err
 	}
-	cand, cerr := r.loadOperational(st.Renewal.OperationalKey, st.Renewal.IssuedChain, now)
+	cand, cerr := r.awaitOperational(ctx, st.Renewal.OperationalKey, st.Renewal.IssuedChain)
+	if ctx.Err() != nil {
+		op.close()
+		return nil, ctx.Err()
+	}
 	var old string
 	switch {
 	case cerr != nil:

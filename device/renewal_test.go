@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/attest/attesttest"
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/hub/hubtest"
@@ -263,4 +264,27 @@ func TestRenewalRefusedByDPSWaitsTheParkedRetry(t *testing.T) {
 	assert.Equal(t, device.PhaseConnected, s.Phase, "the certificate in force stays in use")
 	assert.WithinDuration(t, r.clock.Now().Add(r.cfg.Agent.ParkedRetry), s.Renewal.NextAt, time.Minute,
 		"a refusal is not asked again at the backoff's pace")
+}
+
+// A TPM that does not answer while the operational key loads is waited for: registering
+// again would cost a registration and a key, and cure nothing.
+func TestOperationalKeyWaitsForTheTPM(t *testing.T) {
+	r := newIssuanceRig(t)
+	proxy := attesttest.Wedge(t, strings.TrimPrefix(r.tpm, "swtpm:"))
+	r.cfg.TPM.Device = proxy.Spec()
+	r.start()
+	r.connected()
+	first := r.state()
+	r.stop()
+
+	proxy.Wedged.Store(true)
+	r.start()
+	s := r.waitFor("waiting for the TPM", func(s device.Status) bool { return s.Phase == device.PhaseWaitingTPM })
+	assert.Contains(t, s.Message, "operational key")
+	proxy.Wedged.Store(false)
+	r.connected()
+	r.stop()
+	assert.EqualValues(t, 1, r.dps.Stats().Registrations, "no registration for a TPM that did not answer")
+	assert.Equal(t, first.OperationalKey, r.state().OperationalKey)
+	assert.NotContains(t, r.eventKinds(), device.EventFellBack)
 }

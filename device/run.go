@@ -71,7 +71,10 @@ func (a *Agent) lifecycle(ctx context.Context) error {
 	}
 	r.binding = creds.StateBinding()
 
-	firstBoot := r.loadState(ctx)
+	firstBoot, err := r.loadState(ctx)
+	if err != nil {
+		return err
+	}
 	for {
 		if r.assignment == nil {
 			if err := r.provision(ctx, firstBoot); err != nil {
@@ -279,19 +282,19 @@ func (r *run) awaitIdentity(ctx context.Context, creds *Credentials) error {
 
 // loadState puts the stored assignment in force if it belongs to this identity. firstBoot
 // reports that the device never registered (as opposed to a state that had to be
-// discarded).
-func (r *run) loadState(ctx context.Context) (firstBoot bool) {
+// discarded). It fails only when ctx ends.
+func (r *run) loadState(ctx context.Context) (firstBoot bool, err error) {
 	st, err := r.lock.Load()
 	switch {
 	case errors.Is(err, storage.ErrNotExist):
-		return true
+		return true, nil
 	case err != nil:
 		r.a.NoteError(fmt.Errorf("registering again: %w", err))
-		return false
+		return false, nil
 	case !st.BelongsTo(r.id.RegistrationID, r.binding):
 		r.collectKeys("")
 		r.a.NoteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.Binding))
-		return false
+		return false, nil
 	}
 	r.storedKey = st.OperationalKey
 	if st.Renewal != nil {
@@ -301,18 +304,21 @@ func (r *run) loadState(ctx context.Context) (firstBoot bool) {
 	}
 	if r.issuing() {
 		op, err := r.loadCredentials(ctx, st)
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
 		if err != nil {
 			r.setCredential(CredentialNeeded)
 			r.a.credentialEvent(CredentialEvent{Kind: EventFellBack, Reason: err.Error(), Replaced: storedThumbprint(st)})
 			r.a.NoteError(fmt.Errorf("registering again with the onboarding identity: %w", err))
-			return false
+			return false, nil
 		}
 		r.op = op
 	}
 	r.inForce(st)
 	r.setCredential(r.credential())
 	r.showRenewal(nil)
-	return false
+	return false, nil
 }
 
 func (r *run) issuing() bool { return r.a.Config.Certificates.Issued() }
