@@ -273,6 +273,8 @@ type CertificateInfo struct {
 	DaysLeft int `json:"days_left"`
 	// Key is where the certificate's key lives, as the configuration or the state names it.
 	Key string `json:"key"`
+	// Renewal is the operational certificate's (DescribeRenewal).
+	Renewal *RenewalInfo `json:"renewal,omitempty"`
 }
 
 // DescribeCertificate is the CertificateInfo of c at now.

@@ -102,14 +102,17 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 	// What the stored assignment must be bound to, once the identity checks out.
 	var regID, binding string
 	var cert *tls.Certificate
+	var tpm *attest.Opener
 	switch cfg.Attestation.Method {
 	case "symmetric_key":
 		regID, binding = c.symmetricKey(ctx, cfg)
 	case "tpm":
 		regID, binding = c.tpmAttestation(ctx, cfg)
 	default:
+		tpm = tf.opener(ctx, cfg)
+		defer tpm.Close()
 		var release func()
-		cert, regID, binding, release = c.x509(ctx, cfg, tf)
+		cert, regID, binding, release = c.x509(cfg, tpm)
 		defer release()
 	}
 
@@ -118,7 +121,11 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 		c.fail("tls", &exitError{code: exitConfig, err: err})
 		return
 	}
-	c.endpoint(ctx, "dps", cfg, cfg.Provisioning.GlobalEndpoint, "", true, roots, cert)
+	certName := "device certificate"
+	if cfg.Certificates.Issued() {
+		certName = "onboarding certificate"
+	}
+	c.endpoint(ctx, "dps", cfg, cfg.Provisioning.GlobalEndpoint, "", true, roots, cert, certName)
 
 	st, err := storage.New(cfg.State.Dir).Load()
 	switch {
@@ -128,42 +135,80 @@ func (c *checker) run(ctx context.Context, e *env, tf *tpmFlags, configPath stri
 		c.warn("hub", "%v: the agent will register again", err)
 	case binding != "" && !st.BelongsTo(regID, binding):
 		c.warn("hub", "the stored assignment belongs to another identity (%s): the agent will register again", st.RegistrationID)
+	case !cfg.Certificates.Issued():
+		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, false, roots, cert, certName)
 	default:
-		c.operational(cfg, st)
-		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, false, roots, cert)
+		// The hub is reached with the operational certificate; its key is in the TPM the
+		// onboarding checks found working.
+		var keys keyLoader
+		if cert != nil {
+			keys = tpm
+		}
+		opCert, release := c.operational(cfg, st, keys)
+		defer release()
+		c.endpoint(ctx, "hub", cfg, st.AssignedHub, st.Transport, false, roots, opCert, "operational certificate")
 	}
 }
 
-// renewalShare is the part of its lifetime after which an operational certificate is due for
-// renewal, and check warns.
-const renewalShare = 0.8
+// keyLoader loads the key of a certificate (attest.Opener).
+type keyLoader interface {
+	LoadKey(spec string) (*attest.Key, error)
+}
 
-// operational checks the stored operational certificate, with issuance on: a warning in the
-// last 20 % of its lifetime, a failure once it expired (the agent then registers again by
-// itself, with the onboarding identity).
-func (c *checker) operational(cfg *config.Config, st *storage.State) {
-	if !cfg.Certificates.Issued() {
-		return
-	}
+// operational checks the stored operational certificate, with issuance on: a warning past its
+// renewal time (device.RenewalTime), a failure once it expired (the agent then registers again
+// by itself, with the onboarding identity: the failure is that the certificate in use is
+// expired, exit 78 as for any). With keys it loads the certificate's key and returns the TLS
+// identity the hub is reached with, and release for the key; nil when it cannot be used.
+func (c *checker) operational(cfg *config.Config, st *storage.State, keys keyLoader) (cert *tls.Certificate, release func()) {
+	release = func() {}
 	t := now()
-	op, err := device.StoredOperational(st, t)
+	op, err := describeOperational(cfg, st, nil)
 	switch {
 	case err != nil:
 		c.fail("operational", err)
-		return
+		return nil, release
 	case op == nil:
 		c.warn("operational", "no operational certificate stored: the agent registers with DPS for one")
-		return
-	}
-	due := op.NotBefore.Add(time.Duration(float64(op.NotAfter.Sub(op.NotBefore)) * renewalShare))
-	switch {
+		return nil, release
 	case !t.Before(op.NotAfter):
-		c.fail("operational", fmt.Errorf("%w: %s expired on %s; the agent registers again with the onboarding identity", device.ErrOperationalExpired, op.SHA256Thumbprint, op.NotAfter.UTC().Format(time.RFC3339)))
-	case !t.Before(due):
-		c.warn("operational", "%s expires on %s (%d days left), past %d %% of its lifetime", op.SHA256Thumbprint, op.NotAfter.UTC().Format(time.RFC3339), op.DaysLeft, int(renewalShare*100))
-	default:
-		c.pass("operational", "%s, valid until %s (%d days left), key %s", op.SHA256Thumbprint, op.NotAfter.UTC().Format(time.RFC3339), op.DaysLeft, op.Key)
+		c.fail("operational", &exitError{code: exitConfig, err: fmt.Errorf("%w: %s expired on %s; the agent registers again with the onboarding identity",
+			device.ErrOperationalExpired, op.SHA256Thumbprint, op.NotAfter.UTC().Format(time.RFC3339))})
+		return nil, release
 	}
+	if keys != nil {
+		key, err := keys.LoadKey(op.Key)
+		var id *attest.Identity
+		if err == nil {
+			if id, err = attest.IssuedIdentity(st.IssuedChain, key, t); err != nil {
+				key.Close()
+			}
+		}
+		if err != nil {
+			c.warn("operational", "%s cannot be used (%v): the agent registers with DPS for a new one with the onboarding identity", op.SHA256Thumbprint, err)
+			return nil, release
+		}
+		tc := id.TLSCertificate()
+		cert, release = &tc, func() { key.Close() }
+	}
+	rn := op.Renewal
+	if t.Before(rn.NextAt) {
+		c.pass("operational", "%s, valid until %s (%d days left), renewal at %s, key %s", op.SHA256Thumbprint,
+			op.NotAfter.UTC().Format(time.RFC3339), op.DaysLeft, rn.NextAt.UTC().Format(time.RFC3339), op.Key)
+		return cert, release
+	}
+	var why string
+	switch {
+	case rn.Pending != nil:
+		why = pendingRenewal(rn.Pending)
+	case rn.Last != nil && rn.Last.Result == storage.RenewalFailed:
+		why = "the last renewal " + lastRenewal(rn.Last)
+	default:
+		why = "the agent renews it while it runs"
+	}
+	c.warn("operational", "%s expires on %s (%d days left), past its renewal time %s: %s", op.SHA256Thumbprint,
+		op.NotAfter.UTC().Format(time.RFC3339), op.DaysLeft, rn.NextAt.UTC().Format(time.RFC3339), why)
+	return cert, release
 }
 
 // host runs the checks `unicity run` makes of what the configuration names on this system.
@@ -179,10 +224,9 @@ func (c *checker) host(cfg *config.Config) {
 
 // x509 checks the TPM, the key, the certificate chain and the clock; it returns the TLS
 // identity, the registration ID and the state binding when they pass. release closes the key
-// and the TPM once the network checks are done with them.
-func (c *checker) x509(ctx context.Context, cfg *config.Config, tf *tpmFlags) (cert *tls.Certificate, regID, binding string, release func()) {
-	tpm := tf.opener(ctx, cfg)
-	release = func() { tpm.Close() }
+// once the network checks are done with it.
+func (c *checker) x509(cfg *config.Config, tpm *attest.Opener) (cert *tls.Certificate, regID, binding string, release func()) {
+	release = func() {}
 	if strings.HasPrefix(cfg.Attestation.IdentityKey, "file:") && !strings.HasPrefix(cfg.Attestation.IdentityCert, "tpm-nv:") {
 		c.warn("tpm", "not used: the key is a software key (development only)")
 	} else if _, err := tpm.TPM(); err != nil {
@@ -199,7 +243,7 @@ func (c *checker) x509(ctx context.Context, cfg *config.Config, tf *tpmFlags) (c
 		if err != nil {
 			c.fail("key", err)
 		} else {
-			release = func() { key.Close(); tpm.Close() }
+			release = func() { key.Close() }
 		}
 	}
 	if chainErr != nil {
@@ -305,10 +349,10 @@ func (c *checker) tpmAttestation(ctx context.Context, cfg *config.Config) (regID
 	return r.RegistrationID, r.StateBinding
 }
 
-// endpoint checks DNS, TCP and TLS (with the device's certificate, when it has one) to host,
-// over the transports the service speaks: DPS has HTTPS too (restAPI), the hub only MQTT.
-// Through a proxy, only the TLS check applies.
-func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config, host, prefer string, restAPI bool, roots *x509.CertPool, cert *tls.Certificate) {
+// endpoint checks DNS, TCP and TLS (with the device's certificate, when it has one: certName
+// says which) to host, over the transports the service speaks: DPS has HTTPS too (restAPI),
+// the hub only MQTT. Through a proxy, only the TLS check applies.
+func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config, host, prefer string, restAPI bool, roots *x509.CertPool, cert *tls.Certificate, certName string) {
 	network := cfg.Network()
 	transport := network.Transport
 	hostname, port := host, ""
@@ -370,7 +414,7 @@ func (c *checker) endpoint(ctx context.Context, name string, cfg *config.Config,
 	conn.Close()
 	how := "server verified"
 	if cert != nil {
-		how = "server verified, device certificate offered"
+		how = "server verified, " + certName + " offered"
 	}
 	if viaProxy {
 		how += ", through the proxy"

@@ -86,7 +86,7 @@ func runIdentity(ctx context.Context, e *env, args []string) error {
 		r.Problem = problem.Error()
 	}
 	if cfg.Certificates.Issued() {
-		r.Operational, r.OperationalProblem = storedOperational(cfg)
+		r.Operational, r.OperationalProblem = storedOperational(cfg, runningStatus(ctx, cfg))
 	}
 	if out.on {
 		if err := out.print(r); err != nil {
@@ -146,13 +146,14 @@ func symmetricIdentity(ctx context.Context, e *env, cfg *config.Config, out *jso
 	return problem
 }
 
-// storedOperational is the operational certificate of the stored state, or why there is none.
-func storedOperational(cfg *config.Config) (*device.CertificateInfo, string) {
+// storedOperational is the operational certificate of the stored state, or why there is none;
+// live is the running agent's status, nil when it does not run.
+func storedOperational(cfg *config.Config, live *device.Status) (*device.CertificateInfo, string) {
 	st, err := storage.New(cfg.State.Dir).Load()
 	if err != nil {
 		return nil, err.Error()
 	}
-	op, err := device.StoredOperational(st, now())
+	op, err := describeOperational(cfg, st, live)
 	switch {
 	case err != nil:
 		return nil, err.Error()

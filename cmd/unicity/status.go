@@ -108,6 +108,9 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 	}
 
 	st, err := storage.New(cfg.State.Dir).Load()
+	// stored is the state of the assignment shown, whose operational certificate is shown
+	// once the running agent's renewal schedule is known.
+	var stored *storage.State
 	switch {
 	case errors.Is(err, storage.ErrNotExist):
 		r.StateProblem = "not provisioned yet"
@@ -121,11 +124,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 		r.StateProblem = fmt.Sprintf("the stored assignment belongs to another identity (%s); the agent will register again", st.RegistrationID)
 	default:
 		r.AssignedHub, r.DeviceID, r.Substatus, r.ProvisionedAt = st.AssignedHub, st.DeviceID, st.Substatus, st.ProvisionedAt
-		if op, err := device.StoredOperational(st, now()); err != nil {
-			r.StateProblem = err.Error()
-		} else if op != nil && cfg.Certificates.Issued() {
-			r.Certificates = append(r.Certificates, *op)
-		}
+		stored = st
 		if ek, ok := strings.CutPrefix(st.Binding, "tpm:"); ok && r.Attestation == "tpm" {
 			r.EndorsementKeySHA256 = strings.ToLower(ek)
 			if r.RegistrationID == "" {
@@ -167,6 +166,17 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 		r.AssignedHub, r.DeviceID, r.StoreError = live.AssignedHub, live.DeviceID, live.StoreError
 		if live.StoreError != "" {
 			r.Substatus, r.ProvisionedAt = "", time.Time{}
+		}
+	}
+	if stored != nil {
+		running := live
+		if !r.ServiceRunning {
+			running = nil
+		}
+		if op, err := describeOperational(cfg, stored, running); err != nil {
+			r.StateProblem = err.Error()
+		} else if op != nil && cfg.Certificates.Issued() {
+			r.Certificates = append(r.Certificates, *op)
 		}
 	}
 	for _, hc := range cfg.HostChecks(config.AnyOwner) {
@@ -280,6 +290,89 @@ func printCertificate(w io.Writer, c device.CertificateInfo) {
 	fmt.Fprintf(w, "  SHA-1:            %s\n", c.SHA1Thumbprint)
 	fmt.Fprintf(w, "  valid:            %s to %s (%d days left)\n", c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339), c.DaysLeft)
 	fmt.Fprintf(w, "  key:              %s\n", c.Key)
+	if rn := c.Renewal; rn != nil {
+		fmt.Fprintf(w, "  next renewal:     %s\n", nextRenewal(rn, now()))
+		if l := rn.Last; l != nil {
+			fmt.Fprintf(w, "  last renewal:     %s\n", lastRenewal(l))
+		}
+		if p := rn.Pending; p != nil {
+			fmt.Fprintf(w, "  on trial:         %s\n", pendingRenewal(p))
+		}
+	}
+}
+
+// describeOperational is st's operational certificate with its renewal, nil when st holds
+// none; live is the running agent's status, nil when it does not run.
+func describeOperational(cfg *config.Config, st *storage.State, live *device.Status) (*device.CertificateInfo, error) {
+	op, err := device.StoredOperational(st, now())
+	if err != nil || op == nil {
+		return op, err
+	}
+	var schedule *device.RenewalStatus
+	if live != nil {
+		schedule = live.Renewal
+	}
+	op.Renewal, err = device.DescribeRenewal(cfg.Certificates, st, schedule)
+	return op, err
+}
+
+// runningStatus is the running agent's status, nil when it does not run or does not answer.
+func runningStatus(ctx context.Context, cfg *config.Config) *device.Status {
+	ctx, cancel := context.WithTimeout(ctx, statusTimeout)
+	defer cancel()
+	s, err := localapi.NewClient(cfg).Status(ctx)
+	if err != nil {
+		return nil
+	}
+	return s
+}
+
+// nextRenewal says when the operational certificate is renewed, and how far the running
+// agent has got with it.
+func nextRenewal(rn *device.RenewalInfo, t time.Time) string {
+	at := rn.NextAt.UTC().Format(time.RFC3339)
+	switch rn.State {
+	case device.RenewalScheduled:
+		return at + " (scheduled)"
+	case device.RenewalRequesting:
+		return "under way: asking " + viaName(rn.Via) + " for a new certificate"
+	case device.RenewalVerifying:
+		return "under way: connecting to the hub with the new certificate"
+	case device.RenewalRetrying:
+		return fmt.Sprintf("%s (retrying through %s after %d failed attempt(s))", at, viaName(rn.Via), rn.Failures)
+	case "":
+		if !t.Before(rn.NextAt) {
+			return at + " (due: the agent renews it as soon as it runs)"
+		}
+		return at
+	}
+	return at + " (" + rn.State + ")"
+}
+
+// lastRenewal says how the latest renewal ended.
+func lastRenewal(l *storage.RenewalResult) string {
+	at := l.At.UTC().Format(time.RFC3339)
+	if l.Result == storage.Renewed {
+		return fmt.Sprintf("renewed through %s at %s: %s", viaName(l.Via), at, l.Thumbprint)
+	}
+	return fmt.Sprintf("%s through %s at %s: %s", l.Result, viaName(l.Via), at, l.Error)
+}
+
+// pendingRenewal describes a renewed certificate on trial.
+func pendingRenewal(p *device.PendingRenewal) string {
+	return fmt.Sprintf("renewed certificate %s waiting for the hub to accept it (issued through %s at %s, valid until %s)",
+		p.SHA256Thumbprint, viaName(p.Via), p.IssuedAt.UTC().Format(time.RFC3339), p.NotAfter.UTC().Format(time.RFC3339))
+}
+
+// viaName names a renewal path.
+func viaName(via string) string {
+	switch via {
+	case device.ViaHub:
+		return "the hub"
+	case device.ViaDPS:
+		return "DPS"
+	}
+	return cmp.Or(via, "the hub")
 }
 
 // titleCase capitalizes a role name for a heading.
