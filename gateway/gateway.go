@@ -83,6 +83,9 @@ type Gateway struct {
 	// validFrom and notAfter are those of the certificate the session presents: the
 	// operational one when DPS issued it, else the identity certificate.
 	validFrom, notAfter time.Time
+	// reportedRenewal is the renewal state the twin last got (renewalKey): its changes are
+	// reported as they come, not only with the next connection.
+	reportedRenewal string
 
 	store        *telemetry.Store // nil until open
 	storeProblem error            // why store is nil
@@ -165,7 +168,12 @@ func (g *Gateway) Run(ctx context.Context) {
 		case <-g.reportNow:
 			pending = true
 		case <-updates:
-			// The session becomes the agent's current one a moment after it connects.
+			// The session becomes the agent's current one a moment after it connects; the
+			// renewal of the operational certificate is reported step by step.
+			g.mu.Lock()
+			changed := renewalKey(renewalHealth(g.Agent.Status().Renewal)) != g.reportedRenewal
+			g.mu.Unlock()
+			pending = pending || changed
 		}
 		if pending && g.report(ctx) == nil {
 			pending = false
@@ -196,6 +204,57 @@ type Health struct {
 	LastErrorAt *time.Time `json:"last_error_at"`
 	// Telemetry is the on-disk queue as the connection came up: what waited while offline.
 	Telemetry *device.TelemetryStatus `json:"telemetry"`
+	// Renewal is where the renewal of the operational certificate stands; null without
+	// one, which removes an old one from the twin.
+	Renewal *RenewalHealth `json:"renewal"`
+}
+
+// RenewalHealth is device.RenewalStatus in the twin. A reported patch leaves the fields it
+// omits as they were, so every field is always present, null when unknown: a renewal that
+// succeeds after one that failed leaves no stale error.
+type RenewalHealth struct {
+	State    string          `json:"state"`
+	NextAt   *time.Time      `json:"next_at"`
+	Via      string          `json:"via"`
+	Failures int             `json:"failures"`
+	Last     *RenewalOutcome `json:"last"`
+}
+
+// RenewalOutcome is how the latest renewal ended (storage.RenewalResult), every field present.
+type RenewalOutcome struct {
+	At         time.Time `json:"at"`
+	Result     string    `json:"result"`
+	Via        string    `json:"via"`
+	Thumbprint *string   `json:"sha256_thumbprint"`
+	Error      *string   `json:"error"`
+}
+
+// renewalHealth is s in the twin, nil without one.
+func renewalHealth(s *device.RenewalStatus) *RenewalHealth {
+	if s == nil {
+		return nil
+	}
+	h := &RenewalHealth{State: s.State, Via: s.Via, Failures: s.Failures}
+	if !s.NextAt.IsZero() {
+		h.NextAt = &s.NextAt
+	}
+	if l := s.Last; l != nil {
+		h.Last = &RenewalOutcome{At: l.At, Result: l.Result, Via: l.Via, Thumbprint: nonEmpty(l.Thumbprint), Error: nonEmpty(l.Error)}
+	}
+	return h
+}
+
+func nonEmpty(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
+}
+
+// renewalKey tells renewal states apart.
+func renewalKey(h *RenewalHealth) string {
+	b, _ := json.Marshal(h)
+	return string(b)
 }
 
 // health gathers the report from the agent's status, the assignment in force and the session.
@@ -215,6 +274,7 @@ func (g *Gateway) health() Health {
 		ValidUntil:          notAfter,
 		Credential:          status.Credential,
 		Telemetry:           g.TelemetryStatus(),
+		Renewal:             renewalHealth(status.Renewal),
 	}
 	if st := g.Agent.Assignment(); st != nil {
 		h.ProvisionedAt, h.Substatus = st.ProvisionedAt, st.Substatus
@@ -231,14 +291,20 @@ func (g *Gateway) report(ctx context.Context) error {
 	if c == nil || !c.State().Connected {
 		return ErrNoSession
 	}
-	patch, err := json.Marshal(map[string]Health{ReportedKey: g.health()})
+	h := g.health()
+	patch, err := json.Marshal(map[string]Health{ReportedKey: h})
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(ctx, reportTimeout)
 	defer cancel()
-	_, err = c.UpdateReported(ctx, patch)
-	return err
+	if _, err = c.UpdateReported(ctx, patch); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	g.reportedRenewal = renewalKey(h.Renewal)
+	g.mu.Unlock()
+	return nil
 }
 
 // onMessage hands a cloud-to-device message to every listening application, or keeps it

@@ -4,12 +4,14 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io/fs"
 	"net"
 	"net/http"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,6 +26,7 @@ import (
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/localapi"
 	"github.com/unicity-iot/unicity/spool"
+	"github.com/unicity-iot/unicity/storage"
 )
 
 // The relay's goroutines, the hub session's and the local API's end with the agent.
@@ -48,6 +51,12 @@ func newGatewayBed(t *testing.T) *gatewayBed {
 // startGatewayBed starts the agent and its gateway, after prepare (when set) has changed
 // the testbed.
 func startGatewayBed(t *testing.T, prepare func(*devicetest.Testbed)) *gatewayBed {
+	return startGatewayBedAs(t, prepare, nil)
+}
+
+// startGatewayBedAs is startGatewayBed with the gateway seeing the agent through as (when
+// set).
+func startGatewayBedAs(t *testing.T, prepare func(*devicetest.Testbed), as func(*device.Agent) gateway.Agent) *gatewayBed {
 	srv := hubtest.NewServer(t)
 	// DPS keeps assigning the same hub, so a re-registration lands back on it.
 	tb := devicetest.New(t, devicetest.Assigned(srv.Name()))
@@ -59,7 +68,11 @@ func startGatewayBed(t *testing.T, prepare func(*devicetest.Testbed)) *gatewayBe
 	tb.Agent.Hub = hubs
 	ln, err := localapi.Listen(tb.Config)
 	require.NoError(t, err)
-	g := gateway.New(tb.Agent, hubs)
+	var agent gateway.Agent = tb.Agent
+	if as != nil {
+		agent = as(tb.Agent)
+	}
+	g := gateway.New(agent, hubs)
 	api := &localapi.Server{Agent: tb.Agent, Gateway: g, Clock: tb.Clock}
 	tb.Agent.Services = []func(context.Context){g.Run, func(ctx context.Context) { api.Serve(ctx, ln) }}
 	tb.Start()
@@ -123,6 +136,87 @@ func TestGatewayReportsHealth(t *testing.T) {
 	assert.WithinDuration(t, gb.Leaf.Certificate().NotBefore, health.ValidFrom, time.Second)
 	assert.Equal(t, health.CertificateNotAfter, health.ValidUntil)
 	assert.Nil(t, health.LastError)
+}
+
+// renewingAgent is the agent with the renewal state a test sets: the renewal engine fills
+// Status.Renewal in the agent itself.
+type renewingAgent struct {
+	*device.Agent
+	mu      sync.Mutex
+	renewal *device.RenewalStatus
+}
+
+func (a *renewingAgent) Status() device.Status {
+	s := a.Agent.Status()
+	a.mu.Lock()
+	s.Renewal = a.renewal
+	a.mu.Unlock()
+	return s
+}
+
+// set changes the renewal state, and publishes a status change as the engine's would.
+func (a *renewingAgent) set(r *device.RenewalStatus, note string) {
+	a.mu.Lock()
+	a.renewal = r
+	a.mu.Unlock()
+	a.NoteError(errors.New(note))
+}
+
+// awaitRenewal waits until the renewal the twin holds under ReportedKey (decoded JSON, nil
+// when absent) satisfies done, and returns it.
+func (gb *gatewayBed) awaitRenewal(t *testing.T, done func(map[string]any) bool) map[string]any {
+	t.Helper()
+	var renewal map[string]any
+	require.NoError(t, gb.srv.Await(ctxFor(t), func() bool {
+		tw, err := gb.srv.Twin("gw-0001")
+		if err != nil {
+			return false
+		}
+		u, _ := tw.Reported[gateway.ReportedKey].(map[string]any)
+		renewal, _ = u["renewal"].(map[string]any)
+		return done(renewal)
+	}))
+	return renewal
+}
+
+// TestGatewayReportsRenewal: the twin carries the renewal state beside validFrom and
+// validUntil, reported as it changes while connected; a later outcome leaves no stale field
+// of the one before.
+func TestGatewayReportsRenewal(t *testing.T) {
+	next := time.Date(2026, 12, 24, 9, 30, 0, 0, time.UTC)
+	var ra *renewingAgent
+	gb := startGatewayBedAs(t, nil, func(a *device.Agent) gateway.Agent {
+		ra = &renewingAgent{Agent: a, renewal: &device.RenewalStatus{State: device.RenewalScheduled, NextAt: next, Via: device.ViaHub}}
+		return ra
+	})
+	gb.WaitPhase(device.PhaseConnected)
+	renewal := gb.awaitRenewal(t, func(r map[string]any) bool { return r != nil })
+	// The hub drops the nulls of a patch: they remove what was there.
+	assert.Equal(t, map[string]any{"state": "scheduled", "next_at": "2026-12-24T09:30:00Z", "via": "hub", "failures": json.Number("0")}, renewal)
+
+	failedAt := next.Add(time.Minute)
+	ra.set(&device.RenewalStatus{State: device.RenewalRetrying, NextAt: next.Add(time.Hour), Via: device.ViaDPS, Failures: 1,
+		Last: &storage.RenewalResult{At: failedAt, Result: storage.RenewalFailed, Via: device.ViaHub, Error: "the hub answered 400040"}}, "renewal failed")
+	renewal = gb.awaitRenewal(t, func(r map[string]any) bool { return r["state"] == "retrying" })
+	assert.Equal(t, map[string]any{"at": "2026-12-24T09:31:00Z", "result": "failed", "via": "hub", "error": "the hub answered 400040"}, renewal["last"])
+	assert.Equal(t, "2026-12-24T10:30:00Z", renewal["next_at"])
+	assert.Equal(t, json.Number("1"), renewal["failures"])
+
+	ra.set(&device.RenewalStatus{State: device.RenewalVerifying, Via: device.ViaDPS,
+		Last: &storage.RenewalResult{At: failedAt.Add(time.Hour), Result: storage.Renewed, Via: device.ViaDPS, Thumbprint: "75FDC23E"}}, "renewed")
+	renewal = gb.awaitRenewal(t, func(r map[string]any) bool { return r["state"] == "verifying" })
+	assert.Nil(t, renewal["next_at"], "no time while verifying")
+	last, _ := renewal["last"].(map[string]any)
+	assert.Equal(t, "renewed", last["result"])
+	assert.Equal(t, "75FDC23E", last["sha256_thumbprint"])
+	assert.NotContains(t, last, "error", "the failure's error is gone with it")
+
+	ra.set(nil, "issuance turned off")
+	gb.awaitRenewal(t, func(r map[string]any) bool { return r == nil })
+	tw, err := gb.srv.Twin("gw-0001")
+	require.NoError(t, err)
+	assert.NotContains(t, tw.Reported[gateway.ReportedKey], "renewal", "null removes it")
+	assert.Contains(t, tw.Reported[gateway.ReportedKey], "validUntil")
 }
 
 func TestGatewayTelemetry(t *testing.T) {
