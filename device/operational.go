@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/internal/atomicfile"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/storage"
@@ -66,15 +67,21 @@ func (o *operational) close() {
 // newOperationalKey makes the key of the next registration's CSR, in a file no state names
 // yet.
 func (r *run) newOperationalKey() (*attest.Key, error) {
-	tpm, err := r.creds.TPM()
+	done := r.a.covered(attest.KeyGenerationTimeout + 5*time.Second)
+	defer done()
+	return newOperationalKey(r.creds, r.a.Config)
+}
+
+// newOperationalKey makes, in creds' TPM, a key of cfg's type for a CSR, in a file of the
+// state directory that no state names yet.
+func newOperationalKey(creds *Credentials, cfg *config.Config) (*attest.Key, error) {
+	tpm, err := creds.TPM()
 	if err != nil {
-		r.creds.retryTPM() // the next attempt opens it again
+		creds.retryTPM() // the next attempt opens it again
 		return nil, fmt.Errorf("cannot make an operational key: %w", err)
 	}
-	path := filepath.Join(r.a.Config.State.Dir, "operational-"+rand.Text()+".key")
-	done := r.a.covered(attest.KeyGenerationTimeout + 5*time.Second)
-	key, err := attest.NewOperationalKey(tpm, r.a.Config.Certificates.KeyType, path)
-	done()
+	path := filepath.Join(cfg.State.Dir, "operational-"+rand.Text()+".key")
+	key, err := attest.NewOperationalKey(tpm, cfg.Certificates.KeyType, path)
 	if err != nil {
 		return nil, fmt.Errorf("cannot make an operational key: %w", err)
 	}
@@ -85,13 +92,19 @@ func (r *run) newOperationalKey() (*attest.Key, error) {
 // it at now. One without a chain, or whose key is gone, fails: the agent registers for a new
 // one.
 func (r *run) loadOperational(spec string, chain [][]byte, now time.Time) (*operational, error) {
+	return loadOperational(r.creds, spec, chain, now)
+}
+
+// loadOperational opens, in creds' TPM, the operational credential of chain whose key is
+// spec, and checks it at now.
+func loadOperational(creds *Credentials, spec string, chain [][]byte, now time.Time) (*operational, error) {
 	if spec == "" || len(chain) == 0 {
 		return nil, errors.New("the stored assignment has no operational certificate")
 	}
 	if _, err := os.Stat(strings.TrimPrefix(spec, "tpmkey:")); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("the key of the operational certificate is missing (%s)", spec)
 	}
-	tpm, err := r.creds.TPM()
+	tpm, err := creds.TPM()
 	if err != nil {
 		return nil, fmt.Errorf("cannot load the operational key: %w", err)
 	}

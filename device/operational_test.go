@@ -285,3 +285,52 @@ func TestMQTT5HubParks(t *testing.T) {
 	_, err := storage.New(r.cfg.State.Dir).Load()
 	assert.ErrorIs(t, err, storage.ErrNotExist)
 }
+
+// TestProvisionByHandSendsACSR: `unicity provision` with issuance on registers as the agent
+// does, with a CSR for a new key, so that the agent then starts on the stored operational
+// certificate without registering again; a stored certificate the agent could not use is
+// registered for again, and the keys replaced are destroyed.
+func TestProvisionByHandSendsACSR(t *testing.T) {
+	r := newIssuanceRig(t)
+	prov, err := device.NewDPS(r.cfg)
+	require.NoError(t, err)
+	prov.Clock = hubtest.InstantClock{}
+	reg := &device.StandaloneRegistration{Config: r.cfg, Store: storage.New(r.cfg.State.Dir), Provisioner: prov}
+	ctx := context.Background()
+
+	st, fresh, err := reg.Provision(ctx)
+	require.NoError(t, err)
+	assert.True(t, fresh)
+	first := r.state()
+	assert.Equal(t, st.OperationalKey, first.OperationalKey)
+	assert.Equal(t, []string{leafThumbprint(t, first)}, r.hubAccepts())
+	assert.Len(t, r.keyfiles(), 1)
+
+	_, fresh, err = reg.Provision(ctx)
+	require.NoError(t, err)
+	assert.False(t, fresh, "provisioned, with a usable operational certificate")
+
+	calls := r.dps.Stats().Registrations
+	r.start()
+	s := r.connected()
+	assert.Equal(t, device.CredentialOperational, s.Credential)
+	assert.Equal(t, calls, r.dps.Stats().Registrations, "the agent registers no more")
+	r.stop()
+
+	_, err = reg.Reprovision(ctx, true)
+	require.NoError(t, err)
+	second := r.state()
+	assert.NotEqual(t, first.OperationalKey, second.OperationalKey)
+	assert.NoFileExists(t, strings.TrimPrefix(first.OperationalKey, "tpmkey:"), "the replaced key is destroyed")
+	assert.Len(t, r.keyfiles(), 1)
+
+	// Its key gone, the stored certificate cannot be used: provision registers for a new one.
+	require.NoError(t, os.Remove(strings.TrimPrefix(second.OperationalKey, "tpmkey:")))
+	_, fresh, err = reg.Provision(ctx)
+	require.NoError(t, err)
+	assert.True(t, fresh)
+	third := r.state()
+	assert.NotEqual(t, second.OperationalKey, third.OperationalKey)
+	assert.Len(t, r.keyfiles(), 1)
+	assert.Zero(t, r.transientObjects(), "no key left loaded in the TPM")
+}

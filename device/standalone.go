@@ -6,13 +6,16 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/storage"
 )
 
 // StandaloneRegistration is a registration a command (`unicity provision`, `reprovision`)
 // runs while the service does not: it holds the state lock throughout, so a service starting
-// meanwhile waits for it rather than racing it.
+// meanwhile waits for it rather than racing it. With issuance on it registers as the agent
+// does: with a CSR for a new operational key, whose file is written before the state that
+// names it; the keys of the state it replaces are destroyed once the new one is stored.
 type StandaloneRegistration struct {
 	Config      *config.Config
 	Store       *storage.Store
@@ -72,6 +75,10 @@ func (s *StandaloneRegistration) run(ctx context.Context, again, force bool) (*s
 	case !prev.BelongsTo(id.RegistrationID, binding):
 		prev = nil
 	}
+	if prev != nil && !again && s.Config.Certificates.Issued() && !operationalUsable(creds, prev, now()) {
+		// The agent would register for one at its start, at once: so does provision.
+		again, force = true, true
+	}
 	if prev != nil {
 		if !again {
 			return prev, false, nil
@@ -85,12 +92,68 @@ func (s *StandaloneRegistration) run(ctx context.Context, again, force bool) (*s
 	if err := lock.CheckWritable(); err != nil {
 		return nil, false, fmt.Errorf("not registering, the assignment could not be stored: %w", err)
 	}
-	st, err := registerBound(ctx, s.Provisioner, id, binding, prev, now, 1, now())
+	reg := id
+	var key *attest.Key
+	if s.Config.Certificates.Issued() {
+		if key, err = newOperationalKey(creds, s.Config); err != nil {
+			return nil, false, err
+		}
+		defer key.Close()
+		csr := *id
+		csr.CSR = key
+		reg = &csr
+	}
+	st, err := registerBound(ctx, s.Provisioner, reg, binding, prev, now, 1, now())
+	if err == nil && key != nil {
+		var op *operational
+		if op, err = issued(st.IssuedChain, key, now()); err == nil {
+			st.OperationalKey = op.spec()
+		}
+	}
 	if err != nil {
+		if key != nil {
+			key.Destroy() // nothing names it
+		}
 		return nil, false, err
 	}
+	if prev != nil {
+		st.LastRenewal = prev.LastRenewal // as the agent keeps it
+	}
 	if err := lock.Save(st); err != nil {
+		// The key stays: whether the write got through is unknown, and the agent's start
+		// destroys the keyfiles no stored state names.
 		return nil, false, fmt.Errorf("DPS assigned %s to %s, but %w", st.DeviceID, st.AssignedHub, err)
 	}
+	destroyReplaced(prev, st)
 	return st, true, nil
+}
+
+// operationalUsable reports whether the agent could reach the hub with an operational
+// credential st holds: the one in force, or the renewed one on trial, which the agent puts in
+// force when the other cannot be used.
+func operationalUsable(creds *Credentials, st *storage.State, now time.Time) bool {
+	usable := func(spec string, chain [][]byte) bool {
+		op, err := loadOperational(creds, spec, chain, now)
+		op.close()
+		return err == nil
+	}
+	return usable(st.OperationalKey, st.IssuedChain) || (st.Renewal != nil && usable(st.Renewal.OperationalKey, st.Renewal.IssuedChain))
+}
+
+// destroyReplaced destroys the operational keys prev named that st, stored in its place, does
+// not: the certificate in force before and a renewed one on trial. One that cannot be removed
+// now is left for the agent's start, which destroys the keyfiles no stored state names.
+func destroyReplaced(prev, st *storage.State) {
+	if prev == nil {
+		return
+	}
+	keys := []string{prev.OperationalKey}
+	if prev.Renewal != nil {
+		keys = append(keys, prev.Renewal.OperationalKey)
+	}
+	for _, spec := range keys {
+		if spec != "" && spec != st.OperationalKey {
+			_ = attest.DestroyKey(nil, spec)
+		}
+	}
 }
