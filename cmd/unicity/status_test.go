@@ -15,13 +15,14 @@ import (
 
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
+	"github.com/unicity-iot/unicity/device/devicetest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/storage"
 )
 
-// renewalDevice is a provisioned device with issuance on and the agent stopped: an onboarding
-// identity (software key), and a stored operational certificate past its renewal time whose
+// renewalDevice is a provisioned device with issuance on and the agent stopped: devicetest's
+// onboarding identity (software key), and a stored operational certificate past its renewal time whose
 // last renewal failed and whose renewed successor waits for the hub.
 type renewalDevice struct {
 	config             string
@@ -32,29 +33,26 @@ type renewalDevice struct {
 
 func newRenewalDevice(t *testing.T) *renewalDevice {
 	t.Helper()
+	tb := devicetest.New(t)
 	dir := t.TempDir()
-	ca, err := pki.NewRoot("issuing CA")
-	require.NoError(t, err)
-	onboarding, err := ca.NewDevice("gw-0001")
-	require.NoError(t, err)
-	certPath, keyPath := filepath.Join(dir, "identity.pem"), filepath.Join(dir, "identity.key")
-	require.NoError(t, certcodec.WriteCertificates(certPath, onboarding.Chain...))
-	require.NoError(t, certcodec.WritePrivateKey(keyPath, onboarding.Key))
 	d := &renewalDevice{config: filepath.Join(dir, "config.toml")}
 	require.NoError(t, os.WriteFile(d.config, fmt.Appendf(nil, `
 [provisioning]
 id_scope = "0ne00000000"
 [attestation]
 identity_cert = %q
-identity_key = "file:%s"
+identity_key = %q
 [state]
 dir = %q
 [runtime]
 dir = %q
 [certificates]
 issuance = "dps"
-`, certPath, keyPath, filepath.Join(dir, "state"), filepath.Join(dir, "run")), 0o600))
+`, tb.Config.Attestation.IdentityCert, tb.Config.Attestation.IdentityKey, filepath.Join(dir, "state"), filepath.Join(dir, "run")), 0o600))
+	var err error
 	d.cfg, err = config.Load(d.config)
+	require.NoError(t, err)
+	ca, err := pki.NewRoot("issuing CA")
 	require.NoError(t, err)
 
 	t0 := time.Now()
@@ -63,7 +61,7 @@ issuance = "dps"
 	d.trial, err = ca.NewDevice("gw-0001", pki.WithValidity(t0.Add(-time.Hour), t0.Add(10*24*time.Hour)))
 	require.NoError(t, err)
 	d.state = &storage.State{
-		RegistrationID: "gw-0001", Binding: certcodec.Thumbprint(onboarding.Certificate()),
+		RegistrationID: "gw-0001", Binding: certcodec.Thumbprint(tb.Leaf.Certificate()),
 		AssignedHub: "hub-a.example", DeviceID: "gw-0001", ProvisionedAt: t0.Add(-9 * 24 * time.Hour).UTC(),
 		IssuedChain:    [][]byte{d.operational.Certificate().Raw},
 		OperationalKey: "tpmkey:" + filepath.Join(dir, "state", "operational-A.key"),
