@@ -54,6 +54,9 @@ type statusReport struct {
 	Problems []string `json:"problems,omitempty"`
 	// Telemetry is the running agent's telemetry queue.
 	Telemetry *device.TelemetryStatus `json:"telemetry,omitempty"`
+	// Renewal is the agent's renewal of the operational certificate, as its status says it
+	// (the operational entry of Certificates has it with the stored certificate's).
+	Renewal *device.RenewalStatus `json:"renewal,omitempty"`
 }
 
 // statusTimeout bounds the question to the service: a wedged agent must not wedge status.
@@ -160,6 +163,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 		r.Message, r.LastError, r.NextRetry, r.StatusAt = live.Message, live.LastError, live.NextRetry, live.UpdatedAt
 		r.Telemetry = live.Telemetry
 		r.Credential = live.Credential
+		r.Renewal = live.Renewal
 	}
 	if live != nil && r.ServiceRunning && live.AssignedHub != "" && (live.StoreError != "" || r.AssignedHub == "") {
 		// The assignment in force is the agent's: not stored, or not readable by this user.
