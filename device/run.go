@@ -423,34 +423,18 @@ func (r *run) register(ctx context.Context, attempt int, start time.Time) (*stor
 // obtain makes attempt number attempt of a registration that began at start. With issuance
 // on, the registration sends a CSR for a new key, and op is the certificate DPS issued for it.
 func (r *run) obtain(ctx context.Context, attempt int, start time.Time) (st *storage.State, op *operational, err error) {
-	id := r.id
 	var key *attest.Key
 	if r.issuing() {
 		if key, err = r.newOperationalKey(); err != nil {
 			return nil, nil, err
 		}
-		csr := *r.id
-		csr.CSR = key
-		id = &csr
 	}
 	err = r.a.bounded(ctx, func(ctx context.Context) error {
 		var err error
-		st, err = registerBound(ctx, r.a.Provisioner, id, r.binding, r.assignment, r.a.Clock.Now, attempt, start)
+		st, op, err = registerCSR(ctx, r.a.Provisioner, r.id, key, r.binding, r.assignment, r.a.Clock.Now, attempt, start)
 		return err
 	})
-	if err == nil && key != nil {
-		op, err = issued(st.IssuedChain, key, r.a.Clock.Now())
-		if err == nil {
-			st.OperationalKey = op.spec()
-		}
-	}
-	if err != nil {
-		if key != nil {
-			key.Destroy() // nothing names it
-		}
-		return nil, nil, err
-	}
-	return st, op, nil
+	return st, op, err
 }
 
 // swap stores st, a new assignment, and puts it in force with op, the certificate issued
@@ -493,6 +477,32 @@ func registerBound(ctx context.Context, p Provisioner, id *Identity, binding str
 	st.ProvisionedAt = now()
 	st.Attempts, st.Duration = attempt, st.ProvisionedAt.Sub(start)
 	return st, nil
+}
+
+// registerCSR makes one registration, with a CSR for key when there is one (issuance), and
+// binds the assignment to the identity; op is the certificate DPS issued for key. On failure
+// key is destroyed: nothing names it.
+func registerCSR(ctx context.Context, p Provisioner, id *Identity, key *attest.Key, binding string, prev *storage.State, now func() time.Time, attempt int, start time.Time) (*storage.State, *operational, error) {
+	reg := id
+	if key != nil {
+		csr := *id
+		csr.CSR = key
+		reg = &csr
+	}
+	st, err := registerBound(ctx, p, reg, binding, prev, now, attempt, start)
+	var op *operational
+	if err == nil && key != nil {
+		if op, err = issued(st.IssuedChain, key, now()); err == nil {
+			st.OperationalKey = op.spec()
+		}
+	}
+	if err != nil {
+		if key != nil {
+			key.Destroy()
+		}
+		return nil, nil, err
+	}
+	return st, op, nil
 }
 
 // store saves a new assignment. One the disk refuses (full, read-only) is used all the same

@@ -92,28 +92,15 @@ func (s *StandaloneRegistration) run(ctx context.Context, again, force bool) (*s
 	if err := lock.CheckWritable(); err != nil {
 		return nil, false, fmt.Errorf("not registering, the assignment could not be stored: %w", err)
 	}
-	reg := id
 	var key *attest.Key
 	if s.Config.Certificates.Issued() {
 		if key, err = newOperationalKey(creds, s.Config); err != nil {
 			return nil, false, err
 		}
 		defer key.Close()
-		csr := *id
-		csr.CSR = key
-		reg = &csr
 	}
-	st, err := registerBound(ctx, s.Provisioner, reg, binding, prev, now, 1, now())
-	if err == nil && key != nil {
-		var op *operational
-		if op, err = issued(st.IssuedChain, key, now()); err == nil {
-			st.OperationalKey = op.spec()
-		}
-	}
+	st, _, err := registerCSR(ctx, s.Provisioner, id, key, binding, prev, now, 1, now())
 	if err != nil {
-		if key != nil {
-			key.Destroy() // nothing names it
-		}
 		return nil, false, err
 	}
 	if prev != nil {
