@@ -152,9 +152,9 @@ func (r *run) showRenewal(sess Session) {
 }
 
 // renew makes one attempt at renewing the operational certificate over the live session
-// sess. reconnect reports that the session is to be closed: a renewed certificate waits to
-// be tried, or (through DPS) another assignment is in force.
-func (r *run) renew(ctx context.Context, sess Session) (reconnect bool) {
+// sess. It reports success, after which the session is to be closed: a renewed certificate
+// waits to be tried, or (through DPS) another assignment is in force.
+func (r *run) renew(ctx context.Context, sess Session) bool {
 	via := r.nextVia(sess)
 	r.ren.requesting = via
 	r.showRenewal(sess)
@@ -170,7 +170,7 @@ func (r *run) renew(ctx context.Context, sess Session) (reconnect bool) {
 		}
 	} else {
 		r.ren.hubFailures, r.ren.hubBroken = 0, false
-		reconnect, err = r.renewViaDPS(ctx)
+		err = r.renewViaDPS(ctx)
 	}
 	r.ren.requesting = ""
 	if err != nil && ctx.Err() != nil {
@@ -218,20 +218,20 @@ func (r *run) renewViaHub(ctx context.Context, is certificateIssuer) error {
 }
 
 // renewViaDPS registers with DPS for a certificate for a new key. The same assignment puts the
-// new credential on trial; another one is a move, in force at once (registered).
-func (r *run) renewViaDPS(ctx context.Context) (registered bool, err error) {
+// new credential on trial; another one is a move, in force at once.
+func (r *run) renewViaDPS(ctx context.Context) error {
 	cur := r.assignment
 	st, op, err := r.obtain(ctx, 1, r.a.Clock.Now())
 	if err != nil {
-		return false, err
+		return err
 	}
 	if st.AssignedHub != cur.AssignedHub || !strings.EqualFold(st.DeviceID, cur.DeviceID) {
 		r.swap(ctx, st, op)
-		return true, nil
+		return nil
 	}
 	st.IssuedChain, st.OperationalKey, st.LastRenewal = cur.IssuedChain, cur.OperationalKey, cur.LastRenewal
 	r.propose(ctx, st, op, ViaDPS)
-	return true, nil
+	return nil
 }
 
 // propose stores base, the assignment in force, with op beside its credential as the renewed
