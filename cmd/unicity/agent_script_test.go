@@ -17,8 +17,10 @@ import (
 
 	"github.com/rogpeppe/go-internal/testscript"
 
+	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/internal/poll"
+	"github.com/unicity-iot/unicity/localapi"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -43,6 +45,16 @@ import (
 //	awaitcert STATEDIR RUNDIR VAR [NOT]
 //	    wait (60s) until the agent is connected with an operational certificate stored in
 //	    STATEDIR, other than the one whose SHA-256 thumbprint is NOT; set VAR to its thumbprint.
+//	awaitrenewal STATEDIR RUNDIR VIA VAR [NOT]
+//	    wait (60s) until the running agent, asked through its local API in RUNDIR, is
+//	    connected with a certificate it renewed through VIA (hub or dps), other than the one
+//	    whose SHA-256 thumbprint is NOT, and STATEDIR stores it with nothing on trial; set VAR
+//	    to its thumbprint.
+//	awaittwin STATEDIR DEVICE
+//	    wait (30s) until DEVICE's twin reports (unicity.validFrom/validUntil) the validity of
+//	    the operational certificate stored in STATEDIR; the twin is then the stdout to check.
+//	awaitexpiry STATEDIR
+//	    wait (60s) until the operational certificate stored in STATEDIR has expired.
 //	expand SRC DST
 //	    copy SRC to DST with $VAR and ${VAR} replaced by the script's environment (config
 //	    files that name the emulator's addresses and the TPM).
@@ -314,6 +326,120 @@ func cmdAwaitCert(ts *testscript.TestScript, neg bool, args []string) {
 		ts.Fatalf("no new operational certificate in use: %s", last)
 	}
 	ts.Setenv(args[2], thumb)
+}
+
+// cmdAwaitRenewal: awaitrenewal STATEDIR RUNDIR VIA VAR [NOT]. The live status comes from
+// the local API: the status file is written on phase and message changes only.
+func cmdAwaitRenewal(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 4 || len(args) > 5 {
+		ts.Fatalf("usage: awaitrenewal STATEDIR RUNDIR VIA VAR [NOT]")
+	}
+	stateDir, via := ts.MkAbs(args[0]), args[2]
+	cfg := config.Default()
+	cfg.Runtime.Dir = ts.MkAbs(args[1])
+	api := localapi.NewClient(&cfg)
+	var not string
+	if len(args) == 5 {
+		not = args[4]
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var thumb, last string
+	err := poll.Until(ctx, 50*time.Millisecond, func() bool {
+		s, err := api.Status(ctx)
+		if err != nil {
+			last = err.Error()
+			return false
+		}
+		rn := s.Renewal
+		if s.Phase != device.PhaseConnected || s.Credential != device.CredentialOperational || rn == nil || rn.State != device.RenewalScheduled ||
+			rn.Last == nil || rn.Last.Result != storage.Renewed || rn.Last.Via != via || strings.EqualFold(rn.Last.Thumbprint, not) {
+			last = fmt.Sprintf("phase %s, credential %s, renewal %s", s.Phase, s.Credential, renewalOf(rn))
+			return false
+		}
+		st, err := storage.New(stateDir).Load()
+		if err != nil {
+			last = err.Error()
+			return false
+		}
+		if st.Renewal != nil {
+			last = "a renewed certificate on trial"
+			return false
+		}
+		op, err := device.StoredOperational(st, time.Now())
+		if err != nil || op == nil || !strings.EqualFold(op.SHA256Thumbprint, rn.Last.Thumbprint) {
+			ts.Fatalf("the agent renewed into %s, the state stores %+v (%v)", rn.Last.Thumbprint, op, err)
+		}
+		if _, err := os.Stat(ts.MkAbs(strings.TrimPrefix(op.Key, "tpmkey:"))); err != nil {
+			ts.Fatalf("the renewed certificate's key: %v", err)
+		}
+		thumb = op.SHA256Thumbprint
+		return true
+	})
+	if err != nil {
+		ts.Fatalf("no certificate renewed through %s in use: %s", via, last)
+	}
+	ts.Setenv(args[3], thumb)
+}
+
+func renewalOf(rn *device.RenewalStatus) string {
+	b, _ := json.Marshal(rn)
+	return string(b)
+}
+
+// cmdAwaitTwin: awaittwin STATEDIR DEVICE. The agent reports as a connection comes up, a
+// moment after the status says connected.
+func cmdAwaitTwin(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 2 {
+		ts.Fatalf("usage: awaittwin STATEDIR DEVICE")
+	}
+	op := storedCertificate(ts, args[0])
+	ctx, cancel := context.WithTimeout(context.Background(), harnessWait)
+	defer cancel()
+	var last string
+	err := poll.Until(ctx, 100*time.Millisecond, func() bool {
+		ts.Check(ts.Exec("unicity-emulator", "twin", "--dir", ts.Getenv("EMU_DIR"), "--device", args[1]))
+		var twin struct {
+			Reported struct {
+				Unicity struct {
+					ValidFrom  time.Time `json:"validFrom"`
+					ValidUntil time.Time `json:"validUntil"`
+				} `json:"unicity"`
+			} `json:"reported"`
+		}
+		last = ts.ReadFile("stdout")
+		ts.Check(json.Unmarshal([]byte(last), &twin))
+		u := twin.Reported.Unicity
+		return u.ValidFrom.Equal(op.NotBefore) && u.ValidUntil.Equal(op.NotAfter)
+	})
+	if err != nil {
+		ts.Fatalf("the twin does not report %s to %s (%s): %s", op.NotBefore, op.NotAfter, op.SHA256Thumbprint, last)
+	}
+}
+
+// cmdAwaitExpiry: awaitexpiry STATEDIR, the device being offline.
+func cmdAwaitExpiry(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: awaitexpiry STATEDIR")
+	}
+	op := storedCertificate(ts, args[0])
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := poll.Until(ctx, 100*time.Millisecond, func() bool { return time.Now().After(op.NotAfter) }); err != nil {
+		ts.Fatalf("%s is valid until %s", op.SHA256Thumbprint, op.NotAfter)
+	}
+}
+
+// storedCertificate is the operational certificate stored in dir.
+func storedCertificate(ts *testscript.TestScript, dir string) *device.CertificateInfo {
+	st, err := storage.New(ts.MkAbs(dir)).Load()
+	ts.Check(err)
+	op, err := device.StoredOperational(st, time.Now())
+	ts.Check(err)
+	if op == nil {
+		ts.Fatalf("no operational certificate stored in %s", dir)
+	}
+	return op
 }
 
 func cmdExpand(ts *testscript.TestScript, neg bool, args []string) {

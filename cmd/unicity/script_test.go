@@ -63,12 +63,15 @@ var scriptCmds = map[string]func(ts *testscript.TestScript, neg bool, args []str
 	"swtpm":  cmdSWTPM,
 	"testca": cmdTestCA,
 	// The agent scenarios' commands, documented in agent_script_test.go.
-	"emulator":    cmdEmulator,
-	"freeport":    cmdFreePort,
-	"awaitstatus": cmdAwaitStatus,
-	"statefile":   cmdStateFile,
-	"awaitcert":   cmdAwaitCert,
-	"expand":      cmdExpand,
+	"emulator":     cmdEmulator,
+	"freeport":     cmdFreePort,
+	"awaitstatus":  cmdAwaitStatus,
+	"statefile":    cmdStateFile,
+	"awaitcert":    cmdAwaitCert,
+	"awaitrenewal": cmdAwaitRenewal,
+	"awaittwin":    cmdAwaitTwin,
+	"awaitexpiry":  cmdAwaitExpiry,
+	"expand":       cmdExpand,
 }
 
 func cmdStatus(ts *testscript.TestScript, neg bool, args []string) {
