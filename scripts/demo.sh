@@ -6,7 +6,9 @@
 #      TPM key (a credential policy on the factory enrollment), and connects to the assigned
 #      hub with it;
 #   4. a telemetry message sent through the agent arrives in the emulator, which counts one
-#      DPS registration and names the hub by a loopback address of its own, without a port.
+#      DPS registration and names the hub by a loopback address of its own, without a port;
+#   5. the operational certificate, valid for seconds only here, is renewed through the hub at
+#      renew_at (80 %) of its lifetime: a new TPM key, a new certificate, the old key destroyed.
 # Everything lives in a temporary directory, removed on exit with the processes it started.
 set -euo pipefail
 
@@ -34,20 +36,26 @@ trap 'exit 130' INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-# wait_for PHASE: until the agent's status file shows it, or the agent dies.
-wait_for() {
-	local i
+# await WHAT COMMAND...: until COMMAND succeeds (checked every 0.1 s, for 60 s at most), or the
+# agent dies.
+await() {
+	local what=$1 i
+	shift
 	for ((i = 0; i < 600; i++)); do
-		if grep -q "\"phase\":\"$1\"" "$work/run/status.json" 2>/dev/null; then
-			return 0
-		fi
+		"$@" && return 0
 		kill -0 "$agent" 2>/dev/null || { echo "demo: the agent exited" >&2; cat "$work/agent.log" >&2; exit 1; }
 		sleep 0.1
 	done
-	echo "demo: no '$1' after 60 s" >&2
+	echo "demo: no $what after 60 s" >&2
 	cat "$work/agent.log" >&2
 	exit 1
 }
+
+# wait_for PHASE: until the agent's status file shows it.
+wait_for() { await "'$1'" grep -qs "\"phase\":\"$1\"" "$work/run/status.json"; }
+
+# thumbprint KEY: the value of KEY (sha256_thumbprint, replaced) in the agent's renewed line.
+thumbprint() { sed -n "s/.*event=renewed .*$1=\([0-9A-F]*\).*/\1/p" "$work/agent.log" | head -n 1; }
 
 step "software TPM"
 mkdir -p "$work/tpm"
@@ -72,15 +80,19 @@ dps=$(field dps)
 hub=$(field hub)
 trust_bundle=$(field trust_bundle)
 
-step "factory line: key in the TPM, CSR, certificate, install"
+# The onboarding key is persistent, so that the TPM's few transient slots are free for the
+# operational keys of a renewal.
+step "factory line: key in the TPM (persistent), CSR, certificate, install"
 cd "$work"
-"$unicity" factory keygen --tpm "$tpm" --out identity.key
-"$unicity" factory csr --tpm "$tpm" --key identity.key --cn demo-gw-01 --out identity.csr
+identity_key=tpmkey:handle=0x81000002
+"$unicity" factory keygen --tpm "$tpm" --out identity.key --handle 0x81000002
+"$unicity" factory csr --tpm "$tpm" --key "$identity_key" --cn demo-gw-01 --out identity.csr
 "$emulator" sign --dir "$work/emu" --csr identity.csr --out identity-cert.pem
-"$unicity" factory install --tpm "$tpm" --key identity.key --cert identity-cert.pem --out identity.pem
+"$unicity" factory install --tpm "$tpm" --key "$identity_key" --cert identity-cert.pem --out identity.pem
 
-step "credential policy: DPS issues 30-day operational certificates to the factory's devices"
-"$emulator" policy --dir "$work/emu" --group factory --validity 720h
+# Azure's policies issue for 7 to 90 days; 8 seconds here, so that the demo sees a renewal.
+step "credential policy: DPS issues 8-second operational certificates to the factory's devices"
+"$emulator" policy --dir "$work/emu" --group factory --validity 8s
 
 cat >config.toml <<CONFIG
 [provisioning]
@@ -89,7 +101,7 @@ id_scope = "$id_scope"
 
 [attestation]
 identity_cert = "$work/identity.pem"
-identity_key = "tpmkey:$work/identity.key"
+identity_key = "$identity_key"
 
 [tpm]
 device = "$tpm"
@@ -124,4 +136,11 @@ echo '{"temperature":21.5,"humidity":40}' |
 step "DPS: one registration; the hub is named without a port, as Azure names hubs"
 "$emulator" registrations --dir "$work/emu" --device demo-gw-01
 
-step "done: device demo-gw-01 provisioned on $hub, connected with its operational certificate, telemetry delivered"
+step "renewal: at 80 % of its lifetime the agent asks the hub for a certificate for a new TPM key"
+await "renewed certificate" grep -q "event=renewed" "$work/agent.log"
+grep -e "event=renewed" "$work/agent.log" | head -n 1 | sed 's/^/  agent: /'
+echo "operational certificate before: $(thumbprint replaced)"
+echo "operational certificate after:  $(thumbprint sha256_thumbprint)"
+"$emulator" devices --dir "$work/emu"
+
+step "done: device demo-gw-01 provisioned on $hub, connected with its operational certificate, telemetry delivered, the certificate renewed through the hub"
