@@ -301,23 +301,15 @@ func cmdAwaitCert(ts *testscript.TestScript, neg bool, args []string) {
 	defer cancel()
 	var thumb, last string
 	err := poll.Until(ctx, 50*time.Millisecond, func() bool {
-		st, err := storage.New(stateDir).Load()
+		_, op, err := storedInUse(ts, stateDir)
 		if err != nil {
 			last = err.Error()
-			return false
-		}
-		op, err := device.StoredOperational(st, time.Now())
-		if err != nil || op == nil {
-			last = fmt.Sprintf("no operational certificate stored (%v)", err)
 			return false
 		}
 		s, err := device.ReadStatus(runDir)
 		if err != nil || s.Phase != device.PhaseConnected || s.Credential != device.CredentialOperational {
 			last = fmt.Sprintf("status %+v (%v)", s, err)
 			return false
-		}
-		if _, err := os.Stat(ts.MkAbs(strings.TrimPrefix(op.Key, "tpmkey:"))); err != nil {
-			ts.Fatalf("the stored operational key: %v", err)
 		}
 		thumb = op.SHA256Thumbprint
 		return !strings.EqualFold(thumb, not)
@@ -357,21 +349,16 @@ func cmdAwaitRenewal(ts *testscript.TestScript, neg bool, args []string) {
 			last = fmt.Sprintf("phase %s, credential %s, renewal %s", s.Phase, s.Credential, renewalOf(rn))
 			return false
 		}
-		st, err := storage.New(stateDir).Load()
-		if err != nil {
+		st, op, err := storedInUse(ts, stateDir)
+		switch {
+		case err != nil:
 			last = err.Error()
 			return false
-		}
-		if st.Renewal != nil {
+		case st.Renewal != nil:
 			last = "a renewed certificate on trial"
 			return false
-		}
-		op, err := device.StoredOperational(st, time.Now())
-		if err != nil || op == nil || !strings.EqualFold(op.SHA256Thumbprint, rn.Last.Thumbprint) {
-			ts.Fatalf("the agent renewed into %s, the state stores %+v (%v)", rn.Last.Thumbprint, op, err)
-		}
-		if _, err := os.Stat(ts.MkAbs(strings.TrimPrefix(op.Key, "tpmkey:"))); err != nil {
-			ts.Fatalf("the renewed certificate's key: %v", err)
+		case !strings.EqualFold(op.SHA256Thumbprint, rn.Last.Thumbprint):
+			ts.Fatalf("the agent renewed into %s, the state stores %s", rn.Last.Thumbprint, op.SHA256Thumbprint)
 		}
 		thumb = op.SHA256Thumbprint
 		return true
@@ -432,14 +419,26 @@ func cmdAwaitExpiry(ts *testscript.TestScript, neg bool, args []string) {
 
 // storedCertificate is the operational certificate stored in dir.
 func storedCertificate(ts *testscript.TestScript, dir string) *device.CertificateInfo {
-	st, err := storage.New(ts.MkAbs(dir)).Load()
+	_, op, err := storedInUse(ts, ts.MkAbs(dir))
 	ts.Check(err)
-	op, err := device.StoredOperational(st, time.Now())
-	ts.Check(err)
-	if op == nil {
-		ts.Fatalf("no operational certificate stored in %s", dir)
-	}
 	return op
+}
+
+// storedInUse is the state in dir and its operational certificate, an error when it has none
+// yet; a certificate whose key is missing fails the script.
+func storedInUse(ts *testscript.TestScript, dir string) (*storage.State, *device.CertificateInfo, error) {
+	st, err := storage.New(dir).Load()
+	if err != nil {
+		return nil, nil, err
+	}
+	op, err := device.StoredOperational(st, time.Now())
+	if err != nil || op == nil {
+		return nil, nil, fmt.Errorf("no operational certificate stored (%v)", err)
+	}
+	if _, err := os.Stat(ts.MkAbs(strings.TrimPrefix(op.Key, "tpmkey:"))); err != nil {
+		ts.Fatalf("the stored operational key: %v", err)
+	}
+	return st, op, nil
 }
 
 func cmdExpand(ts *testscript.TestScript, neg bool, args []string) {
