@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,9 +51,10 @@ import (
 //	    connected with a certificate it renewed through VIA (hub or dps), other than the one
 //	    whose SHA-256 thumbprint is NOT, and STATEDIR stores it with nothing on trial; set VAR
 //	    to its thumbprint.
-//	awaittwin STATEDIR DEVICE
+//	awaittwin STATEDIR DEVICE [REGEXP]
 //	    wait (30s) until DEVICE's twin reports (unicity.validFrom/validUntil) the validity of
-//	    the operational certificate stored in STATEDIR; the twin is then the stdout to check.
+//	    the operational certificate stored in STATEDIR, and matches REGEXP; the twin is then
+//	    the stdout to check.
 //	awaitexpiry STATEDIR
 //	    wait (60s) until the operational certificate stored in STATEDIR has expired.
 //	expand SRC DST
@@ -374,13 +376,19 @@ func renewalOf(rn *device.RenewalStatus) string {
 	return string(b)
 }
 
-// cmdAwaitTwin: awaittwin STATEDIR DEVICE. The agent reports as a connection comes up, a
-// moment after the status says connected.
+// cmdAwaitTwin: awaittwin STATEDIR DEVICE [REGEXP]. The agent reports as a connection comes
+// up, a moment after the status says connected, and the renewal state as it changes.
 func cmdAwaitTwin(ts *testscript.TestScript, neg bool, args []string) {
-	if neg || len(args) != 2 {
-		ts.Fatalf("usage: awaittwin STATEDIR DEVICE")
+	if neg || len(args) < 2 || len(args) > 3 {
+		ts.Fatalf("usage: awaittwin STATEDIR DEVICE [REGEXP]")
 	}
 	op := storedCertificate(ts, args[0])
+	want := regexp.MustCompile("")
+	if len(args) == 3 {
+		var err error
+		want, err = regexp.Compile(args[2])
+		ts.Check(err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), harnessWait)
 	defer cancel()
 	var last string
@@ -397,10 +405,10 @@ func cmdAwaitTwin(ts *testscript.TestScript, neg bool, args []string) {
 		last = ts.ReadFile("stdout")
 		ts.Check(json.Unmarshal([]byte(last), &twin))
 		u := twin.Reported.Unicity
-		return u.ValidFrom.Equal(op.NotBefore) && u.ValidUntil.Equal(op.NotAfter)
+		return u.ValidFrom.Equal(op.NotBefore) && u.ValidUntil.Equal(op.NotAfter) && want.MatchString(last)
 	})
 	if err != nil {
-		ts.Fatalf("the twin does not report %s to %s (%s): %s", op.NotBefore, op.NotAfter, op.SHA256Thumbprint, last)
+		ts.Fatalf("the twin does not report %s to %s (%s), matching %q: %s", op.NotBefore, op.NotAfter, op.SHA256Thumbprint, want, last)
 	}
 }
 
