@@ -117,7 +117,34 @@ func LoadKey(tpm transport.TPMCloser, spec string) (*Key, error) {
 	}
 	key.Location = keySpecTPM + path
 	key.keyfile = k
+	idleKey(tpm, key)
 	return key, nil
+}
+
+// Close flushes the key from the TPM (a persistent key stays). It does not close the TPM.
+func (k *Key) Close() error {
+	if k.keyfile != nil {
+		forgetKey(k.tpm, k)
+	}
+	return k.loadedKey.Close()
+}
+
+// evict flushes a keyfile key from the TPM, to make room, unless a signature is using it; the
+// next signature loads it again (Sign). It reports whether it flushed it.
+func (k *Key) evict() bool {
+	if !k.mu.TryLock() {
+		return false
+	}
+	defer k.mu.Unlock()
+	if k.closed || k.signer == nil || k.flush == 0 {
+		return false
+	}
+	if _, err := (tpm2.FlushContext{FlushHandle: k.flush}).Execute(k.tpm); err != nil {
+		return false
+	}
+	release(k.tpm, k.flush)
+	k.signer, k.flush = nil, 0
+	return true
 }
 
 // ParsePersistentHandle parses a persistent TPM handle (0x81000000-0x81FFFFFF) such as
@@ -179,8 +206,9 @@ func loadKeyfile(tpm transport.TPMCloser, k *keyfile.TPMKey) (*Key, error) {
 	err = inSequence(tpm, func() error {
 		kh, err := loadUnderParent(tpm, k)
 		// On a TPM with no resource manager, the slots may be taken by objects of programs
-		// that are gone (a killed agent's key): flushed, they are free for this one.
-		if outOfMemory(err) && reclaimFor(tpm) {
+		// that are gone (a killed agent's key): flushed, they are free for this one. Else
+		// this program's idle keyfile keys make room, to be loaded again when used.
+		if outOfMemory(err) && (reclaimFor(tpm) || evictFor(tpm, nil)) {
 			kh, err = loadUnderParent(tpm, k)
 		}
 		if err != nil {
@@ -315,21 +343,15 @@ func (k *Key) Sign(rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 			return nil, fmt.Errorf("cannot sign: PSS salt length %d is not the hash length", pss.SaltLength)
 		}
 	}
-	k.mu.RLock()
-	signer, closed := k.signer, k.closed
-	k.mu.RUnlock()
-	if closed {
-		return nil, ErrKeyClosed
-	}
-	sig, err := k.signSerialised(signer, rand, digest, opts)
-	if err != nil && k.keyfile != nil {
-		// The TPM may have been reset under us (swtpm restarted): its transient handle is
-		// gone, but the keyfile loads again. Only once: a TPM that refuses it stays an error.
-		if rerr := k.reload(signer); rerr == nil {
-			k.mu.RLock()
-			signer = k.signer
-			k.mu.RUnlock()
-			sig, err = k.signSerialised(signer, rand, digest, opts)
+	sig, used, err := k.signLoaded(rand, digest, opts)
+	if k.keyfile != nil && err != nil && !errors.Is(err, ErrKeyClosed) {
+		// Flushed to make room (evictFor), or the TPM was reset under us (swtpm restarted):
+		// its transient handle is gone, but the keyfile loads again. Only once: a TPM that
+		// refuses it stays an error.
+		if rerr := k.reload(used); rerr == nil {
+			sig, _, err = k.signLoaded(rand, digest, opts)
+		} else if errors.Is(err, errUnloaded) {
+			err = rerr
 		}
 	}
 	if err != nil {
@@ -338,15 +360,23 @@ func (k *Key) Sign(rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 	return sig, nil
 }
 
-// signSerialised signs unless Close has begun: Close waits for it, so no signature uses a
-// flushed handle.
-func (k *Key) signSerialised(signer crypto.Signer, rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+// errUnloaded: the keyfile key was flushed to make room, and loads again before it signs.
+var errUnloaded = errors.New("the key is not loaded")
+
+// signLoaded signs with the key as loaded now, unless Close has begun: Close and evict wait
+// for it, so no signature uses a flushed handle (whose number another object may have
+// taken). used is the signer it used, for reload.
+func (k *Key) signLoaded(rand io.Reader, digest []byte, opts crypto.SignerOpts) (sig []byte, used crypto.Signer, err error) {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
-	if k.closed {
-		return nil, ErrKeyClosed
+	switch {
+	case k.closed:
+		return nil, nil, ErrKeyClosed
+	case k.signer == nil:
+		return nil, nil, errUnloaded
 	}
-	return signer.Sign(rand, digest, opts)
+	sig, err = k.signer.Sign(rand, digest, opts)
+	return sig, k.signer, err
 }
 
 // reload loads the keyfile again in place of failed, unless another Sign already did.

@@ -94,7 +94,7 @@ func CreateKey(tpm transport.TPMCloser, alg KeyAlgorithm) (*keyfile.TPMKey, erro
 		return nil, fmt.Errorf("unknown key algorithm %q: want %s, %s or %s", alg, ECDSAP256, ECDSAP384, RSA2048)
 	}
 	var cr *tpm2.CreateResponse
-	err := inSequence(tpm, func() error {
+	create := func() error {
 		srk, err := createSRK(tpm, tpm2.TPMRHOwner)
 		if err != nil {
 			return err
@@ -108,6 +108,15 @@ func CreateKey(tpm transport.TPMCloser, alg KeyAlgorithm) (*keyfile.TPMKey, erro
 			return fmt.Errorf("cannot create a %s key in the TPM: %w", alg, err)
 		}
 		return nil
+	}
+	err := inSequence(tpm, func() error {
+		err := create()
+		// The storage root key and the new key need slots beside the keys this program
+		// holds (the agent's onboarding and operational keys, when it renews).
+		if outOfMemory(err) && (reclaimFor(tpm) || evictFor(tpm, nil)) {
+			err = create()
+		}
+		return err
 	})
 	if err != nil {
 		return nil, err

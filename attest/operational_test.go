@@ -1,11 +1,16 @@
 package attest_test
 
 import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -15,6 +20,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unicity-iot/unicity/attest"
+	"github.com/unicity-iot/unicity/attest/attesttest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/internal/pki"
 )
@@ -198,4 +204,37 @@ func TestIssuedIdentityRefusals(t *testing.T) {
 	assert.ErrorIs(t, err, attest.ErrInvalidIdentity)
 	_, err = attest.IssuedIdentity(nil, key, time.Now())
 	assert.ErrorIs(t, err, attest.ErrInvalidIdentity)
+}
+
+// swtpm holds 3 objects. The agent holds its onboarding and operational keys when it makes
+// the next operational key, which needs the storage root key beside them: idle keyfile keys
+// are flushed to make room, and load again when they sign (never with a handle another key
+// has taken since).
+func TestKeysBeyondTheTPMsSlots(t *testing.T) {
+	tpm := attesttest.SWTPM(t)
+	dir := t.TempDir()
+	var keys []*attest.Key
+	for i := range 5 {
+		key, err := attest.NewOperationalKey(tpm, attest.ECDSAP256, filepath.Join(dir, fmt.Sprintf("op-%d.key", i)))
+		require.NoError(t, err, "key %d", i)
+		t.Cleanup(func() { key.Close() })
+		keys = append(keys, key)
+	}
+	var wg sync.WaitGroup
+	for round := range 3 {
+		for i, key := range keys {
+			wg.Go(func() {
+				digest := sha256.Sum256(fmt.Appendf(nil, "round %d key %d", round, i))
+				sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+				if assert.NoError(t, err, "key %d", i) {
+					assert.True(t, ecdsa.VerifyASN1(key.Public().(*ecdsa.PublicKey), digest[:], sig), "key %d signed with its own key", i)
+				}
+			})
+		}
+	}
+	wg.Wait()
+	for _, key := range keys {
+		require.NoError(t, key.Close())
+	}
+	assert.Zero(t, transientHandles(t, tpm), "closed keys leave nothing loaded")
 }

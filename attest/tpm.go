@@ -94,7 +94,10 @@ type TPM struct {
 	conn transport.TPMCloser
 	// held counts the transient objects that this program's Keys hold, by handle: the
 	// objects a reclaim keeps.
-	held   map[tpm2.TPMHandle]int
+	held map[tpm2.TPMHandle]int
+	// idle are this program's keyfile Keys, which may be flushed while no signature uses
+	// them and loaded again at the next (see evictFor).
+	idle   map[*Key]struct{}
 	closed bool
 }
 
@@ -131,7 +134,7 @@ func openTPM(ctx context.Context, spec string, timeout time.Duration) (*TPM, err
 	if spec == "" {
 		spec = DefaultTPM
 	}
-	t := &TPM{spec: spec, exclusive: Exclusive(spec), ctx: ctx, timeout: timeout, held: map[tpm2.TPMHandle]int{}}
+	t := &TPM{spec: spec, exclusive: Exclusive(spec), ctx: ctx, timeout: timeout, held: map[tpm2.TPMHandle]int{}, idle: map[*Key]struct{}{}}
 	switch {
 	case strings.HasPrefix(spec, "/"):
 		t.dial = func(context.Context) (transport.TPMCloser, error) {
@@ -176,7 +179,7 @@ func Locked(tpm transport.TPMCloser) *TPM {
 	if t, ok := tpm.(*TPM); ok {
 		return t
 	}
-	return &TPM{spec: "TPM", ctx: context.Background(), timeout: CommandTimeout, conn: tpm, held: map[tpm2.TPMHandle]int{}}
+	return &TPM{spec: "TPM", ctx: context.Background(), timeout: CommandTimeout, conn: tpm, held: map[tpm2.TPMHandle]int{}, idle: map[*Key]struct{}{}}
 }
 
 // inSequence runs f, a sequence of commands that holds transient objects (a storage root
@@ -362,6 +365,48 @@ func reclaimFor(tpm transport.TPM) bool {
 	}
 	n, _ := t.reclaim()
 	return n > 0
+}
+
+// evictFor makes room in a TPM that is out of object memory by flushing this program's
+// keyfile Keys that no signature is using (except, the one being loaded); each loads again
+// at its next signature. A TPM of a few slots (swtpm has 3) holds the onboarding key and the
+// operational one, and making the next operational key needs the storage root key beside
+// them. It reports whether it flushed any.
+func evictFor(tpm transport.TPM, except *Key) bool {
+	t, ok := tpm.(*TPM)
+	if !ok {
+		return false
+	}
+	t.mu.Lock()
+	keys := make([]*Key, 0, len(t.idle))
+	for k := range t.idle {
+		if k != except {
+			keys = append(keys, k)
+		}
+	}
+	t.mu.Unlock()
+	evicted := false
+	for _, k := range keys {
+		evicted = k.evict() || evicted
+	}
+	return evicted
+}
+
+// idleKey adds a keyfile Key to the ones evictFor may flush; forgetKey removes it.
+func idleKey(tpm transport.TPM, k *Key) {
+	if t, ok := tpm.(*TPM); ok {
+		t.mu.Lock()
+		t.idle[k] = struct{}{}
+		t.mu.Unlock()
+	}
+}
+
+func forgetKey(tpm transport.TPM, k *Key) {
+	if t, ok := tpm.(*TPM); ok {
+		t.mu.Lock()
+		delete(t.idle, k)
+		t.mu.Unlock()
+	}
 }
 
 // hold and release count the transient objects of this program's Keys, which reclaim keeps.

@@ -80,12 +80,10 @@ dps=$(field dps)
 hub=$(field hub)
 trust_bundle=$(field trust_bundle)
 
-# The onboarding key is persistent, so that the TPM's few transient slots are free for the
-# operational keys of a renewal.
-step "factory line: key in the TPM (persistent), CSR, certificate, install"
+step "factory line: key in the TPM, CSR, certificate, install"
 cd "$work"
-identity_key=tpmkey:handle=0x81000002
-"$unicity" factory keygen --tpm "$tpm" --out identity.key --handle 0x81000002
+identity_key=tpmkey:identity.key
+"$unicity" factory keygen --tpm "$tpm" --out identity.key
 "$unicity" factory csr --tpm "$tpm" --key "$identity_key" --cn demo-gw-01 --out identity.csr
 "$emulator" sign --dir "$work/emu" --csr identity.csr --out identity-cert.pem
 "$unicity" factory install --tpm "$tpm" --key "$identity_key" --cert identity-cert.pem --out identity.pem
