@@ -289,24 +289,6 @@ func (c *Client) sendIssue(ctx context.Context, cn *conn, rid string, payload []
 	}
 }
 
-// nextConn waits for a connection other than dead, which may still be the current one for a
-// moment after it ended.
-func (c *Client) nextConn(ctx context.Context, dead *conn) (*conn, error) {
-	for {
-		c.mu.Lock()
-		cn, changed := c.cur, c.changed
-		c.mu.Unlock()
-		if cn != nil && cn != dead {
-			return cn, nil
-		}
-		select {
-		case <-changed:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-}
-
 // issueDeadline cancels ctx with ErrTimeout once IssueTimeout passes without an answer;
 // each 202 on accepted starts the time again.
 func (c *Client) issueDeadline(ctx context.Context, cancel context.CancelCauseFunc, accepted <-chan struct{}) {

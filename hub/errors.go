@@ -20,6 +20,8 @@ var (
 	// ErrGaveUp: Run made Config.MaxFailures failed connection attempts in a row; the
 	// assignment may be stale.
 	ErrGaveUp = errors.New("hub unreachable, giving up")
+	// ErrClosed: the session ended (Run returned) before the request could be made.
+	ErrClosed = errors.New("the session with the hub has ended")
 )
 
 // ConnectError is a CONNACK refusal. Return codes 4 and 5 match ErrNotAuthorized; 3 (server

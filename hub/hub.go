@@ -169,10 +169,13 @@ type Client struct {
 	queue    *Queue
 	username string
 
-	mu        sync.Mutex
-	running   bool
-	cur       *conn         // nil while disconnected
-	changed   chan struct{} // closed and replaced when cur changes
+	mu      sync.Mutex
+	running bool
+	cur     *conn         // nil while disconnected
+	changed chan struct{} // closed and replaced when cur changes, and when Run returns
+	// ended is set when Run returns, until it is called again: a request then fails at once
+	// (ErrClosed) rather than wait for a connection that no Run will make.
+	ended     bool
 	state     State
 	transport string // the one that worked last, tried first next time
 	nextRID   uint64
@@ -284,11 +287,13 @@ func (c *Client) Run(ctx context.Context) error {
 		c.mu.Unlock()
 		return errors.New("hub: Run is already running")
 	}
-	c.running = true
+	c.running, c.ended = true, false
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		c.running = false
+		c.running, c.ended = false, true
+		close(c.changed)
+		c.changed = make(chan struct{})
 		c.mu.Unlock()
 	}()
 
@@ -643,12 +648,21 @@ func (c *Client) current() *conn {
 }
 
 func (c *Client) awaitConn(ctx context.Context) (*conn, error) {
+	return c.nextConn(ctx, nil)
+}
+
+// nextConn waits for a connection other than dead (nil for any), while Run runs or until it
+// is called.
+func (c *Client) nextConn(ctx context.Context, dead *conn) (*conn, error) {
 	for {
 		c.mu.Lock()
-		cn, changed := c.cur, c.changed
+		cn, changed, ended := c.cur, c.changed, c.ended
 		c.mu.Unlock()
-		if cn != nil {
+		if cn != nil && cn != dead {
 			return cn, nil
+		}
+		if ended {
+			return nil, fmt.Errorf("%w: %s", ErrClosed, c.cfg.Hub)
 		}
 		select {
 		case <-changed:

@@ -854,3 +854,17 @@ func TestReconnectWaitsOnTheClock(t *testing.T) {
 	require.NoError(t, srv.Await(ctx, func() bool { return srv.Stats().Connections == 2 && srv.Connected("gw-clock") }))
 	c.connected(t)
 }
+
+// A request on a session that has ended fails at once: no Run will make the connection it
+// would wait for (the agent closes a session to reconnect with a renewed certificate).
+func TestRequestAfterRunEnded(t *testing.T) {
+	srv := hubtest.NewServer(t)
+	ca := newDeviceCA(t)
+	cfg := config(srv, "gw-ended", ca.softwareDevice(t, srv.Hub, "gw-ended"))
+	cfg.RequestTimeout = time.Minute
+	c := start(t, cfg)
+	c.connected(t)
+	c.stop(t)
+	_, err := c.UpdateReported(testContext(t), json.RawMessage(`{"a":1}`))
+	require.ErrorIs(t, err, hub.ErrClosed, "not ErrTimeout a minute later")
+}

@@ -89,6 +89,9 @@ func (c *Client) request(ctx context.Context, op string, topic func(rid string) 
 	}
 	for {
 		cn, err := c.awaitConn(ctx)
+		if errors.Is(err, ErrClosed) {
+			return response{}, fmt.Errorf("cannot %s: %w", op, err)
+		}
 		if err != nil {
 			return fail()
 		}
