@@ -112,6 +112,8 @@ type Request struct {
 // request is a Request on its way through the loop.
 type request struct {
 	Request
+	// reload asks the loop to load the onboarding credential again (Agent.Reload).
+	reload    bool
 	reply     chan result
 	startOnce sync.Once
 }
@@ -175,6 +177,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.Watchdog > 0 && a.Notifier != nil {
 		a.bg.Go(func() { a.watchdog(ctx) })
 	}
+	a.bg.Go(func() { a.watchOnboarding(ctx) })
 	for _, service := range a.Services {
 		a.bg.Go(func() { service(ctx) })
 	}
@@ -252,7 +255,11 @@ func (a *Agent) covered(d time.Duration) (done func()) {
 // force afterwards, or why there is none. An error marked ErrTemporary means the agent cannot
 // register now (waiting for the lock, the TPM or the clock; stopping).
 func (a *Agent) Register(ctx context.Context, r Request) (*storage.State, error) {
-	req := &request{Request: r, reply: make(chan result, 1)}
+	return a.ask(ctx, &request{Request: r, reply: make(chan result, 1)})
+}
+
+// ask hands req to the loop and waits for its answer.
+func (a *Agent) ask(ctx context.Context, req *request) (*storage.State, error) {
 	select {
 	case a.requests <- req:
 	case <-ctx.Done():
