@@ -7,6 +7,7 @@ var (
 )
 
 const (
-	ClockPoll     = clockPoll
-	TPMDevicePoll = tpmDevicePoll
+	ClockPoll      = clockPoll
+	TPMDevicePoll  = tpmDevicePoll
+	OnboardingPoll = onboardingPoll
 )

@@ -207,15 +207,10 @@ func (c *Credentials) Identity(now time.Time) (*Identity, error) {
 		}
 		return &Identity{RegistrationID: c.RegistrationID, SymmetricKey: c.symmetricKey, TPM: c.Attested}, nil
 	}
-	id, err := c.x509Identity(now)
+	id, err := attest.NewIdentity(c.Chain, c.Key, now)
 	if errors.Is(err, attest.ErrExpired) {
 		return nil, c.expired(err)
 	}
-	return id, err
-}
-
-func (c *Credentials) x509Identity(now time.Time) (*Identity, error) {
-	id, err := attest.NewIdentity(c.Chain, c.Key, now)
 	if err != nil {
 		return nil, classifyIdentityError(err)
 	}
@@ -240,19 +235,19 @@ func (e *ExpiredIdentityError) Error() string { return e.err.Error() }
 func (e *ExpiredIdentityError) Unwrap() error { return e.err }
 
 // expired is the ExpiredIdentityError of credentials whose chain failed with err (expired),
-// or err when they would not make an identity even before the expiry.
+// or err when they would not make an identity even if it had not expired.
 func (c *Credentials) expired(err error) error {
+	id, verr := attest.ExpiredIdentity(c.Chain, c.Key)
+	if verr != nil || (c.RegistrationID != "" && !strings.EqualFold(c.RegistrationID, id.RegistrationID)) {
+		return classifyIdentityError(err)
+	}
 	first := c.Chain[0]
 	for _, cert := range c.Chain[1:] {
 		if cert.NotAfter.Before(first.NotAfter) {
 			first = cert
 		}
 	}
-	id, verr := c.x509Identity(first.NotAfter)
-	if verr != nil {
-		return classifyIdentityError(err)
-	}
-	return &ExpiredIdentityError{Certificate: first, Identity: id, err: classifyIdentityError(err)}
+	return &ExpiredIdentityError{Certificate: first, Identity: &Identity{RegistrationID: id.RegistrationID, X509: id}, err: classifyIdentityError(err)}
 }
 
 // String names the credentials without the key they hold; see Identity.String.

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
 	"github.com/unicity-iot/unicity/storage"
 )
@@ -137,12 +138,10 @@ func (r *run) onboardingUsable() error {
 }
 
 func (r *run) expiredError() error {
-	c := r.expired
+	m := attest.NewManifest(r.expired)
 	return Mark(fmt.Errorf("%w: %s (serial %s, SHA-256 %s) expired at %s; DPS cannot be reached until a new one is installed (`unicity factory install`, then `systemctl reload unicity`)",
-		ErrOnboardingExpired, c.Subject, certSerial(c), certcodec.Thumbprint(c), c.NotAfter.UTC().Format(time.RFC3339)), ErrIdentity)
+		ErrOnboardingExpired, r.expired.Subject, m.Serial, m.SHA256Thumbprint, m.NotAfter.UTC().Format(time.RFC3339)), ErrIdentity)
 }
-
-func certSerial(c *x509.Certificate) string { return fmt.Sprintf("%X", c.SerialNumber) }
 
 // showOnboarding puts the onboarding credential's trouble in the status.
 func (r *run) showOnboarding() {
@@ -255,7 +254,11 @@ func (r *run) reload(ctx context.Context) error {
 	binding := creds.StateBinding()
 	switch {
 	case binding == r.binding:
+		// The same certificate: a reload is also the technician's "try the roll now".
 		creds.closeKey()
+		if r.bound != nil {
+			r.rollSoon()
+		}
 		return nil
 	case r.bound != nil && binding == r.bound.binding:
 		// Back to the certificate in force: no roll any more.

@@ -2,6 +2,7 @@ package device_test
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"fmt"
 	"os"
@@ -22,6 +23,7 @@ import (
 	"github.com/unicity-iot/unicity/dps/dpstest"
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
+	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -35,6 +37,9 @@ type issuanceRig struct {
 	cfg   *config.Config
 	tpm   string
 	clock *offsetClock
+	// onboardingKey is the onboarding certificate's key, a software one: `factory install`
+	// needs no TPM for it while the agent holds swtpm.
+	onboardingKey crypto.Signer
 
 	agent  *device.Agent
 	mu     sync.Mutex
@@ -44,13 +49,15 @@ type issuanceRig struct {
 	done   chan error
 }
 
-func newIssuanceRig(t *testing.T) *issuanceRig {
+// newIssuanceRig makes the rig, its onboarding certificate issued by the factory CA with
+// opts.
+func newIssuanceRig(t *testing.T, opts ...pki.Option) *issuanceRig {
 	t.Helper()
 	tpm := "swtpm:" + attesttest.StartSWTPM(t)
 	d, srv := hubtest.NewIssuing(t, time.Hour)
 
 	dir := t.TempDir()
-	leaf, err := d.FactoryCA().NewDevice("gw-ops")
+	leaf, err := d.FactoryCA().NewDevice("gw-ops", opts...)
 	require.NoError(t, err)
 	certPath, keyPath, bundle := filepath.Join(dir, "identity.pem"), filepath.Join(dir, "identity.key"), filepath.Join(dir, "roots.pem")
 	require.NoError(t, certcodec.WriteCertificates(certPath, leaf.Chain...))
@@ -78,7 +85,7 @@ reprovision_interval = "0s"
 issuance = "dps"
 `, d.Addr(), d.IDScope(), certPath, keyPath, tpm, bundle, filepath.Join(dir, "state"), filepath.Join(dir, "run")))
 	require.NoError(t, err)
-	return &issuanceRig{t: t, dps: d, hub: srv, cfg: cfg, tpm: tpm, clock: &offsetClock{}}
+	return &issuanceRig{t: t, dps: d, hub: srv, cfg: cfg, tpm: tpm, clock: &offsetClock{}, onboardingKey: leaf.Key}
 }
 
 func (r *issuanceRig) start() {
@@ -184,11 +191,21 @@ func leafThumbprint(t *testing.T, st *storage.State) string {
 	return certcodec.Thumbprint(c)
 }
 
-// offsetClock is the system clock, set ahead by offset while the agent is stopped.
-type offsetClock struct{ offset time.Duration }
+// offsetClock is the system clock, set ahead by offset while the agent is stopped. With
+// quickPolls, the agent's looks at its onboarding certificate file come every 10 ms.
+type offsetClock struct {
+	offset     time.Duration
+	quickPolls bool
+}
 
-func (c *offsetClock) Now() time.Time                         { return time.Now().Add(c.offset) }
-func (c *offsetClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
+func (c *offsetClock) Now() time.Time { return time.Now().Add(c.offset) }
+
+func (c *offsetClock) After(d time.Duration) <-chan time.Time {
+	if c.quickPolls && d == device.OnboardingPoll {
+		d = 10 * time.Millisecond
+	}
+	return time.After(d)
+}
 
 func TestIssuedCertificateReachesTheHub(t *testing.T) {
 	r := newIssuanceRig(t)
