@@ -189,7 +189,7 @@ func (r *run) recordInForce(ctx context.Context) {
 // one, while a roll to the configured one is pending: st must record that identity, and it
 // must still load. It reports whether it did.
 func (r *run) keepBound(st *storage.State) bool {
-	if r.id.X509 == nil || len(st.OnboardingChain) == 0 || st.OnboardingKey == "" || !strings.EqualFold(st.RegistrationID, r.id.RegistrationID) {
+	if r.id.X509 == nil || !RollPending(st, r.id.RegistrationID) {
 		return false
 	}
 	old := &Credentials{}
@@ -321,6 +321,13 @@ func (r *run) rolledOnto(st *storage.State) {
 	r.bound.release()
 	r.bound, r.rollDue = nil, nil
 	r.showOnboarding()
+}
+
+// RollPending reports that st, not bound to the configured onboarding certificate, is one a
+// roll keeps in force: it records the onboarding identity it is bound to, of the same
+// registration ID (see run.keepBound, which also checks that it still loads).
+func RollPending(st *storage.State, registrationID string) bool {
+	return len(st.OnboardingChain) > 0 && st.OnboardingKey != "" && strings.EqualFold(st.RegistrationID, registrationID)
 }
 
 // releaseBound releases the identity kept for a pending roll, as the run ends.

@@ -77,6 +77,7 @@ func TestUnitContract(t *testing.T) {
 	exact := []struct{ section, key, want string }{
 		{"Service", "Type", "notify"},
 		{"Service", "ExecStart", "/usr/bin/unicity run"},
+		{"Service", "ExecReload", "/bin/kill -HUP $MAINPID"},
 		{"Service", "Restart", "on-failure"},
 		{"Service", "RestartPreventExitStatus", "78"},
 		{"Service", "User", "unicity"},

@@ -274,6 +274,8 @@ func (c *checker) x509(cfg *config.Config, tpm *attest.Opener) (cert *tls.Certif
 	if key != nil && chainErr == nil {
 		id, err := attest.NewIdentity(chain, key, t)
 		switch {
+		case errors.Is(err, attest.ErrExpired):
+			c.fail("chain", fmt.Errorf("the onboarding certificate expired (%w): DPS cannot be reached with it (the agent keeps serving a stored assignment while the hub takes it); install a new one (`unicity factory install`), then `systemctl reload unicity`", err))
 		case err != nil:
 			c.fail("chain", err)
 		case chain[0].NotAfter.Sub(t) < expirySoon:
