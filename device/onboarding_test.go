@@ -43,6 +43,15 @@ func (r *issuanceRig) onboardingThumbprint() string {
 	return certcodec.Thumbprint(chain[0])
 }
 
+// rolledTo waits until the agent is connected with a state bound to cert.
+func (r *issuanceRig) rolledTo(cert *x509.Certificate) {
+	r.t.Helper()
+	r.waitFor("rolled", func(s device.Status) bool {
+		st, err := storage.New(r.cfg.State.Dir).Load()
+		return s.Phase == device.PhaseConnected && err == nil && st.Binding == certcodec.Thumbprint(cert)
+	})
+}
+
 func (r *issuanceRig) eventsOf(kind string) []device.CredentialEvent {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -143,10 +152,7 @@ func TestRollAccepted(t *testing.T) {
 
 	fresh := r.installOnboarding(r.dps.FactoryCA())
 	require.NoError(t, r.reload())
-	r.waitFor("rolled", func(s device.Status) bool {
-		st, err := storage.New(r.cfg.State.Dir).Load()
-		return s.Phase == device.PhaseConnected && err == nil && st.Binding == certcodec.Thumbprint(fresh)
-	})
+	r.rolledTo(fresh)
 	st := r.state()
 	assert.Equal(t, fresh.Raw, st.OnboardingChain[0])
 	assert.NotEqual(t, old.OperationalKey, st.OperationalKey, "the registration issued a new operational certificate")
@@ -208,10 +214,7 @@ func TestRollRefusedKeepsTheOldIdentity(t *testing.T) {
 	require.NoError(t, r.dps.AddGroup(dpstest.Group{ID: "new-factory", CA: newCA.Certificate,
 		Policy: dpstest.Policy{Credential: &dpstest.CredentialPolicy{Name: "ops", Validity: time.Hour}}}))
 	require.NoError(t, r.reload())
-	r.waitFor("rolled", func(s device.Status) bool {
-		st, err := storage.New(r.cfg.State.Dir).Load()
-		return s.Phase == device.PhaseConnected && err == nil && st.Binding == certcodec.Thumbprint(fresh)
-	})
+	r.rolledTo(fresh)
 	assert.Nil(t, r.agent.Status().Onboarding)
 	assert.Len(t, r.eventsOf(device.EventRolled), 1)
 	assert.Eventually(t, func() bool { return len(r.keyfiles()) == 1 }, 5*time.Second, 5*time.Millisecond,
@@ -227,9 +230,6 @@ func TestNewOnboardingFileIsNoticed(t *testing.T) {
 	r.connected()
 	fresh := r.installOnboarding(r.dps.FactoryCA())
 	// No reload: the agent sees the file change at its next look.
-	r.waitFor("rolled", func(s device.Status) bool {
-		st, err := storage.New(r.cfg.State.Dir).Load()
-		return s.Phase == device.PhaseConnected && err == nil && st.Binding == certcodec.Thumbprint(fresh)
-	})
+	r.rolledTo(fresh)
 	assert.Len(t, r.eventsOf(device.EventRolled), 1)
 }
