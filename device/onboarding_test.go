@@ -43,12 +43,12 @@ func (r *issuanceRig) onboardingThumbprint() string {
 	return certcodec.Thumbprint(chain[0])
 }
 
-// rolledTo waits until the agent is connected with a state bound to cert.
+// rolledTo waits until the agent is connected with a state bound to cert, the roll over.
 func (r *issuanceRig) rolledTo(cert *x509.Certificate) {
 	r.t.Helper()
 	r.waitFor("rolled", func(s device.Status) bool {
 		st, err := storage.New(r.cfg.State.Dir).Load()
-		return s.Phase == device.PhaseConnected && err == nil && st.Binding == certcodec.Thumbprint(cert)
+		return s.Phase == device.PhaseConnected && s.Onboarding == nil && err == nil && st.Binding == certcodec.Thumbprint(cert)
 	})
 }
 
