@@ -306,7 +306,7 @@ func heldBy(cfg *config.Config, spec string, err error) error {
 	if kerr := syscall.Kill(s.PID, 0); kerr != nil && !errors.Is(kerr, syscall.EPERM) {
 		return err // the agent that wrote it is gone
 	}
-	return fmt.Errorf("%w; it is held by another process: the agent (pid %d, %s), for as long as it runs; stop it to check the TPM (systemctl stop unicity)",
+	return fmt.Errorf("%w; it is held by another process: the agent (pid %d, %s), for as long as it runs; stop it to use the TPM (systemctl stop unicity)",
 		err, s.PID, s.Phase)
 }
 
