@@ -173,16 +173,25 @@ func (r *run) recordIdentity(st *storage.State) {
 }
 
 // recordInForce stores the onboarding identity with the assignment in force when a file
-// from before storage.State.OnboardingChain lacks it: a roll must be able to keep it.
-func (r *run) recordInForce(ctx context.Context) {
+// from before storage.State.OnboardingChain lacks it: a roll must be able to keep it across
+// a restart. Unlike a new assignment's, the write is not retried: the assignment in force
+// is stored already (an assignment the disk refused is left to run.store's retries), and
+// the next start tries again.
+func (r *run) recordInForce() error {
 	st := r.assignment
-	if r.id.X509 == nil || st == nil || len(st.OnboardingChain) > 0 || !st.BelongsTo(r.id.RegistrationID, r.binding) {
-		return
+	if r.id.X509 == nil || st == nil || len(st.OnboardingChain) > 0 || !st.BelongsTo(r.id.RegistrationID, r.binding) || r.a.Status().StoreError != "" {
+		return nil
 	}
 	rec := *st
 	r.recordIdentity(&rec)
-	r.store(ctx, &rec)
+	r.a.saveMu.Lock()
+	err := r.lock.Save(&rec)
+	r.a.saveMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("cannot record the onboarding identity in the state (a restart before the roll is over registers with the new certificate): %w", err)
+	}
 	r.inForce(&rec)
+	return nil
 }
 
 // keepBound keeps in force st, bound to an onboarding identity other than the configured
@@ -230,7 +239,7 @@ func (r *run) rollSoon() {
 // reload loads the configured onboarding credential again. A new certificate becomes the one
 // DPS is reached with; the assignment in force stays bound to the one before it until DPS
 // accepts the new one (see tryRoll). One that cannot be used leaves everything as it was.
-func (r *run) reload(ctx context.Context) error {
+func (r *run) reload() error {
 	if r.id == nil || r.id.X509 == nil {
 		return Mark(errors.New("no onboarding certificate to reload now: the agent loads it as it starts"), ErrTemporary)
 	}
@@ -266,7 +275,9 @@ func (r *run) reload(ctx context.Context) error {
 		r.bound, r.rollDue = nil, nil
 		r.creds.closeKey()
 	case r.bound == nil && r.assignment != nil && r.assignment.BelongsTo(r.id.RegistrationID, r.binding):
-		r.recordInForce(ctx)
+		if err := r.recordInForce(); err != nil {
+			r.a.NoteError(err)
+		}
 		r.bound = &boundIdentity{id: r.id, binding: r.binding, release: r.creds.closeKey}
 	default:
 		r.creds.closeKey()

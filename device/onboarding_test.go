@@ -233,3 +233,32 @@ func TestNewOnboardingFileIsNoticed(t *testing.T) {
 	r.rolledTo(fresh)
 	assert.Len(t, r.eventsOf(device.EventRolled), 1)
 }
+
+func TestStateFromBeforeTheRecordGetsIt(t *testing.T) {
+	r := newIssuanceRig(t)
+	r.start()
+	r.connected()
+	r.stop()
+	// A state as an agent before onboarding_chain wrote it.
+	st := r.state()
+	st.OnboardingChain, st.OnboardingKey = nil, ""
+	l, err := storage.New(r.cfg.State.Dir).TryLock()
+	require.NoError(t, err)
+	require.NoError(t, l.Save(st))
+	require.NoError(t, l.Unlock())
+
+	r.start()
+	r.connected()
+	again := r.state()
+	require.NotEmpty(t, again.OnboardingChain, "recorded at the start")
+	assert.Equal(t, r.onboardingThumbprint(), certcodec.Thumbprint(mustParse(t, again.OnboardingChain[0])))
+	assert.Equal(t, r.cfg.Attestation.IdentityKey, again.OnboardingKey)
+	assert.Equal(t, st.OperationalKey, again.OperationalKey, "nothing else changes")
+}
+
+func mustParse(t *testing.T, der []byte) *x509.Certificate {
+	t.Helper()
+	c, err := x509.ParseCertificate(der)
+	require.NoError(t, err)
+	return c
+}

@@ -113,7 +113,7 @@ func (r *run) inForce(st *storage.State) {
 // is that registration's failure (the assignment in force then stays).
 func (r *run) answer(ctx context.Context, req *request) (registered bool, err error) {
 	if req.reload {
-		req.reply <- result{err: r.reload(ctx)}
+		req.reply <- result{err: r.reload()}
 		return false, nil
 	}
 	switch r.phase {
@@ -323,7 +323,7 @@ func (r *run) loadState(ctx context.Context) (firstBoot bool, err error) {
 		r.op = op
 	}
 	r.inForce(st)
-	r.recordInForce(ctx)
+	r.recordInForce() // best effort: a read-only state directory keeps its file as it is
 	r.setCredential(r.credential())
 	r.showRenewal(nil)
 	return false, nil
