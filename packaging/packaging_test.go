@@ -152,7 +152,8 @@ func assertNoUnitWarnings(t *testing.T, out []byte) {
 }
 
 // TestUnitVerifies runs `systemd-analyze verify` in a scratch root holding the system's own
-// units (for the targets it names) and, when the agent is there, an executable at ExecStart.
+// units (for the targets it names) and, when the agent is there, executables at ExecStart and
+// ExecReload.
 func TestUnitVerifies(t *testing.T) {
 	analyze := attesttest.RequireTool(t, "systemd-analyze")
 	cases := []struct {
@@ -170,6 +171,8 @@ func TestUnitVerifies(t *testing.T) {
 			installFile(t, unitFile, filepath.Join(root, "usr/lib/systemd/system/unicity.service"), 0o644)
 			if c.withAgent {
 				installFile(t, "/bin/true", filepath.Join(root, "usr/bin/unicity"), 0o755)
+				// ExecReload's, which every image has (util-linux, procps or busybox).
+				installFile(t, "/bin/true", filepath.Join(root, "bin/kill"), 0o755)
 			}
 			out, err := exec.Command(analyze, "verify", "--no-pager", "--root="+root, "unicity.service").CombinedOutput()
 			if !c.wantOK {
