@@ -152,8 +152,7 @@ func assertNoUnitWarnings(t *testing.T, out []byte) {
 }
 
 // TestUnitVerifies runs `systemd-analyze verify` in a scratch root holding the system's own
-// units (for the targets it names) and, when the agent is there, executables at ExecStart and
-// ExecReload.
+// units (for the targets it names) and, when the agent is there, an executable at ExecStart.
 func TestUnitVerifies(t *testing.T) {
 	analyze := attesttest.RequireTool(t, "systemd-analyze")
 	cases := []struct {
@@ -171,8 +170,6 @@ func TestUnitVerifies(t *testing.T) {
 			installFile(t, unitFile, filepath.Join(root, "usr/lib/systemd/system/unicity.service"), 0o644)
 			if c.withAgent {
 				installFile(t, "/bin/true", filepath.Join(root, "usr/bin/unicity"), 0o755)
-				// ExecReload's, which every image has (util-linux, procps or busybox).
-				installFile(t, "/bin/true", filepath.Join(root, "bin/kill"), 0o755)
 			}
 			out, err := exec.Command(analyze, "verify", "--no-pager", "--root="+root, "unicity.service").CombinedOutput()
 			if !c.wantOK {
@@ -185,10 +182,13 @@ func TestUnitVerifies(t *testing.T) {
 	}
 }
 
-// scratchRootWithSystemUnits returns a directory holding a copy of the host's system units.
+// scratchRootWithSystemUnits returns a directory holding a copy of the host's system units,
+// and the /bin/kill of the unit's ExecReload, which every image has (procps, util-linux or
+// busybox).
 func scratchRootWithSystemUnits(t *testing.T) string {
 	t.Helper()
 	root := t.TempDir()
+	installFile(t, "/bin/kill", filepath.Join(root, "bin/kill"), 0o755)
 	dst := filepath.Join(root, "usr/lib/systemd")
 	require.NoError(t, os.MkdirAll(dst, 0o755))
 	for _, src := range []string{"/usr/lib/systemd/system", "/lib/systemd/system"} {
