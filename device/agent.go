@@ -61,6 +61,9 @@ type Agent struct {
 	Notifier    Notifier                                                    // default: none
 	// Watchdog is systemd's watchdog period (WATCHDOG_USEC); zero disables the pings.
 	Watchdog time.Duration
+	// OnboardingPoll is how often to look at the onboarding certificate file for a new one
+	// (OnboardingPoll for the service); zero: only on Reload.
+	OnboardingPoll time.Duration
 	// AttemptTimeout bounds one registration or one connection attempt.
 	AttemptTimeout time.Duration
 	// OnStatus is called after every change of the status, for the service's log. It runs

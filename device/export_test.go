@@ -7,7 +7,6 @@ var (
 )
 
 const (
-	ClockPoll      = clockPoll
-	TPMDevicePoll  = tpmDevicePoll
-	OnboardingPoll = onboardingPoll
+	ClockPoll     = clockPoll
+	TPMDevicePoll = tpmDevicePoll
 )

@@ -25,15 +25,15 @@ import (
 //
 // A roll: `unicity factory install` writes a new certificate (and perhaps a new key) where
 // the configuration points, and the agent loads it on SIGHUP (`systemctl reload unicity`),
-// when it sees the certificate file change (onboardingPoll), or at its next start. It then
+// when it sees the certificate file change (Agent.OnboardingPoll), or at its next start. It then
 // registers with the new identity, while the assignment in force stays bound to the old one,
 // which it keeps proving (the state records its chain and key, for a restart meanwhile),
 // until DPS accepts the new one. A refusal (an individual enrollment that does not list the
 // new certificate yet) is retried on the parked cadence, or at the next reload.
 
-// onboardingPoll is how often the agent looks at the onboarding certificate file for a new
-// one: a stat, no read.
-const onboardingPoll = 10 * time.Second
+// OnboardingPoll is how often `unicity run` has the agent look at the onboarding certificate
+// file for a new one (Agent.OnboardingPoll): a stat, no read.
+const OnboardingPoll = 10 * time.Second
 
 // ErrOnboardingExpired marks a registration that needs DPS while the onboarding certificate
 // is expired: it is refused without a connection, and the agent parks until a new
@@ -363,7 +363,7 @@ func (a *Agent) Reload(ctx context.Context) error {
 // only.
 func (a *Agent) watchOnboarding(ctx context.Context) {
 	path := a.Config.Attestation.IdentityCert
-	if a.Config.Attestation.Method != "x509" || strings.HasPrefix(path, "tpm-nv:") {
+	if a.OnboardingPoll <= 0 || a.Config.Attestation.Method != "x509" || strings.HasPrefix(path, "tpm-nv:") {
 		return
 	}
 	last := stampOf(path)
@@ -371,7 +371,7 @@ func (a *Agent) watchOnboarding(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-a.Clock.After(onboardingPoll):
+		case <-a.Clock.After(a.OnboardingPoll):
 		}
 		if s := stampOf(path); s != last {
 			last = s

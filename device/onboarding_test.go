@@ -225,7 +225,7 @@ func TestRollRefusedKeepsTheOldIdentity(t *testing.T) {
 
 func TestNewOnboardingFileIsNoticed(t *testing.T) {
 	r := newIssuanceRig(t)
-	r.clock.quickPolls = true
+	r.onboardingPoll = 10 * time.Millisecond
 	r.start()
 	r.connected()
 	fresh := r.installOnboarding(r.dps.FactoryCA())

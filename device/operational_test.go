@@ -40,6 +40,8 @@ type issuanceRig struct {
 	// onboardingKey is the onboarding certificate's key, a software one: `factory install`
 	// needs no TPM for it while the agent holds swtpm.
 	onboardingKey crypto.Signer
+	// onboardingPoll is the agent's OnboardingPoll: zero, as by default, watches nothing.
+	onboardingPoll time.Duration
 
 	agent  *device.Agent
 	mu     sync.Mutex
@@ -94,12 +96,13 @@ func (r *issuanceRig) start() {
 	require.NoError(r.t, err)
 	prov.Clock = hubtest.InstantClock{}
 	r.agent = &device.Agent{
-		Config:      r.cfg,
-		Store:       storage.New(r.cfg.State.Dir),
-		Provisioner: prov,
-		Hub:         device.NewHubSessions(r.cfg, prov.RootCAs),
-		Clock:       r.clock,
-		Backoff:     func(int) time.Duration { return 10 * time.Millisecond },
+		Config:         r.cfg,
+		Store:          storage.New(r.cfg.State.Dir),
+		Provisioner:    prov,
+		Hub:            device.NewHubSessions(r.cfg, prov.RootCAs),
+		Clock:          r.clock,
+		OnboardingPoll: r.onboardingPoll,
+		Backoff:        func(int) time.Duration { return 10 * time.Millisecond },
 		OnCredential: func(ev device.CredentialEvent) {
 			r.mu.Lock()
 			defer r.mu.Unlock()
@@ -191,21 +194,11 @@ func leafThumbprint(t *testing.T, st *storage.State) string {
 	return certcodec.Thumbprint(c)
 }
 
-// offsetClock is the system clock, set ahead by offset while the agent is stopped. With
-// quickPolls, the agent's looks at its onboarding certificate file come every 10 ms.
-type offsetClock struct {
-	offset     time.Duration
-	quickPolls bool
-}
+// offsetClock is the system clock, set ahead by offset while the agent is stopped.
+type offsetClock struct{ offset time.Duration }
 
-func (c *offsetClock) Now() time.Time { return time.Now().Add(c.offset) }
-
-func (c *offsetClock) After(d time.Duration) <-chan time.Time {
-	if c.quickPolls && d == device.OnboardingPoll {
-		d = 10 * time.Millisecond
-	}
-	return time.After(d)
-}
+func (c *offsetClock) Now() time.Time                         { return time.Now().Add(c.offset) }
+func (c *offsetClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
 
 func TestIssuedCertificateReachesTheHub(t *testing.T) {
 	r := newIssuanceRig(t)

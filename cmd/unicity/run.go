@@ -61,15 +61,18 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	}
 	sd := device.Systemd{}
 	agent := &device.Agent{
-		Config:       cfg,
-		Store:        storage.New(cfg.State.Dir),
-		Provisioner:  prov,
-		Hub:          hubs,
-		Clock:        agentClock,
-		Notifier:     sd,
-		Watchdog:     sd.WatchdogPeriod(),
-		OnStatus:     statusLogger(log),
-		OnCredential: credentialLogger(log),
+		Config:      cfg,
+		Store:       storage.New(cfg.State.Dir),
+		Provisioner: prov,
+		Hub:         hubs,
+		Clock:       agentClock,
+		Notifier:    sd,
+		Watchdog:    sd.WatchdogPeriod(),
+		// A new onboarding certificate (`factory install` on the live device) is picked up
+		// without a reload too.
+		OnboardingPoll: device.OnboardingPoll,
+		OnStatus:       statusLogger(log),
+		OnCredential:   credentialLogger(log),
 	}
 	relay := gateway.New(agent, hubs)
 	relay.Clock = agentClock
