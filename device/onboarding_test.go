@@ -87,9 +87,18 @@ func TestExpiredOnboardingKeepsTheOperationalCredential(t *testing.T) {
 	assert.Contains(t, s.LastError, "DPS cannot be reached until a new one is installed")
 	assert.Equal(t, leafThumbprint(t, first), leafThumbprint(t, r.state()))
 
-	// What needs DPS parks, with no DPS connection: the hub refuses the operational
-	// certificate.
-	_, err := r.hub.Hub.Revoke("gw-ops", leafThumbprint(t, first))
+	// A registration asked for is refused without a DPS connection; the device stays
+	// connected.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := r.agent.Register(ctx, device.Request{Force: true})
+	require.ErrorIs(t, err, device.ErrOnboardingExpired)
+	assert.ErrorIs(t, err, device.ErrIdentity, "exit 78 for `unicity reprovision`")
+	assert.Equal(t, device.PhaseConnected, r.agent.Status().Phase)
+
+	// What cannot do without DPS parks, with no DPS connection: the hub refuses the
+	// operational certificate.
+	_, err = r.hub.Hub.Revoke("gw-ops", leafThumbprint(t, first))
 	require.NoError(t, err)
 	s = r.waitFor("parked", func(s device.Status) bool { return s.Phase == device.PhaseParked })
 	assert.Contains(t, s.Message, "the onboarding certificate has expired: CN=gw-ops")
