@@ -52,6 +52,17 @@ type Identity struct {
 // or before this build was made); each certificate is signed by the next and the leaf may
 // authenticate a TLS client (ErrInvalidIdentity).
 func NewIdentity(chain []*x509.Certificate, signer crypto.Signer, now time.Time) (*Identity, error) {
+	return newIdentity(chain, signer, func(c *x509.Certificate) error { return CheckValidity(c, now) })
+}
+
+// ExpiredIdentity checks chain and signer as NewIdentity does, except for the validity
+// window: who a device whose certificate expired is (its registration ID), for what needs no
+// valid certificate. Nothing should authenticate with it where validity is checked.
+func ExpiredIdentity(chain []*x509.Certificate, signer crypto.Signer) (*Identity, error) {
+	return newIdentity(chain, signer, func(*x509.Certificate) error { return nil })
+}
+
+func newIdentity(chain []*x509.Certificate, signer crypto.Signer, checkValidity func(*x509.Certificate) error) (*Identity, error) {
 	if len(chain) == 0 {
 		return nil, fmt.Errorf("%w: no certificate", ErrInvalidIdentity)
 	}
@@ -67,7 +78,7 @@ func NewIdentity(chain []*x509.Certificate, signer crypto.Signer, now time.Time)
 		return nil, fmt.Errorf("%w: certificate %q is not for TLS client authentication (extended key usage lacks clientAuth)", ErrInvalidIdentity, regID)
 	}
 	for i, c := range chain {
-		if err := CheckValidity(c, now); err != nil {
+		if err := checkValidity(c); err != nil {
 			return nil, err
 		}
 		if i+1 < len(chain) {

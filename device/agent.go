@@ -61,6 +61,9 @@ type Agent struct {
 	Notifier    Notifier                                                    // default: none
 	// Watchdog is systemd's watchdog period (WATCHDOG_USEC); zero disables the pings.
 	Watchdog time.Duration
+	// OnboardingPoll is how often to look at the onboarding certificate file for a new one
+	// (OnboardingPoll for the service); zero: only on Reload.
+	OnboardingPoll time.Duration
 	// AttemptTimeout bounds one registration or one connection attempt.
 	AttemptTimeout time.Duration
 	// OnStatus is called after every change of the status, for the service's log. It runs
@@ -112,6 +115,8 @@ type Request struct {
 // request is a Request on its way through the loop.
 type request struct {
 	Request
+	// reload asks the loop to load the onboarding credential again (Agent.Reload).
+	reload    bool
 	reply     chan result
 	startOnce sync.Once
 }
@@ -175,6 +180,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.Watchdog > 0 && a.Notifier != nil {
 		a.bg.Go(func() { a.watchdog(ctx) })
 	}
+	a.bg.Go(func() { a.watchOnboarding(ctx) })
 	for _, service := range a.Services {
 		a.bg.Go(func() { service(ctx) })
 	}
@@ -252,7 +258,11 @@ func (a *Agent) covered(d time.Duration) (done func()) {
 // force afterwards, or why there is none. An error marked ErrTemporary means the agent cannot
 // register now (waiting for the lock, the TPM or the clock; stopping).
 func (a *Agent) Register(ctx context.Context, r Request) (*storage.State, error) {
-	req := &request{Request: r, reply: make(chan result, 1)}
+	return a.ask(ctx, &request{Request: r, reply: make(chan result, 1)})
+}
+
+// ask hands req to the loop and waits for its answer.
+func (a *Agent) ask(ctx context.Context, req *request) (*storage.State, error) {
 	select {
 	case a.requests <- req:
 	case <-ctx.Done():

@@ -208,6 +208,9 @@ func (c *Credentials) Identity(now time.Time) (*Identity, error) {
 		return &Identity{RegistrationID: c.RegistrationID, SymmetricKey: c.symmetricKey, TPM: c.Attested}, nil
 	}
 	id, err := attest.NewIdentity(c.Chain, c.Key, now)
+	if errors.Is(err, attest.ErrExpired) {
+		return nil, c.expired(err)
+	}
 	if err != nil {
 		return nil, classifyIdentityError(err)
 	}
@@ -215,6 +218,36 @@ func (c *Credentials) Identity(now time.Time) (*Identity, error) {
 		return nil, Mark(fmt.Errorf("registration ID %q in the configuration does not match the certificate's CN %q (DPS requires them equal for X.509)", c.RegistrationID, id.RegistrationID), ErrIdentity)
 	}
 	return &Identity{RegistrationID: id.RegistrationID, X509: id}, nil
+}
+
+// ExpiredIdentityError is an X.509 identity whose chain holds an expired certificate. The
+// agent still knows who it is: Identity is the identity as checked at the last instant the
+// whole chain was valid (its registration ID is the CN), which a stored operational
+// credential keeps serving, but DPS cannot be reached with it. Certificate is the one that
+// expired first. It matches attest.ErrExpired and ErrIdentity, as a command wants it.
+type ExpiredIdentityError struct {
+	Certificate *x509.Certificate
+	Identity    *Identity
+	err         error
+}
+
+func (e *ExpiredIdentityError) Error() string { return e.err.Error() }
+func (e *ExpiredIdentityError) Unwrap() error { return e.err }
+
+// expired is the ExpiredIdentityError of credentials whose chain failed with err (expired),
+// or err when they would not make an identity even if it had not expired.
+func (c *Credentials) expired(err error) error {
+	id, verr := attest.ExpiredIdentity(c.Chain, c.Key)
+	if verr != nil || (c.RegistrationID != "" && !strings.EqualFold(c.RegistrationID, id.RegistrationID)) {
+		return classifyIdentityError(err)
+	}
+	first := c.Chain[0]
+	for _, cert := range c.Chain[1:] {
+		if cert.NotAfter.Before(first.NotAfter) {
+			first = cert
+		}
+	}
+	return &ExpiredIdentityError{Certificate: first, Identity: &Identity{RegistrationID: id.RegistrationID, X509: id}, err: classifyIdentityError(err)}
 }
 
 // String names the credentials without the key they hold; see Identity.String.
@@ -311,6 +344,34 @@ func (c *Credentials) TPM() (*attest.TPM, error) {
 func (c *Credentials) retryTPM() {
 	if c.tpm != nil {
 		c.tpm.TryAgain()
+	}
+}
+
+// Reload loads the onboarding key and chain cfg names again, through the TPM c holds (a
+// second opening would wait on a TPM without resource manager): a new onboarding certificate
+// installed while the agent runs. The result shares c's TPM: release a replaced one with
+// closeKey, and Close only the last.
+func (c *Credentials) Reload(cfg *config.Config) (*Credentials, error) {
+	if c.tpm == nil || c.Attested != nil {
+		return nil, fmt.Errorf("%s attestation has no onboarding certificate to reload", cfg.Attestation.Method)
+	}
+	n := &Credentials{RegistrationID: cfg.Provisioning.RegistrationID, tpm: c.tpm}
+	chain, err := c.tpm.LoadChain(cfg.Attestation.IdentityCert)
+	if err != nil {
+		return nil, classifyIdentityError(err)
+	}
+	key, err := c.tpm.LoadKey(cfg.Attestation.IdentityKey)
+	if err != nil {
+		return nil, classifyIdentityError(err)
+	}
+	n.Chain, n.Key = chain, key
+	return n, nil
+}
+
+// closeKey releases the key of credentials replaced by a Reload, leaving the TPM they share.
+func (c *Credentials) closeKey() {
+	if c.Key != nil {
+		c.Key.Close()
 	}
 }
 

@@ -2,6 +2,7 @@ package device_test
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"fmt"
 	"os"
@@ -22,6 +23,7 @@ import (
 	"github.com/unicity-iot/unicity/dps/dpstest"
 	"github.com/unicity-iot/unicity/hub/hubtest"
 	"github.com/unicity-iot/unicity/internal/certcodec"
+	"github.com/unicity-iot/unicity/internal/pki"
 	"github.com/unicity-iot/unicity/storage"
 )
 
@@ -35,6 +37,11 @@ type issuanceRig struct {
 	cfg   *config.Config
 	tpm   string
 	clock *offsetClock
+	// onboardingKey is the onboarding certificate's key, a software one: `factory install`
+	// needs no TPM for it while the agent holds swtpm.
+	onboardingKey crypto.Signer
+	// onboardingPoll is the agent's OnboardingPoll: zero, as by default, watches nothing.
+	onboardingPoll time.Duration
 
 	agent  *device.Agent
 	mu     sync.Mutex
@@ -44,13 +51,15 @@ type issuanceRig struct {
 	done   chan error
 }
 
-func newIssuanceRig(t *testing.T) *issuanceRig {
+// newIssuanceRig makes the rig, its onboarding certificate issued by the factory CA with
+// opts.
+func newIssuanceRig(t *testing.T, opts ...pki.Option) *issuanceRig {
 	t.Helper()
 	tpm := "swtpm:" + attesttest.StartSWTPM(t)
 	d, srv := hubtest.NewIssuing(t, time.Hour)
 
 	dir := t.TempDir()
-	leaf, err := d.FactoryCA().NewDevice("gw-ops")
+	leaf, err := d.FactoryCA().NewDevice("gw-ops", opts...)
 	require.NoError(t, err)
 	certPath, keyPath, bundle := filepath.Join(dir, "identity.pem"), filepath.Join(dir, "identity.key"), filepath.Join(dir, "roots.pem")
 	require.NoError(t, certcodec.WriteCertificates(certPath, leaf.Chain...))
@@ -78,7 +87,7 @@ reprovision_interval = "0s"
 issuance = "dps"
 `, d.Addr(), d.IDScope(), certPath, keyPath, tpm, bundle, filepath.Join(dir, "state"), filepath.Join(dir, "run")))
 	require.NoError(t, err)
-	return &issuanceRig{t: t, dps: d, hub: srv, cfg: cfg, tpm: tpm, clock: &offsetClock{}}
+	return &issuanceRig{t: t, dps: d, hub: srv, cfg: cfg, tpm: tpm, clock: &offsetClock{}, onboardingKey: leaf.Key}
 }
 
 func (r *issuanceRig) start() {
@@ -87,12 +96,13 @@ func (r *issuanceRig) start() {
 	require.NoError(r.t, err)
 	prov.Clock = hubtest.InstantClock{}
 	r.agent = &device.Agent{
-		Config:      r.cfg,
-		Store:       storage.New(r.cfg.State.Dir),
-		Provisioner: prov,
-		Hub:         device.NewHubSessions(r.cfg, prov.RootCAs),
-		Clock:       r.clock,
-		Backoff:     func(int) time.Duration { return 10 * time.Millisecond },
+		Config:         r.cfg,
+		Store:          storage.New(r.cfg.State.Dir),
+		Provisioner:    prov,
+		Hub:            device.NewHubSessions(r.cfg, prov.RootCAs),
+		Clock:          r.clock,
+		OnboardingPoll: r.onboardingPoll,
+		Backoff:        func(int) time.Duration { return 10 * time.Millisecond },
 		OnCredential: func(ev device.CredentialEvent) {
 			r.mu.Lock()
 			defer r.mu.Unlock()

@@ -44,6 +44,8 @@ type run struct {
 	refused string
 	// pending are the requests the registration under way answers with its outcome.
 	pending []*request
+	// onboarding is an expired onboarding certificate and a pending roll (onboarding.go).
+	onboarding
 }
 
 func (a *Agent) lifecycle(ctx context.Context) error {
@@ -60,11 +62,12 @@ func (a *Agent) lifecycle(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer creds.Close()
 	r.creds = creds
 	defer func() {
 		r.op.close()
 		r.ren.candidate.close()
+		r.releaseBound()
+		r.creds.Close() // the latest (onboarding.go: reload), holding the TPM
 	}()
 	if err := r.awaitIdentity(ctx, creds); err != nil {
 		return err
@@ -109,6 +112,10 @@ func (r *run) inForce(st *storage.State) {
 // phase and the state decide. registered reports that the request made a registration; err
 // is that registration's failure (the assignment in force then stays).
 func (r *run) answer(ctx context.Context, req *request) (registered bool, err error) {
+	if req.reload {
+		req.reply <- result{err: r.reload()}
+		return false, nil
+	}
 	switch r.phase {
 	case PhaseWaitingLock, PhaseWaitingTPM, PhaseWaitingClock:
 		req.reply <- result{err: r.refusal}
@@ -248,17 +255,17 @@ func (r *run) openCredentials(ctx context.Context) (*Credentials, error) {
 	}
 }
 
-// awaitIdentity waits until the clock is plausible for the identity, then checks it.
+// awaitIdentity waits until the clock is plausible for the identity, then checks it. An
+// expired certificate is taken (see onboarding.go), for what needs no DPS.
 func (r *run) awaitIdentity(ctx context.Context, creds *Credentials) error {
 	validFrom := creds.ValidFrom()
 	r.refusal = Mark(errors.New("the agent is waiting for a valid clock"), ErrTemporary)
 	for {
 		now := r.a.Clock.Now()
 		if !now.Before(validFrom) {
-			id, err := creds.Identity(now)
+			id, expired, err := checkOnboarding(creds, now)
 			if err == nil {
-				r.id = id
-				r.a.setStatus(func(s *Status) { s.RegistrationID = id.RegistrationID })
+				r.takeIdentity(id, expired)
 				return nil
 			}
 			if !errors.Is(err, attest.ErrClockNotSet) {
@@ -291,7 +298,7 @@ func (r *run) loadState(ctx context.Context) (firstBoot bool, err error) {
 	case err != nil:
 		r.a.NoteError(fmt.Errorf("registering again: %w", err))
 		return false, nil
-	case !st.BelongsTo(r.id.RegistrationID, r.binding):
+	case !st.BelongsTo(r.id.RegistrationID, r.binding) && !r.keepBound(st):
 		r.collectKeys("")
 		r.a.NoteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.Binding))
 		return false, nil
@@ -316,6 +323,7 @@ func (r *run) loadState(ctx context.Context) (firstBoot bool, err error) {
 		r.op = op
 	}
 	r.inForce(st)
+	r.recordInForce() // best effort: a read-only state directory keeps its file as it is
 	r.setCredential(r.credential())
 	r.showRenewal(nil)
 	return false, nil
@@ -341,14 +349,18 @@ func (r *run) setCredential(c CredentialState) {
 // hubIdentity is what the hub is reached with: a renewed credential on trial, else the
 // operational credential when there is one.
 func (r *run) hubIdentity() *Identity {
+	id := r.id
+	if r.bound != nil {
+		id = r.bound.id
+	}
 	op := r.op
 	if r.ren.candidate != nil {
 		op = r.ren.candidate
 	}
 	if op == nil {
-		return r.id
+		return id
 	}
-	return &Identity{RegistrationID: r.id.RegistrationID, X509: op.id}
+	return &Identity{RegistrationID: id.RegistrationID, X509: op.id}
 }
 
 // provision registers until DPS assigns a hub, then stores the assignment and puts it in
@@ -393,7 +405,7 @@ func (r *run) provision(ctx context.Context, firstBoot bool) error {
 		failures++
 
 		var req *request
-		if errors.Is(err, ErrRefused) {
+		if errors.Is(err, ErrRefused) || errors.Is(err, ErrOnboardingExpired) {
 			req, err = r.park(ctx, err)
 			failures = 0
 		} else {
@@ -422,7 +434,11 @@ func (r *run) register(ctx context.Context, attempt int, start time.Time) (*stor
 
 // obtain makes attempt number attempt of a registration that began at start. With issuance
 // on, the registration sends a CSR for a new key, and op is the certificate DPS issued for it.
+// A registration DPS accepts with a new onboarding certificate ends a pending roll.
 func (r *run) obtain(ctx context.Context, attempt int, start time.Time) (st *storage.State, op *operational, err error) {
+	if err := r.onboardingUsable(); err != nil {
+		return nil, nil, err
+	}
 	var key *attest.Key
 	if r.issuing() {
 		if key, err = r.newOperationalKey(); err != nil {
@@ -434,6 +450,10 @@ func (r *run) obtain(ctx context.Context, attempt int, start time.Time) (st *sto
 		st, op, err = registerCSR(ctx, r.a.Provisioner, r.id, key, r.binding, r.assignment, r.a.Clock.Now, attempt, start)
 		return err
 	})
+	if err == nil {
+		r.recordIdentity(st)
+		r.rolledOnto(st)
+	}
 	return st, op, err
 }
 
@@ -560,6 +580,9 @@ func (r *run) park(ctx context.Context, cause error) (*request, error) {
 	r.enter(PhaseParked, func(s *Status) {
 		s.NextRetry, s.Attempts = next, 0
 		s.Message = fmt.Sprintf("parked: DPS refused the device (%v); next try at %s, or run `unicity reprovision` once fixed", cause, next.UTC().Format(time.RFC3339))
+		if errors.Is(cause, ErrOnboardingExpired) {
+			s.Message = fmt.Sprintf("parked: %v", cause)
+		}
 		s.LastError, s.LastErrorAt = cause.Error(), r.a.Clock.Now()
 	})
 	return r.a.pause(ctx, r.a.Config.Agent.ParkedRetry)
@@ -695,6 +718,10 @@ func (r *run) connected(ctx context.Context, sess Session) (sessionEnd, error) {
 			}
 		case req := <-r.a.requests:
 			if registered, err := r.answer(ctx, req); registered && err == nil {
+				return sessionRegistered, nil
+			}
+		case <-r.rollDue:
+			if r.tryRoll(ctx) {
 				return sessionRegistered, nil
 			}
 		}

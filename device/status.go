@@ -44,6 +44,8 @@ type Status struct {
 	Credential CredentialState `json:"credential,omitempty"`
 	// Renewal is where the renewal of the operational certificate stands; nil without one.
 	Renewal *RenewalStatus `json:"renewal,omitempty"`
+	// Onboarding is the onboarding certificate's trouble: expired, or a roll pending.
+	Onboarding *OnboardingStatus `json:"onboarding,omitempty"`
 	// StoreError says why the assignment in use is not stored (disk full, read-only): the
 	// agent keeps it in memory for this boot and retries the write.
 	StoreError string    `json:"store_error,omitempty"`

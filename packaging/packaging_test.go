@@ -77,6 +77,7 @@ func TestUnitContract(t *testing.T) {
 	exact := []struct{ section, key, want string }{
 		{"Service", "Type", "notify"},
 		{"Service", "ExecStart", "/usr/bin/unicity run"},
+		{"Service", "ExecReload", "/bin/kill -HUP $MAINPID"},
 		{"Service", "Restart", "on-failure"},
 		{"Service", "RestartPreventExitStatus", "78"},
 		{"Service", "User", "unicity"},
@@ -181,10 +182,13 @@ func TestUnitVerifies(t *testing.T) {
 	}
 }
 
-// scratchRootWithSystemUnits returns a directory holding a copy of the host's system units.
+// scratchRootWithSystemUnits returns a directory holding a copy of the host's system units,
+// and the /bin/kill of the unit's ExecReload, which every image has (procps, util-linux or
+// busybox).
 func scratchRootWithSystemUnits(t *testing.T) string {
 	t.Helper()
 	root := t.TempDir()
+	installFile(t, "/bin/kill", filepath.Join(root, "bin/kill"), 0o755)
 	dst := filepath.Join(root, "usr/lib/systemd")
 	require.NoError(t, os.MkdirAll(dst, 0o755))
 	for _, src := range []string{"/usr/lib/systemd/system", "/lib/systemd/system"} {

@@ -73,6 +73,13 @@ type State struct {
 	Renewal *Renewal `json:"renewal,omitempty"`
 	// LastRenewal is the outcome of the latest renewal of the operational certificate.
 	LastRenewal *RenewalResult `json:"last_renewal,omitempty"`
+	// OnboardingChain (DER, leaf first) and OnboardingKey (its key's spec) are the onboarding
+	// identity Binding names, so that the agent can still prove it while a new onboarding
+	// certificate, installed in its place, is not accepted by DPS yet (a certificate roll). A
+	// file without them loads as before; the agent then cannot keep the old identity across
+	// a restart during a roll.
+	OnboardingChain [][]byte `json:"onboarding_chain,omitempty"`
+	OnboardingKey   string   `json:"onboarding_key,omitempty"`
 
 	// ProvisionedAt is when this assignment was stored; DPSCreatedAt and DPSUpdatedAt are the
 	// registration record's own times.

@@ -274,6 +274,8 @@ func (c *checker) x509(cfg *config.Config, tpm *attest.Opener) (cert *tls.Certif
 	if key != nil && chainErr == nil {
 		id, err := attest.NewIdentity(chain, key, t)
 		switch {
+		case errors.Is(err, attest.ErrExpired):
+			c.fail("chain", fmt.Errorf("the onboarding certificate expired (%w): DPS cannot be reached with it (the agent keeps serving a stored assignment while the hub takes it); install a new one (`unicity factory install`), then `systemctl reload unicity`", err))
 		case err != nil:
 			c.fail("chain", err)
 		case chain[0].NotAfter.Sub(t) < expirySoon:
@@ -304,7 +306,7 @@ func heldBy(cfg *config.Config, spec string, err error) error {
 	if kerr := syscall.Kill(s.PID, 0); kerr != nil && !errors.Is(kerr, syscall.EPERM) {
 		return err // the agent that wrote it is gone
 	}
-	return fmt.Errorf("%w; it is held by another process: the agent (pid %d, %s), for as long as it runs; stop it to check the TPM (systemctl stop unicity)",
+	return fmt.Errorf("%w; it is held by another process: the agent (pid %d, %s), for as long as it runs; stop it to use the TPM (systemctl stop unicity)",
 		err, s.PID, s.Phase)
 }
 

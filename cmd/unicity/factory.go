@@ -134,6 +134,8 @@ func identityFlags(e *env, name string, args []string) (*tpmFlags, *jsonOutput, 
 type keyFlags struct {
 	tpmFlags
 	key string
+	// cfg is the configuration parse read, nil when there is none.
+	cfg *config.Config
 }
 
 func newKeyFlags(fs *flag.FlagSet) *keyFlags {
@@ -150,7 +152,17 @@ func (f *keyFlags) parse(ctx context.Context, fs *flag.FlagSet, args []string, r
 	if err != nil {
 		return nil, err
 	}
+	f.cfg = cfg
 	return f.opener(ctx, cfg), nil
+}
+
+// heldBy is err, naming the running agent when it holds a TPM that serves one program at a
+// time (`factory install` on a live device), if the configuration says where its status is.
+func (f *keyFlags) heldBy(tpm *attest.Opener, err error) error {
+	if f.cfg == nil {
+		return err
+	}
+	return heldBy(f.cfg, tpm.Spec(), err)
 }
 
 // loadKey loads a key spec or a bare keyfile path through tpm, warning about software keys.
@@ -274,7 +286,7 @@ func runFactoryInstall(ctx context.Context, e *env, args []string) error {
 	}
 	key, err := loadKey(e, tpm, kf.key)
 	if err != nil {
-		return err
+		return kf.heldBy(tpm, err)
 	}
 	defer key.Close()
 	id, err := attest.NewIdentity(chain, key, now())

@@ -6,8 +6,10 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/signal"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/journal"
@@ -59,20 +61,28 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	}
 	sd := device.Systemd{}
 	agent := &device.Agent{
-		Config:       cfg,
-		Store:        storage.New(cfg.State.Dir),
-		Provisioner:  prov,
-		Hub:          hubs,
-		Clock:        agentClock,
-		Notifier:     sd,
-		Watchdog:     sd.WatchdogPeriod(),
-		OnStatus:     statusLogger(log),
-		OnCredential: credentialLogger(log),
+		Config:      cfg,
+		Store:       storage.New(cfg.State.Dir),
+		Provisioner: prov,
+		Hub:         hubs,
+		Clock:       agentClock,
+		Notifier:    sd,
+		Watchdog:    sd.WatchdogPeriod(),
+		// A new onboarding certificate (`factory install` on the live device) is picked up
+		// without a reload too.
+		OnboardingPoll: device.OnboardingPoll,
+		OnStatus:       statusLogger(log),
+		OnCredential:   credentialLogger(log),
 	}
 	relay := gateway.New(agent, hubs)
 	relay.Clock = agentClock
 	apiServer := &localapi.Server{Agent: agent, Gateway: relay, Clock: agentClock}
-	agent.Services = []func(context.Context){relay.Run, func(ctx context.Context) { apiServer.Serve(ctx, api) }}
+	// Before the agent runs: SIGHUP's default would end the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	agent.Services = []func(context.Context){relay.Run, func(ctx context.Context) { apiServer.Serve(ctx, api) },
+		func(ctx context.Context) { reloadOnHangup(ctx, hup, agent, log) }}
 	prov.Clock = agentClock
 	prov.Progress = func(p dps.Progress) {
 		log.Debug("dps: "+p.Message, "wait", p.Wait, "err", p.Err)
@@ -95,6 +105,21 @@ func runRun(ctx context.Context, e *env, args []string) error {
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// reloadOnHangup has the agent load its onboarding certificate again on each SIGHUP
+// (`systemctl reload unicity`, after `unicity factory install` on the live device).
+func reloadOnHangup(ctx context.Context, hup <-chan os.Signal, agent *device.Agent, log *slog.Logger) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+		}
+		log.Info("SIGHUP: loading the onboarding certificate again")
+		agent.Reload(ctx) // a certificate it cannot use is its last error, logged as such
+
+	}
 }
 
 // logLevel is --log-level, spelt in lower case as the README has it.
@@ -212,6 +237,10 @@ func logCredential(log *slog.Logger, ev device.CredentialEvent) {
 			attrs = append(attrs, "replaced", ev.Replaced)
 		}
 		log.Info("DPS issued an operational certificate; the hub is reached with it", attrs...)
+	case device.EventRolled:
+		log.Info("DPS accepted the new onboarding certificate; the device's state is bound to it now", "event", ev.Kind, "sha256_thumbprint", ev.Thumbprint, "replaced", ev.Replaced)
+	case device.EventRollRefused:
+		log.Warn("the new onboarding certificate is not accepted yet ("+ev.Reason+"); the one before it stays in force", "event", ev.Kind, "sha256_thumbprint", ev.Thumbprint, "in_force", ev.Replaced)
 	case device.EventFellBack:
 		log.Warn("the operational certificate cannot be used ("+ev.Reason+"); registering with DPS for a new one with the onboarding identity",
 			"event", ev.Kind, "sha256_thumbprint", ev.Replaced)

@@ -29,6 +29,9 @@ type statusReport struct {
 	Certificates []device.CertificateInfo `json:"certificates,omitempty"`
 	// Credential is which one the running agent reaches the hub with.
 	Credential device.CredentialState `json:"credential,omitempty"`
+	// Onboarding is the running agent's word on the onboarding certificate: expired, or a
+	// roll pending.
+	Onboarding *device.OnboardingStatus `json:"onboarding,omitempty"`
 	// TPM attestation, from the configuration and the state: status leaves the TPM to the
 	// agent (swtpm serves one program at a time).
 	EndorsementKeySHA256 string `json:"endorsement_key_sha256,omitempty"`
@@ -123,11 +126,14 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 		r.StateProblem = err.Error() + " (the agent will set it aside and register again)"
 	case err != nil:
 		r.StateProblem = err.Error()
-	case binding != "" && !st.BelongsTo(r.RegistrationID, binding):
+	case binding != "" && !st.BelongsTo(r.RegistrationID, binding) && !device.RollPending(st, r.RegistrationID):
 		r.StateProblem = fmt.Sprintf("the stored assignment belongs to another identity (%s); the agent will register again", st.RegistrationID)
 	default:
 		r.AssignedHub, r.DeviceID, r.Substatus, r.ProvisionedAt = st.AssignedHub, st.DeviceID, st.Substatus, st.ProvisionedAt
 		stored = st
+		if binding != "" && !st.BelongsTo(r.RegistrationID, binding) {
+			r.StateProblem = fmt.Sprintf("bound to the onboarding certificate before this one (%s): it stays in force until DPS accepts the new one", st.Binding)
+		}
 		if ek, ok := strings.CutPrefix(st.Binding, "tpm:"); ok && r.Attestation == "tpm" {
 			r.EndorsementKeySHA256 = strings.ToLower(ek)
 			if r.RegistrationID == "" {
@@ -164,6 +170,7 @@ func runStatus(ctx context.Context, e *env, args []string) error {
 		r.Telemetry = live.Telemetry
 		r.Credential = live.Credential
 		r.Renewal = live.Renewal
+		r.Onboarding = live.Onboarding
 	}
 	if live != nil && r.ServiceRunning && live.AssignedHub != "" && (live.StoreError != "" || r.AssignedHub == "") {
 		// The assignment in force is the agent's: not stored, or not readable by this user.
@@ -251,6 +258,7 @@ func printStatus(w io.Writer, r statusReport) {
 		if r.Credential != "" {
 			fmt.Fprintf(w, "  hub credential:   %s\n", r.Credential)
 		}
+		printOnboarding(w, r.Onboarding)
 	} else {
 		fmt.Fprintf(w, "  phase:            not running\n")
 		if r.Message != "" {
@@ -280,6 +288,23 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(w, "  removed unsent:   %d dropped, %d expired, %d rejected by the hub\n", t.Dropped, t.Expired, t.Rejected)
 		if t.Torn > 0 {
 			fmt.Fprintf(w, "  torn records:     %d dropped at start (a crash or power cut mid-write)\n", t.Torn)
+		}
+	}
+}
+
+// printOnboarding shows the running agent's trouble with the onboarding certificate.
+func printOnboarding(w io.Writer, o *device.OnboardingStatus) {
+	if o == nil {
+		return
+	}
+	if c := o.Expired; c != nil {
+		fmt.Fprintf(w, "  onboarding:       EXPIRED: %s (serial %s, SHA-256 %s) expired at %s; DPS cannot be reached until a new one is installed (`unicity factory install`, then `systemctl reload unicity`)\n",
+			c.Subject, c.Serial, c.SHA256Thumbprint, c.NotAfter.UTC().Format(time.RFC3339))
+	}
+	if roll := o.Roll; roll != nil {
+		fmt.Fprintf(w, "  certificate roll: pending: %s stays in force until DPS accepts %s\n", roll.From, roll.To)
+		if roll.Reason != "" {
+			fmt.Fprintf(w, "  roll refused:     %s; next try at %s, or `systemctl reload unicity`\n", roll.Reason, roll.NextTry.UTC().Format(time.RFC3339))
 		}
 	}
 }
