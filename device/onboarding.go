@@ -81,14 +81,17 @@ type onboarding struct {
 	// rollDue fires when the pending roll is to be tried; nil without one.
 	rollDue      <-chan time.Time
 	rollFailures int
-	rollReason   string
-	rollNext     time.Time
+	// rolling is set during tryRoll's registration, which is the new identity's alone.
+	rolling    bool
+	rollReason string
+	rollNext   time.Time
 }
 
 // boundIdentity is an onboarding identity the assignment in force is bound to, kept while
 // a newer one is not accepted.
 type boundIdentity struct {
 	id      *Identity
+	key     *attest.Key
 	binding string
 	release func()
 }
@@ -159,17 +162,17 @@ func (r *run) showOnboarding() {
 	r.a.setStatus(func(s *Status) { s.Onboarding = o })
 }
 
-// recordIdentity records in st the onboarding identity it is bound to (see
+// recordIdentity records in st the onboarding identity it is bound to, id with its key (see
 // storage.State.OnboardingChain).
-func (r *run) recordIdentity(st *storage.State) {
-	if r.id.X509 == nil {
+func (r *run) recordIdentity(st *storage.State, id *Identity, key *attest.Key) {
+	if id.X509 == nil {
 		return
 	}
 	st.OnboardingChain = nil
-	for _, c := range r.id.X509.Chain {
+	for _, c := range id.X509.Chain {
 		st.OnboardingChain = append(st.OnboardingChain, c.Raw)
 	}
-	st.OnboardingKey = r.creds.Key.Location
+	st.OnboardingKey = key.Location
 }
 
 // recordInForce stores the onboarding identity with the assignment in force when a file
@@ -183,7 +186,7 @@ func (r *run) recordInForce() error {
 		return nil
 	}
 	rec := *st
-	r.recordIdentity(&rec)
+	r.recordIdentity(&rec, r.id, r.creds.Key)
 	r.a.saveMu.Lock()
 	err := r.lock.Save(&rec)
 	r.a.saveMu.Unlock()
@@ -224,7 +227,7 @@ func (r *run) keepBound(st *storage.State) bool {
 		r.a.NoteError(fmt.Errorf("the onboarding identity the stored assignment is bound to cannot be used (%w); registering with the configured one", err))
 		return false
 	}
-	r.bound = &boundIdentity{id: id, binding: st.Binding, release: old.closeKey}
+	r.bound = &boundIdentity{id: id, key: key, binding: st.Binding, release: old.closeKey}
 	r.rollSoon()
 	return true
 }
@@ -278,7 +281,7 @@ func (r *run) reload() error {
 		if err := r.recordInForce(); err != nil {
 			r.a.NoteError(err)
 		}
-		r.bound = &boundIdentity{id: r.id, binding: r.binding, release: r.creds.closeKey}
+		r.bound = &boundIdentity{id: r.id, key: r.creds.Key, binding: r.binding, release: r.creds.closeKey}
 	default:
 		r.creds.closeKey()
 	}
@@ -298,7 +301,9 @@ func (r *run) tryRoll(ctx context.Context) (rolled bool) {
 	r.a.setStatus(func(s *Status) {
 		s.Message = fmt.Sprintf("registering %s with DPS with the new onboarding certificate %s; %s stays in force until then", r.id.RegistrationID, r.binding, r.assignment.AssignedHub)
 	})
+	r.rolling = true
 	st, err := r.register(ctx, 1, r.a.Clock.Now())
+	r.rolling = false
 	if err == nil {
 		r.connecting(st)
 		return true

@@ -271,3 +271,34 @@ func mustParse(t *testing.T, der []byte) *x509.Certificate {
 	require.NoError(t, err)
 	return c
 }
+
+// While a roll is pending, a registration the device needs for another reason (here its
+// operational certificate was revoked) is made with the onboarding certificate the assignment
+// is bound to when DPS refuses the new one: the device stays in service.
+func TestRegistrationDuringAPendingRollUsesTheOldIdentity(t *testing.T) {
+	r := newIssuanceRig(t)
+	r.start()
+	r.connected()
+	old := r.state()
+	newCA, err := pki.NewRoot("unicity new factory CA")
+	require.NoError(t, err)
+	r.installOnboarding(newCA)
+	require.NoError(t, r.reload())
+	r.waitFor("roll refused", func(s device.Status) bool {
+		return s.Onboarding != nil && s.Onboarding.Roll != nil && s.Onboarding.Roll.Reason != ""
+	})
+
+	_, err = r.hub.Hub.Revoke("gw-ops", leafThumbprint(t, old))
+	require.NoError(t, err)
+	s := r.waitFor("a new operational certificate", func(s device.Status) bool {
+		st, err := storage.New(r.cfg.State.Dir).Load()
+		return s.Phase == device.PhaseConnected && err == nil && st.OperationalKey != old.OperationalKey
+	})
+	require.NotNil(t, s.Onboarding)
+	require.NotNil(t, s.Onboarding.Roll, "the roll is still pending")
+	st := r.state()
+	assert.Equal(t, old.Binding, st.Binding, "registered with the certificate the assignment is bound to")
+	assert.Equal(t, old.OnboardingChain, st.OnboardingChain)
+	assert.Equal(t, old.OnboardingKey, st.OnboardingKey)
+	assert.Empty(t, r.eventsOf(device.EventRolled))
+}

@@ -439,6 +439,28 @@ func (r *run) obtain(ctx context.Context, attempt int, start time.Time) (st *sto
 	if err := r.onboardingUsable(); err != nil {
 		return nil, nil, err
 	}
+	st, op, err = r.obtainAs(ctx, r.id, r.binding, attempt, start)
+	if err == nil {
+		r.recordIdentity(st, r.id, r.creds.Key)
+		r.rolledOnto(st)
+		return st, op, nil
+	}
+	if b := r.bound; b != nil && !r.rolling && errors.Is(err, ErrRefused) {
+		// A roll is pending and DPS does not take the new onboarding certificate yet: what
+		// this registration is for (the hub moved or forgot the device, a renewal) is done
+		// with the one the assignment is bound to, which it still takes.
+		var berr error
+		if st, op, berr = r.obtainAs(ctx, b.id, b.binding, attempt, start); berr == nil {
+			r.recordIdentity(st, b.id, b.key)
+			return st, op, nil
+		}
+		err = fmt.Errorf("%w; with the onboarding certificate before it: %w", err, berr)
+	}
+	return nil, nil, err
+}
+
+// obtainAs makes one registration with the onboarding identity id, bound to binding.
+func (r *run) obtainAs(ctx context.Context, id *Identity, binding string, attempt int, start time.Time) (st *storage.State, op *operational, err error) {
 	var key *attest.Key
 	if r.issuing() {
 		if key, err = r.newOperationalKey(); err != nil {
@@ -447,13 +469,9 @@ func (r *run) obtain(ctx context.Context, attempt int, start time.Time) (st *sto
 	}
 	err = r.a.bounded(ctx, func(ctx context.Context) error {
 		var err error
-		st, op, err = registerCSR(ctx, r.a.Provisioner, r.id, key, r.binding, r.assignment, r.a.Clock.Now, attempt, start)
+		st, op, err = registerCSR(ctx, r.a.Provisioner, id, key, binding, r.assignment, r.a.Clock.Now, attempt, start)
 		return err
 	})
-	if err == nil {
-		r.recordIdentity(st)
-		r.rolledOnto(st)
-	}
 	return st, op, err
 }
 
