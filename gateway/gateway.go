@@ -83,9 +83,9 @@ type Gateway struct {
 	// validFrom and notAfter are those of the certificate the session presents: the
 	// operational one when DPS issued it, else the identity certificate.
 	validFrom, notAfter time.Time
-	// reportedRenewal is the renewal state the twin last got (renewalKey): its changes are
-	// reported as they come, not only with the next connection.
-	reportedRenewal string
+	// reported is what the twin last got of the credentials' lifecycle (lifecycleKey): its
+	// changes are reported as they come, not only with the next connection.
+	reported string
 
 	store        *telemetry.Store // nil until open
 	storeProblem error            // why store is nil
@@ -169,9 +169,12 @@ func (g *Gateway) Run(ctx context.Context) {
 			pending = true
 		case <-updates:
 			// The session becomes the agent's current one a moment after it connects; the
-			// renewal of the operational certificate is reported step by step.
+			// renewal of the operational certificate and the onboarding certificate's trouble
+			// are reported step by step.
+			st := g.Agent.Status()
+			key := lifecycleKey(renewalHealth(st.Renewal), onboardingHealth(st.Onboarding))
 			g.mu.Lock()
-			changed := renewalKey(renewalHealth(g.Agent.Status().Renewal)) != g.reportedRenewal
+			changed := key != g.reported
 			g.mu.Unlock()
 			pending = pending || changed
 		}
@@ -207,6 +210,23 @@ type Health struct {
 	// Renewal is where the renewal of the operational certificate stands; null without
 	// one, which removes an old one from the twin.
 	Renewal *RenewalHealth `json:"renewal"`
+	// Onboarding is the factory certificate's trouble: expired, or a roll to a new one DPS
+	// has not accepted yet; null when it has none.
+	Onboarding *OnboardingHealth `json:"onboarding"`
+}
+
+// OnboardingHealth is device.OnboardingStatus in the twin, every field present (see
+// RenewalHealth).
+type OnboardingHealth struct {
+	Expired *device.CertificateInfo `json:"expired"`
+	Roll    *device.RollStatus      `json:"roll"`
+}
+
+func onboardingHealth(s *device.OnboardingStatus) *OnboardingHealth {
+	if s == nil {
+		return nil
+	}
+	return &OnboardingHealth{Expired: s.Expired, Roll: s.Roll}
 }
 
 // RenewalHealth is device.RenewalStatus in the twin. A reported patch leaves the fields it
@@ -251,9 +271,9 @@ func nonEmpty(s string) *string {
 	return &s
 }
 
-// renewalKey tells renewal states apart.
-func renewalKey(h *RenewalHealth) string {
-	b, _ := json.Marshal(h)
+// lifecycleKey tells apart the states of the credentials' lifecycle, as the twin gets them.
+func lifecycleKey(r *RenewalHealth, o *OnboardingHealth) string {
+	b, _ := json.Marshal([]any{r, o})
 	return string(b)
 }
 
@@ -275,6 +295,7 @@ func (g *Gateway) health() Health {
 		Credential:          status.Credential,
 		Telemetry:           g.TelemetryStatus(),
 		Renewal:             renewalHealth(status.Renewal),
+		Onboarding:          onboardingHealth(status.Onboarding),
 	}
 	if st := g.Agent.Assignment(); st != nil {
 		h.ProvisionedAt, h.Substatus = st.ProvisionedAt, st.Substatus
@@ -302,7 +323,7 @@ func (g *Gateway) report(ctx context.Context) error {
 		return err
 	}
 	g.mu.Lock()
-	g.reportedRenewal = renewalKey(h.Renewal)
+	g.reported = lifecycleKey(h.Renewal, h.Onboarding)
 	g.mu.Unlock()
 	return nil
 }

@@ -142,16 +142,25 @@ func TestGatewayReportsHealth(t *testing.T) {
 // Status.Renewal in the agent itself.
 type renewingAgent struct {
 	*device.Agent
-	mu      sync.Mutex
-	renewal *device.RenewalStatus
+	mu         sync.Mutex
+	renewal    *device.RenewalStatus
+	onboarding *device.OnboardingStatus
 }
 
 func (a *renewingAgent) Status() device.Status {
 	s := a.Agent.Status()
 	a.mu.Lock()
-	s.Renewal = a.renewal
+	s.Renewal, s.Onboarding = a.renewal, a.onboarding
 	a.mu.Unlock()
 	return s
+}
+
+// setOnboarding changes the onboarding certificate's trouble, and publishes a status change.
+func (a *renewingAgent) setOnboarding(o *device.OnboardingStatus, note string) {
+	a.mu.Lock()
+	a.onboarding = o
+	a.mu.Unlock()
+	a.NoteError(errors.New(note))
 }
 
 // set changes the renewal state, and publishes a status change as the engine's would.
@@ -166,17 +175,44 @@ func (a *renewingAgent) set(r *device.RenewalStatus, note string) {
 // when absent) satisfies done, and returns it.
 func (gb *gatewayBed) awaitRenewal(t *testing.T, done func(map[string]any) bool) map[string]any {
 	t.Helper()
-	var renewal map[string]any
+	return gb.awaitReported(t, "renewal", done)
+}
+
+// awaitReported waits until the object the twin holds as field under ReportedKey satisfies
+// done, and returns it.
+func (gb *gatewayBed) awaitReported(t *testing.T, field string, done func(map[string]any) bool) map[string]any {
+	t.Helper()
+	var got map[string]any
 	require.NoError(t, gb.srv.Await(ctxFor(t), func() bool {
 		tw, err := gb.srv.Twin("gw-0001")
 		if err != nil {
 			return false
 		}
 		u, _ := tw.Reported[gateway.ReportedKey].(map[string]any)
-		renewal, _ = u["renewal"].(map[string]any)
-		return done(renewal)
+		got, _ = u[field].(map[string]any)
+		return done(got)
 	}))
-	return renewal
+	return got
+}
+
+// TestGatewayReportsOnboarding: a pending roll of the onboarding certificate is in the twin as
+// it starts and ends, while connected.
+func TestGatewayReportsOnboarding(t *testing.T) {
+	var ra *renewingAgent
+	gb := startGatewayBedAs(t, nil, func(a *device.Agent) gateway.Agent {
+		ra = &renewingAgent{Agent: a}
+		return ra
+	})
+	gb.WaitPhase(device.PhaseConnected)
+	ra.setOnboarding(&device.OnboardingStatus{Roll: &device.RollStatus{From: "OLD", To: "NEW", Reason: "DPS refused"}}, "roll refused")
+	o := gb.awaitReported(t, "onboarding", func(o map[string]any) bool { return o != nil })
+	roll, _ := o["roll"].(map[string]any)
+	assert.Equal(t, "OLD", roll["from_sha256_thumbprint"])
+	assert.Equal(t, "NEW", roll["to_sha256_thumbprint"])
+	assert.Equal(t, "DPS refused", roll["reason"])
+
+	ra.setOnboarding(nil, "rolled")
+	gb.awaitReported(t, "onboarding", func(o map[string]any) bool { return o == nil })
 }
 
 // TestGatewayReportsRenewal: the twin carries the renewal state beside validFrom and
