@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -329,13 +330,21 @@ func (a *Agent) setStatus(change func(*Status)) {
 		}
 		ch <- snapshot
 	}
-	if snapshot.Phase == before.Phase && snapshot.Message == before.Message && snapshot.LastError == before.LastError && snapshot.StoreError == before.StoreError {
+	said := snapshot.Phase != before.Phase || snapshot.Message != before.Message || snapshot.LastError != before.LastError || snapshot.StoreError != before.StoreError
+	// The credentials' lifecycle changes without a line of its own (a renewal scheduled
+	// again): the file follows it all the same, for `status` run without the local API.
+	lifecycle := snapshot.Credential != before.Credential || !reflect.DeepEqual(snapshot.Renewal, before.Renewal) || !reflect.DeepEqual(snapshot.Onboarding, before.Onboarding)
+	if !said && !lifecycle {
 		return
 	}
 	if err := WriteStatus(a.Config.Runtime.Dir, snapshot); err != nil && !a.statusFailed {
 		// Best effort: the loop must not stop over /run. Say it once, in the log.
 		a.statusFailed = true
 		snapshot.LastError = "cannot write the status file: " + err.Error()
+		said = true
+	}
+	if !said {
+		return
 	}
 	if a.Notifier != nil && snapshot.Message != before.Message {
 		a.Notifier.Notify("STATUS=" + snapshot.Message)

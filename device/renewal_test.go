@@ -75,6 +75,10 @@ func TestRenewsThroughTheHub(t *testing.T) {
 	r := newIssuanceRig(t)
 	r.renewing()
 	evs := r.awaitRenewals(3)
+	assert.Eventually(t, func() bool {
+		s, err := device.ReadStatus(r.cfg.Runtime.Dir)
+		return err == nil && s.Renewal != nil && s.Renewal.Last != nil && s.Renewal.Last.Result == storage.Renewed
+	}, 10*time.Second, 5*time.Millisecond, "the status file follows the renewal, which changes no status line")
 	r.stop()
 	assert.EqualValues(t, 1, r.dps.Stats().Registrations, "renewed through the hub, not DPS")
 	for i, ev := range evs[:3] {
