@@ -262,6 +262,9 @@ func TestExpiredWhileOfflineRegistersAgain(t *testing.T) {
 	assert.Contains(t, r.agent.Status().LastError, "expired")
 	assert.NoFileExists(t, strings.TrimPrefix(first.OperationalKey, "tpmkey:"))
 	assert.Len(t, r.keyfiles(), 1)
+	issued := r.eventsOf(device.EventIssued)
+	require.NotEmpty(t, issued)
+	assert.Equal(t, leafThumbprint(t, first), issued[len(issued)-1].Replaced, "the journal names the certificate it replaces")
 }
 
 func TestStateNamingAMissingKeyRegistersAgain(t *testing.T) {

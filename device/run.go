@@ -28,6 +28,10 @@ type run struct {
 	op *operational
 	// ren is the renewal of op: the renewed credential on trial and the schedule.
 	ren renewal
+	// unusable is the stored assignment whose operational credential could not be used at
+	// the start: the registration that replaces it carries on its history (the replaced
+	// thumbprint, the last renewal).
+	unusable *storage.State
 	// storedKey is the operational key the stored state names: destroyed only once a state
 	// naming another is stored.
 	storedKey string
@@ -315,6 +319,7 @@ func (r *run) loadState(ctx context.Context) (firstBoot bool, err error) {
 			return false, ctx.Err()
 		}
 		if err != nil {
+			r.unusable = st
 			r.setCredential(CredentialNeeded)
 			r.a.credentialEvent(CredentialEvent{Kind: EventFellBack, Reason: err.Error(), Replaced: storedThumbprint(st)})
 			r.a.NoteError(fmt.Errorf("registering again with the onboarding identity: %w", err))
@@ -479,13 +484,18 @@ func (r *run) obtainAs(ctx context.Context, id *Identity, binding string, attemp
 // with it (nil without issuance). The key of the one it replaces is destroyed once st is
 // stored, and so is a renewed one on trial.
 func (r *run) swap(ctx context.Context, st *storage.State, op *operational) {
-	if prev := r.assignment; prev != nil {
+	prev := r.assignment
+	if prev == nil {
+		prev = r.unusable
+	}
+	r.unusable = nil
+	if prev != nil {
 		st.LastRenewal = prev.LastRenewal
 	}
 	saved := r.store(ctx, st)
 	if op != nil {
 		r.a.credentialEvent(CredentialEvent{Kind: EventIssued, Thumbprint: certcodec.Thumbprint(op.id.Chain[0]),
-			Replaced: storedThumbprint(r.assignment), NotAfter: op.id.Chain[0].NotAfter, Key: op.spec()})
+			Replaced: storedThumbprint(prev), NotAfter: op.id.Chain[0].NotAfter, Key: op.spec()})
 	}
 	if cand := r.ren.candidate; cand != nil {
 		cand.close()
