@@ -118,7 +118,6 @@ func reloadOnHangup(ctx context.Context, hup <-chan os.Signal, agent *device.Age
 		}
 		log.Info("SIGHUP: loading the onboarding certificate again")
 		agent.Reload(ctx) // a certificate it cannot use is its last error, logged as such
-
 	}
 }
 
