@@ -106,7 +106,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) {
 	mux := http.NewServeMux()
 	s.routes(mux)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }, ConnContext: withPeer}
+	shut := make(chan struct{})
 	go func() {
+		defer close(shut)
 		<-ctx.Done()
 		shutdown, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
@@ -114,7 +116,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) {
 			srv.Close()
 		}
 	}()
-	srv.Serve(ln)
+	if errors.Is(srv.Serve(ln), http.ErrServerClosed) {
+		// Serve returns as the shutdown begins: wait for the requests under way to end.
+		<-shut
+	}
 	os.Remove(ln.Addr().String())
 }
 

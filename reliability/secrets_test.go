@@ -2,6 +2,7 @@ package reliability_test
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/x509"
 	"encoding/base64"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -39,10 +41,24 @@ func secretForms(secret []byte) []string {
 	return forms
 }
 
-func pemLines(p []byte) []string {
+// pemLines are the lines of a private key's PEM, but those that hold only its public half:
+// the certificate carries those bytes too (the state file records the onboarding chain), and
+// their base64 lines up with the certificate's one time in three.
+func pemLines(p []byte, public crypto.PublicKey) []string {
+	der, _ := x509.MarshalPKIXPublicKey(public)
+	var shifted []string
+	for i := range 3 {
+		if len(der) > i {
+			shifted = append(shifted, base64.StdEncoding.EncodeToString(der[i:]))
+		}
+	}
 	var out []string
 	for _, l := range strings.Split(string(p), "\n") {
-		if len(l) >= 32 && !strings.HasPrefix(l, "-----") {
+		inner := l
+		if len(inner) > 8 {
+			inner = inner[4 : len(inner)-4] // away from the ends, whose characters mix bytes
+		}
+		if len(l) >= 32 && !strings.HasPrefix(l, "-----") && !slices.ContainsFunc(shifted, func(b string) bool { return strings.Contains(b, inner) }) {
 			out = append(out, l)
 		}
 	}
@@ -113,8 +129,10 @@ func TestNoSecretInLogs(t *testing.T) {
 		require.NoError(t, err)
 		scalar, err := k.(*ecdsa.PrivateKey).Bytes()
 		require.NoError(t, err)
+		lines := pemLines(keyPEM, k.(*ecdsa.PrivateKey).Public())
+		require.NotEmpty(t, lines, "the PEM lines that hold the private scalar")
 		secrets := map[string][]string{
-			"key PEM":    pemLines(keyPEM),
+			"key PEM":    lines,
 			"key DER":    secretForms(block.Bytes),
 			"key scalar": secretForms(scalar),
 		}
