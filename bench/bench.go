@@ -1,7 +1,8 @@
 // Package bench measures what users of the unicity agent feel: it runs the built `unicity`
 // binary against `unicity-emulator` on loopback and reports first and provisioned boot times,
-// memory and CPU, TPM and wire work per boot, a fleet storm against a DPS quota and telemetry
-// through the local API, each as the median of several runs. cmd/unicity-bench is its
+// memory and CPU, TPM and wire work per boot, the time and TPM work of a renewal of the
+// operational certificate, a fleet storm against a DPS quota and telemetry through the local
+// API, each as the median of several runs. cmd/unicity-bench is its
 // command line (`make bench`); docs are in bench/README.md.
 package bench
 
@@ -131,6 +132,10 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		if err := h.boots(ctx, "tpm-attestation"); err != nil {
 			h.report.fail("boots with TPM attestation", err)
 		}
+		h.step("renewals of the operational certificate (swtpm)")
+		if err := h.renewals(ctx); err != nil {
+			h.report.fail("renewals of the operational certificate", err)
+		}
 	}
 	h.step("binary sizes")
 	if err := h.sizes(); err != nil {
@@ -178,8 +183,9 @@ dir = %q
 	return os.WriteFile(d.config, []byte(cfg), 0o600)
 }
 
-// softwareDevice makes a device with a file: key and a certificate from the factory CA.
-func (h *harness) softwareDevice(name string, s *stack) (*device, error) {
+// softwareDevice makes a device with a file: key and a certificate from the factory CA, and
+// tpm, when not empty, as its TPM (for operational keys).
+func (h *harness) softwareDevice(name string, s *stack, tpm string) (*device, error) {
 	d := &device{name: name, dir: filepath.Join(h.work, name)}
 	if err := os.MkdirAll(d.dir, 0o700); err != nil {
 		return nil, err
@@ -195,7 +201,7 @@ func (h *harness) softwareDevice(name string, s *stack) (*device, error) {
 	if err := certcodec.WritePrivateKey(key, leaf.Key); err != nil {
 		return nil, err
 	}
-	return d, h.writeConfig(d, s, x509Attestation(cert, "file:"+key), "")
+	return d, h.writeConfig(d, s, x509Attestation(cert, "file:"+key), tpm)
 }
 
 // tpmDevice makes a device the way a factory line does (docs/oem.md): key in the TPM, CSR,
@@ -342,7 +348,7 @@ func (h *harness) boots(ctx context.Context, kind string) error {
 			d, err = h.tpmAttestationDevice(ctx, "bench-tpm-attestation", s, t)
 		}
 	} else {
-		d, err = h.softwareDevice("bench-file", s)
+		d, err = h.softwareDevice("bench-file", s, "")
 	}
 	if err != nil {
 		return err
