@@ -16,7 +16,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/unicity-iot/unicity/attest/attesttest"
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/internal/atomicfile"
@@ -64,11 +63,9 @@ func TestRenewalSurvivesSIGKILL(t *testing.T) {
 	kills := faultrun.Rounds(20, 200)
 	rng := faultrun.Rand(t, 14)
 	e := startEmulator(t, "--poll-limit", "0")
-	// The operational keys live in swtpm, the onboarding key in a file: with both in swtpm
-	// (three object slots, no resource manager) the agent holds two keys and cannot make the
-	// renewal's third (TPM_RC_OBJECT_MEMORY).
-	sock := attesttest.StartSWTPM(t)
-	g := x509Gateway(t, e, "gw-renewal", fmt.Sprintf("[tpm]\ndevice = %q\n", "swtpm:"+sock))
+	// The onboarding and operational keys in swtpm: three object slots, no resource manager.
+	g, _, _ := swtpmGateway(t, e, "gw-renewal")
+	sock := strings.TrimPrefix(g.tpmSpec(t), "swtpm:")
 	out, err := exec.Command(e.bin, "policy", "--dir", e.dir, "--group", "factory", "--validity", renewalValidity.String()).CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	b, err := os.ReadFile(g.config)
