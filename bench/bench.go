@@ -183,9 +183,8 @@ dir = %q
 	return os.WriteFile(d.config, []byte(cfg), 0o600)
 }
 
-// softwareDevice makes a device with a file: key and a certificate from the factory CA, and
-// tpm, when not empty, as its TPM (for operational keys).
-func (h *harness) softwareDevice(name string, s *stack, tpm string) (*device, error) {
+// softwareDevice makes a device with a file: key and a certificate from the factory CA.
+func (h *harness) softwareDevice(name string, s *stack) (*device, error) {
 	d := &device{name: name, dir: filepath.Join(h.work, name)}
 	if err := os.MkdirAll(d.dir, 0o700); err != nil {
 		return nil, err
@@ -201,7 +200,7 @@ func (h *harness) softwareDevice(name string, s *stack, tpm string) (*device, er
 	if err := certcodec.WritePrivateKey(key, leaf.Key); err != nil {
 		return nil, err
 	}
-	return d, h.writeConfig(d, s, x509Attestation(cert, "file:"+key), tpm)
+	return d, h.writeConfig(d, s, x509Attestation(cert, "file:"+key), "")
 }
 
 // tpmDevice makes a device the way a factory line does (docs/oem.md): key in the TPM, CSR,
@@ -348,7 +347,7 @@ func (h *harness) boots(ctx context.Context, kind string) error {
 			d, err = h.tpmAttestationDevice(ctx, "bench-tpm-attestation", s, t)
 		}
 	} else {
-		d, err = h.softwareDevice("bench-file", s, "")
+		d, err = h.softwareDevice("bench-file", s)
 	}
 	if err != nil {
 		return err
