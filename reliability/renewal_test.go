@@ -74,7 +74,7 @@ func TestRenewalSurvivesSIGKILL(t *testing.T) {
 	cfg, err := config.Load(g.config)
 	require.NoError(t, err)
 
-	g.renewCleanly(t, sock) // the first boot: registered, issued
+	g.connectAndStop(t, sock) // the first boot: registered, issued
 	steps := map[string]int{}
 	var fellBack, leftInTPM int
 	thumbprints := map[string]bool{}
@@ -114,7 +114,7 @@ func TestRenewalSurvivesSIGKILL(t *testing.T) {
 		steps[step]++
 		leftInTPM = max(leftInTPM, loadedInSWTPM(t, sock))
 
-		connectedAt := g.renewCleanly(t, sock)
+		connectedAt := g.connectAndStop(t, sock)
 		final := g.loadState(t)
 		thumbprints[leaf(t, final.IssuedChain)] = true
 		if e.registrations(t, "gw-renewal") > registered {
@@ -137,10 +137,10 @@ func TestRenewalSurvivesSIGKILL(t *testing.T) {
 	}
 }
 
-// renewCleanly runs the agent until it is connected with an operational certificate and no
+// connectAndStop runs the agent until it is connected with an operational certificate and no
 // renewal is under way, stops it with SIGINT, and checks what it left: exactly the keyfile its
 // state names, no temporary keyfile, nothing in the TPM. It returns when the agent connected.
-func (g *gateway) renewCleanly(t *testing.T, sock string) time.Time {
+func (g *gateway) connectAndStop(t *testing.T, sock string) time.Time {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
