@@ -150,8 +150,7 @@ func (g *gateway) connectAndStop(t *testing.T, sock string) time.Time {
 	cfg, err := config.Load(g.config)
 	require.NoError(t, err)
 	api := localapi.NewClient(cfg)
-	// The local API, not the status file: the file is rewritten when the phase or the
-	// message changes, not when the renewal moves on.
+	// The live status, from the agent itself (the local API).
 	var last *device.Status
 	err = poll.Until(ctx, 20*time.Millisecond, func() bool {
 		s, err := api.Status(ctx)
