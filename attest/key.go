@@ -32,7 +32,9 @@ const (
 )
 
 // Key is the device key as a crypto.Signer. A TPM key stays loaded, so each signature costs
-// one TPM command; Sign is safe for concurrent use and Close flushes what the Key loaded.
+// one TPM command, unless it was flushed to make room for another (evictFor): it then loads
+// again before its next signature. Sign is safe for concurrent use and Close flushes what the
+// Key loaded.
 type Key struct {
 	// Location is where the key lives, as the configuration names it (for `identity`).
 	Location string

@@ -1,7 +1,8 @@
 // Package bench measures what users of the unicity agent feel: it runs the built `unicity`
 // binary against `unicity-emulator` on loopback and reports first and provisioned boot times,
-// memory and CPU, TPM and wire work per boot, a fleet storm against a DPS quota and telemetry
-// through the local API, each as the median of several runs. cmd/unicity-bench is its
+// memory and CPU, TPM and wire work per boot, the time and TPM work of a renewal of the
+// operational certificate, a fleet storm against a DPS quota and telemetry through the local
+// API, each as the median of several runs. cmd/unicity-bench is its
 // command line (`make bench`); docs are in bench/README.md.
 package bench
 
@@ -130,6 +131,10 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		h.step("boots with TPM attestation (swtpm's EK)")
 		if err := h.boots(ctx, "tpm-attestation"); err != nil {
 			h.report.fail("boots with TPM attestation", err)
+		}
+		h.step("renewals of the operational certificate (swtpm)")
+		if err := h.renewals(ctx); err != nil {
+			h.report.fail("renewals of the operational certificate", err)
 		}
 	}
 	h.step("binary sizes")

@@ -18,8 +18,8 @@ import (
 
 // TestShortBench runs the CI variant of `make bench` against freshly built binaries, so that
 // the harness cannot rot. It checks what the figures must say whatever the machine (every
-// figure measured, no DPS connection on a provisioned boot, two TPM signatures then one, no
-// device left unprovisioned), not speed or memory: those are the benchmark's to report.
+// figure measured, no DPS connection on a provisioned boot, two TPM signatures then one, two
+// per renewal, no device left unprovisioned), not speed or memory: those are the benchmark's to report.
 func TestShortBench(t *testing.T) {
 	if testing.Short() {
 		t.Skip("the short benchmark takes about 90 s")
@@ -49,10 +49,17 @@ func TestShortBench(t *testing.T) {
 	keys := []string{"software key"}
 	if opts.TPM {
 		keys = append(keys, "swtpm")
-		for name, want := range map[string]float64{"TPM2_Sign per first boot": 2, "TPM2_Sign per provisioned boot": 1} {
+		for name, want := range map[string]float64{"TPM2_Sign per first boot": 2, "TPM2_Sign per provisioned boot": 1, "TPM2_Sign per renewal": 2} {
 			f := r.Figure(name)
 			if assert.NotNil(t, f, name) {
 				assert.Equal(t, []float64{want, want}, f.Samples, name)
+			}
+		}
+		for _, name := range []string{"renewal: renewal time → committed", "renewal: renewal time → reconnecting", "TPM commands per renewal"} {
+			f := r.Figure(name)
+			if assert.NotNil(t, f, name) {
+				assert.Len(t, f.Samples, opts.Runs, name)
+				assert.Positive(t, f.Min, name)
 			}
 		}
 	}

@@ -226,7 +226,7 @@ type logLine struct {
 type agent struct {
 	*process
 	start  time.Time
-	events chan logLine // the lines, for waitPhase
+	events chan logLine // the lines, for waitLine
 	mu     sync.Mutex
 	log    []logLine // every line so far
 }
@@ -273,6 +273,12 @@ func (a *agent) pid() int { return a.cmd.Process.Pid }
 
 // waitPhase returns when the agent logs that it entered phase.
 func (a *agent) waitPhase(ctx context.Context, phase string, timeout time.Duration) (time.Time, error) {
+	return a.waitLine(ctx, "phase "+phase, timeout, func(line string) (bool, error) { return hasField(line, "phase", phase), nil })
+}
+
+// waitLine returns when the agent logs a line that match accepts, or match's error; what
+// names the line in the errors.
+func (a *agent) waitLine(ctx context.Context, what string, timeout time.Duration, match func(line string) (bool, error)) (time.Time, error) {
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	for {
@@ -280,13 +286,15 @@ func (a *agent) waitPhase(ctx context.Context, phase string, timeout time.Durati
 		case l, ok := <-a.events:
 			if !ok {
 				<-a.exited
-				return time.Time{}, fmt.Errorf("the agent exited (%v) before %q:\n%s", a.err, phase, a.lastLines())
+				return time.Time{}, fmt.Errorf("the agent exited (%v) before %s:\n%s", a.err, what, a.lastLines())
 			}
-			if hasField(l.text, "phase", phase) {
+			if done, err := match(l.text); err != nil {
+				return time.Time{}, fmt.Errorf("%w:\n%s", err, a.lastLines())
+			} else if done {
 				return l.at, nil
 			}
 		case <-timer.C:
-			return time.Time{}, fmt.Errorf("no %q within %s:\n%s", phase, timeout, a.lastLines())
+			return time.Time{}, fmt.Errorf("no %s within %s:\n%s", what, timeout, a.lastLines())
 		case <-ctx.Done():
 			return time.Time{}, ctx.Err()
 		}
