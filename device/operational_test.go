@@ -12,11 +12,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-tpm/tpm2"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/unicity-iot/unicity/attest"
 	"github.com/unicity-iot/unicity/attest/attesttest"
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
@@ -174,17 +172,11 @@ func (r *issuanceRig) hubAccepts() []string {
 	return out
 }
 
-// transientObjects counts the objects left loaded in the TPM, once the agent stopped.
+// transientObjects counts the objects and sessions left loaded in the TPM, once the agent
+// stopped.
 func (r *issuanceRig) transientObjects() int {
 	r.t.Helper()
-	tpm, err := attest.OpenTPM(context.Background(), r.tpm)
-	require.NoError(r.t, err)
-	defer tpm.Close()
-	res, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: 0x80000000, PropertyCount: 64}.Execute(tpm)
-	require.NoError(r.t, err)
-	h, err := res.CapabilityData.Data.Handles()
-	require.NoError(r.t, err)
-	return len(h.Handle)
+	return len(attesttest.LoadedInSWTPM(r.t, r.tpm))
 }
 
 func leafThumbprint(t *testing.T, st *storage.State) string {

@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unicity-iot/unicity/attest/attesttest"
 	"github.com/unicity-iot/unicity/config"
 	"github.com/unicity-iot/unicity/device"
 	"github.com/unicity-iot/unicity/internal/atomicfile"
@@ -112,7 +113,7 @@ func TestRenewalSurvivesSIGKILL(t *testing.T) {
 			step += unnamedKey
 		}
 		steps[step]++
-		leftInTPM = max(leftInTPM, loadedInSWTPM(t, sock))
+		leftInTPM = max(leftInTPM, len(attesttest.LoadedInSWTPM(t, sock)))
 
 		connectedAt := g.connectAndStop(t, sock)
 		final := g.loadState(t)
@@ -173,7 +174,7 @@ func (g *gateway) connectAndStop(t *testing.T, sock string) time.Time {
 	temps, err := filepath.Glob(atomicfile.TempGlob(filepath.Join(g.state, "operational-*.key")))
 	require.NoError(t, err)
 	assert.Empty(t, temps, "a killed writer's temporary keyfile is removed")
-	assert.Zero(t, loadedInSWTPM(t, sock), "a stopped agent leaves nothing in the TPM")
+	assert.Zero(t, len(attesttest.LoadedInSWTPM(t, sock)), "a stopped agent leaves nothing in the TPM")
 	return connectedAt
 }
 

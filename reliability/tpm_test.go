@@ -17,7 +17,6 @@ import (
 
 	keyfile "github.com/foxboron/go-tpm-keyfiles"
 	"github.com/google/go-tpm/tpm2"
-	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -167,7 +166,7 @@ func TestKilledAgentsLeaveTheTPMUsable(t *testing.T) {
 		}
 		require.NoError(t, agent.Process.Kill())
 		<-exited
-		left = append(left, loadedInSWTPM(t, sock))
+		left = append(left, len(attesttest.LoadedInSWTPM(t, sock)))
 	}
 	t.Logf("objects and sessions in the TPM after each kill: %v", left)
 	assert.GreaterOrEqual(t, slices.Max(left), 1, "the kills left objects behind")
@@ -175,26 +174,7 @@ func TestKilledAgentsLeaveTheTPMUsable(t *testing.T) {
 	g.awaitPhase(t, agent, exited, device.PhaseConnected, 60*time.Second)
 	agent.Process.Signal(os.Interrupt)
 	<-exited
-	assert.Zero(t, loadedInSWTPM(t, sock), "a stopped agent leaves nothing")
-}
-
-// loadedInSWTPM counts the transient objects and loaded sessions in swtpm, over a bare
-// connection (attest.OpenTPM would flush them).
-func loadedInSWTPM(t *testing.T, sock string) int {
-	t.Helper()
-	conn, err := net.Dial("unix", sock)
-	require.NoError(t, err)
-	tpm := transport.FromReadWriteCloser(conn)
-	defer tpm.Close()
-	n := 0
-	for _, first := range []uint32{0x80000000, 0x02000000} {
-		r, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: first, PropertyCount: 64}.Execute(tpm)
-		require.NoError(t, err)
-		handles, err := r.CapabilityData.Data.Handles()
-		require.NoError(t, err)
-		n += len(handles.Handle)
-	}
-	return n
+	assert.Zero(t, len(attesttest.LoadedInSWTPM(t, sock)), "a stopped agent leaves nothing")
 }
 
 // silentGateway is a device whose key and certificate were made on swtpm, configured with a

@@ -291,3 +291,17 @@ func LoadedHandles(t testing.TB, tpm transport.TPM) []tpm2.TPMHandle {
 	}
 	return all
 }
+
+// LoadedInSWTPM lists what LoadedHandles does in the swtpm serving sock (a path, or
+// "swtpm:" and a path), over a bare connection: attest.OpenTPM would flush it first. The
+// swtpm must be free (no program holding it).
+func LoadedInSWTPM(t testing.TB, sock string) []tpm2.TPMHandle {
+	t.Helper()
+	conn, err := net.Dial("unix", strings.TrimPrefix(sock, "swtpm:"))
+	if err != nil {
+		t.Fatalf("cannot reach swtpm: %v", err)
+	}
+	tpm := transport.FromReadWriteCloser(conn)
+	defer tpm.Close()
+	return LoadedHandles(t, tpm)
+}
