@@ -183,20 +183,26 @@ func TestRollAccepted(t *testing.T) {
 	assert.Zero(t, r.transientObjects(), "no key left loaded in the TPM")
 }
 
-func TestRollRefusedKeepsTheOldIdentity(t *testing.T) {
-	r := newIssuanceRig(t)
+// refusedRoll starts the agent, connects it, and rolls it to an onboarding certificate from a
+// CA DPS does not know yet, which DPS refuses. old is the assignment in force before.
+func (r *issuanceRig) refusedRoll() (old *storage.State, fresh *x509.Certificate, newCA *pki.CA, s device.Status) {
+	r.t.Helper()
 	r.start()
 	r.connected()
-	old := r.state()
-
-	// A certificate from a CA DPS does not know yet: DPS refuses it.
+	old = r.state()
 	newCA, err := pki.NewRoot("unicity new factory CA")
-	require.NoError(t, err)
-	fresh := r.installOnboarding(newCA)
-	require.NoError(t, r.reload())
-	s := r.waitFor("roll refused", func(s device.Status) bool {
+	require.NoError(r.t, err)
+	fresh = r.installOnboarding(newCA)
+	require.NoError(r.t, r.reload())
+	s = r.waitFor("roll refused", func(s device.Status) bool {
 		return s.Onboarding != nil && s.Onboarding.Roll != nil && s.Onboarding.Roll.Reason != ""
 	})
+	return old, fresh, newCA, s
+}
+
+func TestRollRefusedKeepsTheOldIdentity(t *testing.T) {
+	r := newIssuanceRig(t)
+	old, fresh, newCA, s := r.refusedRoll()
 	assert.Equal(t, device.PhaseConnected, s.Phase)
 	assert.Equal(t, old.Binding, s.Onboarding.Roll.From)
 	assert.Equal(t, certcodec.Thumbprint(fresh), s.Onboarding.Roll.To)
@@ -277,18 +283,8 @@ func mustParse(t *testing.T, der []byte) *x509.Certificate {
 // is bound to when DPS refuses the new one: the device stays in service.
 func TestRegistrationDuringAPendingRollUsesTheOldIdentity(t *testing.T) {
 	r := newIssuanceRig(t)
-	r.start()
-	r.connected()
-	old := r.state()
-	newCA, err := pki.NewRoot("unicity new factory CA")
-	require.NoError(t, err)
-	r.installOnboarding(newCA)
-	require.NoError(t, r.reload())
-	r.waitFor("roll refused", func(s device.Status) bool {
-		return s.Onboarding != nil && s.Onboarding.Roll != nil && s.Onboarding.Roll.Reason != ""
-	})
-
-	_, err = r.hub.Hub.Revoke("gw-ops", leafThumbprint(t, old))
+	old, _, _, _ := r.refusedRoll()
+	_, err := r.hub.Hub.Revoke("gw-ops", leafThumbprint(t, old))
 	require.NoError(t, err)
 	s := r.waitFor("a new operational certificate", func(s device.Status) bool {
 		st, err := storage.New(r.cfg.State.Dir).Load()
