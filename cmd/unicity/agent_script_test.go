@@ -322,8 +322,9 @@ func cmdAwaitCert(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Setenv(args[2], thumb)
 }
 
-// cmdAwaitRenewal: awaitrenewal STATEDIR RUNDIR VIA VAR [NOT]. The live status comes from
-// the local API: the status file is written on phase and message changes only.
+// cmdAwaitRenewal: awaitrenewal STATEDIR RUNDIR VIA VAR [NOT]: wait until the agent has
+// renewed through VIA (hub or dps) to a certificate stored in STATEDIR other than NOT; VAR is
+// set to its thumbprint. The live status comes from the local API, as `unicity status` reads it.
 func cmdAwaitRenewal(ts *testscript.TestScript, neg bool, args []string) {
 	if neg || len(args) < 4 || len(args) > 5 {
 		ts.Fatalf("usage: awaitrenewal STATEDIR RUNDIR VIA VAR [NOT]")
