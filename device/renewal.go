@@ -178,11 +178,9 @@ func (r *run) renew(ctx context.Context, sess Session) bool {
 	}
 	if err != nil {
 		r.renewalFailed(ctx, via, err)
-		r.showRenewal(sess)
-		return false
 	}
 	r.showRenewal(sess)
-	return true
+	return err == nil
 }
 
 // renewViaHub asks the hub for a certificate for a new key and puts it on trial.
