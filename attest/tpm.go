@@ -69,12 +69,6 @@ const CommandTimeout = 5 * time.Second
 // sometimes far longer.
 const KeyGenerationTimeout = 2 * time.Minute
 
-// interruptGrace is how long a command in flight when the TPM's context ends may still
-// answer: long enough for what a TPM answers in milliseconds (a key loaded, a storage root
-// key made), whose objects the caller then flushes; short enough that a program told to stop
-// while the TPM is silent stops within a second.
-const interruptGrace = 250 * time.Millisecond
-
 // cleanupTimeout bounds the flushes that still run once the context of an open TPM has ended,
 // so that a stopping program leaves nothing loaded without waiting on a TPM that is gone.
 const cleanupTimeout = time.Second
@@ -123,9 +117,7 @@ func Exclusive(spec string) bool {
 // OpenTPM opens the TPM named by spec: a character device ("/dev/tpmrm0", the default when
 // spec is empty, or "/dev/tpm0"), "swtpm:HOST:PORT" (swtpm's TCP data port) or
 // "swtpm:/path/to/socket" (its unix socket), and checks that it answers. ctx bounds the TPM's
-// use: when it ends, a command in flight fails with ErrTPMUnavailable unless it answers
-// within a quarter second (so that what it made can be flushed), and the next ones fail at
-// once.
+// use: when it ends, a command in flight fails at once with ErrTPMUnavailable.
 //
 // A TPM that is Exclusive is this program's alone while it is open, so whatever is loaded in
 // it when it is opened belongs to programs that are gone (a killed agent leaves its key): the
@@ -255,9 +247,9 @@ func (t *TPM) connect() error {
 	return nil
 }
 
-// exchange runs cmd on the connection. A command that overruns its deadline, or that t.ctx's
-// end cuts short (after interruptGrace, for it to answer), drops the connection: its answer
-// may still come, and would be taken for the next command's. A transport that ignores Close (a blocking device read) keeps one goroutine until
+// exchange runs cmd on the connection. A command that overruns its deadline, or is cut short
+// by t.ctx, drops the connection: its answer may still come, and would be taken for the next
+// command's. A transport that ignores Close (a blocking device read) keeps one goroutine until
 // the driver returns. t.mu is held.
 func (t *TPM) exchange(cmd []byte) ([]byte, error) {
 	type answer struct {
@@ -289,20 +281,8 @@ func (t *TPM) exchange(cmd []byte) ([]byte, error) {
 		t.drop()
 		return nil, fmt.Errorf("%w: %s did not answer within %s%s", ErrTPMUnavailable, t.spec, timeout, t.busyHint())
 	case <-interrupt:
-		// What the command makes (the storage root key, a new key) is flushed by the caller
-		// as it stops, but only if the command answered: it gets interruptGrace to.
-		grace := time.NewTimer(interruptGrace)
-		defer grace.Stop()
-		select {
-		case a := <-done:
-			if a.err != nil && t.dial != nil {
-				t.drop()
-			}
-			return a.rsp, a.err
-		case <-grace.C:
-			t.drop()
-			return nil, fmt.Errorf("%w: %s: command interrupted: %w", ErrTPMUnavailable, t.spec, context.Cause(t.ctx))
-		}
+		t.drop()
+		return nil, fmt.Errorf("%w: %s: command interrupted: %w", ErrTPMUnavailable, t.spec, context.Cause(t.ctx))
 	}
 }
 
