@@ -304,12 +304,13 @@ func (r *run) renewalFailed(ctx context.Context, via string, err error) {
 		r.store(ctx, &st)
 		r.inForce(&st)
 	}
-	r.a.NoteError(fmt.Errorf("renewing the operational certificate through %s: %w", viaName(via), err))
+	r.a.NoteError(fmt.Errorf("renewing the operational certificate through %s: %w", PathName(via), err))
 	r.a.credentialEvent(CredentialEvent{Kind: EventRenewalFailed, Via: via, Reason: err.Error(),
 		Replaced: certcodec.Thumbprint(r.op.id.Chain[0]), NotAfter: r.op.id.Chain[0].NotAfter})
 }
 
-func viaName(via string) string {
+// PathName names a renewal path (ViaHub, ViaDPS) in words.
+func PathName(via string) string {
 	if via == ViaDPS {
 		return "DPS"
 	}

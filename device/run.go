@@ -303,16 +303,12 @@ func (r *run) loadState(ctx context.Context) (firstBoot bool, err error) {
 		r.a.NoteError(fmt.Errorf("registering again: %w", err))
 		return false, nil
 	case !st.BelongsTo(r.id.RegistrationID, r.binding) && !r.keepBound(st):
-		r.collectKeys("")
+		r.collectKeys()
 		r.a.NoteError(fmt.Errorf("registering again: the stored assignment belongs to another identity (%s, certificate %s)", st.RegistrationID, st.Binding))
 		return false, nil
 	}
 	r.storedKey = st.OperationalKey
-	if st.Renewal != nil {
-		r.collectKeys(st.OperationalKey, st.Renewal.OperationalKey)
-	} else {
-		r.collectKeys(st.OperationalKey)
-	}
+	r.collectKeys(st.OperationalKeys()...)
 	if r.issuing() {
 		op, err := r.loadCredentials(ctx, st)
 		if ctx.Err() != nil {
@@ -732,6 +728,8 @@ func (r *run) connected(ctx context.Context, sess Session) (sessionEnd, error) {
 		s.Message = fmt.Sprintf("connected to %s as %s", st.AssignedHub, st.DeviceID)
 	})
 	r.showRenewal(sess)
+	// Armed again only when the schedule may have moved: a watchdog ping moves nothing.
+	renewal := r.renewalTimer()
 	for {
 		select {
 		case <-ctx.Done():
@@ -740,18 +738,21 @@ func (r *run) connected(ctx context.Context, sess Session) (sessionEnd, error) {
 			return sessionLost, nil
 		case p := <-r.a.pings:
 			close(p)
-		case <-r.renewalTimer():
+		case <-renewal:
 			if due := r.renewalDue(); !due.IsZero() && !r.a.Clock.Now().Before(due) && r.renew(ctx, sess) {
 				return sessionRenewed, nil
 			}
+			renewal = r.renewalTimer()
 		case req := <-r.a.requests:
 			if registered, err := r.answer(ctx, req); registered && err == nil {
 				return sessionRegistered, nil
 			}
+			renewal = r.renewalTimer()
 		case <-r.rollDue:
 			if r.tryRoll(ctx) {
 				return sessionRegistered, nil
 			}
+			renewal = r.renewalTimer()
 		}
 	}
 }

@@ -134,12 +134,8 @@ func destroyReplaced(prev, st *storage.State) {
 	if prev == nil {
 		return
 	}
-	keys := []string{prev.OperationalKey}
-	if prev.Renewal != nil {
-		keys = append(keys, prev.Renewal.OperationalKey)
-	}
-	for _, spec := range keys {
-		if spec != "" && spec != st.OperationalKey {
+	for _, spec := range prev.OperationalKeys() {
+		if spec != st.OperationalKey {
 			_ = attest.DestroyKey(nil, spec)
 		}
 	}

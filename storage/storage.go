@@ -92,6 +92,19 @@ type State struct {
 	Duration time.Duration `json:"duration_ns,omitempty"`
 }
 
+// OperationalKeys are the keys of the operational credentials s names: the one in force and a
+// renewed one on trial.
+func (s *State) OperationalKeys() []string {
+	var keys []string
+	if s.OperationalKey != "" {
+		keys = append(keys, s.OperationalKey)
+	}
+	if s.Renewal != nil && s.Renewal.OperationalKey != "" {
+		keys = append(keys, s.Renewal.OperationalKey)
+	}
+	return keys
+}
+
 // Renewal is an operational credential on trial: its chain (DER, leaf first) and its key,
 // as in State.
 type Renewal struct {

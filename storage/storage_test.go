@@ -286,3 +286,11 @@ func TestHelperSaveLoop(t *testing.T) {
 		}
 	}
 }
+
+func TestOperationalKeys(t *testing.T) {
+	assert.Empty(t, (&State{}).OperationalKeys())
+	st := &State{OperationalKey: "tpmkey:a.key"}
+	assert.Equal(t, []string{"tpmkey:a.key"}, st.OperationalKeys())
+	st.Renewal = &Renewal{OperationalKey: "tpmkey:b.key"}
+	assert.Equal(t, []string{"tpmkey:a.key", "tpmkey:b.key"}, st.OperationalKeys(), "the one in force, then the one on trial")
+}

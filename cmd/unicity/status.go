@@ -364,11 +364,11 @@ func nextRenewal(rn *device.RenewalInfo, t time.Time) string {
 	case device.RenewalScheduled:
 		return at + " (scheduled)"
 	case device.RenewalRequesting:
-		return "under way: asking " + viaName(rn.Via) + " for a new certificate"
+		return "under way: asking " + device.PathName(rn.Via) + " for a new certificate"
 	case device.RenewalVerifying:
 		return "under way: connecting to the hub with the new certificate"
 	case device.RenewalRetrying:
-		return fmt.Sprintf("%s (retrying through %s after %d failed attempt(s))", at, viaName(rn.Via), rn.Failures)
+		return fmt.Sprintf("%s (retrying through %s after %d failed attempt(s))", at, device.PathName(rn.Via), rn.Failures)
 	case "":
 		if !t.Before(rn.NextAt) {
 			return at + " (due: the agent renews it as soon as it runs)"
@@ -382,26 +382,15 @@ func nextRenewal(rn *device.RenewalInfo, t time.Time) string {
 func lastRenewal(l *storage.RenewalResult) string {
 	at := l.At.UTC().Format(time.RFC3339)
 	if l.Result == storage.Renewed {
-		return fmt.Sprintf("renewed through %s at %s: %s", viaName(l.Via), at, l.Thumbprint)
+		return fmt.Sprintf("renewed through %s at %s: %s", device.PathName(l.Via), at, l.Thumbprint)
 	}
-	return fmt.Sprintf("%s through %s at %s: %s", l.Result, viaName(l.Via), at, l.Error)
+	return fmt.Sprintf("%s through %s at %s: %s", l.Result, device.PathName(l.Via), at, l.Error)
 }
 
 // pendingRenewal describes a renewed certificate on trial.
 func pendingRenewal(p *device.PendingRenewal) string {
 	return fmt.Sprintf("renewed certificate %s waiting for the hub to accept it (issued through %s at %s, valid until %s)",
-		p.SHA256Thumbprint, viaName(p.Via), p.IssuedAt.UTC().Format(time.RFC3339), p.NotAfter.UTC().Format(time.RFC3339))
-}
-
-// viaName names a renewal path.
-func viaName(via string) string {
-	switch via {
-	case device.ViaHub:
-		return "the hub"
-	case device.ViaDPS:
-		return "DPS"
-	}
-	return cmp.Or(via, "the hub")
+		p.SHA256Thumbprint, device.PathName(p.Via), p.IssuedAt.UTC().Format(time.RFC3339), p.NotAfter.UTC().Format(time.RFC3339))
 }
 
 // titleCase capitalizes a role name for a heading.
